@@ -1,0 +1,49 @@
+"""SEM-HiNet-TF: hierarchical SEM defect classifier (MobileNetV3Small, five heads) for edge NPUs.
+
+Importing this package never imports TensorFlow (the board runtime has none); it only makes sure
+that, when TensorFlow is imported later, it uses tf-keras (Keras 2), which quantization-aware
+training with tensorflow-model-optimization requires.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model", "decode_predictions", "Taxonomy"]
+
+
+def _tensorflow_already_imported_without_legacy_keras() -> bool:
+    return "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1"
+
+
+def load_model(path):
+    """Load a trained model: a run directory (its best QAT or float model) or a .keras/.h5 file.
+
+    Returns a tf-keras model whose `predict(batch)` gives a dict h1..h5 of probabilities; the batch is
+    uint8/float grayscale frames (N, S, S, 1) with raw pixel values 0..255.
+    """
+    from semhinet_tf.model.io import load_model as _load
+
+    return _load(path)
+
+
+def decode_predictions(outputs, taxonomy=None, review_threshold: float = 0.5) -> list[dict]:
+    """Turn `model.predict` outputs (dict h1..h5) into the per-image verdicts `semhinet predict` prints."""
+    from semhinet_tf.taxonomy import Taxonomy as _T
+
+    tax = taxonomy if taxonomy is not None else getattr(outputs, "taxonomy", None) or _T.default()
+    return tax.decode(outputs, review_threshold)
+
+
+def __getattr__(name):
+    if name == "Taxonomy":
+        from semhinet_tf.taxonomy import Taxonomy
+
+        return Taxonomy
+    raise AttributeError(name)
