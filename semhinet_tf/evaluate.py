@@ -1,0 +1,354 @@
+"""Metrics for the hierarchical classifier, from plain arrays so every model format is scored alike.
+
+Inputs are numpy arrays, not models: `true_leaf` (N,) leaf indices into `taxonomy.leaves` and
+`head_probs` {head name: (N, k) probabilities}. A Keras model, a TFLite interpreter and an ONNX
+session all reduce to these, so `evaluate` writes the same JSON keys whatever produced them.
+No TensorFlow here (and no matplotlib: plots live in `report.py`).
+
+Conventions: confusion matrices are rows = true class, columns = predicted class. A ratio whose
+denominator is zero (no image of a class, nothing predicted, a head with no applicable image) is
+None (JSON null), never NaN and never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from semhinet_tf.taxonomy import IGNORE, Taxonomy
+
+FORMATS = ("keras", "tflite", "onnx")
+DEFAULT_PURITY_TARGET = 0.95
+OPERATING_TARGETS = (0.90, 0.95, 0.98, 0.99)  # purity targets tabulated in the report
+MAX_CURVE_POINTS = 101
+
+
+class EvaluationError(ValueError):
+    """Inputs that cannot be scored (wrong shapes, unknown format, out-of-range labels)."""
+
+
+# ---------------------------------------------------------------- small building blocks
+def _ratio(num: float, den: float) -> float | None:
+    return None if den == 0 else float(num) / float(den)
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(k, k) int64 counts, rows = true, columns = predicted; absent classes give all-zero rows."""
+    true = np.asarray(true, dtype=np.int64)
+    pred = np.asarray(pred, dtype=np.int64)
+    flat = np.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class_scores(cm: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
+    """Precision, recall, F1 and support per class from a confusion matrix.
+
+    F1 = 2TP / (2TP + FP + FN), so it is 0 for a present class never predicted and None only when the
+    class is neither present nor predicted.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = np.diag(cm)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    out: dict[str, dict[str, float | int | None]] = {}
+    for i, label in enumerate(labels):
+        fp, fn = predicted[i] - tp[i], support[i] - tp[i]
+        out[label] = {"precision": _ratio(tp[i], predicted[i]), "recall": _ratio(tp[i], support[i]),
+                      "f1": _ratio(2 * tp[i], 2 * tp[i] + fp + fn), "support": int(support[i])}
+    return out
+
+
+def head_metrics(true: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class recall/precision and confusion of one head on the images it applies to.
+
+    `true` may contain IGNORE; those images are dropped (the head does not apply to them).
+    """
+    true = np.asarray(true, dtype=np.int64)
+    keep = true != IGNORE
+    true, pred = true[keep], np.asarray(pred, dtype=np.int64)[keep]
+    cm = confusion_matrix(true, pred, len(labels))
+    scores = per_class_scores(cm, labels)
+    return {"labels": list(labels), "n": int(keep.sum()), "accuracy": _ratio(np.trace(cm), cm.sum()),
+            "recall": {c: s["recall"] for c, s in scores.items()},
+            "precision": {c: s["precision"] for c, s in scores.items()},
+            "confusion": cm.tolist()}
+
+
+# ---------------------------------------------------------------- input checks
+def _check_inputs(true_leaf: Any, head_probs: Mapping[str, Any], taxonomy: Taxonomy
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Arrays of the right shapes, or one clear error saying which input is wrong."""
+    true = np.asarray(true_leaf)
+    if true.ndim != 1:
+        raise EvaluationError(f"true_leaf must be a 1-D array of leaf indices, got shape {true.shape}")
+    if true.size and not np.issubdtype(true.dtype, np.integer):
+        raise EvaluationError(f"true_leaf must hold integer leaf indices, got dtype {true.dtype}")
+    true = true.astype(np.int64)
+    n_leaves = len(taxonomy.leaves)
+    if true.size and (true.min() < 0 or true.max() >= n_leaves):
+        raise EvaluationError(f"true_leaf values must be in 0..{n_leaves - 1} (taxonomy.leaves), "
+                              f"got {int(true.min())}..{int(true.max())}")
+    probs: dict[str, np.ndarray] = {}
+    for head in taxonomy.heads:
+        if head.name not in head_probs:
+            raise EvaluationError(f"head_probs has no output for head {head.name!r} "
+                                  f"(got {', '.join(map(str, head_probs)) or 'nothing'})")
+        p = np.asarray(head_probs[head.name], dtype=np.float64)
+        if p.shape != (true.shape[0], head.num_classes):
+            raise EvaluationError(f"head {head.name} probabilities have shape {p.shape}, "
+                                  f"expected ({true.shape[0]}, {head.num_classes})")
+        if not np.all(np.isfinite(p)):
+            raise EvaluationError(f"head {head.name} probabilities contain NaN or inf")
+        probs[head.name] = p
+    return true, probs
+
+
+def leaf_predictions(head_probs: Mapping[str, np.ndarray], taxonomy: Taxonomy
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(predicted leaf index, its probability, all leaf probabilities) through the whole hierarchy."""
+    leaf_p = taxonomy.leaf_probabilities(head_probs)
+    pred = leaf_p.argmax(axis=1)
+    conf = leaf_p[np.arange(leaf_p.shape[0]), pred]
+    return pred.astype(np.int64), conf, leaf_p
+
+
+# ---------------------------------------------------------------- coverage vs purity
+def coverage_curve(true_leaf: np.ndarray, leaf_probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Coverage and purity for every distinct top-leaf probability used as a review threshold.
+
+    An image is kept automatic when its top leaf probability is >= t (the same rule as
+    `Taxonomy.decode`, which flags p < t for review). coverage(t) = share kept, purity(t) = accuracy
+    on the kept images. Thresholds ascend, so coverage falls from 1.0; every threshold keeps at least
+    one image, so purity is always defined.
+    """
+    leaf_probs = np.asarray(leaf_probs, dtype=np.float64)
+    true = np.asarray(true_leaf, dtype=np.int64)
+    if leaf_probs.ndim != 2 or leaf_probs.shape[0] != true.shape[0]:
+        raise EvaluationError(f"leaf_probs shape {leaf_probs.shape} does not match {true.shape[0]} labels")
+    if true.size == 0:
+        empty = np.zeros(0, dtype=np.float64)
+        return {"thresholds": empty, "coverage": empty.copy(), "purity": empty.copy()}
+    top = leaf_probs.max(axis=1)
+    correct = (leaf_probs.argmax(axis=1) == true).astype(np.int64)
+    order = np.argsort(top, kind="stable")
+    top_sorted, correct_sorted = top[order], correct[order]
+    # correct_from[i] = correct images among sorted positions i.. (those with p >= top_sorted[i])
+    correct_from = np.concatenate([np.cumsum(correct_sorted[::-1])[::-1], [0]])
+    thresholds = np.unique(top_sorted)
+    first = np.searchsorted(top_sorted, thresholds, side="left")
+    kept = true.size - first
+    return {"thresholds": thresholds, "coverage": kept / true.size, "purity": correct_from[first] / kept}
+
+
+def threshold_for_purity(curve: Mapping[str, Sequence[float]], target: float) -> dict[str, Any]:
+    """The lowest threshold whose purity reaches `target`, so as many images as possible stay automatic.
+
+    When no threshold reaches the target, `reached` is False and the point of highest purity (the
+    lowest threshold among ties) is returned instead, so the caller still gets a usable setting.
+    """
+    thresholds = np.asarray(curve["thresholds"], dtype=np.float64)
+    coverage = np.asarray(curve["coverage"], dtype=np.float64)
+    purity = np.asarray(curve["purity"], dtype=np.float64)
+    if thresholds.size == 0:
+        return {"target": float(target), "threshold": None, "coverage": None, "review_share": None,
+                "purity": None, "reached": False}
+    ok = np.flatnonzero(purity >= target)
+    reached = ok.size > 0
+    i = int(ok[np.argmin(thresholds[ok])]) if reached else int(np.flatnonzero(purity == purity.max())[0])
+    return {"target": float(target), "threshold": float(thresholds[i]), "coverage": float(coverage[i]),
+            "review_share": float(1.0 - coverage[i]), "purity": float(purity[i]), "reached": bool(reached)}
+
+
+def downsample_curve(curve: Mapping[str, Sequence[float]], max_points: int = MAX_CURVE_POINTS) -> dict[str, list]:
+    """At most `max_points` evenly spaced (by rank) points of a curve, ends included, as plain lists."""
+    n = len(curve["thresholds"])
+    idx = np.unique(np.linspace(0, n - 1, max_points).round().astype(np.int64)) if n > max_points else np.arange(n)
+    return {k: [float(v) for v in np.asarray(curve[k])[idx]] for k in ("thresholds", "coverage", "purity")}
+
+
+def coverage_section(true_leaf: np.ndarray, leaf_probs: np.ndarray, target: float = DEFAULT_PURITY_TARGET
+                     ) -> dict[str, Any]:
+    """The "coverage" block of the results: chosen operating point, a few standard ones, the curve."""
+    curve = coverage_curve(true_leaf, leaf_probs)
+    targets = sorted(set(OPERATING_TARGETS) | {float(target)})
+    return {"target": float(target), "operating_point": threshold_for_purity(curve, target),
+            "operating_points": [threshold_for_purity(curve, t) for t in targets],
+            "curve": downsample_curve(curve)}
+
+
+# ---------------------------------------------------------------- the results document
+def root_head(taxonomy: Taxonomy) -> str:
+    return next(h.name for h in taxonomy.heads if h.parent is None)
+
+
+def router_heads(taxonomy: Taxonomy) -> list[str]:
+    """Second-level heads: those gated by a class of the root head (h2 in the default)."""
+    root = root_head(taxonomy)
+    return [h.name for h in taxonomy.heads if h.parent and h.parent[0] == root]
+
+
+def specialist_leaves(taxonomy: Taxonomy) -> list[str]:
+    """Leaves below the second level (bridge..inc_etch in the default)."""
+    return [leaf for leaf in taxonomy.leaves if len(taxonomy.path(leaf)) > 2]
+
+
+def summary_metrics(heads: Mapping[str, dict], per_class: Mapping[str, dict], taxonomy: Taxonomy) -> dict:
+    """Headline numbers: root recall per class, router accuracy, end-to-end specialist precision.
+
+    Keys follow the head names ("h1_recall", "h2_router_accuracy" in the default taxonomy).
+    Specialist precision is the leaf's precision through the whole hierarchy, so a gatekeeper
+    that wrongly sends a normal image to "bridge" lowers bridge precision here even though the
+    bridge head itself was never scored on that image. It is None when the leaf was never predicted
+    or has no image in the split (a headline number about a class the split cannot judge would
+    mislead); `per_class` keeps the plain precision (0.0 for false alarms of an absent class).
+    """
+    root = root_head(taxonomy)
+    out: dict[str, Any] = {f"{root}_recall": dict(heads[root]["recall"])}
+    for name in router_heads(taxonomy):
+        out[f"{name}_router_accuracy"] = heads[name]["accuracy"]
+    out["specialist_precision"] = {leaf: per_class[leaf]["precision"] if per_class[leaf]["support"] else None
+                                   for leaf in specialist_leaves(taxonomy)}
+    return out
+
+
+def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonomy: Taxonomy,
+             model_name: str, fmt: str, purity_target: float = DEFAULT_PURITY_TARGET) -> dict[str, Any]:
+    """Score one model's outputs; the result has the same keys for Keras, TFLite and ONNX.
+
+    Heads are scored on the images they apply to, by their own argmax; the leaf by the argmax of the
+    hierarchical leaf probability. Also returns per-class leaf scores, missing classes and the
+    coverage/purity trade-off of a review threshold (target `purity_target`).
+    """
+    fmt_l = str(fmt).lower()
+    if fmt_l not in FORMATS:
+        raise EvaluationError(f"model format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    true, probs = _check_inputs(true_leaf, head_probs, taxonomy)
+    leaves = list(taxonomy.leaves)
+    pred, _, leaf_p = leaf_predictions(probs, taxonomy)
+    leaf_cm = confusion_matrix(true, pred, len(leaves))
+    per_class = per_class_scores(leaf_cm, leaves)
+    labels = taxonomy.head_labels(true)
+    heads = {h.name: head_metrics(labels[h.name], probs[h.name].argmax(axis=1), h.classes) for h in taxonomy.heads}
+    return {
+        "model": str(model_name), "format": fmt_l, "n": int(true.size),
+        "leaf": {"labels": leaves, "accuracy": _ratio(np.trace(leaf_cm), true.size), "confusion": leaf_cm.tolist()},
+        "heads": heads,
+        "summary": summary_metrics(heads, per_class, taxonomy),
+        "per_class": per_class,
+        "missing_classes": [leaf for leaf in leaves if per_class[leaf]["support"] == 0],
+        "coverage": coverage_section(true, leaf_p, purity_target),
+    }
+
+
+# ---------------------------------------------------------------- reading results back
+def headline_metrics(result: Mapping[str, Any]) -> list[tuple[str, float | None]]:
+    """(name, value) pairs of the headline numbers of one results document, in display order.
+
+    Reads the summary generically (any "<root>_recall" and "<head>_router_accuracy" keys), so it also
+    works for a custom taxonomy.
+    """
+    rows: list[tuple[str, float | None]] = [("leaf accuracy", result["leaf"]["accuracy"])]
+    summary = result["summary"]
+    for key, value in summary.items():
+        if key.endswith("_recall") and isinstance(value, dict):
+            rows += [(f"{key[:-len('_recall')]} recall {cls}", v) for cls, v in value.items()]
+    for key, value in summary.items():
+        if key.endswith("_router_accuracy"):
+            rows.append((f"{key[:-len('_router_accuracy')]} router accuracy", value))
+    spec = summary.get("specialist_precision", {})
+    if spec:
+        known = [(c, v) for c, v in spec.items() if v is not None]
+        worst = min(known, key=lambda cv: cv[1]) if known else None
+        rows.append((f"specialist precision min ({worst[0]})" if worst else "specialist precision min",
+                     worst[1] if worst else None))
+        rows += [(f"precision {cls}", v) for cls, v in spec.items()]
+    return rows
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_summary_table(results: Mapping[str, Mapping[str, Any]], digits: int = 3) -> str:
+    """A Markdown table (also readable as plain text) of the headline metrics, one column per model.
+
+    "min" rows name the weakest specialist per model, so that row label is kept generic.
+    """
+    names = list(results)
+    metric_rows: dict[str, dict[str, Any]] = {"format": {}, "images": {}}
+    for name in names:
+        metric_rows["format"][name] = results[name].get("format", "-")
+        metric_rows["images"][name] = results[name].get("n", "-")
+        for label, value in headline_metrics(results[name]):
+            if label.startswith("specialist precision min"):
+                cls = label[len("specialist precision min"):].strip(" ()")
+                metric_rows.setdefault("specialist precision min", {})[name] = \
+                    f"{_fmt(value, digits)} ({cls})" if cls else _fmt(value, digits)
+            else:
+                metric_rows.setdefault(label, {})[name] = value
+    header = ["metric", *names]
+    body = [[label, *(_fmt(vals.get(n), digits) for n in names)] for label, vals in metric_rows.items()]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                                 enumerate(zip(cells, widths, strict=True))) + " |"
+
+    rule = "| " + " | ".join("-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+# ---------------------------------------------------------------- files
+def to_jsonable(obj: Any) -> Any:
+    """Plain Python types for json: numpy scalars/arrays converted, NaN/inf become None."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
+    """Write to a temporary file next to `path`, then rename it over: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report should be readable like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic_write(path, lambda f: f.write(data), "wb")
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write `obj` as indented JSON atomically (numpy values converted, NaN written as null)."""
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
