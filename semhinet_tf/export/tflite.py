@@ -1,0 +1,70 @@
+"""Keras (QAT or float) -> full-int8 TFLite with a named signature (input `image`, outputs h1..h5).
+
+Batch is fixed at 1 (the VX delegate refuses dynamic shapes). Outputs are named by the signature,
+never by position: TFLite does not keep the output order of a multi-output Keras model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from semhinet_tf.model import keras
+
+IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
+
+
+def serving_function(model: keras.Model, img_size: int, output_names: Iterable[str]) -> tf.types.experimental.ConcreteFunction:
+    """A concrete function image(1,S,S,1) -> {h1..h5}, whatever names tfmot gave the Keras outputs."""
+    names = list(output_names)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, img_size, img_size, 1], tf.float32, name="image")])
+    def serve(image):
+        out = model(image, training=False)
+        if isinstance(out, dict):
+            by_head = {k.removeprefix("quant_"): v for k, v in out.items()}
+            return {n: tf.identity(by_head[n], name=n) for n in names}
+        if not isinstance(out, (list, tuple)):
+            out = [out]
+        return {n: tf.identity(v, name=n) for n, v in zip(names, out)}
+
+    return serve.get_concrete_function()
+
+
+def representative_dataset(frames: Callable[[], Iterator[np.ndarray]]) -> Callable[[], Iterator[list]]:
+    """Wrap a generator of uint8 (S,S) frames as the converter's representative dataset."""
+
+    def gen():
+        for frame in frames():
+            yield [np.asarray(frame, np.float32).reshape(1, *frame.shape[:2], 1)]
+
+    return gen
+
+
+def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
+                 calibration: Callable[[], Iterator[np.ndarray]] | None, io_type: str = "uint8",
+                 float_heads: bool = False) -> bytes:
+    """Full-integer conversion. A QAT model carries its own ranges; calibration still sets any the
+    fake-quant nodes do not cover (and is required for a float model: post-training quantization)."""
+    fn = serving_function(model, img_size, output_names)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if calibration is not None:
+        converter.representative_dataset = representative_dataset(calibration)
+    if float_heads:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        converter.inference_input_type = IO_TYPES[io_type]
+    else:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = IO_TYPES[io_type]
+        converter.inference_output_type = IO_TYPES[io_type]
+    return converter.convert()
+
+
+def convert_float(model: keras.Model, img_size: int, output_names: Iterable[str]) -> bytes:
+    """A float32 TFLite model (reference for comparisons; not for the NPU)."""
+    fn = serving_function(model, img_size, output_names)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
+    return converter.convert()

@@ -1,0 +1,54 @@
+"""Masked per-head losses and metrics: a head contributes nothing for an image it does not apply to.
+
+Labels use -1 (taxonomy.IGNORE) where a head is masked. The loss is the mean over the images the
+head applies to (not over the whole batch), so a specialist that sees three line defects in a batch
+of 32 learns as much from them as it would from a batch of line defects.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from semhinet_tf.model import keras
+
+
+def masked_sparse_crossentropy(label_smoothing: float = 0.0):
+    """Per-sample cross-entropy scaled so Keras' batch mean equals the mean over applicable samples."""
+
+    def loss(y_true, y_pred):
+        y = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        mask = tf.cast(y >= 0, y_pred.dtype)
+        k = tf.shape(y_pred)[-1]
+        target = tf.one_hot(tf.maximum(y, 0), k, dtype=y_pred.dtype)
+        if label_smoothing:
+            target = target * (1.0 - label_smoothing) + label_smoothing / tf.cast(k, y_pred.dtype)
+        ce = -tf.reduce_sum(target * tf.math.log(tf.clip_by_value(y_pred, 1e-7, 1.0)), axis=-1)
+        n = tf.cast(tf.shape(y)[0], y_pred.dtype)
+        return ce * mask * n / tf.maximum(tf.reduce_sum(mask), 1.0)
+
+    loss.__name__ = "masked_ce"
+    return loss
+
+
+@keras.utils.register_keras_serializable(package="semhinet")
+class MaskedAccuracy(keras.metrics.Metric):
+    """Accuracy over the samples whose label is not -1."""
+
+    def __init__(self, name: str = "acc", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.correct = self.add_weight(name="correct", initializer="zeros")
+        self.count = self.add_weight(name="count", initializer="zeros")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y = tf.cast(tf.reshape(y_true, [-1]), tf.int64)
+        mask = y >= 0
+        hit = tf.logical_and(mask, tf.equal(tf.argmax(y_pred, axis=-1), y))
+        self.correct.assign_add(tf.reduce_sum(tf.cast(hit, tf.float32)))
+        self.count.assign_add(tf.reduce_sum(tf.cast(mask, tf.float32)))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.correct, self.count)
+
+    def reset_state(self):
+        self.correct.assign(0.0)
+        self.count.assign(0.0)

@@ -1,0 +1,63 @@
+"""Heads built from the taxonomy, and the whole classifier (backbone + heads) as one functional model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from semhinet_tf.model import keras
+from semhinet_tf.model.layers import HardSwish
+from semhinet_tf.model.mobilenet_v3 import BackboneConfig, backbone_features
+from semhinet_tf.taxonomy import Taxonomy
+
+layers = keras.layers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    img_size: int = 224
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head_units: int = 128  # hidden width of each head; 0 = a linear head straight on the pooled features
+    dropout: float = 0.2
+    flat: bool = False  # one softmax over the leaves instead of the hierarchy (baseline for experiments)
+
+    def to_dict(self) -> dict:
+        return {"img_size": self.img_size, "backbone": self.backbone.to_dict(), "head_units": self.head_units,
+                "dropout": self.dropout, "flat": self.flat}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(img_size=int(d["img_size"]), backbone=BackboneConfig(**d.get("backbone", {})),
+                   head_units=int(d.get("head_units", 128)), dropout=float(d.get("dropout", 0.2)),
+                   flat=bool(d.get("flat", False)))
+
+
+def _head(pooled, name: str, num_classes: int, cfg: ModelConfig):
+    x = pooled
+    if cfg.head_units:
+        x = layers.Dense(cfg.head_units, name=f"{name}_hidden")(x)
+        x = HardSwish(name=f"{name}_hidden/hswish")(x)
+    if cfg.dropout:
+        x = layers.Dropout(cfg.dropout, name=f"{name}_dropout")(x)
+    return layers.Dense(num_classes, activation="softmax", name=name)(x)
+
+
+def output_names(taxonomy: Taxonomy, flat: bool = False) -> tuple[str, ...]:
+    return ("leaf",) if flat else taxonomy.head_names
+
+
+def build_model(taxonomy: Taxonomy, cfg: ModelConfig) -> keras.Model:
+    """Grey image of raw pixels (S, S, 1) -> dict of softmax outputs named after the heads (h1..h5)."""
+    image = keras.Input((cfg.img_size, cfg.img_size, 1), name="image")
+    features = backbone_features(image, cfg.backbone)
+    pooled = layers.GlobalAveragePooling2D(name="pool")(features)
+    if cfg.flat:
+        outputs = {"leaf": _head(pooled, "leaf", len(taxonomy.leaves), cfg)}
+    else:
+        outputs = {h.name: _head(pooled, h.name, h.num_classes, cfg) for h in taxonomy.heads}
+    return keras.Model(image, outputs, name="semhinet_flat" if cfg.flat else "semhinet")
+
+
+def is_head_layer(name: str) -> bool:
+    """True for layers that belong to a head (not to the backbone)."""
+    base = name.removeprefix("quant_").split("/")[0]
+    return base == "pool" or base.split("_")[0] in {"leaf"} or base.startswith("h") and base[1:2].isdigit()

@@ -1,0 +1,215 @@
+"""MobileNetV3Small built from a block table, on the input tensor (no nested Model), QAT-friendly.
+
+Layer names follow keras.applications so ImageNet weights transfer by name. The stem takes one
+grey channel of raw 0..255 pixels and rescales inside the model, so the int8 model takes uint8
+pixels straight from the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from semhinet_tf.model import keras
+from semhinet_tf.model.layers import ChannelGate, HardSigmoid, HardSwish
+
+layers = keras.layers
+
+
+@dataclass(frozen=True)
+class Block:
+    """One inverted-residual block: (kernel, expansion, filters, squeeze-excite, stride, activation)."""
+
+    kernel: int
+    expansion: float
+    filters: int
+    se: bool
+    stride: int
+    activation: str  # "relu" or "hswish"
+
+
+# MobileNetV3-Small, Howard et al. 2019, table 2 (the same table keras.applications stacks).
+SMALL_BLOCKS: tuple[Block, ...] = tuple(Block(*row) for row in [
+    (3, 1, 16, True, 2, "relu"),
+    (3, 72 / 16, 24, False, 2, "relu"),
+    (3, 88 / 24, 24, False, 1, "relu"),
+    (5, 4, 40, True, 2, "hswish"),
+    (5, 6, 40, True, 1, "hswish"),
+    (5, 6, 40, True, 1, "hswish"),
+    (5, 3, 48, True, 1, "hswish"),
+    (5, 3, 48, True, 1, "hswish"),
+    (5, 6, 96, True, 2, "hswish"),
+    (5, 6, 96, True, 1, "hswish"),
+    (5, 6, 96, True, 1, "hswish"),
+])
+SE_RATIO = 0.25
+STEM_FILTERS = 16
+BN_EPSILON = 1e-3
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    alpha: float = 1.0
+    minimalistic: bool = False
+    bn_momentum: float = 0.99
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "minimalistic": self.minimalistic, "bn_momentum": self.bn_momentum}
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round channels to a multiple of 8 without dropping more than 10% (as in the paper's code)."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+def auto_bn_momentum(total_steps: int) -> float:
+    """BatchNorm momentum whose moving average spans ~10% of training.
+
+    Keras' 0.999 averages over ~1000 steps; a from-scratch run of a few hundred steps then
+    evaluates with statistics of the random initialisation and collapses to one class.
+    """
+    window = max(10.0, total_steps / 10.0)
+    return float(np.clip(1.0 - 1.0 / window, 0.9, 0.999))
+
+
+def _activation(kind: str, name: str) -> layers.Layer:
+    if kind == "relu":
+        return layers.ReLU(name=name)
+    return HardSwish(name=name)
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, cfg: BackboneConfig, depthwise: bool = False):
+    if depthwise:
+        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
+    else:
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
+    return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=cfg.bn_momentum, name=f"{name}/BatchNorm")(x)
+
+
+def _squeeze_excite(x, channels: int, prefix: str):
+    s = layers.GlobalAveragePooling2D(keepdims=True, name=f"{prefix}squeeze_excite/AvgPool")(x)
+    s = layers.Conv2D(make_divisible(channels * SE_RATIO), 1, padding="same", name=f"{prefix}squeeze_excite/Conv")(s)
+    s = layers.ReLU(name=f"{prefix}squeeze_excite/Relu")(s)
+    s = layers.Conv2D(channels, 1, padding="same", name=f"{prefix}squeeze_excite/Conv_1")(s)
+    s = HardSigmoid(name=f"{prefix}squeeze_excite/HardSigmoid")(s)
+    return ChannelGate(name=f"{prefix}squeeze_excite/Mul")([x, s])
+
+
+def _inverted_residual(x, block: Block, block_id: int, cfg: BackboneConfig):
+    prefix = "expanded_conv/" if block_id == 0 else f"expanded_conv_{block_id}/"
+    act = "relu" if cfg.minimalistic else block.activation
+    kernel = 3 if cfg.minimalistic else block.kernel
+    in_ch = x.shape[-1]
+    filters = make_divisible(block.filters * cfg.alpha)
+    shortcut = x
+    if block_id:
+        x = _conv_bn(x, make_divisible(in_ch * block.expansion), 1, 1, f"{prefix}expand", cfg)
+        x = _activation(act, f"{prefix}expand/{act}")(x)
+    x = _conv_bn(x, 0, kernel, block.stride, f"{prefix}depthwise", cfg, depthwise=True)
+    x = _activation(act, f"{prefix}depthwise/{act}")(x)
+    if block.se and not cfg.minimalistic:
+        x = _squeeze_excite(x, make_divisible(in_ch * block.expansion), prefix)
+    x = _conv_bn(x, filters, 1, 1, f"{prefix}project", cfg)
+    if block.stride == 1 and in_ch == filters:
+        x = layers.Add(name=f"{prefix}Add")([shortcut, x])
+    return x
+
+
+def backbone_features(image, cfg: BackboneConfig, blocks: tuple[Block, ...] = SMALL_BLOCKS, rescale: bool = True):
+    """Stack the backbone on `image` (raw 0..255 pixels); returns the last feature map (576 ch at alpha 1)."""
+    act = "relu" if cfg.minimalistic else "hswish"
+    x = layers.Rescaling(scale=1.0 / 127.5, offset=-1.0, name="rescale")(image) if rescale else image
+    x = _conv_bn(x, STEM_FILTERS, 3, 2, "Conv", cfg)
+    x = _activation(act, f"Conv/{act}")(x)
+    for i, block in enumerate(blocks):
+        x = _inverted_residual(x, block, i, cfg)
+    x = _conv_bn(x, make_divisible(x.shape[-1] * 6), 1, 1, "Conv_1", cfg)
+    return _activation(act, f"Conv_1/{act}")(x)
+
+
+def build_backbone(img_size: int, cfg: BackboneConfig, channels: int = 1, rescale: bool = True) -> keras.Model:
+    """The bare backbone as its own model (feature extractor; also used by `bench` for the head cost)."""
+    image = keras.Input((img_size, img_size, channels), name="image")
+    return keras.Model(image, backbone_features(image, cfg, rescale=rescale), name="mobilenet_v3_small")
+
+
+# ---------------------------------------------------------------- ImageNet / foreign weights
+def _keras_app(img_size: int, cfg: BackboneConfig, weights: str | None) -> keras.Model:
+    return keras.applications.MobileNetV3Small(
+        input_shape=(img_size, img_size, 3), alpha=cfg.alpha, minimalistic=cfg.minimalistic,
+        include_top=False, weights=weights, include_preprocessing=False)
+
+
+def transfer_from_keras_app(model: keras.Model, source: keras.Model) -> int:
+    """Copy weights layer by layer (same names); the RGB stem kernel is summed to one grey channel.
+
+    Summing is exact for a grey image replicated to RGB: conv(k_r*g + k_g*g + k_b*g) = conv((k_r+k_g+k_b)*g).
+    Returns the number of layers copied.
+    """
+    src = {layer.name: layer for layer in source.layers if layer.get_weights()}
+    copied = 0
+    for layer in model.layers:
+        name = layer.name.removeprefix("quant_")
+        if name not in src or not layer.get_weights():
+            continue
+        weights = src[name].get_weights()
+        target_shapes = [w.shape for w in layer.get_weights()]
+        if name == "Conv" and weights[0].shape[2] == 3 and target_shapes[0][2] == 1:
+            weights = [weights[0].sum(axis=2, keepdims=True)] + weights[1:]
+        if [w.shape for w in weights] != target_shapes:
+            raise ValueError(f"layer {name}: weight shapes {[w.shape for w in weights]} do not match {target_shapes}")
+        layer.set_weights(weights)
+        copied += 1
+    return copied
+
+
+def load_imagenet_weights(model: keras.Model, img_size: int, cfg: BackboneConfig, weights: str) -> int:
+    """`weights` is "imagenet" (downloaded by Keras) or a local .h5 of keras.applications' MobileNetV3Small."""
+    size = img_size if img_size in (96, 128, 160, 192, 224) else 224
+    if weights == "imagenet":
+        try:
+            source = _keras_app(size, cfg, "imagenet")
+        except Exception as exc:  # noqa: BLE001 - network errors come in many types
+            raise RuntimeError(f"cannot download ImageNet weights ({type(exc).__name__}: {exc}); "
+                               "pass --weights PATH to a local keras.applications MobileNetV3Small .h5") from exc
+    else:
+        source = _keras_app(size, cfg, None)
+        source.load_weights(str(weights), by_name=Path(weights).suffix == ".h5", skip_mismatch=False)
+    return transfer_from_keras_app(model, source)
+
+
+def load_backbone_weights(model: keras.Model, path: str | Path) -> int:
+    """Load backbone weights saved by `save_backbone_weights` (a .npz of layer name -> arrays)."""
+    data = np.load(str(path), allow_pickle=False)
+    grouped: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for key in data.files:
+        name, _, idx = key.rpartition("::")
+        grouped.setdefault(name, []).append((int(idx), data[key]))
+    copied = 0
+    for layer in model.layers:
+        name = layer.name.removeprefix("quant_")
+        if name in grouped and layer.get_weights():
+            arrays = [a for _, a in sorted(grouped[name])]
+            if [a.shape for a in arrays] == [w.shape for w in layer.get_weights()]:
+                layer.set_weights(arrays)
+                copied += 1
+    return copied
+
+
+def save_backbone_weights(model: keras.Model, path: str | Path, keep: Callable[[str], bool] | None = None) -> int:
+    """Save backbone layer weights as .npz (portable, a few MB, independent of the head layout)."""
+    arrays = {}
+    for layer in model.layers:
+        if (keep is None or keep(layer.name)) and layer.get_weights():
+            for i, w in enumerate(layer.get_weights()):
+                arrays[f"{layer.name}::{i}"] = w
+    tmp = Path(str(path) + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return len({k.rpartition('::')[0] for k in arrays})
