@@ -13,9 +13,12 @@ def save_model(model: keras.Model, path: str | Path, quantized: bool = False) ->
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     if quantized:
+        import warnings
+
         from semhinet_tf.model.quant import quant_scope
 
-        with quant_scope():
+        with quant_scope(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "HDF5 is legacy": chosen on purpose for QAT models
             model.save(tmp)
     else:
         model.save(tmp)
@@ -36,10 +39,10 @@ def resolve_model_file(path: str | Path) -> Path:
     """A run directory resolves to its QAT model (what gets deployed), else its float model."""
     path = Path(path)
     if path.is_dir():
-        for name in ("qat.keras", "float.keras"):
+        for name in ("qat.h5", "float.keras"):
             if (path / name).exists():
                 return path / name
-        raise FileNotFoundError(f"{path}: no qat.keras or float.keras in this run directory")
+        raise FileNotFoundError(f"{path}: no qat.h5 or float.keras in this run directory")
     if not path.exists():
         raise FileNotFoundError(f"{path}: model file not found")
     return path

@@ -1,0 +1,100 @@
+"""python -m semhinet_tf.board MODEL.tflite IMAGES_OR_DIRS... : classify on the board, no TensorFlow.
+
+Writes one JSON line (or CSV row) per image to stdout or --out, timing to stderr.
+Exit codes: 0 all images classified; 1 some images could not be read (listed); 2 bad model or usage;
+3 some images were flagged for review and --fail-on-review was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from semhinet_tf.board.runtime import BoardModel, iter_image_paths
+
+EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW = 0, 1, 2, 3
+CSV_FIELDS = ["path", "verdict", "family", "class", "probability", "review", "error", "infer_ms"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m semhinet_tf.board", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="the int8 .tflite written by `semhinet convert`")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--delegate", help="external delegate library, e.g. /usr/lib/libvx_delegate.so (NPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the interpreter")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="review threshold on the leaf probability (default: the one stored in the model)")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--out", help="write results here instead of stdout")
+    p.add_argument("--fail-on-review", action="store_true", help="exit 3 when any image is flagged for review")
+    return p.parse_args(argv)
+
+
+class Writer:
+    def __init__(self, stream, fmt: str):
+        self.stream, self.fmt = stream, fmt
+        if fmt == "csv":
+            self.csv = csv.DictWriter(stream, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            self.csv.writeheader()
+
+    def write(self, row: dict) -> None:
+        if self.fmt == "csv":
+            self.csv.writerow(row)
+        else:
+            self.stream.write(json.dumps(row) + "\n")
+        self.stream.flush()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    err = sys.stderr
+    try:
+        model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
+                           review_threshold=args.threshold, warn=lambda m: print(m, file=err))
+    except (ValueError, RuntimeError, KeyError) as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_USAGE
+    warm = model.warm_up()
+    print(f"model {model.path.name}: {model.input_size}x{model.input_size} {model.input_dtype}, "
+          f"engine {model.engine}{', delegate ' + args.delegate if model.delegate else ''}; "
+          f"warm-up {warm:.1f} ms", file=err)
+    missing: list[Path] = []
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    writer = Writer(out, args.format)
+    n = bad = review = 0
+    latencies = []
+    t0 = time.perf_counter()
+    try:
+        for row in model.classify_paths(iter_image_paths(args.paths, on_missing=missing.append)):
+            n += 1
+            if "error" in row:
+                bad += 1
+                print(f"skipped {row['path']}: {row['error']}", file=err)
+            else:
+                review += bool(row["review"])
+                latencies.append(row["infer_ms"])
+            writer.write(row)
+    finally:
+        if args.out:
+            out.close()
+    for p in missing:
+        print(f"skipped {p}: no such file or folder", file=err)
+    wall = time.perf_counter() - t0
+    p50 = f"{np.percentile(latencies, 50):.2f}" if latencies else "-"
+    print(f"{n} images in {wall:.1f} s: {n - bad} classified, {review} for review, {bad + len(missing)} unreadable; "
+          f"steady inference p50 {p50} ms", file=err)
+    if bad or missing:
+        return EXIT_BAD_IMAGES
+    if args.fail_on_review and review:
+        return EXIT_REVIEW
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

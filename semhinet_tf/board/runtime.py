@@ -1,0 +1,174 @@
+"""Board runtime: classify SEM images with the int8 .tflite, using numpy, Pillow and tflite_runtime only.
+
+Everything the model needs to know (taxonomy, input size and type, preprocessing, review threshold)
+is read from the contract embedded in the .tflite, so the file alone is the deployment. Input size,
+dtype and quantization come from the interpreter, never from constants. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, Preprocess, load_frame
+from semhinet_tf.export.tflite_meta import read_contract
+from semhinet_tf.taxonomy import Taxonomy
+
+DEFAULT_REVIEW_THRESHOLD = 0.5
+
+
+def _interpreter_module():
+    """tflite_runtime on the board; ai_edge_litert (its current name) or TensorFlow on a host."""
+    for name in ("tflite_runtime.interpreter", "ai_edge_litert.interpreter"):
+        try:
+            module = __import__(name, fromlist=["Interpreter"])
+            return module, name.split(".")[0]
+        except ImportError:
+            continue
+    try:
+        import tensorflow as tf
+
+        return tf.lite, "tensorflow"
+    except ImportError as exc:
+        raise RuntimeError("no TFLite interpreter: pip install tflite-runtime (board) or ai-edge-litert (host)") from exc
+
+
+def load_delegate(module, path: str | None, warn=print):
+    """The external delegate (e.g. NXP's libvx_delegate.so), or None with a clear message and CPU fallback."""
+    if not path:
+        return None
+    try:
+        return module.load_delegate(path)
+    except (ValueError, OSError, RuntimeError, AttributeError) as exc:
+        warn(f"warning: cannot load delegate {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+             "running on the CPU")
+        return None
+
+
+class BoardModel:
+    """One .tflite model with its contract; `predict_frames` and `classify_paths` do the work."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, delegate: str | None = None,
+                 review_threshold: float | None = None, warn=None):
+        self.path = Path(path)
+        warn = warn or (lambda msg: print(msg, file=sys.stderr))
+        try:
+            content = self.path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{self.path}: cannot read model ({exc.strerror})") from exc
+        try:
+            self.contract = read_contract(content) or {}
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: {exc}") from exc
+        module, self.engine = _interpreter_module()
+        self.delegate = load_delegate(module, delegate, warn)
+        kwargs = {"model_content": content, "num_threads": threads}
+        if self.delegate is not None:
+            kwargs["experimental_delegates"] = [self.delegate]
+        try:
+            self.interpreter = module.Interpreter(**kwargs)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"{self.path}: not a loadable TFLite model ({str(exc).splitlines()[0]})") from exc
+        self.taxonomy = Taxonomy.from_spec(self.contract["taxonomy"]) if "taxonomy" in self.contract \
+            else Taxonomy.default()
+        self._setup_io()
+        pre = dict(self.contract.get("preprocess", {}))
+        pre["size"] = self.input_size  # the model file decides, never a constant
+        self.preprocess = Preprocess.from_dict(pre)
+        self.review_threshold = review_threshold if review_threshold is not None else float(
+            self.contract.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+        self.warmup_ms: float | None = None
+
+    def _setup_io(self) -> None:
+        signatures = self.interpreter.get_signature_list()
+        if not signatures:
+            raise ValueError(f"{self.path}: model has no signature; convert it with `semhinet convert`")
+        key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+        self.runner = self.interpreter.get_signature_runner(key)
+        inputs = self.runner.get_input_details()
+        self.input_name = "image" if "image" in inputs else next(iter(inputs))
+        detail = inputs[self.input_name]
+        self.input_shape = tuple(int(d) for d in detail["shape"])
+        self.input_size = self.input_shape[1]
+        self.input_dtype = np.dtype(detail["dtype"])
+        self.input_quant = detail.get("quantization", (0.0, 0))
+        self.output_details = self.runner.get_output_details()
+
+    # ---------------------------------------------------------------- inference
+    def _to_input(self, frame: np.ndarray) -> np.ndarray:
+        x = frame.reshape(self.input_shape)
+        if self.input_dtype == np.uint8 and self._identity_quant(0):
+            return x.astype(np.uint8)
+        if self.input_dtype in (np.uint8, np.int8):
+            scale, zero = self.input_quant
+            info = np.iinfo(self.input_dtype)
+            q = np.round(x.astype(np.float32) / scale + zero)
+            return np.clip(q, info.min, info.max).astype(self.input_dtype)
+        return x.astype(self.input_dtype)
+
+    def _identity_quant(self, zero_point: int) -> bool:
+        scale, zero = self.input_quant
+        return zero == zero_point and abs(scale - 1.0) < 0.01
+
+    def _dequantize(self, name: str, value: np.ndarray) -> np.ndarray:
+        detail = self.output_details[name]
+        scale, zero = detail.get("quantization", (0.0, 0))
+        if np.issubdtype(value.dtype, np.integer) and scale:
+            return (value.astype(np.float32) - zero) * scale
+        return value.astype(np.float32)
+
+    def run(self, frame: np.ndarray) -> dict[str, np.ndarray]:
+        """One decoded uint8 frame (S, S) -> head probabilities keyed by output name (h1..h5)."""
+        out = self.runner(**{self.input_name: self._to_input(frame)})
+        return {name: self._dequantize(name, v).reshape(-1) for name, v in out.items()}
+
+    def predict_frames(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, S, S) uint8 frames -> dict of (N, k) head probabilities."""
+        rows = [self.run(f) for f in frames]
+        if not rows:
+            return {h.name: np.zeros((0, h.num_classes), np.float32) for h in self.taxonomy.heads}
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def warm_up(self) -> float:
+        """First inference compiles the graph on an NPU; time it apart from steady-state latency."""
+        t = time.perf_counter()
+        self.run(np.zeros((self.input_size, self.input_size), np.uint8))
+        self.warmup_ms = (time.perf_counter() - t) * 1000
+        return self.warmup_ms
+
+    def classify_paths(self, paths: Iterable[Path]) -> Iterator[dict]:
+        """Stream one result dict per file: the verdict, or an error naming what is wrong."""
+        if self.warmup_ms is None:
+            self.warm_up()
+        for path in paths:
+            t0 = time.perf_counter()
+            try:
+                frame = load_frame(path, self.preprocess)
+            except ImageError as exc:
+                yield {"path": str(path), "error": exc.reason}
+                continue
+            t1 = time.perf_counter()
+            probs = self.run(frame)
+            t2 = time.perf_counter()
+            result = self.taxonomy.decode({k: v[None] for k, v in probs.items()}, self.review_threshold)[0]
+            yield {"path": str(path), **result, "decode_ms": round((t1 - t0) * 1000, 2),
+                   "infer_ms": round((t2 - t1) * 1000, 2)}
+
+
+def iter_image_paths(items: Iterable[str | Path], on_missing=None) -> Iterator[Path]:
+    """Files as given, and image files below folders (sorted, recursive), streamed."""
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    yield f
+        elif p.exists():
+            yield p
+        elif on_missing is not None:
+            on_missing(p)

@@ -1,0 +1,249 @@
+"""The `semhinet` command line: thin wrappers that parse options, call the modules, and print.
+
+Every failure a user can cause (missing folder, bad model file, empty class ...) ends as one line
+`error: ...` and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from semhinet_tf import __version__
+
+EXIT_FAIL = 1
+
+
+class UserError(click.ClickException):
+    exit_code = EXIT_FAIL
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+def friendly(fn):
+    """Turn the exceptions a user can cause into one-line errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
+            raise UserError(_one_line(exc)) from exc
+        except KeyboardInterrupt:
+            raise UserError("interrupted (a run directory can be continued with `semhinet train ... --resume`)")
+
+    return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    return " ".join(text.split())[:500]
+
+
+def _loss_weights(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected head=weight pairs like h1=1,h3=2, got {part!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"weight for {name} is not a number: {value!r}") from exc
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="semhinet")
+def main() -> None:
+    """SEM-HiNet-TF: train a hierarchical SEM defect classifier and deploy it as int8 TFLite."""
+
+
+# ---------------------------------------------------------------- synth
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--per-class", default=150, show_default=True, help="images per class")
+@click.option("--size", default=256, show_default=True, help="frame size in pixels")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=None, type=int, help="processes (default: all cores)")
+@click.option("--mixed-formats", is_flag=True, help="write PNG/JPEG/BMP/TIFF 8+16-bit, RGB, info bars, nested folders")
+@click.option("--overwrite", is_flag=True, help="write into a non-empty folder")
+@friendly
+def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
+    """Write a synthetic SEM dataset (8 class folders) to OUT."""
+    from semhinet_tf.data.synth import generate
+
+    stats = generate(out, per_class=per_class, size=size, seed=seed, workers=workers,
+                     mixed_formats=mixed_formats, overwrite=overwrite)
+    click.echo(f"wrote {stats.get('total', per_class * 8)} images to {out} "
+               f"({stats.get('images_per_second', 0):.0f} images/s)")
+
+
+# ---------------------------------------------------------------- train
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="run directory to create")
+@click.option("--img-size", default=224, show_default=True)
+@click.option("--epochs", default=30, show_default=True, help="float epochs")
+@click.option("--qat-epochs", default=6, show_default=True, help="quantization-aware epochs (0: none)")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--steps-per-epoch", default=None, type=int, help="default: one pass over the training split")
+@click.option("--lr", default=3e-3, show_default=True, help="peak learning rate (AdamW)")
+@click.option("--seed", default=0, show_default=True, help="fixes split, sampling and initialisation")
+@click.option("--val-split", default=0.2, show_default=True)
+@click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")
+@click.option("--loss-weights", default=None, help="e.g. h1=1,h2=1,h3=2,h4=2,h5=2")
+@click.option("--label-smoothing", default=0.05, show_default=True)
+@click.option("--sampler", type=click.Choice(["balanced", "natural"]), default="balanced", show_default=True)
+@click.option("--no-augment", is_flag=True, help="switch all augmentations off")
+@click.option("--alpha", default=1.0, show_default=True, help="width multiplier")
+@click.option("--minimalistic", is_flag=True, help="MobileNetV3 minimalistic (no SE, ReLU, 3x3)")
+@click.option("--bn-momentum", default=None, type=float, help="default: from the training length")
+@click.option("--granularity", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel",
+              show_default=True, help="QAT weight quantization")
+@click.option("--databar", default="auto", show_default=True, help="info-bar removal: auto | off | N rows")
+@click.option("--fit", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
+              help="non-square frames: centre crop or pad")
+@click.option("--taxonomy", "taxonomy_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML/JSON taxonomy (default: the 8-class SEM hierarchy)")
+@click.option("--strict", is_flag=True, help="unknown folders are an error")
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]), default="auto",
+              show_default=True, help="tf.distribute strategy")
+@click.option("--resume", is_flag=True, help="continue an interrupted run in --out")
+@click.option("--overwrite", is_flag=True, help="replace an existing run directory")
+@friendly
+def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, loss_weights, **opts):
+    """Train the five-head model on DATA (class folders), then fine-tune it with QAT."""
+    from semhinet_tf.data.pipeline import Augment
+    from semhinet_tf.taxonomy import load_taxonomy
+    from semhinet_tf.train import TrainConfig, train as run_train
+
+    taxonomy = load_taxonomy(taxonomy_file)
+    cfg = TrainConfig(**opts, loss_weights=_loss_weights(loss_weights),
+                      augment=(Augment.off() if no_augment else Augment()).to_dict())
+    taxonomy.loss_weights(cfg.loss_weights)  # validates head names early
+    result = run_train(data, run_dir, cfg, taxonomy, overwrite=overwrite, resume=resume, strict=strict)
+    click.echo(json.dumps(result, indent=2))
+    click.echo(f"run directory: {run_dir}")
+
+
+# ---------------------------------------------------------------- convert
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="default: RUN/model_int8.tflite")
+@click.option("--io", "io_type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--calib-samples", default=200, show_default=True, help="class-balanced calibration frames")
+@click.option("--float-heads", is_flag=True, help="int8 backbone (NPU) with float heads (CPU)")
+@click.option("--source", type=click.Choice(["qat", "float"]), default="qat", show_default=True,
+              help="qat: the QAT model; float: post-training quantization of the float model")
+@click.option("--review-threshold", type=float, default=None,
+              help="leaf probability under which predictions are flagged (default: from validation)")
+@click.option("--overwrite", is_flag=True)
+@friendly
+def convert(run_dir, out, io_type, calib_samples, float_heads, source, review_threshold, overwrite):
+    """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check)."""
+    from semhinet_tf.export.convert import convert_run
+
+    info = convert_run(run_dir, out, io_type=io_type, calib_samples=calib_samples, float_heads=float_heads,
+                       source=source, review_threshold=review_threshold, overwrite=overwrite)
+    click.echo(info["npu_report"])
+    click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) and {info['contract_path']}")
+
+
+# ---------------------------------------------------------------- npu-check
+@main.command("npu-check")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--allow-float-tail", is_flag=True, help="accept float heads after the last DEQUANTIZE (CPU)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@friendly
+def npu_check(model, allow_float_tail, json_out):
+    """Check that every operator of MODEL would run on the VX delegate (i.MX 8M Plus NPU)."""
+    from semhinet_tf.evaluate import write_json
+    from semhinet_tf.export.npu import check_npu
+
+    report = check_npu(model, allow_float_tail=allow_float_tail)
+    click.echo(report.format())
+    if json_out:
+        write_json(report.to_dict(), json_out)
+    sys.exit(0 if report.ok else EXIT_FAIL)
+
+
+# ---------------------------------------------------------------- eval
+@main.command("eval")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default=None,
+              help="default: val when the run's split is found, else all")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="write a human report (HTML + Markdown + PNGs) here")
+@click.option("--target-purity", default=0.99, show_default=True)
+@friendly
+def eval_cmd(model, data, split, json_out, report_dir, target_purity):
+    """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA."""
+    from semhinet_tf.workflow import eval_model
+
+    res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
+                     target_purity=target_purity)
+    click.echo(res["table"])
+    for line in res["notes"]:
+        click.echo(line)
+
+
+# ---------------------------------------------------------------- predict
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--threshold", type=float, default=None, help="review threshold (default: the model's)")
+@click.option("--threads", type=int, default=None)
+@friendly
+def predict(model, paths, threshold, threads):
+    """Classify images or folders; one JSON line per image."""
+    from semhinet_tf.workflow import predict_paths
+
+    n_bad = 0
+    for row in predict_paths(model, paths, threshold=threshold, threads=threads):
+        n_bad += "error" in row
+        click.echo(json.dumps(row))
+    if n_bad:
+        click.echo(f"{n_bad} file(s) could not be read (see the 'error' lines)", err=True)
+        sys.exit(EXIT_FAIL)
+
+
+# ---------------------------------------------------------------- quickstart
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("semhinet_quickstart"),
+              show_default=True)
+@click.option("--per-class", default=150, show_default=True)
+@click.option("--img-size", default=128, show_default=True)
+@click.option("--epochs", default=25, show_default=True)
+@click.option("--qat-epochs", default=4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")
+@click.option("--overwrite", is_flag=True)
+@friendly
+def quickstart(out, per_class, img_size, epochs, qat_epochs, seed, weights, overwrite):
+    """Synthetic data -> train -> QAT -> int8 TFLite -> eval of float and int8 on the held-out split."""
+    from semhinet_tf.workflow import quickstart as run_quickstart
+
+    res = run_quickstart(out, per_class=per_class, img_size=img_size, epochs=epochs, qat_epochs=qat_epochs,
+                         seed=seed, weights=weights, overwrite=overwrite)
+    click.echo(res["table"])
+    click.echo(f"total time {res['seconds'] / 60:.1f} min; everything is in {out}/ (report: {res['report']})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,130 @@
+"""From a data folder to decoded training/validation arrays, with the manifest and split saved in the run.
+
+Discovery reads headers and hashes; the one full decode (shared decoder, parallel) happens here, and
+a file that fails it is moved to the skipped list with its reason, so no image is decoded twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from semhinet_tf.data.decode import Preprocess
+from semhinet_tf.data.discover import (
+    DatasetError,
+    Manifest,
+    discover,
+    load_split,
+    require_all_classes,
+    save_split,
+    stratified_split,
+)
+from semhinet_tf.data.pipeline import decode_frames
+from semhinet_tf.taxonomy import Taxonomy
+
+
+def _decode_manifest(manifest: Manifest, pre: Preprocess, progress: bool) -> dict[str, np.ndarray]:
+    """Decode every entry once; failures join manifest.skipped. Returns path -> frame."""
+    paths = [e.path for e in manifest.entries]
+    frames, bad = decode_frames([str(manifest.file(p)) for p in paths], pre, progress=progress, desc="decode")
+    bad_reason = {Path(p).resolve(): r for p, r in bad}
+    good: dict[str, np.ndarray] = {}
+    kept = []
+    for i, e in enumerate(manifest.entries):
+        reason = bad_reason.get(manifest.file(e.path).resolve())
+        if reason is None:
+            good[e.path] = frames[i]
+            kept.append(e)
+        else:
+            manifest.skipped.append((e.path, reason))
+    manifest.entries = kept
+    return good
+
+
+def _arrays(paths: list[str], frames: dict[str, np.ndarray], leaf_of: dict[str, str], taxonomy: Taxonomy):
+    paths = [p for p in paths if p in frames]
+    x = np.stack([frames[p] for p in paths]) if paths else np.zeros((0, 1, 1), np.uint8)
+    y = np.array([taxonomy.leaf_index(leaf_of[p]) for p in paths], dtype=np.int64)
+    return x, y
+
+
+def prepare_dataset(data_dir: str | Path, run_dir: str | Path, taxonomy: Taxonomy, cfg, strict: bool = False,
+                    progress: bool = True, reuse_split: bool = False) -> dict:
+    """Discover, decode, split (or reuse the saved split); write manifest, skipped list and split to run_dir."""
+    run_dir = Path(run_dir)
+    pre = Preprocess(size=cfg.img_size, databar=cfg.databar, fit=cfg.fit)
+    manifest = discover(data_dir, taxonomy, strict=strict, check_images=False, pre=pre, progress=progress)
+    frames = _decode_manifest(manifest, pre, progress)
+    manifest.save(run_dir)
+    print(f"data: {manifest.summary()}", flush=True)
+    if manifest.skipped:
+        print(f"  skipped {len(manifest.skipped)} file(s); reasons in {run_dir / 'skipped.csv'}", flush=True)
+    require_all_classes(manifest, taxonomy)
+    if reuse_split and (run_dir / "split.json").exists():
+        split = load_split(run_dir)
+    else:
+        split = stratified_split(manifest, cfg.val_split, cfg.seed)
+        save_split(split, run_dir)
+    for w in split.get("warnings", []):
+        print(f"  warning: {w}", flush=True)
+    leaf_of = {e.path: e.leaf for e in manifest.entries}
+    train = _arrays(split["train"], frames, leaf_of, taxonomy)
+    val = _arrays(split["val"], frames, leaf_of, taxonomy)
+    if not len(val[1]):
+        raise DatasetError(f"{data_dir}: the validation split is empty (more images per class or a larger --val-split)")
+    missing = [taxonomy.leaves[c] for c in range(len(taxonomy.leaves)) if c not in set(train[1].tolist())]
+    if missing:
+        raise DatasetError(f"no training images left for class(es) {', '.join(missing)} after the split")
+    print(f"split: {len(train[1])} train / {len(val[1])} val images (seed {cfg.seed}, saved to split.json)", flush=True)
+    return {"train": train, "val": val, "preprocess": pre.to_dict(), "manifest": manifest}
+
+
+def load_split_frames(run_dir: str | Path, which: str = "train", progress: bool = True):
+    """Decode one side of a run's saved split (e.g. calibration frames for conversion)."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    taxonomy = Taxonomy.from_spec(json.loads((run_dir / "taxonomy.json").read_text()))
+    split = load_split(run_dir)
+    manifest = Manifest.load(run_dir)
+    leaf_of = {e.path: e.leaf for e in manifest.entries}
+    paths = [p for p in split[which] if p in leaf_of]
+    pre = Preprocess.from_dict(config["preprocess"])
+    frames, bad = decode_frames([str(Path(split["root"]) / p) for p in paths], pre, progress=progress, desc=which)
+    if bad:
+        bad_set = {b for b, _ in bad}
+        keep = [str(Path(split["root"]) / p) not in bad_set for p in paths]
+        frames = frames[np.array(keep)]
+        paths = [p for p, k in zip(paths, keep) if k]
+    if not len(paths):
+        raise DatasetError(f"{run_dir}: no readable images in the {which} split (was the data folder moved?)")
+    return frames, np.array([taxonomy.leaf_index(leaf_of[p]) for p in paths], dtype=np.int64)
+
+
+def eval_items(data_dir: str | Path, taxonomy: Taxonomy, run_dir: Path | None, split: str | None):
+    """(absolute path, leaf) pairs to evaluate, the split used, and notes for the user.
+
+    With a run directory whose split was made on this same folder, `val` (the default) is the held-out
+    side; on any other folder (a separate test set) every image is used.
+    """
+    manifest = discover(data_dir, taxonomy, check_images=False, progress=False)
+    notes = []
+    if manifest.skipped:
+        notes.append(f"{len(manifest.skipped)} file(s) skipped while scanning, e.g. "
+                     f"{manifest.skipped[0][0]}: {manifest.skipped[0][1]}")
+    saved = None
+    if run_dir is not None and (run_dir / "split.json").exists():
+        saved = load_split(run_dir)
+        if Path(saved["root"]).resolve() != Path(manifest.root).resolve():
+            saved = None
+    if split in (None, "all") or (saved is None and split is None):
+        if split is None and saved is not None:
+            split = "val"
+        else:
+            return [(manifest.file(e.path), e.leaf) for e in manifest.entries], "all", notes
+    if saved is None:
+        raise DatasetError(f"{data_dir}: no saved split of this folder for this model; use --split all")
+    wanted = set(saved[split])
+    items = [(manifest.file(e.path), e.leaf) for e in manifest.entries if e.path in wanted]
+    return items, split, notes

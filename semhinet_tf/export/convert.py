@@ -1,0 +1,99 @@
+"""`semhinet convert`: a run directory -> int8 .tflite with its contract embedded, checked for the NPU."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from semhinet_tf.evaluate import write_json
+
+CONTRACT_FORMAT = "semhinet-contract/1"
+
+
+def calibration_frames(frames: np.ndarray, leaf_ids: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Up to n frames drawn class-balanced (round-robin over classes) from the training split."""
+    rng = np.random.default_rng([seed, 4242])
+    by_class = [rng.permutation(np.flatnonzero(leaf_ids == c)) for c in np.unique(leaf_ids)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n and any(depth < len(ix) for ix in by_class):
+        picked += [int(ix[depth]) for ix in by_class if depth < len(ix)]
+        depth += 1
+    return frames[np.array(picked[:n], dtype=np.int64)]
+
+
+def build_contract(run_dir: Path, config: dict, taxonomy_spec: dict, img_size: int, io_type: str,
+                   float_heads: bool, source: str, granularity: str, review_threshold: float) -> dict:
+    from semhinet_tf import __version__
+
+    return {
+        "format": CONTRACT_FORMAT,
+        "version": __version__,
+        "run_id": f"{run_dir.resolve().name}@{config.get('created', '')}".rstrip("@"),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "taxonomy": taxonomy_spec,
+        "input": {"name": "image", "shape": [1, img_size, img_size, 1], "dtype": io_type,
+                  "pixels": "raw grey 0..255 (the model rescales inside)"},
+        "outputs": [h["name"] for h in taxonomy_spec["heads"]],
+        "preprocess": config["preprocess"],
+        "review_threshold": review_threshold,
+        "quantization": {"source": source, "granularity": granularity, "io": io_type, "float_heads": float_heads},
+        "leaf_probability": "P(leaf) = product of head probabilities along the leaf's path",
+    }
+
+
+def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str = "uint8", calib_samples: int = 200,
+                float_heads: bool = False, source: str = "qat", review_threshold: float | None = None,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert RUN's QAT (or float, as PTQ) model; write .tflite + contract JSON; run the NPU check."""
+    from semhinet_tf.data.dataset import load_split_frames
+    from semhinet_tf.export.npu import check_npu
+    from semhinet_tf.export.tflite import convert_int8
+    from semhinet_tf.export.tflite_meta import embed_contract
+    from semhinet_tf.model.io import load_model
+    from semhinet_tf.taxonomy import Taxonomy
+
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    taxonomy = Taxonomy.from_spec(json.loads((run_dir / "taxonomy.json").read_text()))
+    model_file = run_dir / ("qat.h5" if source == "qat" else "float.keras")
+    if not model_file.exists():
+        raise FileNotFoundError(f"{model_file}: not found (train with --qat-epochs > 0, or convert --source float)")
+    out = Path(out) if out else run_dir / ("model_int8.tflite" if not float_heads else "model_int8_floatheads.tflite")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: exists (use --overwrite)")
+    img_size = int(config["model"]["img_size"])
+    model = load_model(model_file)
+    frames, leaf_ids = load_split_frames(run_dir, "train", progress=progress)
+    calib = calibration_frames(frames, leaf_ids, calib_samples, int(config["train"]["seed"]))
+    tflite = convert_int8(model, img_size, taxonomy.head_names, lambda: iter(calib), io_type=io_type,
+                          float_heads=float_heads)
+    if review_threshold is None:
+        review_threshold = _validation_threshold(run_dir)
+    contract = build_contract(run_dir, config, taxonomy.to_spec(), img_size, io_type, float_heads, source,
+                              config["train"].get("granularity", "per-channel"), review_threshold)
+    tflite = embed_contract(tflite, contract)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(tflite)
+    os.replace(tmp, out)
+    contract_path = out.with_suffix(".json")
+    write_json(contract, contract_path)
+    report = check_npu(out, allow_float_tail=float_heads)
+    write_json(report.to_dict(), out.with_suffix(".npu.json"))
+    return {"path": str(out), "bytes": len(tflite), "contract_path": str(contract_path),
+            "npu_ok": report.ok, "npu_report": report.format(limit=40)}
+
+
+def _validation_threshold(run_dir: Path, default: float = 0.5) -> float:
+    """The review threshold chosen on validation by `eval` (target purity), if one was written."""
+    p = run_dir / "review_threshold.json"
+    if p.exists():
+        try:
+            return float(json.loads(p.read_text())["threshold"])
+        except (ValueError, KeyError):
+            pass
+    return default

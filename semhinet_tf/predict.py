@@ -1,0 +1,75 @@
+"""Run any model format (Keras, TFLite, ONNX) on decoded uint8 frames and get head probabilities.
+
+Every evaluation and comparison goes through here, so the same frames and the same decoding feed
+each format; only the engine differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+
+def _strip(name: str) -> str:
+    return name.removeprefix("quant_")
+
+
+def predict_keras(model, frames: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Head probabilities (dict h1..h5, or 'leaf' for a flat model) for (N, S, S) uint8 frames."""
+    outs: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(frames), batch_size):
+        batch = frames[i:i + batch_size, :, :, None].astype(np.float32)
+        out = model(batch, training=False)
+        if not isinstance(out, dict):
+            out = dict(zip(model.output_names, out if isinstance(out, (list, tuple)) else [out]))
+        for k, v in out.items():
+            outs.setdefault(_strip(k), []).append(np.asarray(v, np.float32))
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def model_format(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_dir() or p.suffix in (".keras", ".h5"):
+        return "keras"
+    if p.suffix == ".tflite":
+        return "tflite"
+    if p.suffix == ".onnx":
+        return "onnx"
+    raise ValueError(f"{p}: unknown model format (expected a run directory, .keras, .tflite or .onnx)")
+
+
+class Predictor:
+    """Uniform front for the three formats: .input_size, .predict(frames) -> dict of head probabilities."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        self.format = model_format(path)
+        self.contract: dict | None = None
+        if self.format == "keras":
+            from semhinet_tf.model.io import load_model
+
+            self._model = load_model(path)
+            self.input_size = int(self._model.inputs[0].shape[1])
+        elif self.format == "tflite":
+            from semhinet_tf.board.runtime import BoardModel
+
+            self._model = BoardModel(path, threads=threads)
+            self.input_size = self._model.input_size
+            self.contract = self._model.contract
+        else:
+            from semhinet_tf.export.onnx import OnnxModel
+
+            self._model = OnnxModel(path, threads=threads)
+            self.input_size = self._model.input_size
+
+    def predict(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        if self.format == "keras":
+            return predict_keras(self._model, frames)
+        return self._model.predict_frames(frames)
+
+
+def iter_chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

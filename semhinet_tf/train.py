@@ -1,0 +1,371 @@
+"""Training: float phase (warm-up + cosine), then quantization-aware fine-tuning, best-by-validation.
+
+The kept checkpoint of each phase is the best on the validation split by a hierarchical metric:
+balanced accuracy of the leaf decoded through the whole hierarchy (the number a fab reads), so a
+model that is good head by head but routes wrongly is not preferred.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from semhinet_tf.data.pipeline import Augment
+
+FLOAT_MODEL = "float.keras"
+QAT_MODEL = "qat.h5"  # tfmot wrappers reload reliably from HDF5, not from .keras
+CONFIG_FILE = "config.json"
+TAXONOMY_FILE = "taxonomy.json"
+HISTORY_FILE = "history.csv"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainConfig:
+    img_size: int = 224
+    epochs: int = 30
+    qat_epochs: int = 6
+    batch_size: int = 32
+    steps_per_epoch: int | None = None  # default: one pass over the (balanced) training split
+    lr: float = 3e-3
+    qat_lr_factor: float = 0.1
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-5
+    label_smoothing: float = 0.05
+    loss_weights: dict[str, float] = field(default_factory=dict)  # overrides of the taxonomy defaults
+    seed: int = 0
+    val_split: float = 0.2
+    sampler: str = "balanced"
+    augment: dict[str, Any] = field(default_factory=lambda: Augment().to_dict())
+    weights: str = "sem"  # none | sem | imagenet | PATH
+    alpha: float = 1.0
+    minimalistic: bool = False
+    bn_momentum: float | None = None  # None: chosen from the training length
+    head_units: int = 128
+    dropout: float = 0.2
+    flat: bool = False
+    granularity: str = "per-channel"
+    patience: int = 8
+    databar: str = "auto"
+    fit: str = "crop"
+    strategy: str = "auto"  # auto | default | mirrored | multiworker
+    workers: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def set_seed(seed: int) -> None:
+    """One seed for Python, numpy and TensorFlow (initialisation, dropout) and deterministic kernels."""
+    import random
+
+    import tensorflow as tf
+
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.keras.utils.set_random_seed(seed)
+    try:
+        tf.config.experimental.enable_op_determinism()
+    except Exception:  # noqa: BLE001 - older TF or already-initialised context
+        pass
+
+
+def make_strategy(name: str):
+    """tf.distribute: MirroredStrategy over local GPUs, MultiWorkerMirroredStrategy from TF_CONFIG."""
+    import tensorflow as tf
+
+    if name == "auto":
+        if os.environ.get("TF_CONFIG"):
+            name = "multiworker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "default"
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "default":
+        return tf.distribute.get_strategy()
+    raise ValueError(f"unknown strategy {name!r} (auto, default, mirrored, multiworker)")
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- validation and history callbacks
+def hierarchical_scores(model, frames: np.ndarray, leaf_ids: np.ndarray, taxonomy, flat: bool) -> dict:
+    """Leaf accuracy and balanced accuracy through the hierarchy (or the flat softmax)."""
+    from semhinet_tf.predict import predict_keras
+
+    probs = predict_keras(model, frames)
+    leaf_p = probs["leaf"] if flat else taxonomy.leaf_probabilities(probs)
+    pred = leaf_p.argmax(1)
+    recalls = [np.mean(pred[leaf_ids == c] == c) for c in np.unique(leaf_ids)]
+    return {"val_leaf_acc": float(np.mean(pred == leaf_ids)), "val_leaf_bacc": float(np.mean(recalls))}
+
+
+def _callbacks(run_dir: Path, phase: str, taxonomy, val, cfg: TrainConfig, model_path: Path, resume_epoch: int):
+    from semhinet_tf.model import keras
+
+    class Validate(keras.callbacks.Callback):
+        """Scores the hierarchy on validation, keeps the best model on disk (atomically), stops early."""
+
+        def __init__(self):
+            super().__init__()
+            state = _read_state(run_dir).get(phase, {})
+            self.best = state.get("best", -1.0)
+            self.best_epoch = state.get("best_epoch", -1)
+            self.wait = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            scores = hierarchical_scores(self.model, val[0], val[1], taxonomy, cfg.flat)
+            logs.update(scores)
+            score = scores["val_leaf_bacc"]
+            if score > self.best + 1e-6:
+                self.best, self.best_epoch, self.wait = score, epoch, 0
+                _save_model(self.model, model_path, quantized=phase == "qat")
+            else:
+                self.wait += 1
+            if self.wait >= cfg.patience:
+                self.model.stop_training = True
+            print(f"  [{phase}] epoch {epoch + 1}: val leaf acc {scores['val_leaf_acc']:.3f}, "
+                  f"balanced {score:.3f} (best {self.best:.3f} at epoch {self.best_epoch + 1})", flush=True)
+
+    class History(keras.callbacks.Callback):
+        """history.csv with a phase column, appended atomically after each epoch."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"phase": phase, "epoch": epoch + 1, "lr": float(self._lr()), **{k: float(v) for k, v in
+                                                                                    (logs or {}).items()}}
+            _append_history(run_dir / HISTORY_FILE, row)
+
+        def _lr(self):
+            opt = self.model.optimizer
+            lr = opt.learning_rate
+            return lr(opt.iterations) if callable(lr) else lr
+
+    class Checkpoint(keras.callbacks.Callback):
+        """Resumable state after every epoch: weights, optimizer, epoch, best score."""
+
+        def __init__(self, validate: Validate):
+            super().__init__()
+            self.validate = validate
+
+        def on_epoch_end(self, epoch, logs=None):
+            ckpt_dir = run_dir / "checkpoint" / phase
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            import tensorflow as tf
+
+            ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
+            manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir), max_to_keep=1)
+            manager.save(checkpoint_number=epoch + 1)  # the 'checkpoint' index file is written last
+            state = _read_state(run_dir)
+            state[phase] = {"epoch": epoch + 1, "best": self.validate.best, "best_epoch": self.validate.best_epoch,
+                            "stopped": bool(self.model.stop_training)}
+            _atomic_json(state, run_dir / STATE_FILE)
+
+    validate = Validate()
+    return [validate, History(), Checkpoint(validate)]
+
+
+def _append_history(path: Path, row: dict) -> None:
+    import csv
+    import io
+
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    rows.append({k: str(v) for k, v in row.items()})
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _read_state(run_dir: Path) -> dict:
+    p = run_dir / STATE_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _save_model(model, path: Path, quantized: bool) -> None:
+    from semhinet_tf.model.io import save_model
+
+    save_model(model, path, quantized=quantized)
+
+
+# ---------------------------------------------------------------- phases
+def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int, warmup_steps: int):
+    from semhinet_tf.losses import MaskedAccuracy, masked_sparse_crossentropy
+    from semhinet_tf.model import keras
+    from semhinet_tf.schedule import WarmupCosine
+
+    schedule = WarmupCosine(peak_lr, total_steps, warmup_steps)
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    names = ["leaf"] if cfg.flat else list(taxonomy.head_names)
+    weights = {"leaf": 1.0} if cfg.flat else taxonomy.loss_weights(cfg.loss_weights)
+    model.compile(optimizer=optimizer,
+                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing) for n in names},
+                  loss_weights={n: weights[n] for n in names},
+                  metrics={n: [MaskedAccuracy(name="acc")] for n in names})
+
+
+def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_dir: Path, epochs: int,
+               peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy):
+    """One training phase with its own schedule; returns the number of epochs run."""
+    import tensorflow as tf
+
+    from semhinet_tf.data.pipeline import make_dataset
+
+    steps = cfg.steps_per_epoch or max(1, int(np.ceil(len(train[1]) / cfg.batch_size)))
+    with strategy.scope():
+        _compile(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps))
+    initial_epoch = 0
+    state = _read_state(run_dir).get(phase, {})
+    if resume and state:
+        if state.get("stopped") or state.get("epoch", 0) >= epochs:
+            print(f"  [{phase}] already finished ({state.get('epoch')} epochs); skipping", flush=True)
+            return state.get("epoch", 0)
+        ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        latest = tf.train.latest_checkpoint(str(run_dir / "checkpoint" / phase))
+        if latest:
+            ckpt.restore(latest).expect_partial()
+            initial_epoch = int(state["epoch"])
+            print(f"  [{phase}] resuming after epoch {initial_epoch}", flush=True)
+    seed = cfg.seed if phase == "float" else cfg.seed + 1
+    ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, steps * epochs, seed, cfg.sampler,
+                      Augment(**cfg.augment), start_step=initial_epoch * steps, flat=cfg.flat)
+    callbacks = _callbacks(run_dir, phase, taxonomy, val, cfg, model_path, initial_epoch)
+    model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=callbacks,
+              verbose=1 if os.environ.get("SEMHINET_QUIET") != "1" else 2)
+    return epochs
+
+
+def build_for_config(taxonomy, cfg: TrainConfig, total_steps: int):
+    from semhinet_tf.model.heads import ModelConfig, build_model
+    from semhinet_tf.model.mobilenet_v3 import BackboneConfig, auto_bn_momentum
+
+    momentum = cfg.bn_momentum if cfg.bn_momentum is not None else auto_bn_momentum(total_steps)
+    mcfg = ModelConfig(img_size=cfg.img_size, head_units=cfg.head_units, dropout=cfg.dropout, flat=cfg.flat,
+                       backbone=BackboneConfig(alpha=cfg.alpha, minimalistic=cfg.minimalistic, bn_momentum=momentum))
+    return build_model(taxonomy, mcfg), mcfg
+
+
+def initial_weights(model, cfg: TrainConfig, mcfg) -> str:
+    """Load the starting weights; returns a one-line description of what was loaded."""
+    from semhinet_tf.model import mobilenet_v3 as mb
+    from semhinet_tf.model.pretrained import sem_weights_path
+
+    w = cfg.weights
+    if w in ("none", "", None):
+        return "random initialisation"
+    if w == "sem":
+        path = sem_weights_path(mcfg)
+        if path is None:
+            return "random initialisation (no SEM-pretrained weights shipped for this configuration)"
+        n = mb.load_backbone_weights(model, path)
+        return f"SEM-pretrained backbone ({n} layers from {path.name})"
+    if w == "imagenet":
+        n = mb.load_imagenet_weights(model, cfg.img_size, mcfg.backbone, "imagenet")
+        return f"ImageNet weights ({n} layers)"
+    path = Path(w)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    if path.suffix == ".npz":
+        n = mb.load_backbone_weights(model, path)
+        return f"backbone weights ({n} layers from {path})"
+    n = mb.load_imagenet_weights(model, cfg.img_size, mcfg.backbone, str(path))
+    return f"keras.applications weights ({n} layers from {path})"
+
+
+def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=None, overwrite: bool = False,
+          resume: bool = False, strict: bool = False, progress: bool = True) -> dict:
+    """Discover, split, decode, train float, fine-tune QAT; everything lands in run_dir."""
+    from semhinet_tf.data.dataset import prepare_dataset
+    from semhinet_tf.taxonomy import Taxonomy
+
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    _prepare_run_dir(run_dir, overwrite, resume)
+    if resume and (run_dir / CONFIG_FILE).exists():
+        saved = TrainConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text())["train"])
+        cfg = replace(saved, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs)
+        taxonomy = Taxonomy.from_spec(json.loads((run_dir / TAXONOMY_FILE).read_text()))
+    taxonomy = taxonomy or Taxonomy.default()
+    set_seed(cfg.seed)
+    data = prepare_dataset(data_dir, run_dir, taxonomy, cfg, strict=strict, progress=progress, reuse_split=resume)
+    train_set, val_set = data["train"], data["val"]
+    steps = cfg.steps_per_epoch or max(1, int(np.ceil(len(train_set[1]) / cfg.batch_size)))
+    strategy = make_strategy(cfg.strategy)
+    with strategy.scope():
+        model, mcfg = build_for_config(taxonomy, cfg, steps * cfg.epochs)
+        start = initial_weights(model, cfg, mcfg)
+    print(f"model: MobileNetV3Small alpha={cfg.alpha} at {cfg.img_size}px, {model.count_params():,} parameters, "
+          f"BN momentum {mcfg.backbone.bn_momentum:.3f}; start: {start}", flush=True)
+    config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
+              "preprocess": data["preprocess"], "start_weights": start, "version": _version()}
+    _atomic_json(config, run_dir / CONFIG_FILE)
+    _atomic_json(taxonomy.to_spec(), run_dir / TAXONOMY_FILE)
+
+    t_float = time.time()
+    _fit_phase("float", model, taxonomy, train_set, val_set, cfg, run_dir, cfg.epochs, cfg.lr, cfg.warmup_epochs,
+               run_dir / FLOAT_MODEL, resume, strategy)
+    t_float = time.time() - t_float
+    from semhinet_tf.model.io import load_model
+
+    best_float = load_model(run_dir / FLOAT_MODEL)
+    result = {"run_dir": str(run_dir), "float_seconds": round(t_float, 1),
+              "float_val": hierarchical_scores(best_float, *val_set, taxonomy, cfg.flat)}
+    if cfg.qat_epochs > 0:
+        from semhinet_tf.model.quant import quantize_model
+
+        t_qat = time.time()
+        with strategy.scope():
+            qat = quantize_model(best_float, cfg.granularity)
+        _fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs,
+                   cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy)
+        result["qat_seconds"] = round(time.time() - t_qat, 1)
+        result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy, cfg.flat)
+    result["seconds"] = round(time.time() - t0, 1)
+    result["train_images_per_second"] = round(cfg.batch_size * steps * cfg.epochs / max(t_float, 1e-6), 1)
+    _atomic_json(result, run_dir / "train_result.json")
+    return result
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(f"{run_dir}: run directory exists and is not empty "
+                              "(use --resume to continue it or --overwrite to replace it)")
+    if overwrite and run_dir.exists() and not resume:
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _version() -> str:
+    from semhinet_tf import __version__
+
+    return __version__
