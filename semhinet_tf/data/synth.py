@@ -664,7 +664,7 @@ def _inc_etch(pat: Pattern, rng: np.random.Generator, s: float) -> None:
             foot = ndimage.gaussian_filter(np.clip(pat.height, 0, 1), pat.scene.pitch * 0.18)
             region = region * np.clip(3.0 * (foot - 0.1), 0, 1)
     level = (0.55 + 0.35 * rng.uniform(0.5, 1.0)) * (0.65 + 0.35 * s)
-    tex = _smooth_noise(rng, size, 1.2 * sc)
+    tex = rng.standard_normal((size, size), dtype=np.float32)  # granular scum; the imaging blur softens it
     fill = space * region
     pat.height += fill * level * np.clip(0.8 + 0.5 * tex, 0.3, 1.4)
     pat.yield_map += fill * (rng.uniform(-0.04, 0.08) + 0.12 * np.maximum(tex, 0) * rng.uniform(0.3, 1.0))
@@ -703,8 +703,8 @@ def _image(height: np.ndarray, yield_map: np.ndarray, scene: Scene, rng: np.rand
     sig += scene.space_level
     sig += scene.edge_gain * edge
     sig += yield_map
-    if scene.grain > 0:
-        sig += scene.grain * _smooth_noise(rng, size, 1.5 * size / 256)
+    if scene.grain > 0.01:  # material grain: white noise that the beam blur below correlates
+        sig += scene.grain * rng.standard_normal(sig.shape, dtype=np.float32)
     if scene.charge_tail[0] > 0:
         sig -= scene.charge_tail[0] * _trail(edge, scene.charge_tail[1])
     sig = ndimage.gaussian_filter(sig, scene.blur, truncate=3.0)
@@ -930,9 +930,9 @@ def _check_leaf(leaf: str) -> None:
         raise ValueError(f"unknown class {leaf!r}: synth renders {', '.join(LEAVES)}")
 
 
-def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float,
-            twin: bool = False) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int] | None]:
-    """(image, clean twin or None, defect bounding box (x0, y0, x1, y1) or None)."""
+def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float, twin: bool = False,
+            locate: bool = False) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int] | None]:
+    """(image, clean twin or None, defect bounding box (x0, y0, x1, y1) if `locate` and found, else None)."""
     _check_leaf(leaf)
     if size < 16:
         raise ValueError(f"image size {size} is too small: use at least 16 px")
@@ -945,12 +945,14 @@ def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float,
         img = _to_uint8(fn(defect_rng, size, scene))
         return img, (img.copy() if twin else None), None
     pat = _make_pattern(scene, scene_rng)
-    clean_h, clean_y = pat.height.copy(), pat.yield_map.copy()
+    keep = leaf != "normal" and (twin or locate)
+    clean_h, clean_y = (pat.height.copy(), pat.yield_map.copy()) if keep else (pat.height, pat.yield_map)
     bbox = None
     if leaf != "normal":
         DEFECT_FUNCS[leaf](pat, defect_rng, _severity(defect_rng, difficulty))
         np.clip(pat.height, 0.0, 1.3, out=pat.height)
-        bbox = _changed_bbox(np.abs(pat.height - clean_h) + np.abs(pat.yield_map - clean_y))
+        if locate:
+            bbox = _changed_bbox(np.abs(pat.height - clean_h) + np.abs(pat.yield_map - clean_y))
     img = _to_uint8(_image(pat.height, pat.yield_map, scene, np.random.default_rng(noise_seed)))
     clean = None
     if twin:
@@ -1075,11 +1077,13 @@ def _encode(img: np.ndarray, variant: _Variant, path: Path) -> None:
 def _make_one(leaf: str, k: int, seed: int, size: int, difficulty: float, mixed: bool,
               out_dir: Path) -> tuple[str, str]:
     """Render and write image k of `leaf`; returns (relative path, format tag)."""
-    img, _, bbox = _render(leaf, np.random.default_rng(image_seed(seed, leaf, k)), size, difficulty)
-    variant = _Variant()
+    variant, vrng = _Variant(), None
     if mixed:  # its own stream: the frame's content is the same with or without mixed formats
         vrng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(LEAVES.index(leaf), int(k), 1)))
         variant = _sample_variant(vrng)
+    img, _, bbox = _render(leaf, np.random.default_rng(image_seed(seed, leaf, k)), size, difficulty,
+                           locate=variant.aspect != 1.0)
+    if vrng is not None:
         img = _crop_to_aspect(img, variant.aspect, bbox, vrng)
         if variant.info_bar:
             img = _add_info_bar(img, vrng)
