@@ -35,9 +35,9 @@ def load_model(path):
 
 def decode_predictions(outputs, taxonomy=None, review_threshold: float = 0.5) -> list[dict]:
     """Turn `model.predict` outputs (dict h1..h5) into the per-image verdicts `semhinet predict` prints."""
-    from semhinet_tf.taxonomy import Taxonomy as _T
+    from semhinet_tf.taxonomy import Taxonomy as TaxonomyClass
 
-    tax = taxonomy if taxonomy is not None else getattr(outputs, "taxonomy", None) or _T.default()
+    tax = taxonomy if taxonomy is not None else TaxonomyClass.default()
     return tax.decode(outputs, review_threshold)
 
 

@@ -37,7 +37,7 @@ def friendly(fn):
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc
         except KeyboardInterrupt:
-            raise UserError("interrupted (a run directory can be continued with `semhinet train ... --resume`)")
+            raise UserError("interrupted (continue a run directory with `semhinet train ... --resume`)") from None
 
     return wrapper
 
@@ -100,7 +100,7 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--qat-epochs", default=6, show_default=True, help="quantization-aware epochs (0: none)")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--steps-per-epoch", default=None, type=int, help="default: one pass over the training split")
-@click.option("--lr", default=3e-3, show_default=True, help="peak learning rate (AdamW)")
+@click.option("--lr", default=1e-3, show_default=True, help="peak learning rate (AdamW)")
 @click.option("--seed", default=0, show_default=True, help="fixes split, sampling and initialisation")
 @click.option("--val-split", default=0.2, show_default=True)
 @click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")
@@ -128,7 +128,8 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, l
     """Train the five-head model on DATA (class folders), then fine-tune it with QAT."""
     from semhinet_tf.data.pipeline import Augment
     from semhinet_tf.taxonomy import load_taxonomy
-    from semhinet_tf.train import TrainConfig, train as run_train
+    from semhinet_tf.train import TrainConfig
+    from semhinet_tf.train import train as run_train
 
     taxonomy = load_taxonomy(taxonomy_file)
     cfg = TrainConfig(**opts, loss_weights=_loss_weights(loss_weights),
@@ -201,6 +202,36 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity):
     click.echo(res["table"])
     for line in res["notes"]:
         click.echo(line)
+
+
+# ---------------------------------------------------------------- compare
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default=None,
+              help="default: val when the run's split is found, else all")
+@click.option("--max-drop", type=float, default=None,
+              help="exit non-zero when int8 leaf accuracy is more than this many points below float")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@friendly
+def compare(run_dir, data, split, max_drop, json_out):
+    """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX): per-head deltas, agreement, flipped images."""
+    from semhinet_tf.workflow import compare_run
+
+    res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out)
+    click.echo(res["table"])
+    for row in res["compare"]["models"]:
+        for flip in row["flips"][:10]:
+            click.echo(f"  {row['model']}: {flip['path']} {flip['reference']} ({flip['reference_p']:.2f}) -> "
+                       f"{flip['this']} ({flip['this_p']:.2f}), truth {flip['truth']}")
+    for line in res["notes"]:
+        click.echo(line)
+    gate = res["compare"]["gate"]
+    if gate is not None:
+        click.echo(f"gate: int8 leaf accuracy {gate['worst_int8_delta_points']:+.2f} points vs float "
+                   f"(allowed -{gate['max_drop']}): {'PASS' if gate['passed'] else 'FAIL'}")
+        if not gate["passed"]:
+            sys.exit(EXIT_FAIL)
 
 
 # ---------------------------------------------------------------- predict

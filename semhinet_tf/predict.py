@@ -6,8 +6,8 @@ each format; only the engine differs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -23,7 +23,7 @@ def predict_keras(model, frames: np.ndarray, batch_size: int = 64) -> dict[str, 
         batch = frames[i:i + batch_size, :, :, None].astype(np.float32)
         out = model(batch, training=False)
         if not isinstance(out, dict):
-            out = dict(zip(model.output_names, out if isinstance(out, (list, tuple)) else [out]))
+            out = dict(zip(model.output_names, out if isinstance(out, (list, tuple)) else [out], strict=True))
         for k, v in out.items():
             outs.setdefault(_strip(k), []).append(np.asarray(v, np.float32))
     return {k: np.concatenate(v) for k, v in outs.items()}

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class Taxonomy:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any]) -> "Taxonomy":
+    def from_spec(cls, spec: Mapping[str, Any]) -> Taxonomy:
         try:
             heads = []
             for h in spec["heads"]:
@@ -98,11 +99,11 @@ class Taxonomy:
         return cls(tuple(heads), aliases, weights, str(spec.get("name", "custom")))
 
     @classmethod
-    def default(cls) -> "Taxonomy":
+    def default(cls) -> Taxonomy:
         return cls.from_spec(DEFAULT_SPEC)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Taxonomy":
+    def from_file(cls, path: str | Path) -> Taxonomy:
         """Load a taxonomy from JSON or YAML (same structure as DEFAULT_SPEC)."""
         path = Path(path)
         try:

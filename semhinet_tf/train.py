@@ -33,7 +33,7 @@ class TrainConfig:
     qat_epochs: int = 6
     batch_size: int = 32
     steps_per_epoch: int | None = None  # default: one pass over the (balanced) training split
-    lr: float = 3e-3
+    lr: float = 1e-3
     qat_lr_factor: float = 0.1
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-5
@@ -61,7 +61,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 

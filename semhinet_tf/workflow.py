@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -56,8 +56,9 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     frames, bad = decode_frames([p for p, _ in items], Preprocess.from_dict(pre), progress=progress, desc="decode")
     bad_paths = {p for p, _ in bad}
     keep = np.array([str(p) not in bad_paths for p, _ in items], dtype=bool)
-    paths = [str(p) for (p, _), k in zip(items, keep) if k]
-    leaf_ids = np.array([taxonomy.leaf_index(leaf) for (_, leaf), k in zip(items, keep) if k], dtype=np.int64)
+    paths = [str(p) for (p, _), k in zip(items, keep, strict=True) if k]
+    leaf_ids = np.array([taxonomy.leaf_index(leaf) for (_, leaf), k in zip(items, keep, strict=True) if k],
+                        dtype=np.int64)
     frames = frames[keep]
     if bad:
         notes.append(f"{len(bad)} unreadable file(s) skipped, e.g. {bad[0][0]}: {bad[0][1]}")
@@ -103,7 +104,7 @@ def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: flo
     def flush():
         frames = np.stack([f for _, f in batch])
         results = taxonomy.decode(predictor.predict(frames), threshold)
-        for (p, _), r in zip(batch, results):
+        for (p, _), r in zip(batch, results, strict=True):
             yield {"path": str(p), **r}
         batch.clear()
 
@@ -167,3 +168,87 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
                "leaf_accuracy": {k: v["leaf"]["accuracy"] for k, v in results.items()}}
     write_json(summary, out / "quickstart_summary.json")
     return {"table": table, "seconds": seconds, "report": str(run / "report" / "index.html"), "summary": summary}
+
+
+# ---------------------------------------------------------------- compare
+def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None, max_drop: float | None = None,
+                json_out: str | Path | None = None, progress: bool = True) -> dict:
+    """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX files in the run): same frames, same metrics.
+
+    Deltas are against the float model; `max_drop` (percentage points of leaf accuracy) makes the
+    result fail when the int8 model falls further below float than that.
+    """
+    from semhinet_tf.data.dataset import eval_items
+    from semhinet_tf.data.decode import Preprocess
+    from semhinet_tf.data.pipeline import decode_frames
+    from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
+    from semhinet_tf.predict import Predictor
+
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "float.keras", run_dir / "qat.h5", *sorted(run_dir.glob("*.tflite")),
+                  *sorted(run_dir.glob("*.onnx"))]
+    models = [p for p in candidates if p.exists() and not p.name.endswith(".backbone.tflite")]
+    if not (run_dir / "float.keras").exists():
+        raise FileNotFoundError(f"{run_dir}: no float.keras to compare against")
+    reference = Predictor(run_dir / "float.keras")
+    taxonomy, pre, _ = model_context(reference)
+    items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
+    frames, bad = decode_frames([p for p, _ in items], Preprocess.from_dict(pre), progress=progress)
+    bad_set = {p for p, _ in bad}
+    keep = np.array([str(p) not in bad_set for p, _ in items], dtype=bool)
+    frames = frames[keep]
+    paths = [str(p) for (p, _), k in zip(items, keep, strict=True) if k]
+    truth = np.array([taxonomy.leaf_index(leaf) for (_, leaf), k in zip(items, keep, strict=True) if k])
+    results, probs = {}, {}
+    for path in models:
+        predictor = reference if path == run_dir / "float.keras" else Predictor(path)
+        if predictor.input_size != reference.input_size:
+            notes.append(f"{path.name}: input {predictor.input_size}px differs from the float model; skipped")
+            continue
+        probs[path.name] = predictor.predict(frames)
+        results[path.name] = evaluate(truth, probs[path.name], taxonomy, model_name=path.name,
+                                      fmt=predictor.format)
+    ref_name = "float.keras"
+    ref_leaf = taxonomy.leaf_probabilities(probs[ref_name])
+    rows = []
+    for name, res in results.items():
+        leaf_p = taxonomy.leaf_probabilities(probs[name])
+        agree = float(np.mean(leaf_p.argmax(1) == ref_leaf.argmax(1)))
+        deviation = max(float(np.abs(probs[name][h] - probs[ref_name][h]).max()) for h in taxonomy.head_names)
+        flips = [{"path": paths[i], "truth": taxonomy.leaves[truth[i]],
+                  "reference": taxonomy.leaves[int(ref_leaf[i].argmax())],
+                  "reference_p": round(float(ref_leaf[i].max()), 4),
+                  "this": taxonomy.leaves[int(leaf_p[i].argmax())], "this_p": round(float(leaf_p[i].max()), 4)}
+                 for i in np.flatnonzero(leaf_p.argmax(1) != ref_leaf.argmax(1))]
+        heads = {h: {"accuracy": res["heads"][h]["accuracy"],
+                     "delta": _delta(res["heads"][h]["accuracy"], results[ref_name]["heads"][h]["accuracy"])}
+                 for h in taxonomy.head_names}
+        rows.append({"model": name, "format": res["format"], "leaf_accuracy": res["leaf"]["accuracy"],
+                     "leaf_delta_points": _delta(res["leaf"]["accuracy"], results[ref_name]["leaf"]["accuracy"], 100),
+                     "leaf_agreement": agree, "max_probability_deviation": deviation, "heads": heads,
+                     "flips": flips})
+    gate = None
+    if max_drop is not None:
+        int8 = [r for r in rows if r["format"] == "tflite"]
+        worst = min((r["leaf_delta_points"] for r in int8), default=0.0)
+        gate = {"max_drop": max_drop, "worst_int8_delta_points": worst, "passed": worst >= -max_drop}
+    out = {"run": str(run_dir), "split": split_used, "n": int(len(truth)), "models": rows, "gate": gate,
+           "results": results}
+    if json_out:
+        write_json(out, json_out)
+    return {"compare": out, "table": format_summary_table(results) + "\n\n" + _compare_table(rows), "notes": notes}
+
+
+def _delta(value, reference, scale: float = 1.0):
+    if value is None or reference is None:
+        return None
+    return round((value - reference) * scale, 4)
+
+
+def _compare_table(rows: list[dict]) -> str:
+    lines = ["| model | leaf acc | Δ vs float (points) | leaf agreement | max prob deviation | flips |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['leaf_accuracy']:.4f} | {r['leaf_delta_points']:+.2f} | "
+                     f"{r['leaf_agreement']:.4f} | {r['max_probability_deviation']:.4f} | {len(r['flips'])} |")
+    return "\n".join(lines)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -34,7 +34,8 @@ def _interpreter_module():
 
         return tf.lite, "tensorflow"
     except ImportError as exc:
-        raise RuntimeError("no TFLite interpreter: pip install tflite-runtime (board) or ai-edge-litert (host)") from exc
+        raise RuntimeError("no TFLite interpreter: pip install tflite-runtime (board) "
+                           "or ai-edge-litert (host)") from exc
 
 
 def load_delegate(module, path: str | None, warn=print):
@@ -44,8 +45,8 @@ def load_delegate(module, path: str | None, warn=print):
     try:
         return module.load_delegate(path)
     except (ValueError, OSError, RuntimeError, AttributeError) as exc:
-        warn(f"warning: cannot load delegate {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-             "running on the CPU")
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warn(f"warning: cannot load delegate {path} ({reason}); running on the CPU")
         return None
 
 

@@ -96,7 +96,7 @@ def load_split_frames(run_dir: str | Path, which: str = "train", progress: bool 
         bad_set = {b for b, _ in bad}
         keep = [str(Path(split["root"]) / p) not in bad_set for p in paths]
         frames = frames[np.array(keep)]
-        paths = [p for p, k in zip(paths, keep) if k]
+        paths = [p for p, k in zip(paths, keep, strict=True) if k]
     if not len(paths):
         raise DatasetError(f"{run_dir}: no readable images in the {which} split (was the data folder moved?)")
     return frames, np.array([taxonomy.leaf_index(leaf_of[p]) for p in paths], dtype=np.int64)

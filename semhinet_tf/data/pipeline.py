@@ -9,9 +9,9 @@ so a run is reproducible and a resumed run continues the same stream.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -27,16 +27,21 @@ class Augment:
 
     flip: bool = True
     rot90: bool = True
-    shift: float = 0.06  # max shift, fraction of the frame
-    zoom: float = 0.10  # max zoom in/out, fraction
-    brightness: float = 0.12  # max additive change, fraction of full scale
-    contrast: float = 0.25  # max multiplicative change around the mean
-    gamma: float = 0.25  # log-uniform gamma in [1/(1+g), 1+g]
-    noise: float = 0.04  # max Gaussian noise sigma, fraction of full scale
-    blur: float = 0.3  # probability of a 3x3 blur
+    shift: float = 0.0  # max shift, fraction of the frame (resamples: off by default, see below)
+    zoom: float = 0.0  # max zoom in/out, fraction (resamples: off by default)
+    brightness: float = 0.10  # max additive change, fraction of full scale
+    contrast: float = 0.20  # max multiplicative change around the mean
+    gamma: float = 0.20  # log-uniform gamma in [1/(1+g), 1+g]
+    noise: float = 0.02  # max Gaussian noise sigma, fraction of full scale
+    blur: float = 0.0  # probability of a 3x3 blur
+
+    # Defaults keep what a one-pixel micro-bridge needs: the 8 flips/rotations and photometric changes are
+    # exact, while shift/zoom resampling and blur wash out defects of a pixel or two at 128 px and, measured
+    # here, stalled from-scratch training (train accuracy at chance after 5 epochs). Switch them on for
+    # large-defect data or long runs.
 
     @classmethod
-    def off(cls) -> "Augment":
+    def off(cls) -> Augment:
         return cls(False, False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
     def to_dict(self) -> dict:

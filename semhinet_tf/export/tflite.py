@@ -6,7 +6,7 @@ never by position: TFLite does not keep the output order of a multi-output Keras
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -16,7 +16,7 @@ from semhinet_tf.model import keras
 IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
 
 
-def serving_function(model: keras.Model, img_size: int, output_names: Iterable[str]) -> tf.types.experimental.ConcreteFunction:
+def serving_function(model: keras.Model, img_size: int, output_names: Iterable[str]):
     """A concrete function image(1,S,S,1) -> {h1..h5}, whatever names tfmot gave the Keras outputs."""
     names = list(output_names)
 
@@ -28,7 +28,7 @@ def serving_function(model: keras.Model, img_size: int, output_names: Iterable[s
             return {n: tf.identity(by_head[n], name=n) for n in names}
         if not isinstance(out, (list, tuple)):
             out = [out]
-        return {n: tf.identity(v, name=n) for n, v in zip(names, out)}
+        return {n: tf.identity(v, name=n) for n, v in zip(names, out, strict=True)}
 
     return serve.get_concrete_function()
 

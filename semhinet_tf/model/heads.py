@@ -25,7 +25,7 @@ class ModelConfig:
                 "dropout": self.dropout, "flat": self.flat}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         return cls(img_size=int(d["img_size"]), backbone=BackboneConfig(**d.get("backbone", {})),
                    head_units=int(d.get("head_units", 128)), dropout=float(d.get("dropout", 0.2)),
                    flat=bool(d.get("flat", False)))

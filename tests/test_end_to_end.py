@@ -1,0 +1,186 @@
+"""The whole path at tiny scale: synth -> train (float + QAT) -> convert -> eval -> predict -> board.
+
+One module-scoped run (32 px frames, a few images a class, one epoch each) feeds every check, so the
+suite pays for one training and one conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from semhinet_tf.cli import main
+from semhinet_tf.taxonomy import Taxonomy
+
+pytestmark = pytest.mark.slow
+SIZE = 32
+EVAL_KEYS = {"model", "format", "n", "leaf", "heads", "summary"}
+HEAD_KEYS = {"labels", "n", "accuracy", "recall", "precision", "confusion"}
+
+# A meta-path finder that makes TensorFlow unimportable, as on the board.
+NO_TF = (
+    "import sys\n"
+    "class _Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'tensorflow_model_optimization'):\n"
+    "            raise ImportError('blocked on the board: ' + name)\n"
+    "sys.meta_path.insert(0, _Block())\n"
+)
+
+
+def run_cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    data, run = root / "data", root / "run"
+    run_cli("synth", str(data), "--per-class", "6", "--size", "48", "--seed", "3", "--workers", "1")
+    run_cli("train", str(data), "--out", str(run), "--img-size", str(SIZE), "--epochs", "1", "--qat-epochs", "1",
+            "--batch-size", "8", "--weights", "none", "--seed", "1", "--val-split", "0.34")
+    run_cli("convert", str(run), "--calib-samples", "16")
+    _export_for_board_ci(run / "model_int8.tflite", data)
+    return {"root": root, "data": data, "run": run, "tflite": run / "model_int8.tflite"}
+
+
+def _export_for_board_ci(tflite: Path, data: Path) -> None:
+    """CI proves the board world on this model in a numpy<2 + tflite-runtime venv (.ci/run)."""
+    target = os.environ.get("SEMHINET_CI_ARTIFACTS")
+    if not target:
+        return
+    import shutil
+
+    out = Path(target)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    shutil.copy(tflite, out / "model_int8.tflite")
+    for leaf_dir in sorted(p for p in data.iterdir() if p.is_dir()):
+        shutil.copytree(leaf_dir, out / "images" / leaf_dir.name)
+
+
+def test_synth_writes_every_class(workspace):
+    for leaf in Taxonomy.default().leaves:
+        assert len(list((workspace["data"] / leaf).glob("*.png"))) == 6
+
+
+def test_run_directory_holds_everything_to_deploy(workspace):
+    run = workspace["run"]
+    for name in ("config.json", "taxonomy.json", "split.json", "manifest.csv", "skipped.csv", "history.csv",
+                 "float.keras", "qat.h5", "model_int8.tflite", "model_int8.json"):
+        assert (run / name).exists(), name
+    split = json.loads((run / "split.json").read_text())
+    assert split["seed"] == 1 and split["val"] and split["train"]
+    assert not set(split["val"]) & set(split["train"])
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("phase,") and any(r.startswith("qat,") for r in history[1:])
+
+
+@pytest.mark.parametrize("model", ["run", "float.keras", "model_int8.tflite"])
+def test_eval_json_has_the_same_keys_for_every_format(workspace, model, tmp_path):
+    target = workspace["run"] if model == "run" else workspace["run"] / model
+    out = tmp_path / "eval.json"
+    run_cli("eval", str(target), "--data", str(workspace["data"]), "--json", str(out))
+    result = json.loads(out.read_text())
+    assert EVAL_KEYS <= set(result)
+    assert result["format"] == ("tflite" if model.endswith(".tflite") else "keras")
+    assert result["split"] == "val"
+    assert result["n"] == len(json.loads((workspace["run"] / "split.json").read_text())["val"])
+    assert set(result["heads"]) == {"h1", "h2", "h3", "h4", "h5"}
+    for head in result["heads"].values():
+        assert HEAD_KEYS <= set(head)
+    assert set(result["summary"]["specialist_precision"]) == {"bridge", "open", "cmp", "crack", "ler", "inc_etch"}
+    assert len(result["leaf"]["confusion"]) == 8
+
+
+def test_every_tflite_operator_is_integer_and_the_signature_is_named(workspace):
+    from semhinet_tf.export.npu import check_npu
+    from semhinet_tf.export.tflite_meta import read_contract, read_model
+
+    report = check_npu(workspace["tflite"])
+    assert report.ok, report.format()
+    model = read_model(workspace["tflite"])
+    sig = model.signature_list()["serving_default"]
+    assert sig["inputs"] == ["image"] and sorted(sig["outputs"]) == ["h1", "h2", "h3", "h4", "h5"]
+    assert model.input_tensors[0].dtype == "UINT8"
+    contract = read_contract(workspace["tflite"])
+    assert contract["input"]["shape"] == [1, SIZE, SIZE, 1]
+    assert contract["taxonomy"]["heads"][0]["classes"] == ["bogus", "normal", "defect"]
+
+
+def test_each_tflite_output_is_the_right_head(workspace):
+    """Outputs are mapped by name: each .tflite head matches the QAT Keras head within quantization error."""
+    from semhinet_tf.board.runtime import BoardModel
+    from semhinet_tf.data.dataset import load_split_frames
+    from semhinet_tf.model.io import load_model
+    from semhinet_tf.predict import predict_keras
+
+    frames, _ = load_split_frames(workspace["run"], "val", progress=False)
+    keras_probs = predict_keras(load_model(workspace["run"] / "qat.h5"), frames)
+    tflite_probs = BoardModel(workspace["tflite"]).predict_frames(frames)
+    for head in ("h1", "h2", "h3", "h4", "h5"):
+        assert tflite_probs[head].shape == keras_probs[head].shape
+        diff = np.abs(tflite_probs[head] - keras_probs[head])
+        assert diff.mean() < 0.03, (head, diff.mean())
+        # a swapped head (h3 <-> h4 have the same width) would differ far more than int8 rounding
+        for other in ("h1", "h2", "h3", "h4", "h5"):
+            if other != head and keras_probs[other].shape == keras_probs[head].shape:
+                swapped = np.abs(tflite_probs[head] - keras_probs[other]).mean()
+                assert diff.mean() <= swapped + 1e-6
+
+
+def test_predict_prints_one_json_line_per_image(workspace):
+    out = run_cli("predict", str(workspace["tflite"]), str(workspace["data"] / "bridge"))
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        assert row["verdict"] in ("bogus", "normal", "defect")
+        assert row["class"] in Taxonomy.default().leaves
+        assert set(row["heads"]) == {"h1", "h2", "h3", "h4", "h5"}
+        assert isinstance(row["review"], bool) and 0.0 <= row["probability"] <= 1.0
+
+
+def test_python_api_load_model_and_decode(workspace):
+    import semhinet_tf
+
+    model = semhinet_tf.load_model(workspace["run"])
+    batch = np.full((2, SIZE, SIZE, 1), 128, np.uint8)
+    outputs = model.predict(batch, verbose=0)
+    assert set(outputs) == {"h1", "h2", "h3", "h4", "h5"}
+    verdicts = semhinet_tf.decode_predictions(outputs)
+    assert len(verdicts) == 2 and verdicts[0]["verdict"] in ("bogus", "normal", "defect")
+
+
+def test_board_module_runs_without_tensorflow(workspace):
+    code = NO_TF + ("import runpy, sys\n"
+                    f"sys.argv = ['board', {str(workspace['tflite'])!r}, {str(workspace['data'] / 'open')!r}]\n"
+                    "runpy.run_module('semhinet_tf.board', run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 6 and all("class" in r for r in rows)
+    assert "blocked on the board" not in proc.stderr
+
+
+def test_importing_the_package_does_not_import_tensorflow():
+    code = "import semhinet_tf, semhinet_tf.board, sys; print('tensorflow' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_train_refuses_to_clobber_a_run_directory(workspace):
+    result = CliRunner().invoke(main, ["train", str(workspace["data"]), "--out", str(workspace["run"]),
+                                       "--epochs", "1"])
+    assert result.exit_code != 0
+    assert "exists and is not empty" in result.output
+    assert (workspace["run"] / "model_int8.tflite").exists()
