@@ -64,6 +64,26 @@ def _loss_weights(text: str | None) -> dict[str, float]:
     return out
 
 
+def _augment(base, spec: str | None):
+    """Apply 'name=value,...' overrides to an Augment (booleans as 0/1)."""
+    import dataclasses
+
+    if not spec:
+        return base
+    fields = {f.name: f.type for f in dataclasses.fields(base)}
+    changes = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise click.BadParameter(f"unknown augmentation {name!r} (known: {', '.join(fields)})")
+        try:
+            changes[name] = bool(int(value)) if isinstance(getattr(base, name), bool) else float(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"{name}: not a number: {value!r}") from exc
+    return dataclasses.replace(base, **changes)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="semhinet")
 def main() -> None:
@@ -108,6 +128,9 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--label-smoothing", default=0.05, show_default=True)
 @click.option("--sampler", type=click.Choice(["balanced", "natural"]), default="balanced", show_default=True)
 @click.option("--no-augment", is_flag=True, help="switch all augmentations off")
+@click.option("--augment", "augment_spec", default=None,
+              help="override augmentations, e.g. flip=1,rot90=1,shift=0.05,zoom=0.1,brightness=0.1,"
+                   "contrast=0.2,gamma=0.2,noise=0.02,blur=0.2")
 @click.option("--alpha", default=1.0, show_default=True, help="width multiplier")
 @click.option("--minimalistic", is_flag=True, help="MobileNetV3 minimalistic (no SE, ReLU, 3x3)")
 @click.option("--bn-momentum", default=None, type=float, help="default: from the training length")
@@ -124,7 +147,7 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--resume", is_flag=True, help="continue an interrupted run in --out")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @friendly
-def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, loss_weights, **opts):
+def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, augment_spec, loss_weights, **opts):
     """Train the five-head model on DATA (class folders), then fine-tune it with QAT."""
     from semhinet_tf.data.pipeline import Augment
     from semhinet_tf.taxonomy import load_taxonomy
@@ -133,7 +156,7 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, l
 
     taxonomy = load_taxonomy(taxonomy_file)
     cfg = TrainConfig(**opts, loss_weights=_loss_weights(loss_weights),
-                      augment=(Augment.off() if no_augment else Augment()).to_dict())
+                      augment=_augment(Augment.off() if no_augment else Augment(), augment_spec).to_dict())
     taxonomy.loss_weights(cfg.loss_weights)  # validates head names early
     result = run_train(data, run_dir, cfg, taxonomy, overwrite=overwrite, resume=resume, strict=strict)
     click.echo(json.dumps(result, indent=2))

@@ -233,8 +233,8 @@ def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int
 
 
 def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_dir: Path, epochs: int,
-               peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy):
-    """One training phase with its own schedule; returns the number of epochs run."""
+               peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy) -> float:
+    """One training phase with its own schedule; returns the training step's images/s."""
     import tensorflow as tf
 
     from semhinet_tf.data.pipeline import make_dataset
@@ -247,7 +247,7 @@ def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_di
     if resume and state:
         if state.get("stopped") or state.get("epoch", 0) >= epochs:
             print(f"  [{phase}] already finished ({state.get('epoch')} epochs); skipping", flush=True)
-            return state.get("epoch", 0)
+            return 0.0
         ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         latest = tf.train.latest_checkpoint(str(run_dir / "checkpoint" / phase))
         if latest:
@@ -258,9 +258,50 @@ def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_di
     ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, steps * epochs, seed, cfg.sampler,
                       Augment(**cfg.augment), start_step=initial_epoch * steps, flat=cfg.flat)
     callbacks = _callbacks(run_dir, phase, taxonomy, val, cfg, model_path, initial_epoch)
-    model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=callbacks,
+    timer = _StepTimer()
+    model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=[timer, *callbacks],
               verbose=1 if os.environ.get("SEMHINET_QUIET") != "1" else 2)
-    return epochs
+    return timer.images_per_second(cfg.batch_size)
+
+
+def _step_timer_base():
+    from semhinet_tf.model import keras
+
+    return keras.callbacks.Callback
+
+
+class _StepTimer(_step_timer_base()):
+    """Training-step throughput, first epoch excluded (graph tracing), validation excluded."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches, self.seconds, self._t = 0, 0.0, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._t is not None and batch > 0:  # the first batch of an epoch pays for tracing / iterator start
+            self.batches += 1
+            self.seconds += time.perf_counter() - self._t
+
+    def images_per_second(self, batch_size: int) -> float:
+        return round(self.batches * batch_size / self.seconds, 1) if self.seconds else 0.0
+
+
+def pipeline_throughput(train, taxonomy, cfg: TrainConfig, batches: int = 20) -> float:
+    """Images/s the input pipeline alone delivers (gather + augment + batch), to compare with the step."""
+    from semhinet_tf.data.pipeline import make_dataset
+
+    ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, batches + 2, cfg.seed, cfg.sampler,
+                      Augment(**cfg.augment), flat=cfg.flat)
+    it = iter(ds)
+    next(it)
+    next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return round(batches * cfg.batch_size / (time.perf_counter() - t), 1)
 
 
 def build_for_config(taxonomy, cfg: TrainConfig, total_steps: int):
@@ -329,9 +370,11 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     _atomic_json(config, run_dir / CONFIG_FILE)
     _atomic_json(taxonomy.to_spec(), run_dir / TAXONOMY_FILE)
 
+    pipe_ips = pipeline_throughput(train_set, taxonomy, cfg)
+    print(f"input pipeline: {pipe_ips:.0f} images/s (decoded frames cached in memory)", flush=True)
     t_float = time.time()
-    _fit_phase("float", model, taxonomy, train_set, val_set, cfg, run_dir, cfg.epochs, cfg.lr, cfg.warmup_epochs,
-               run_dir / FLOAT_MODEL, resume, strategy)
+    step_ips = _fit_phase("float", model, taxonomy, train_set, val_set, cfg, run_dir, cfg.epochs, cfg.lr,
+                          cfg.warmup_epochs, run_dir / FLOAT_MODEL, resume, strategy)
     t_float = time.time() - t_float
     from semhinet_tf.model.io import load_model
 
@@ -349,7 +392,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
         result["qat_seconds"] = round(time.time() - t_qat, 1)
         result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy, cfg.flat)
     result["seconds"] = round(time.time() - t0, 1)
-    result["train_images_per_second"] = round(cfg.batch_size * steps * cfg.epochs / max(t_float, 1e-6), 1)
+    result["pipeline_images_per_second"] = pipe_ips
+    result["train_step_images_per_second"] = step_ips
+    print(f"throughput: input pipeline {pipe_ips:.0f} images/s vs training step {step_ips:.0f} images/s",
+          flush=True)
     _atomic_json(result, run_dir / "train_result.json")
     return result
 

@@ -314,13 +314,18 @@ def _inspect_all(root: Path, paths: Sequence[str], pre: Preprocess, check: bool,
 
 def _run_pool(jobs: list, workers: int, bar) -> list[_Result]:
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    # fork is fast and needs no __main__ guard, but is unsafe once TensorFlow's threads exist
-    method = "fork" if "fork" in mp.get_all_start_methods() and "tensorflow" not in sys.modules else "spawn"
+    # fork is fast and needs no __main__ guard, but is unsafe once TensorFlow's threads exist; spawn would
+    # re-run an unguarded user script in every child, so with TensorFlow loaded we use threads (Pillow and
+    # hashlib release the GIL while decoding and hashing).
     chunk = max(1, min(64, len(jobs) // (workers * 8)))
     out = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as ex:
+    if "fork" in mp.get_all_start_methods() and "tensorflow" not in sys.modules:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"))
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers)
+    with pool as ex:
         for res in ex.map(_inspect, jobs, chunksize=chunk):
             out.append(res)
             bar.update(1)

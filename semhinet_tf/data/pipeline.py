@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -67,7 +67,9 @@ def decode_frames(paths: Sequence[str], pre: Preprocess, workers: int | None = N
     jobs = [(str(p), pre.to_dict()) for p in paths]
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, leave=False)
     if workers > 1 and len(jobs) > 64:
-        with ProcessPoolExecutor(workers) as pool:
+        # threads, not processes: TensorFlow is usually loaded (fork is unsafe then, and spawn would re-run an
+        # unguarded user script); Pillow releases the GIL while decoding and resizing.
+        with ThreadPoolExecutor(workers) as pool:
             results = pool.map(_decode_one, jobs, chunksize=32)
             for i, (frame, err) in enumerate(results):
                 _store(frames, bad, i, jobs[i][0], frame, err)

@@ -171,7 +171,8 @@ def transfer_from_keras_app(model: keras.Model, source: keras.Model) -> int:
 
 def load_imagenet_weights(model: keras.Model, img_size: int, cfg: BackboneConfig, weights: str) -> int:
     """`weights` is "imagenet" (downloaded by Keras) or a local .h5 of keras.applications' MobileNetV3Small."""
-    size = img_size if img_size in (96, 128, 160, 192, 224) else 224
+    # Keras only ships ImageNet weights for these sizes; convolution weights do not depend on the size.
+    size = img_size if weights != "imagenet" or img_size in (96, 128, 160, 192, 224) else 224
     if weights == "imagenet":
         try:
             source = _keras_app(size, cfg, "imagenet")

@@ -1,0 +1,113 @@
+"""The backbone as data, ImageNet transfer without internet, masked losses, QAT wrapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semhinet_tf.model import keras
+from semhinet_tf.model.heads import ModelConfig, build_model, is_head_layer
+from semhinet_tf.model.mobilenet_v3 import (
+    SMALL_BLOCKS,
+    BackboneConfig,
+    auto_bn_momentum,
+    build_backbone,
+    load_backbone_weights,
+    load_imagenet_weights,
+    make_divisible,
+    save_backbone_weights,
+)
+from semhinet_tf.taxonomy import Taxonomy
+
+
+def test_block_table_is_mobilenet_v3_small():
+    assert len(SMALL_BLOCKS) == 11
+    assert [b.filters for b in SMALL_BLOCKS] == [16, 24, 24, 40, 40, 40, 48, 48, 96, 96, 96]
+    assert sum(b.stride == 2 for b in SMALL_BLOCKS) == 4
+    assert make_divisible(72 / 16 * 16) == 72 and make_divisible(88) == 88
+
+
+@pytest.mark.parametrize("alpha,minimalistic", [(1.0, False), (0.75, True)])
+def test_backbone_output_shape_follows_alpha(alpha, minimalistic):
+    model = build_backbone(64, BackboneConfig(alpha=alpha, minimalistic=minimalistic))
+    channels = make_divisible(make_divisible(96 * alpha) * 6)
+    assert model.output_shape == (None, 2, 2, channels)
+    names = {layer.name for layer in model.layers}
+    assert ("expanded_conv_3/squeeze_excite/Mul" in names) is (not minimalistic)
+
+
+def test_imagenet_transfer_matches_keras_applications(tmp_path):
+    """Random keras.applications weights -> file -> our grey backbone: same features on grey input."""
+    size = 64
+    keras.utils.set_random_seed(3)
+    reference = keras.applications.MobileNetV3Small(input_shape=(size, size, 3), include_top=False, weights=None,
+                                                     include_preprocessing=False)
+    # give BatchNorm non-trivial statistics so the test checks them too
+    for layer in reference.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, m, v = layer.get_weights()
+            rng = np.random.default_rng(len(layer.name))
+            layer.set_weights([g, b, rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 1.5, v.shape)])
+    path = tmp_path / "mnv3s.h5"
+    reference.save_weights(path)
+    cfg = BackboneConfig()
+    ours = build_backbone(size, cfg)
+    copied = load_imagenet_weights(ours, size, cfg, str(path))
+    assert copied == sum(1 for layer in reference.layers if layer.get_weights())
+    grey = np.random.default_rng(0).integers(0, 256, (2, size, size, 1)).astype(np.float32)
+    expected = reference.predict(np.repeat(grey / 127.5 - 1.0, 3, axis=-1), verbose=0)
+    got = ours.predict(grey, verbose=0)
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_backbone_weights_round_trip_and_skip_heads(tmp_path):
+    tax = Taxonomy.default()
+    a = build_model(tax, ModelConfig(img_size=32))
+    b = build_model(tax, ModelConfig(img_size=48))
+    path = tmp_path / "backbone.npz"
+    save_backbone_weights(a, path, keep=lambda name: not is_head_layer(name))
+    assert load_backbone_weights(b, path) > 30
+    assert np.array_equal(a.get_layer("Conv").get_weights()[0], b.get_layer("Conv").get_weights()[0])
+    assert not np.array_equal(a.get_layer("h1").get_weights()[0], b.get_layer("h1").get_weights()[0])
+
+
+def test_heads_follow_the_taxonomy():
+    spec = {"heads": [{"name": "gate", "classes": ["junk", "good", "bad"]},
+                      {"name": "kind", "parent": "gate.bad", "classes": ["scratch", "particle"]}]}
+    model = build_model(Taxonomy.from_spec(spec), ModelConfig(img_size=32, head_units=0))
+    out = model.predict(np.zeros((1, 32, 32, 1), np.float32), verbose=0)
+    assert {k: v.shape for k, v in out.items()} == {"gate": (1, 3), "kind": (1, 2)}
+
+
+def test_bn_momentum_tracks_training_length():
+    assert auto_bn_momentum(100) == pytest.approx(0.9)
+    assert 0.98 < auto_bn_momentum(1000) < 0.995
+    assert auto_bn_momentum(10**7) == pytest.approx(0.999)
+
+
+def test_masked_loss_ignores_images_a_head_does_not_apply_to():
+    from semhinet_tf.losses import MaskedAccuracy, masked_sparse_crossentropy
+
+    loss = masked_sparse_crossentropy()
+    pred = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], np.float32)
+    only_first = float(np.mean(loss(np.array([0, -1, -1]), pred)))
+    assert only_first == pytest.approx(-np.log(0.9), rel=1e-5)  # mean over the one applicable image
+    wrong_masked = float(np.mean(loss(np.array([0, 0, -1]), pred)))
+    assert wrong_masked == pytest.approx((-np.log(0.9) - np.log(0.2)) / 2, rel=1e-5)
+    acc = MaskedAccuracy()
+    acc.update_state(np.array([0, 0, -1]), pred)
+    assert float(acc.result()) == pytest.approx(0.5)
+
+
+def test_qat_model_keeps_head_outputs_and_weights():
+    from semhinet_tf.model.quant import quantize_model
+
+    tax = Taxonomy.default()
+    model = build_model(tax, ModelConfig(img_size=32))
+    x = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 1)).astype(np.float32)
+    for granularity in ("per-channel", "per-tensor"):
+        qat = quantize_model(model, granularity)
+        out = qat.predict(x, verbose=0)
+        assert set(out) == set(tax.head_names)
+    with pytest.raises(ValueError, match="granularity"):
+        quantize_model(model, "per-pixel")
