@@ -1,0 +1,68 @@
+"""The hierarchy as data: labels, masks, leaf probabilities, folder matching, custom files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from semhinet_tf.taxonomy import IGNORE, Taxonomy, TaxonomyError
+
+
+def test_default_hierarchy():
+    tax = Taxonomy.default()
+    assert tax.leaves == ("bogus", "normal", "bridge", "open", "cmp", "crack", "ler", "inc_etch")
+    assert tax.head_names == ("h1", "h2", "h3", "h4", "h5")
+    assert tax.leaf_targets("crack") == {"h1": 2, "h2": 1, "h3": IGNORE, "h4": 1, "h5": IGNORE}
+    assert tax.leaf_targets("normal") == {"h1": 1, "h2": IGNORE, "h3": IGNORE, "h4": IGNORE, "h5": IGNORE}
+    assert tax.loss_weights() == {"h1": 1.0, "h2": 1.0, "h3": 2.0, "h4": 2.0, "h5": 2.0}
+
+
+def test_leaf_probability_is_the_product_along_the_path():
+    tax = Taxonomy.default()
+    probs = {"h1": np.array([[0.1, 0.2, 0.7]]), "h2": np.array([[0.5, 0.3, 0.2]]),
+             "h3": np.array([[0.9, 0.1]]), "h4": np.array([[0.4, 0.6]]), "h5": np.array([[0.5, 0.5]])}
+    leaf = tax.leaf_probabilities(probs)[0]
+    assert leaf.sum() == pytest.approx(1.0)
+    assert leaf[tax.leaf_index("bridge")] == pytest.approx(0.7 * 0.5 * 0.9)
+    assert leaf[tax.leaf_index("bogus")] == pytest.approx(0.1)
+    verdict = tax.decode(probs, review_threshold=0.5)[0]
+    assert (verdict["verdict"], verdict["family"], verdict["class"]) == ("defect", "line", "bridge")
+    assert verdict["review"] is True  # 0.315 < 0.5
+
+
+@pytest.mark.parametrize("folder,leaf", [("Inc-Etch", "inc_etch"), ("IncEtch", "inc_etch"), ("LER", "ler"),
+                                         ("BRIDGE", "bridge"), ("good", "normal"), ("misc", None)])
+def test_folder_names_match_case_and_separator_insensitively(folder, leaf):
+    assert Taxonomy.default().match_folder(folder) == leaf
+
+
+def test_custom_taxonomy_from_yaml(tmp_path):
+    path = tmp_path / "fab.yaml"
+    path.write_text("heads:\n  - {name: gate, classes: [junk, good, bad]}\n"
+                    "  - {name: kind, parent: gate.bad, classes: [scratch, particle]}\n"
+                    "aliases: {particle: [pcl]}\n")
+    tax = Taxonomy.from_file(path)
+    assert tax.leaves == ("junk", "good", "scratch", "particle")
+    assert tax.match_folder("PCL") == "particle"
+    assert Taxonomy.from_spec(json.loads(json.dumps(tax.to_spec()))).leaves == tax.leaves
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"heads": []}, "no heads"),
+    ({"heads": [{"name": "a", "classes": ["x", "y"]}, {"name": "b", "classes": ["p", "q"]}]}, "one root"),
+    ({"heads": [{"name": "a", "classes": ["x", "y"]}, {"name": "b", "parent": "a.z", "classes": ["p", "q"]}]},
+     "does not exist"),
+    ({"heads": [{"name": "a", "classes": ["x"]}]}, "at least two"),
+])
+def test_invalid_taxonomies_are_refused_with_a_reason(spec, message):
+    with pytest.raises(TaxonomyError, match=message):
+        Taxonomy.from_spec(spec)
+
+
+def test_bad_taxonomy_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(TaxonomyError, match="broken.json"):
+        Taxonomy.from_file(path)
