@@ -205,6 +205,43 @@ def npu_check(model, allow_float_tail, json_out):
     sys.exit(0 if report.ok else EXIT_FAIL)
 
 
+# ---------------------------------------------------------------- export-onnx
+@main.command("export-onnx")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="F.onnx")
+@click.option("--opset", default=17, show_default=True)
+@click.option("--overwrite", is_flag=True)
+@friendly
+def export_onnx_cmd(model, out, opset, overwrite):
+    """Export MODEL (int8 .tflite as QDQ, or a run / .keras float or QAT model) to ONNX, outputs h1..h5."""
+    from semhinet_tf.export.onnx import export_onnx
+
+    info = export_onnx(model, out, opset=opset, overwrite=overwrite)
+    click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) from {info['source']}: "
+               f"input {info['input']['name']} {info['input']['dtype']}, outputs {', '.join(info['outputs'])}")
+
+
+# ---------------------------------------------------------------- bench
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--threads", default="1,2", show_default=True, help="thread counts to time, e.g. 1,2,4")
+@click.option("--runs", default=200, show_default=True)
+@click.option("--no-backbone", is_flag=True, help="skip the bare-backbone reference")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@friendly
+def bench(model, threads, runs, no_backbone, json_out):
+    """Latency (warm-up, p50/p90/p99), throughput, size and MACs of MODEL.tflite vs its bare backbone."""
+    from semhinet_tf.evaluate import write_json
+    from semhinet_tf.export.bench import bench as run_bench
+    from semhinet_tf.export.bench import format_bench
+
+    counts = tuple(int(t) for t in threads.split(","))
+    result = run_bench(model, threads=counts, runs=runs, backbone=not no_backbone)
+    click.echo(format_bench(result))
+    if json_out:
+        write_json(result, json_out)
+
+
 # ---------------------------------------------------------------- eval
 @main.command("eval")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))

@@ -63,6 +63,7 @@ class Predictor:
 
             self._model = OnnxModel(path, threads=threads)
             self.input_size = self._model.input_size
+            self.contract = self._model.contract
 
     def predict(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         if self.format == "keras":

@@ -22,13 +22,27 @@ EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW = 0, 1, 2, 3
 CSV_FIELDS = ["path", "verdict", "family", "class", "probability", "review", "error", "infer_ms"]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m semhinet_tf.board", description=__doc__.splitlines()[0])
     p.add_argument("model", help="the int8 .tflite written by `semhinet convert`")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--delegate", help="external delegate library, e.g. /usr/lib/libvx_delegate.so (NPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the interpreter")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the interpreter")
+    p.add_argument("--threshold", type=_probability, default=None,
                    help="review threshold on the leaf probability (default: the one stored in the model)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--out", help="write results here instead of stdout")
@@ -55,17 +69,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     err = sys.stderr
     try:
+        out = open(args.out, "w", newline="") if args.out else sys.stdout
+    except OSError as exc:
+        print(f"error: {args.out}: cannot write ({exc.strerror})", file=err)
+        return EXIT_USAGE
+    try:
         model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
                            review_threshold=args.threshold, warn=lambda m: print(m, file=err))
+        warm = model.warm_up()
     except (ValueError, RuntimeError, KeyError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
-    warm = model.warm_up()
     print(f"model {model.path.name}: {model.input_size}x{model.input_size} {model.input_dtype}, "
           f"engine {model.engine}{', delegate ' + args.delegate if model.delegate else ''}; "
           f"warm-up {warm:.1f} ms", file=err)
     missing: list[Path] = []
-    out = open(args.out, "w", newline="") if args.out else sys.stdout
     writer = Writer(out, args.format)
     n = bad = review = 0
     latencies = []
@@ -89,6 +107,9 @@ def main(argv=None) -> int:
     p50 = f"{np.percentile(latencies, 50):.2f}" if latencies else "-"
     print(f"{n} images in {wall:.1f} s: {n - bad} classified, {review} for review, {bad + len(missing)} unreadable; "
           f"steady inference p50 {p50} ms", file=err)
+    if n == 0:
+        print("error: no images found in " + ", ".join(args.paths), file=err)
+        return EXIT_USAGE
     if bad or missing:
         return EXIT_BAD_IMAGES
     if args.fail_on_review and review:

@@ -103,18 +103,12 @@ class BoardModel:
     # ---------------------------------------------------------------- inference
     def _to_input(self, frame: np.ndarray) -> np.ndarray:
         x = frame.reshape(self.input_shape)
-        if self.input_dtype == np.uint8 and self._identity_quant(0):
-            return x.astype(np.uint8)
         if self.input_dtype in (np.uint8, np.int8):
             scale, zero = self.input_quant
             info = np.iinfo(self.input_dtype)
             q = np.round(x.astype(np.float32) / scale + zero)
             return np.clip(q, info.min, info.max).astype(self.input_dtype)
         return x.astype(self.input_dtype)
-
-    def _identity_quant(self, zero_point: int) -> bool:
-        scale, zero = self.input_quant
-        return zero == zero_point and abs(scale - 1.0) < 0.01
 
     def _dequantize(self, name: str, value: np.ndarray) -> np.ndarray:
         detail = self.output_details[name]

@@ -21,10 +21,10 @@ import numpy as np
 
 from semhinet_tf.board.runtime import BoardModel
 from semhinet_tf.export.npu import count_macs, op_macs
-from semhinet_tf.export.tflite_meta import TFLiteModel, read_contract, read_model
+from semhinet_tf.export.tflite_meta import TFLiteModel, embed_contract, read_contract, read_model
 
-__all__ = ["backbone_tflite", "infer_backbone_config", "backbone_cache_path", "time_model", "bench", "format_bench",
-           "to_json"]
+__all__ = ["backbone_tflite", "infer_backbone_config", "backbone_cache_path", "time_model", "time_models", "bench",
+           "format_bench", "to_json"]
 
 BENCH_TAG = "semhinet_bench_backbone"  # metadata name of the cache tag (never the deployment contract)
 STANDARD_ALPHAS = (1.0, 0.75, 0.5, 0.35, 1.25, 1.5, 2.0)
@@ -103,8 +103,6 @@ def _cached_backbone(model_path: Path, img_size: int, alpha: float, minimalistic
 
     Returns (path, "hit" | "built" | "built-uncached"); an unwritable folder keeps the file in a temp dir.
     """
-    from semhinet_tf.export.tflite_meta import embed_contract
-
     path = backbone_cache_path(model_path)
     want = _tag(img_size, alpha, minimalistic)
     if path.exists():
@@ -134,32 +132,55 @@ def _write_atomic(path: Path, content: bytes) -> None:
 
 
 # ---------------------------------------------------------------- timing
-def time_model(path: str | Path, threads: int, runs: int = 200, warmup: int = 5) -> dict:
-    """Load, first inference, `warmup` untimed runs, then `runs` timed runs of BoardModel.run on uint8 frames."""
-    t0 = time.perf_counter()
-    model = BoardModel(path, threads=threads, warn=lambda _msg: None)
-    load_ms = (time.perf_counter() - t0) * 1000
-    first_ms = model.warm_up()
-    frames = _random_frames(model.input_size, 8)
+def time_models(paths: Sequence[str | Path], threads: int, runs: int = 200, warmup: int = 5) -> list[dict]:
+    """Time several models at one thread count, their runs interleaved (A B A B ...) so that load from other
+    processes hits them alike and their ratio stays fair.
+
+    Per model: load, first inference (`warmup_ms`), `warmup` untimed runs, then `runs` timed runs of
+    BoardModel.run on uint8 frames; throughput is runs / the model's summed latency (one image at a time).
+    """
+    models, load_ms = [], []
+    for path in paths:
+        t0 = time.perf_counter()
+        models.append(BoardModel(path, threads=threads, warn=lambda _msg: None))
+        load_ms.append((time.perf_counter() - t0) * 1000)
+    first_ms = [m.warm_up() for m in models]
+    frames = [_random_frames(m.input_size, 8) for m in models]
     for i in range(warmup):
-        model.run(frames[i % len(frames)])
-    lat = np.empty(runs, np.float64)
-    t_start = time.perf_counter()
+        for m, f in zip(models, frames, strict=True):
+            m.run(f[i % len(f)])
+    lat = np.empty((len(models), runs), np.float64)
     for i in range(runs):
-        t = time.perf_counter()
-        model.run(frames[i % len(frames)])
-        lat[i] = (time.perf_counter() - t) * 1000
-    wall = time.perf_counter() - t_start
+        for j, (m, f) in enumerate(zip(models, frames, strict=True)):
+            t = time.perf_counter()
+            m.run(f[i % len(f)])
+            lat[j, i] = (time.perf_counter() - t) * 1000
+    return [_stats(m, threads, load_ms[j], first_ms[j], lat[j]) for j, m in enumerate(models)]
+
+
+def time_model(path: str | Path, threads: int, runs: int = 200, warmup: int = 5) -> dict:
+    """`time_models` for one model."""
+    return time_models([path], threads, runs, warmup)[0]
+
+
+def _stats(model: BoardModel, threads: int, load_ms: float, first_ms: float, lat: np.ndarray) -> dict:
     p50, p90, p99 = (float(v) for v in np.percentile(lat, [50, 90, 99]))
+    total_s = float(lat.sum()) / 1000
+    throughput = len(lat) / total_s if total_s else float("inf")
     return {"threads": int(threads), "load_ms": load_ms, "warmup_ms": first_ms, "p50_ms": p50, "p90_ms": p90,
-            "p99_ms": p99, "mean_ms": float(lat.mean()), "images_per_s": runs / wall if wall > 0 else float("inf"),
+            "p99_ms": p99, "mean_ms": float(lat.mean()), "images_per_s": throughput,
             "engine": model.engine, "input_size": model.input_size, "input_dtype": str(model.input_dtype)}
 
 
-def _figures(path: Path, threads: Sequence[int], runs: int, warmup: int) -> dict:
-    content = path.read_bytes()
-    timings = [time_model(path, n, runs, warmup) for n in threads]
-    return {"path": str(path), "bytes": len(content), "macs": count_macs(content), "timings": timings}
+def _figures(paths: Sequence[Path], threads: Sequence[int], runs: int, warmup: int) -> list[dict]:
+    """Size, MACs and per-thread timings of each model (timed together, see `time_models`)."""
+    per_thread = [time_models(paths, n, runs, warmup) for n in threads]
+    out = []
+    for j, path in enumerate(paths):
+        content = Path(path).read_bytes()
+        out.append({"path": str(path), "bytes": len(content), "macs": count_macs(content),
+                    "timings": [timings[j] for timings in per_thread]})
+    return out
 
 
 def _head_macs(model: TFLiteModel) -> int:
@@ -186,22 +207,28 @@ def bench(model_path: str | Path, threads: Iterable[int] = (1, 2), runs: int = 2
     `alpha`/`minimalistic` default to what the model's weights show (`infer_backbone_config`).
     """
     model_path = Path(model_path)
+    threads = list(threads)
     counts = _check_args(model_path, threads, runs, warmup)
     parsed = read_model(model_path)  # its ValueError names the file
-    full = _figures(model_path, counts, runs, warmup)
+    paths, bb_info = [model_path], None
+    if backbone:
+        size = int(parsed.main.tensors[parsed.main.inputs[0]].shape[1])
+        bb_info = _backbone_file(model_path, parsed, size, alpha, minimalistic)
+        paths.append(Path(bb_info["path"]))
+    figures = _figures(paths, counts, runs, warmup)
+    full = figures[0]
     first = full["timings"][0]
     result = {"model": str(model_path), "engine": first["engine"], "img_size": first["input_size"],
               "input_dtype": first["input_dtype"], "runs": runs, "warmup": warmup, "full": full,
               "backbone": None, "head": None}
     if backbone:
-        result["backbone"] = _backbone_figures(model_path, parsed, first["input_size"], counts, runs, warmup,
-                                               alpha, minimalistic)
+        result["backbone"] = {**figures[1], **bb_info}
         result["head"] = _head_cost(full, result["backbone"], _head_macs(parsed))
     return result
 
 
-def _backbone_figures(model_path: Path, parsed: TFLiteModel, img_size: int, counts: list[int], runs: int,
-                      warmup: int, alpha: float | None, minimalistic: bool | None) -> dict:
+def _backbone_file(model_path: Path, parsed: TFLiteModel, img_size: int, alpha: float | None,
+                   minimalistic: bool | None) -> dict:
     source = "given"
     if alpha is None or minimalistic is None:
         a, m = infer_backbone_config(parsed)
@@ -209,8 +236,7 @@ def _backbone_figures(model_path: Path, parsed: TFLiteModel, img_size: int, coun
         minimalistic = m if minimalistic is None else minimalistic
         source = "inferred from the model"
     path, cache = _cached_backbone(model_path, img_size, alpha, minimalistic)
-    figures = _figures(path, counts, runs, warmup)
-    return {**figures, "alpha": float(alpha), "minimalistic": bool(minimalistic), "config_source": source,
+    return {"path": str(path), "alpha": float(alpha), "minimalistic": bool(minimalistic), "config_source": source,
             "cache": cache}
 
 

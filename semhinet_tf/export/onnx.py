@@ -35,8 +35,10 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
     model_path, out = Path(model_path), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists (use overwrite=True / --overwrite)")
+    if not model_path.exists():
+        raise FileNotFoundError(f"{model_path}: model file not found")
     if model_path.suffix == ".tflite":
-        proto, contract, source = _from_tflite(model_path, opset), _tflite_contract(model_path), "tflite"
+        proto, contract, source = _from_tflite(model_path, opset), read_contract(model_path), "tflite"
         model_file = model_path
     elif model_path.is_dir() or model_path.suffix in (".keras", ".h5"):
         proto, contract, model_file = _from_keras(model_path, opset)
@@ -51,13 +53,6 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
     return {"path": str(out), "bytes": out.stat().st_size, "source": source, "model": str(model_file), "opset": opset,
             "input": _value_info(graph.input[0]), "outputs": [o.name for o in graph.output],
             "contract": contract is not None}
-
-
-def _tflite_contract(path: Path) -> dict | None:
-    try:
-        return read_contract(path)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
 
 
 def _from_tflite(path: Path, opset: int):
@@ -158,8 +153,7 @@ def _from_keras(path: Path, opset: int):
                          f"expected {INPUT_NAME} -> {names}")
     _order_outputs(proto.graph, names)
     run_dir = find_run_dir(Path(path)) or find_run_dir(model_file)
-    quantized = any(type(layer).__name__ == "QuantizeWrapperV2" or type(layer).__name__ == "QuantizeWrapper"
-                    for layer in model.layers)
+    quantized = any(type(layer).__name__.startswith("QuantizeWrapper") for layer in model.layers)
     contract = _keras_contract(run_dir, img_size, quantized) if run_dir is not None else None
     return proto, contract, model_file
 

@@ -1,0 +1,306 @@
+"""The board runtime (python -m semhinet_tf.board): no TensorFlow, the training decode, bad files, CSV.
+
+One tiny int8 model (the real architecture, narrow, 32 px, PTQ on random frames) with its contract is
+built once; the images are mixed on purpose: 8-bit PNG, 16-bit TIFF, RGB JPEG, a frame with a data bar,
+non-square frames, a nested folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from semhinet_tf.board.__main__ import CSV_FIELDS, main
+from semhinet_tf.board.runtime import BoardModel, iter_image_paths
+from semhinet_tf.data.decode import Preprocess, find_databar, load_frame, read_grey
+from semhinet_tf.taxonomy import Taxonomy
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+TIMING = ("decode_ms", "infer_ms")
+PREPROCESS = {"size": SIZE, "databar": "auto", "fit": "crop", "bit_depth_rule": "minmax", "max_pixels": 100_000_000}
+
+# Runs the board's main with TensorFlow (and tf-keras) unimportable, and proves both.
+NO_TF = """
+import sys
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization"):
+            raise ImportError(f"{name} is blocked: the board has no TensorFlow")
+sys.meta_path.insert(0, NoTensorFlow())
+try:
+    import tensorflow
+    sys.exit("the blocker does not block")
+except ImportError:
+    pass
+from semhinet_tf.board.__main__ import main
+rc = main(sys.argv[1:])
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras"))
+sys.exit(f"imported {leaked}" if leaked else rc)
+"""
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    from semhinet_tf.export.convert import build_contract
+    from semhinet_tf.export.tflite import convert_int8
+    from semhinet_tf.export.tflite_meta import embed_contract
+    from semhinet_tf.model.heads import ModelConfig, build_model
+    from semhinet_tf.model.mobilenet_v3 import BackboneConfig
+
+    tax = Taxonomy.default()
+    model = build_model(tax, ModelConfig(img_size=SIZE, backbone=BackboneConfig(alpha=0.35)))
+    frames = np.random.default_rng(2).integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8)
+    content = convert_int8(model, SIZE, tax.head_names, lambda: iter(frames))
+    root = tmp_path_factory.mktemp("board_model")
+    contract = build_contract(root, {"preprocess": PREPROCESS}, tax.to_spec(), SIZE, "uint8", False, "float",
+                              "per-channel", 0.5)
+    path = root / "model_int8.tflite"
+    path.write_bytes(embed_contract(content, contract))
+    return path
+
+
+def _texture(h: int, w: int, seed: int) -> np.ndarray:
+    """Lines with noise, in 0..1: something SEM-like with structure at several scales."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    lines = 0.5 + 0.35 * np.sin(2 * np.pi * (x * np.cos(seed) + y * np.sin(seed)) / (6 + seed % 5))
+    return np.clip(lines + rng.normal(0, 0.08, (h, w)), 0, 1)
+
+
+def _with_databar(img: np.ndarray) -> np.ndarray:
+    """Append an instrument data bar (dark band, white text, scale bar) below an 8-bit frame."""
+    h, w = img.shape
+    bar = Image.new("L", (w, 14), 10)
+    draw = ImageDraw.Draw(bar)
+    draw.text((3, 2), "5.0kV x20.0k WD 4mm", fill=255)
+    draw.rectangle([w - 30, 6, w - 4, 7], fill=255)
+    return np.vstack([img, np.asarray(bar)])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("board_images")
+    (root / "nested").mkdir()
+    u8 = lambda a: (a * 255).round().astype(np.uint8)  # noqa: E731
+    Image.fromarray(u8(_texture(80, 80, 1))).save(root / "grey8.png")
+    Image.fromarray((1000 + _texture(72, 96, 2) * 2000).astype(np.uint16)).save(root / "deep16_wide.tiff")
+    rgb = np.stack([u8(_texture(100, 100, s)) for s in (3, 4, 5)], axis=-1)
+    Image.fromarray(rgb, "RGB").save(root / "colour.jpg", quality=85)
+    Image.fromarray(_with_databar(u8(_texture(96, 96, 6)))).save(root / "databar.png")
+    Image.fromarray(u8(_texture(120, 64, 7))).save(root / "nested" / "tall.bmp")
+    Image.fromarray(u8(_texture(64, 90, 8))).save(root / "nested" / "wide8.tif")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory, images) -> Path:
+    root = tmp_path_factory.mktemp("board_bad")
+    Image.fromarray(np.asarray(Image.open(images / "grey8.png"))).save(root / "good.png")
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.jpg").write_text("not an image\n")
+    (root / "truncated.png").write_bytes((images / "grey8.png").read_bytes()[:120])
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "tiny.png")
+    return root
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+# ---------------------------------------------------------------- (1) no TensorFlow
+def test_board_runs_without_tensorflow_and_matches_in_process(model_path, images, tmp_path, capsys):
+    sub_out, here_out = tmp_path / "sub.jsonl", tmp_path / "here.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", NO_TF, str(model_path), str(images), "--format", "jsonl",
+                           "--out", str(sub_out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "engine ai_edge_litert" in proc.stderr or "engine tflite_runtime" in proc.stderr
+    assert main([str(model_path), str(images), "--format", "jsonl", "--out", str(here_out)]) == 0
+    sub, here = _rows(sub_out), _rows(here_out)
+    assert len(sub) == 6 and all("error" not in r for r in sub)
+    assert _untimed(sub) == _untimed(here)
+    leaves = set(Taxonomy.default().leaves)
+    assert all(r["class"] in leaves and 0 <= r["probability"] <= 1 for r in sub)
+
+
+# ---------------------------------------------------------------- (2) the training decode
+def test_board_sees_the_pixels_training_saw(model_path, images):
+    from semhinet_tf.data.pipeline import decode_frames
+
+    model = BoardModel(model_path)
+    train_pre = Preprocess.from_dict(model.contract["preprocess"])
+    assert model.preprocess == train_pre  # the model file decides, and it says what training used
+    paths = list(iter_image_paths([images]))
+    assert {p.suffix for p in paths} == {".png", ".tiff", ".jpg", ".bmp", ".tif"}
+    trained, bad = decode_frames([str(p) for p in paths], train_pre, workers=1, progress=False)
+    board = np.stack([load_frame(p, model.preprocess) for p in paths])
+    assert bad == []
+    assert trained.dtype == board.dtype == np.uint8 and trained.shape == (len(paths), SIZE, SIZE)
+    assert np.array_equal(trained, board)
+    assert len({f.tobytes() for f in board}) == len(paths)  # every file made its own frame
+
+
+def test_mixed_inputs_exercise_what_they_claim(images):
+    assert read_grey(images / "deep16_wide.tiff").dtype == np.uint16
+    assert find_databar(read_grey(images / "databar.png")) == 14
+    no_bar = Preprocess.from_dict({**PREPROCESS, "databar": "off"})
+    assert not np.array_equal(load_frame(images / "databar.png", no_bar),
+                              load_frame(images / "databar.png", Preprocess.from_dict(PREPROCESS)))
+
+
+# ---------------------------------------------------------------- (3) bad files
+def test_bad_images_are_reported_per_file_and_the_rest_classified(model_path, bad_images, tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    missing = tmp_path / "gone.png"
+    assert main([str(model_path), str(bad_images), str(missing), "--out", str(out)]) == 1
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    assert set(rows) == {"good.png", "empty.png", "text.jpg", "truncated.png", "tiny.png"}
+    assert "error" not in rows["good.png"] and rows["good.png"]["class"] in Taxonomy.default().leaves
+    assert "empty" in rows["empty.png"]["error"]
+    assert "not an image" in rows["text.jpg"]["error"]
+    assert "truncated" in rows["truncated.png"]["error"] or "decode" in rows["truncated.png"]["error"]
+    assert "smaller than the minimum" in rows["tiny.png"]["error"]
+    err = capsys.readouterr().err
+    for name in ("empty.png", "text.jpg", "truncated.png", "tiny.png"):
+        assert f"skipped {bad_images / name}: " in err
+    assert f"skipped {missing}: no such file or folder" in err
+    assert "1 classified" in err and "5 unreadable" in err
+
+
+def test_bad_model_is_a_usage_error(tmp_path, images, capsys):
+    bad = tmp_path / "broken.tflite"
+    bad.write_bytes(b"\0" * 64)
+    assert main([str(bad), str(images)]) == 2
+    assert "broken.tflite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- (4) delegate fallback
+# LiteRT's Delegate.__del__ trips over the half-built object its failed constructor leaves behind (harmless)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_missing_delegate_warns_and_falls_back_to_the_cpu(model_path, images, tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    assert main([str(model_path), str(images), "--delegate", "/nonexistent/libvx_delegate.so", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: cannot load delegate /nonexistent/libvx_delegate.so" in err and "running on the CPU" in err
+    assert len(_rows(out)) == 6
+
+
+# ---------------------------------------------------------------- (5) CSV
+def test_csv_output(model_path, images, bad_images, tmp_path):
+    out = tmp_path / "rows.csv"
+    assert main([str(model_path), str(images), str(bad_images), "--format", "csv", "--out", str(out)]) == 1
+    with out.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == CSV_FIELDS
+    ok = [r for r in rows if not r["error"]]
+    assert len(rows) == 11 and len(ok) == 7
+    leaves = set(Taxonomy.default().leaves)
+    for r in ok:
+        assert r["class"] in leaves and 0.0 <= float(r["probability"]) <= 1.0
+        assert r["review"] in ("True", "False") and float(r["infer_ms"]) >= 0
+    assert all(not r["class"] for r in rows if r["error"])
+    jsonl = tmp_path / "rows.jsonl"
+    main([str(model_path), str(images), "--out", str(jsonl)])
+    by_path = {r["path"]: r for r in _rows(jsonl)}
+    for r in ok[:6]:
+        assert r["class"] == by_path[r["path"]]["class"]
+        assert float(r["probability"]) == pytest.approx(by_path[r["path"]]["probability"])
+
+
+# ---------------------------------------------------------------- the board's own world (opt-in)
+@pytest.mark.board_venv
+@pytest.mark.skipif(not os.environ.get("SEMHINET_BOARD_VENV"),
+                    reason="set SEMHINET_BOARD_VENV=/path/to/venv to build or reuse the numpy<2 + tflite-runtime venv")
+def test_board_venv_agrees_with_the_host(model_path, images, tmp_path):
+    env = {**os.environ, "BOARD_VENV": os.environ["SEMHINET_BOARD_VENV"], "HOST_PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "tools" / "board_venv_check.sh"), str(model_path), str(images),
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "board agreement: 6/6 images" in proc.stdout
+    assert "board frames: 6/6 byte-identical" in proc.stdout
+    assert "engine tflite_runtime" in proc.stderr and "tflite-runtime 2.14.0" in proc.stdout
+
+
+# ---------------------------------------------------------------- tools/board_compare.py
+def _board_compare():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("board_compare", REPO / "tools" / "board_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(path: str, cls: str, probs: dict[str, float]) -> dict:
+    return {"path": path, "class": cls, "leaf_probabilities": probs, "heads": {"h1": {"x": probs["bogus"]}}}
+
+
+@pytest.mark.parametrize("board, cls, agree, flip", [
+    ({"bogus": 0.50, "normal": 0.30}, "bogus", True, False),
+    ({"bogus": 0.46, "normal": 0.30}, "bogus", True, False),    # within the tolerance
+    ({"bogus": 0.40, "normal": 0.30}, "bogus", False, False),   # a probability moved too far
+    ({"bogus": 0.48, "normal": 0.49}, "normal", False, True),   # flipped, and the host was not near a tie
+    ({"bogus": 0.50, "normal": 0.30}, "normal", False, True),   # a class its own probabilities do not explain
+])
+def test_compare_rows_tolerance_and_flips(board, cls, agree, flip):
+    bc = _board_compare()
+    host = _row("a.png", "bogus", {"bogus": 0.50, "normal": 0.30})
+    got = bc.compare_rows(host, _row("a.png", cls, board), tol=0.05)
+    assert (got["agree"], got["flip"]) == (agree, flip)
+
+
+def test_compare_allows_near_tie_flips_and_catches_one_sided_files():
+    bc = _board_compare()
+    tie_host = _row("x/t.png", "bogus", {"bogus": 0.40, "normal": 0.39})
+    tie_board = _row("x/t.png", "normal", {"bogus": 0.39, "normal": 0.40})
+    host = {"t.png": tie_host, "e.png": {"path": "x/e.png", "error": "empty file"}, "h.png": tie_host}
+    board = {"t.png": tie_board, "e.png": {"path": "x/e.png", "error": "empty file (0 bytes)"},
+             "b.png": tie_board}
+    result = bc.compare(host, board, tol=0.05)
+    assert {k: f["agree"] for k, f in result["files"].items()} == {
+        "t.png": True, "e.png": True, "h.png": False, "b.png": False}
+    assert result["flips"] == 1 and "only in the host output" in result["files"]["h.png"]["why"]
+    assert bc.format_summary(result).startswith("board agreement: 2/4 images, max prob diff 0.0100")
+    one_sided = bc.compare_rows(tie_host, {"path": "x/t.png", "error": "truncated"}, tol=0.05)
+    assert not one_sided["agree"] and "board only" in one_sided["why"]
+
+
+def test_compare_cli_matches_board_paths_by_relative_path(model_path, images, tmp_path, capsys):
+    bc = _board_compare()
+    here = tmp_path / "here.jsonl"
+    assert main([str(model_path), str(images), "--out", str(here)]) == 0
+    # the board saw the same files under another root (copied to the board)
+    board_rows = [{**r, "path": r["path"].replace(str(images), "/data/sem")} for r in _rows(here)]
+    board = tmp_path / "board.jsonl"
+    board.write_text("".join(json.dumps(r) + "\n" for r in board_rows))
+    frames = tmp_path / "frames.json"
+    # a process of its own: this one has TensorFlow loaded (the fixture), and `frames` fails when it sees it
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "board_compare.py"), "frames", str(model_path),
+                           str(images), str(frames)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "tensorflow imported: False" in proc.stderr, proc.stderr
+    assert bc.main(["compare", str(model_path), str(images), str(board), "--frames", str(frames)]) == 0
+    out = capsys.readouterr().out
+    assert "board agreement: 6/6 images, max prob diff 0.0000" in out and "board frames: 6/6 byte-identical" in out
+    board_rows[0]["class"] = "crack" if board_rows[0]["class"] != "crack" else "cmp"
+    board.write_text("".join(json.dumps(r) + "\n" for r in board_rows))
+    data = json.loads(frames.read_text())
+    data["frames"][next(iter(data["frames"]))] = "0" * 64
+    frames.write_text(json.dumps(data))
+    assert bc.main(["compare", str(model_path), str(images), str(board), "--frames", str(frames)]) == 1
+    out = capsys.readouterr().out
+    assert "board agreement: 5/6 images" in out and "board frames: 5/6 byte-identical" in out

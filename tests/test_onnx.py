@@ -1,0 +1,197 @@
+"""ONNX export (tf2onnx) from the int8 .tflite and from Keras runs, checked against TFLite and Keras outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tf2onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("ai_edge_litert.interpreter")
+
+from semhinet_tf.export.onnx import EXPORT_KEY, OnnxModel, export_onnx  # noqa: E402
+from semhinet_tf.export.tflite_meta import read_contract  # noqa: E402
+from semhinet_tf.taxonomy import Taxonomy  # noqa: E402
+
+SIZE = 32
+HEADS = ["h1", "h2", "h3", "h4", "h5"]
+PREPROCESS = {"size": SIZE, "databar": "auto", "fit": "crop", "bit_depth_rule": "minmax", "max_pixels": 100000000}
+
+
+def _frames(n: int, seed: int) -> np.ndarray:
+    """Smooth random uint8 frames (blobs over a gradient), so activations are not all saturated noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    out = []
+    for _ in range(n):
+        img = 80 + 60 * rng.uniform(-1, 1) * xx + 40 * rng.uniform(-1, 1) * yy
+        for _ in range(3):
+            cy, cx, r = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.05, 0.3)]
+            img = img + rng.uniform(-90, 120) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        out.append(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run directory: float.keras, qat.h5 and model_int8.tflite with a contract; converted once.
+
+    The .tflite is post-training quantized from the float model: converting the QAT model costs ~50 s
+    of CPU here against ~15 s, and tf2onnx sees the same int8 ops either way (the QAT .tflite of a real
+    run is measured in the report). QAT ranges come from one training-mode pass (what a fit step sets).
+    """
+    from semhinet_tf.export.convert import build_contract
+    from semhinet_tf.export.tflite import convert_int8
+    from semhinet_tf.export.tflite_meta import embed_contract
+    from semhinet_tf.model import keras
+    from semhinet_tf.model.heads import ModelConfig, build_model
+    from semhinet_tf.model.io import save_model
+    from semhinet_tf.model.mobilenet_v3 import BackboneConfig
+    from semhinet_tf.model.quant import quantize_model
+
+    keras.utils.set_random_seed(0)
+    d = tmp_path_factory.mktemp("run")
+    tax = Taxonomy.default()
+    config = {"model": {"img_size": SIZE}, "preprocess": PREPROCESS, "train": {"granularity": "per-channel"},
+              "created": "test"}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "taxonomy.json").write_text(json.dumps(tax.to_spec()))
+    model = build_model(tax, ModelConfig(img_size=SIZE, backbone=BackboneConfig(alpha=0.35), head_units=16))
+    rng = np.random.default_rng(5)
+    for h in tax.heads:  # untrained heads all say ~uniform; give each its own leaning so a head mix-up shows
+        kernel, bias = model.get_layer(h.name).get_weights()
+        model.get_layer(h.name).set_weights([kernel * 4, rng.normal(0, 1.5, bias.shape)])
+    save_model(model, d / "float.keras")
+    tflite = convert_int8(model, SIZE, tax.head_names, lambda: iter(_frames(8, 3)))
+    contract = build_contract(d, config, tax.to_spec(), SIZE, "uint8", False, "float", "per-channel", 0.5)
+    (d / "model_int8.tflite").write_bytes(embed_contract(tflite, contract))
+    qat = quantize_model(model)
+    qat(_frames(16, 1)[..., None].astype(np.float32), training=True)  # moving-average ranges from real frames
+    save_model(qat, d / "qat.h5", quantized=True)
+    return {"dir": d, "float": model, "qat": qat, "frames": _frames(12, 4)}
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    d = run["dir"]
+    return {
+        "tflite": export_onnx(d / "model_int8.tflite", out / "int8.onnx"),
+        "qat": export_onnx(d, out / "qat.onnx"),  # a run directory resolves to its QAT model
+        "float": export_onnx(d / "float.keras", out / "float.onnx"),
+    }
+
+
+def _keras_probs(model, frames: np.ndarray) -> dict[str, np.ndarray]:
+    out = model(frames[..., None].astype(np.float32), training=False)
+    return {k.removeprefix("quant_"): np.asarray(v) for k, v in out.items()}
+
+
+def test_names_types_and_contract(run, exported):
+    tfl = exported["tflite"]
+    assert tfl["source"] == "tflite" and tfl["outputs"] == HEADS and tfl["contract"]
+    assert tfl["input"] == {"name": "image", "dtype": "uint8", "shape": [1, SIZE, SIZE, 1]}
+    for key in ("qat", "float"):
+        info = exported[key]
+        assert info["source"] == "keras" and info["outputs"] == HEADS and info["contract"]
+        assert info["input"] == {"name": "image", "dtype": "float32", "shape": ["N", SIZE, SIZE, 1]}
+    assert exported["qat"]["model"].endswith("qat.h5")
+
+    model = OnnxModel(tfl["path"], threads=1)
+    assert model.input_size == SIZE and model.input_dtype == np.uint8 and not model.dynamic_batch
+    assert model.contract == read_contract(run["dir"] / "model_int8.tflite")  # the very same contract
+    assert [o.name for o in model.session.get_outputs()] == HEADS
+    assert all(o.type == "tensor(float)" for o in model.session.get_outputs())
+    meta = model.session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta[EXPORT_KEY])["source"] == "tflite"
+
+    qat = OnnxModel(exported["qat"]["path"])
+    assert qat.dynamic_batch and qat.input_dtype == np.float32
+    assert qat.contract["preprocess"] == PREPROCESS and qat.contract["outputs"] == HEADS
+    assert qat.contract["quantization"]["source"] == "qat" and qat.contract["input"]["dtype"] == "float32"
+    assert OnnxModel(exported["float"]["path"]).contract["quantization"] is None
+    ops = {n.op_type for n in __import__("onnx").load(exported["qat"]["path"]).graph.node}
+    assert "QuantizeLinear" in ops  # fake-quant nodes became QDQ pairs
+
+
+def test_onnx_from_tflite_matches_tflite(run, exported):
+    from semhinet_tf.board.runtime import BoardModel
+
+    frames = run["frames"]
+    ref = BoardModel(run["dir"] / "model_int8.tflite", threads=1).predict_frames(frames)
+    got = OnnxModel(exported["tflite"]["path"], threads=1).predict_frames(frames)  # batch-1 graph: looped
+    assert sorted(got) == HEADS
+    # the two-class heads must tell apart, or a head mix-up (outputs taken by position) would go unseen
+    assert min(np.abs(ref[a] - ref[b]).max() for a, b in [("h3", "h4"), ("h3", "h5"), ("h4", "h5")]) > 8 / 256
+    for h in HEADS:
+        assert got[h].shape == ref[h].shape == (len(frames), len(ref[h][0])) and got[h].dtype == np.float32
+        diff = np.abs(got[h] - ref[h])
+        assert np.mean(diff <= 2 / 256 + 1e-6) >= 0.95, (h, diff.max())
+        assert diff.max() <= 8 / 256, h
+    tax = Taxonomy.default()
+    assert np.mean(tax.leaf_probabilities(got).argmax(1) == tax.leaf_probabilities(ref).argmax(1)) >= 0.9
+
+
+def test_onnx_from_float_keras_matches_keras(run, exported):
+    frames = run["frames"]
+    ref = _keras_probs(run["float"], frames)
+    got = OnnxModel(exported["float"]["path"]).predict_frames(frames)  # dynamic batch: one call
+    for h in HEADS:
+        np.testing.assert_allclose(got[h], ref[h], atol=1e-4)
+
+
+def test_onnx_from_qat_keras_emulates_fake_quant(run, exported):
+    """Run without graph rewrites, the QDQ graph computes what the fake-quant nodes compute (bar rounding ties)."""
+    frames = run["frames"]
+    ref = _keras_probs(run["qat"], frames)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(exported["qat"]["path"], opts, providers=["CPUExecutionProvider"])
+    got = dict(zip(HEADS, session.run(HEADS, {"image": frames[..., None].astype(np.float32)}), strict=True))
+    same_rows = np.all([np.abs(got[h] - ref[h]).max(1) <= 1e-4 for h in HEADS], axis=0)
+    assert same_rows.mean() >= 0.75
+    default = OnnxModel(exported["qat"]["path"]).predict_frames(frames)  # integer kernels: quantization error
+    for h in HEADS:
+        assert np.mean(np.abs(default[h] - ref[h]) <= 4 / 256 + 1e-6) >= 0.9
+
+
+def test_refuses_overwrite_and_bad_input(run, exported, tmp_path):
+    path = exported["float"]["path"]
+    before = os.path.getmtime(path)
+    with pytest.raises(FileExistsError, match="exists"):
+        export_onnx(run["dir"] / "float.keras", path)
+    assert os.path.getmtime(path) == before
+    with pytest.raises(ValueError, match="cannot export"):
+        export_onnx(exported["tflite"]["path"], tmp_path / "x.onnx")
+    for missing in ("missing.keras", "missing.tflite"):
+        with pytest.raises(FileNotFoundError, match=f"{missing}: model file not found"):
+            export_onnx(tmp_path / missing, tmp_path / "y.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_predict_frames_edges(exported, tmp_path):
+    model = OnnxModel(exported["tflite"]["path"])
+    empty = model.predict_frames(np.zeros((0, SIZE, SIZE), np.uint8))
+    assert sorted(empty) == HEADS and empty["h1"].shape == (0, 3)
+    with pytest.raises(ValueError, match=r"expected \(N, 32, 32\)"):
+        model.predict_frames(np.zeros((2, SIZE + 1, SIZE + 1), np.uint8))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.onnx: not a loadable ONNX model"):
+        OnnxModel(bad)
+
+
+def test_predictor_front(exported):
+    from semhinet_tf.predict import Predictor
+
+    pred = Predictor(exported["float"]["path"], threads=1)
+    assert pred.format == "onnx" and pred.input_size == SIZE
+    out = pred.predict(np.full((3, SIZE, SIZE), 128, np.uint8))
+    assert sorted(out) == HEADS and out["h2"].shape == (3, 3)
+    np.testing.assert_allclose(out["h1"].sum(1), 1.0, atol=1e-5)

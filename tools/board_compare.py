@@ -1,0 +1,225 @@
+"""Does the board agree with the host? Compare a board run's JSONL with the same board module run here.
+
+    python tools/board_compare.py compare MODEL.tflite IMAGES_DIR BOARD.jsonl [--frames BOARD_FRAMES.json]
+    python tools/board_compare.py frames MODEL.tflite IMAGES_DIR OUT.json      (run in the board's Python)
+
+`compare` runs `python -m semhinet_tf.board` in-process on this machine (ai_edge_litert), matches the rows
+file by file (by path relative to the image folder) and checks: the same files unreadable on both sides;
+the same class, except a flip between two leaves within twice the tolerance of each other on both sides
+(a near-tie the tolerance explains); every head and leaf probability within the tolerance. It prints
+"board agreement: N/N images, max prob diff X" and exits 1 on any disagreement (2 on bad usage).
+
+Why a tolerance and not bit-exactness: int8 kernels round differently between TFLite versions (tflite-runtime
+2.14's MEAN, used by squeeze-excite, differs by one step from LiteRT's; XNNPACK differs from the builtin
+kernels), and one step on the logits moves a softmax output by several 1/256 steps. The exact check is
+the decode: `frames` (run with the board's Python) hashes every decoded uint8 frame, and `compare
+--frames` requires them byte-identical to the host's. Neither command imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script from a checkout: the package sits next to tools/
+    sys.path.insert(0, str(HERE.parent))
+
+from semhinet_tf.board.__main__ import main as board_main  # noqa: E402
+from semhinet_tf.board.runtime import BoardModel, iter_image_paths  # noqa: E402
+from semhinet_tf.data.decode import ImageError, load_frame  # noqa: E402
+
+DEFAULT_TOL = 0.05
+EXIT_OK, EXIT_DISAGREE, EXIT_USAGE = 0, 1, 2
+SHOW = 20  # disagreements listed one per line
+
+
+# ---------------------------------------------------------------- frames (either side)
+def frame_hashes(model: BoardModel, images: str | Path) -> dict[str, str]:
+    """sha256 of every frame decoded as `model` decodes, keyed by path relative to `images`; 'error: ...' else."""
+    pre = model.preprocess
+    out = {}
+    for path in iter_image_paths([images]):
+        key = _rel(path, images)
+        try:
+            out[key] = hashlib.sha256(load_frame(path, pre).tobytes()).hexdigest()
+        except ImageError as exc:
+            out[key] = f"error: {exc.reason}"
+    return out
+
+
+def environment(model: BoardModel) -> dict:
+    """Versions of what decodes and runs the model here, and whether TensorFlow got imported."""
+    import numpy
+    import PIL
+
+    versions = {"python": platform.python_version(), "numpy": numpy.__version__, "pillow": PIL.__version__}
+    for name in ("tflite_runtime", "ai_edge_litert"):
+        if name in sys.modules:
+            versions[name] = getattr(sys.modules[name], "__version__", "?")
+    return {"engine": model.engine, "versions": versions,
+            "tensorflow_imported": any(m.split(".")[0] in ("tensorflow", "tf_keras") for m in sys.modules)}
+
+
+def _rel(path: str | Path, root: str | Path) -> str:
+    rel = os.path.relpath(path, root)
+    return Path(path).name if rel == "." else Path(rel).as_posix()
+
+
+# ---------------------------------------------------------------- compare (host)
+def read_rows(path: str | Path) -> dict[str, dict]:
+    """JSONL rows keyed by path relative to the folder all of them share (so a board's paths match the host's)."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {n} is not JSON ({exc.msg})") from exc
+    if not rows:
+        return {}
+    if any("path" not in r for r in rows):
+        raise ValueError(f"{path}: a row has no 'path' (not the board's JSONL output?)")
+    parents = [os.path.dirname(r["path"]) or "." for r in rows]
+    root = os.path.commonpath(parents) if len({os.path.isabs(p) for p in parents}) == 1 else ""
+    return {_rel(r["path"], root) if root else r["path"]: r for r in rows}
+
+
+def _probs(row: dict) -> dict[str, float]:
+    flat = {f"leaf.{k}": float(v) for k, v in row.get("leaf_probabilities", {}).items()}
+    for head, classes in row.get("heads", {}).items():
+        flat.update({f"{head}.{k}": float(v) for k, v in classes.items()})
+    return flat
+
+
+def compare_rows(host: dict, board: dict, tol: float) -> dict:
+    """Per-file verdict: agree or not, the largest probability difference, and whether the class flipped."""
+    if "error" in host or "error" in board:
+        both = "error" in host and "error" in board
+        why = "" if both else f"unreadable on the {'host' if 'error' in host else 'board'} only"
+        return {"agree": both, "diff": 0.0, "flip": False, "why": why}
+    hp, bp = _probs(host), _probs(board)
+    if set(hp) != set(bp):
+        return {"agree": False, "diff": float("inf"), "flip": False, "why": "different heads or classes"}
+    diff = max((abs(hp[k] - bp[k]) for k in hp), default=0.0)
+    hc, bc = host["class"], board["class"]
+    flip = hc != bc
+    # probabilities that move by up to tol move a margin by up to 2 tol: such a flip is a near-tie, any other a bug
+    near_tie = flip and all(abs(p[f"leaf.{hc}"] - p[f"leaf.{bc}"]) <= 2 * tol for p in (hp, bp))
+    why = []
+    if diff > tol:
+        why.append(f"max prob diff {diff:.4f} > {tol:g}")
+    if flip and not near_tie:
+        why.append(f"class {hc} on the host, {bc} on the board "
+                   f"(p {hp[f'leaf.{hc}']:.3f}/{hp[f'leaf.{bc}']:.3f} vs "
+                   f"{bp[f'leaf.{hc}']:.3f}/{bp[f'leaf.{bc}']:.3f})")
+    return {"agree": not why, "diff": diff, "flip": flip, "why": "; ".join(why)}
+
+
+def compare(host_rows: dict, board_rows: dict, tol: float = DEFAULT_TOL) -> dict:
+    """All files of either side; a file on one side only disagrees."""
+    files = {}
+    for key in sorted(set(host_rows) | set(board_rows)):
+        if key not in host_rows or key not in board_rows:
+            side = "host" if key in host_rows else "board"
+            files[key] = {"agree": False, "diff": 0.0, "flip": False, "why": f"only in the {side} output"}
+        else:
+            files[key] = compare_rows(host_rows[key], board_rows[key], tol)
+    diffs = [f["diff"] for f in files.values()]
+    return {"n": len(files), "agree": sum(f["agree"] for f in files.values()),
+            "max_diff": max(diffs, default=0.0), "flips": sum(f["flip"] for f in files.values()),
+            "tol": tol, "files": files}
+
+
+def compare_frames(host: dict[str, str], board: dict[str, str]) -> list[str]:
+    """Files whose decoded frame differs (or is on one side only)."""
+    return sorted(k for k in set(host) | set(board) if host.get(k) != board.get(k))
+
+
+def format_summary(result: dict) -> str:
+    lines = [f"board agreement: {result['agree']}/{result['n']} images, max prob diff {result['max_diff']:.4f} "
+             f"(tolerance {result['tol']:g}; {result['flips']} class flips, near-ties allowed)"]
+    bad = [(k, f["why"]) for k, f in result["files"].items() if not f["agree"]]
+    lines += [f"  differs: {k}: {why}" for k, why in bad[:SHOW]]
+    if len(bad) > SHOW:
+        lines.append(f"  ... and {len(bad) - SHOW} more")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="board_compare.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="run the board module here and compare with a board run's JSONL")
+    c.add_argument("model")
+    c.add_argument("images")
+    c.add_argument("board_jsonl")
+    c.add_argument("--frames", help="frame hashes written by `frames` in the board's Python: must match exactly")
+    c.add_argument("--host-out", help="keep the host's JSONL here (default: next to BOARD_JSONL as host.jsonl)")
+    c.add_argument("--tol", type=float, default=DEFAULT_TOL, help=f"probability tolerance (default {DEFAULT_TOL})")
+    f = sub.add_parser("frames", help="hash every decoded frame (run in the board's Python)")
+    f.add_argument("model")
+    f.add_argument("images")
+    f.add_argument("out")
+    return p.parse_args(argv)
+
+
+def _load(model: str) -> BoardModel:
+    return BoardModel(model, warn=lambda msg: print(msg, file=sys.stderr))
+
+
+def _run_frames(args) -> int:
+    model = _load(args.model)
+    frames = frame_hashes(model, args.images)
+    data = {**environment(model), "frames": frames}  # after decoding: nothing on the way may import TensorFlow
+    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    print(f"{len(data['frames'])} frames hashed with {data['engine']} {json.dumps(data['versions'])}; "
+          f"tensorflow imported: {data['tensorflow_imported']}", file=sys.stderr)
+    return EXIT_DISAGREE if data["tensorflow_imported"] else EXIT_OK
+
+
+def _run_compare(args) -> int:
+    host_out = Path(args.host_out) if args.host_out else Path(args.board_jsonl).with_name("host.jsonl")
+    board_rows = read_rows(args.board_jsonl)
+    rc = board_main([args.model, args.images, "--format", "jsonl", "--out", str(host_out)])
+    if rc not in (0, 1):
+        print(f"error: the board module failed on the host (exit {rc})", file=sys.stderr)
+        return EXIT_USAGE
+    result = compare(read_rows(host_out), board_rows, args.tol)
+    print(format_summary(result))
+    ok = result["agree"] == result["n"] and result["n"] > 0
+    if result["n"] == 0:
+        print("no images compared")
+    if args.frames:
+        board = json.loads(Path(args.frames).read_text())
+        host = frame_hashes(_load(args.model), args.images)
+        differ = compare_frames(host, board["frames"])
+        n = len(set(board["frames"]) | set(host))
+        print(f"board frames: {n - len(differ)}/{n} byte-identical to the host's decode "
+              f"(board: {board.get('engine')}, {json.dumps(board.get('versions', {}))})")
+        print("".join(f"  frame differs: {k}\n" for k in differ[:SHOW]), end="")
+        ok = ok and not differ and not board.get("tensorflow_imported", False)
+    return EXIT_OK if ok else EXIT_DISAGREE
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for name in ("model", "images", "board_jsonl", "frames"):
+        value = getattr(args, name, None)
+        if value and not Path(value).exists():
+            print(f"error: {value}: no such file or folder", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        return _run_frames(args) if args.command == "frames" else _run_compare(args)
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
