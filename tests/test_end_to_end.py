@@ -184,3 +184,54 @@ def test_train_refuses_to_clobber_a_run_directory(workspace):
     assert result.exit_code != 0
     assert "exists and is not empty" in result.output
     assert (workspace["run"] / "model_int8.tflite").exists()
+
+
+def _write_bad_files(folder: Path) -> list[str]:
+    """One file of each bad kind (empty, truncated, not an image, 1x1, unreadable TIFF); returns their names."""
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.png").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(buf, "PNG")
+    (folder / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "notes.jpg").write_text("this is not an image\n")
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(folder / "dot.png")
+    (folder / "garbage.tif").write_bytes(b"II*\x00" + bytes(range(256)) * 4)
+    return ["empty.png", "truncated.png", "notes.jpg", "dot.png", "garbage.tif"]
+
+
+def test_training_on_a_messy_folder_skips_and_lists_every_bad_file(tmp_path):
+    data, run = tmp_path / "messy", tmp_path / "run"
+    run_cli("synth", str(data), "--per-class", "4", "--size", "48", "--seed", "5", "--workers", "1",
+            "--mixed-formats")
+    bad = _write_bad_files(data / "Bridge" / "lot9")
+    (data / "misc_notes").mkdir()
+    (data / "misc_notes" / "readme.png").write_bytes(b"\x89PNG not really")
+    out = run_cli("train", str(data), "--out", str(run), "--img-size", "32", "--epochs", "1", "--qat-epochs", "0",
+                  "--batch-size", "8", "--weights", "none", "--val-split", "0.25")
+    assert "5 skipped" in out and "unknown folders: misc_notes" in out
+    skipped = (run / "skipped.csv").read_text()
+    for name in bad:
+        assert name in skipped, name
+    rows = [line.split(",", 1) for line in skipped.strip().splitlines()[1:]]
+    assert len(rows) == 5 and all(len(r) == 2 and r[1].strip() for r in rows)  # every file has its reason
+    manifest = (run / "manifest.csv").read_text()
+    assert "truncated.png" not in manifest and "misc_notes" not in manifest
+    assert (run / "float.keras").exists()
+
+
+def test_training_refuses_when_a_class_has_no_usable_image(tmp_path):
+    data = tmp_path / "data"
+    run_cli("synth", str(data), "--per-class", "3", "--size", "32", "--seed", "2", "--workers", "1")
+    import shutil
+
+    shutil.rmtree(data / "crack")
+    _write_bad_files(data / "crack")
+    result = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                       "--img-size", "32", "--weights", "none"])
+    assert result.exit_code != 0
+    assert "error:" in result.output and "crack" in result.output
+    assert "Traceback" not in result.output
