@@ -170,19 +170,21 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
               help="default: RUN/model_int8.tflite")
 @click.option("--io", "io_type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
 @click.option("--calib-samples", default=200, show_default=True, help="class-balanced calibration frames")
-@click.option("--float-heads", is_flag=True, help="int8 backbone (NPU) with float heads (CPU)")
 @click.option("--source", type=click.Choice(["qat", "float"]), default="qat", show_default=True,
               help="qat: the QAT model; float: post-training quantization of the float model")
+@click.option("--granularity", type=click.Choice(["per-channel", "per-tensor"]), default=None,
+              help="weight quantization (default: as trained for qat, per-channel for float)")
 @click.option("--review-threshold", type=float, default=None,
               help="leaf probability under which predictions are flagged (default: from validation)")
 @click.option("--overwrite", is_flag=True)
 @friendly
-def convert(run_dir, out, io_type, calib_samples, float_heads, source, review_threshold, overwrite):
+def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, overwrite):
     """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check)."""
     from semhinet_tf.export.convert import convert_run
 
-    info = convert_run(run_dir, out, io_type=io_type, calib_samples=calib_samples, float_heads=float_heads,
-                       source=source, review_threshold=review_threshold, overwrite=overwrite)
+    info = convert_run(run_dir, out, io_type=io_type, calib_samples=calib_samples,
+                       source=source, review_threshold=review_threshold, overwrite=overwrite,
+                       granularity=granularity)
     click.echo(info["npu_report"])
     click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) and {info['contract_path']}")
 

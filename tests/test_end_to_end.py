@@ -235,3 +235,22 @@ def test_training_refuses_when_a_class_has_no_usable_image(tmp_path):
     assert result.exit_code != 0
     assert "error:" in result.output and "crack" in result.output
     assert "Traceback" not in result.output
+
+
+def test_compare_reports_every_format_and_gates_on_max_drop(workspace, tmp_path):
+    out_json = tmp_path / "compare.json"
+    out = run_cli("compare", str(workspace["run"]), "--data", str(workspace["data"]), "--max-drop", "100",
+                  "--json", str(out_json))
+    assert "gate:" in out and "PASS" in out
+    report = json.loads(out_json.read_text())
+    names = {m["model"] for m in report["models"]}
+    assert {"float.keras", "qat.h5", "model_int8.tflite"} <= names
+    float_row = next(m for m in report["models"] if m["model"] == "float.keras")
+    assert float_row["leaf_agreement"] == 1.0 and float_row["leaf_delta_points"] == 0.0
+    for row in report["models"]:
+        assert set(row["heads"]) == {"h1", "h2", "h3", "h4", "h5"}
+        assert len(row["flips"]) == round((1 - row["leaf_agreement"]) * report["n"])
+    # a gate no model can pass (int8 would have to beat float by 100 points) must fail the command
+    result = CliRunner().invoke(main, ["compare", str(workspace["run"]), "--data", str(workspace["data"]),
+                                       "--max-drop", "-100"])
+    assert result.exit_code == 1 and "FAIL" in result.output

@@ -45,21 +45,19 @@ def representative_dataset(frames: Callable[[], Iterator[np.ndarray]]) -> Callab
 
 def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
                  calibration: Callable[[], Iterator[np.ndarray]] | None, io_type: str = "uint8",
-                 float_heads: bool = False) -> bytes:
+                 per_tensor: bool = False) -> bytes:
     """Full-integer conversion. A QAT model carries its own ranges; calibration still sets any the
     fake-quant nodes do not cover (and is required for a float model: post-training quantization)."""
     fn = serving_function(model, img_size, output_names)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if per_tensor:  # post-training route only: a QAT model carries its own (trained) granularity
+        converter._experimental_disable_per_channel = True
     if calibration is not None:
         converter.representative_dataset = representative_dataset(calibration)
-    if float_heads:
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-        converter.inference_input_type = IO_TYPES[io_type]
-    else:
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = IO_TYPES[io_type]
-        converter.inference_output_type = IO_TYPES[io_type]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = IO_TYPES[io_type]
+    converter.inference_output_type = IO_TYPES[io_type]
     return converter.convert()
 
 
