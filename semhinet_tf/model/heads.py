@@ -19,16 +19,17 @@ class ModelConfig:
     head_units: int = 128  # hidden width of each head; 0 = a linear head straight on the pooled features
     dropout: float = 0.2
     flat: bool = False  # one softmax over the leaves instead of the hierarchy (baseline for experiments)
+    pooling: str = "avgmax"  # "avg", or "avgmax": average and max pooling side by side (see build_model)
 
     def to_dict(self) -> dict:
         return {"img_size": self.img_size, "backbone": self.backbone.to_dict(), "head_units": self.head_units,
-                "dropout": self.dropout, "flat": self.flat}
+                "dropout": self.dropout, "flat": self.flat, "pooling": self.pooling}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         return cls(img_size=int(d["img_size"]), backbone=BackboneConfig(**d.get("backbone", {})),
                    head_units=int(d.get("head_units", 128)), dropout=float(d.get("dropout", 0.2)),
-                   flat=bool(d.get("flat", False)))
+                   flat=bool(d.get("flat", False)), pooling=str(d.get("pooling", "avg")))
 
 
 def _head(pooled, name: str, num_classes: int, cfg: ModelConfig):
@@ -41,6 +42,18 @@ def _head(pooled, name: str, num_classes: int, cfg: ModelConfig):
     return layers.Dense(num_classes, activation="softmax", name=name)(x)
 
 
+def _pool(features, pooling: str):
+    """Average pooling dilutes a defect covering one cell of the final map by the map's area; max pooling
+    keeps it. Both are NPU operators (MEAN, REDUCE_MAX) and cost nothing next to the backbone."""
+    avg = layers.GlobalAveragePooling2D(name="pool")(features)
+    if pooling == "avg":
+        return avg
+    if pooling != "avgmax":
+        raise ValueError(f"pooling must be 'avg' or 'avgmax', not {pooling!r}")
+    peak = layers.GlobalMaxPooling2D(name="pool_max")(features)
+    return layers.Concatenate(name="pool_concat")([avg, peak])
+
+
 def output_names(taxonomy: Taxonomy, flat: bool = False) -> tuple[str, ...]:
     return ("leaf",) if flat else taxonomy.head_names
 
@@ -49,7 +62,7 @@ def build_model(taxonomy: Taxonomy, cfg: ModelConfig) -> keras.Model:
     """Grey image of raw pixels (S, S, 1) -> dict of softmax outputs named after the heads (h1..h5)."""
     image = keras.Input((cfg.img_size, cfg.img_size, 1), name="image")
     features = backbone_features(image, cfg.backbone)
-    pooled = layers.GlobalAveragePooling2D(name="pool")(features)
+    pooled = _pool(features, cfg.pooling)
     if cfg.flat:
         outputs = {"leaf": _head(pooled, "leaf", len(taxonomy.leaves), cfg)}
     else:
@@ -60,4 +73,4 @@ def build_model(taxonomy: Taxonomy, cfg: ModelConfig) -> keras.Model:
 def is_head_layer(name: str) -> bool:
     """True for layers that belong to a head (not to the backbone)."""
     base = name.removeprefix("quant_").split("/")[0]
-    return base == "pool" or base.split("_")[0] in {"leaf"} or base.startswith("h") and base[1:2].isdigit()
+    return base.startswith("pool") or base.split("_")[0] == "leaf" or (base.startswith("h") and base[1:2].isdigit())
