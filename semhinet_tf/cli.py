@@ -322,7 +322,7 @@ def predict(model, paths, threshold, threads):
               show_default=True)
 @click.option("--per-class", default=150, show_default=True)
 @click.option("--img-size", default=128, show_default=True)
-@click.option("--epochs", default=25, show_default=True)
+@click.option("--epochs", default=30, show_default=True)
 @click.option("--qat-epochs", default=4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")

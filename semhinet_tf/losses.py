@@ -7,17 +7,24 @@ of 32 learns as much from them as it would from a batch of line defects.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from semhinet_tf.model import keras
 
 
-def masked_sparse_crossentropy(label_smoothing: float = 0.0):
-    """Per-sample cross-entropy scaled so Keras' batch mean equals the mean over applicable samples."""
+def masked_sparse_crossentropy(label_smoothing: float = 0.0, class_weights=None):
+    """Per-sample cross-entropy scaled so Keras' batch mean equals the (class-weighted) mean over the
+    applicable samples. `class_weights` (one per class of the head) balance a head whose classes the
+    sampler does not balance: leaf-balanced sampling shows the gatekeeper 'defect' six times as often
+    as 'normal'."""
+    weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
 
     def loss(y_true, y_pred):
         y = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
         mask = tf.cast(y >= 0, y_pred.dtype)
+        if weights is not None:
+            mask = mask * tf.cast(tf.gather(weights, tf.maximum(y, 0)), y_pred.dtype)
         k = tf.shape(y_pred)[-1]
         target = tf.one_hot(tf.maximum(y, 0), k, dtype=y_pred.dtype)
         if label_smoothing:
@@ -28,6 +35,22 @@ def masked_sparse_crossentropy(label_smoothing: float = 0.0):
 
     loss.__name__ = "masked_ce"
     return loss
+
+
+def head_class_weights(label_matrix: np.ndarray, leaf_ids: np.ndarray, sampler: str,
+                       num_classes: list[int]) -> list[list[float]]:
+    """Per head, weights that make its classes count equally under the sampler's leaf frequencies."""
+    counts = np.bincount(leaf_ids, minlength=label_matrix.shape[0]).astype(np.float64)
+    leaf_freq = (counts > 0).astype(np.float64) if sampler == "balanced" else counts
+    leaf_freq /= max(leaf_freq.sum(), 1e-12)
+    out = []
+    for j, k in enumerate(num_classes):
+        freq = np.array([leaf_freq[label_matrix[:, j] == c].sum() for c in range(k)])
+        present = freq > 0
+        w = np.where(present, 1.0 / np.maximum(freq, 1e-12), 0.0)
+        w = w / (freq[present] * w[present]).sum() * freq[present].sum()  # expected weight 1 per sample
+        out.append([float(v) for v in w])
+    return out
 
 
 @keras.utils.register_keras_serializable(package="semhinet")

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     val_split: float = 0.2
     sampler: str = "balanced"
+    balance_heads: bool = True  # weight each head's classes equally (see losses.head_class_weights)
     augment: dict[str, Any] = field(default_factory=lambda: Augment().to_dict())
     weights: str = "sem"  # none | sem | imagenet | PATH
     alpha: float = 1.0
@@ -51,7 +52,7 @@ class TrainConfig:
     dropout: float = 0.2
     flat: bool = False
     granularity: str = "per-channel"
-    patience: int = 8
+    patience: int = 10
     databar: str = "auto"
     fit: str = "crop"
     strategy: str = "auto"  # auto | default | mirrored | multiworker
@@ -217,8 +218,9 @@ def _save_model(model, path: Path, quantized: bool) -> None:
 
 
 # ---------------------------------------------------------------- phases
-def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int, warmup_steps: int):
-    from semhinet_tf.losses import MaskedAccuracy, masked_sparse_crossentropy
+def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int, warmup_steps: int,
+             leaf_ids: np.ndarray | None = None):
+    from semhinet_tf.losses import MaskedAccuracy, head_class_weights, masked_sparse_crossentropy
     from semhinet_tf.model import keras
     from semhinet_tf.schedule import WarmupCosine
 
@@ -226,8 +228,13 @@ def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     names = ["leaf"] if cfg.flat else list(taxonomy.head_names)
     weights = {"leaf": 1.0} if cfg.flat else taxonomy.loss_weights(cfg.loss_weights)
+    class_weights = {n: None for n in names}
+    if cfg.balance_heads and not cfg.flat and leaf_ids is not None:
+        per_head = head_class_weights(taxonomy.label_matrix(), leaf_ids, cfg.sampler,
+                                      [h.num_classes for h in taxonomy.heads])
+        class_weights = dict(zip(names, per_head, strict=True))
     model.compile(optimizer=optimizer,
-                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing) for n in names},
+                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n]) for n in names},
                   loss_weights={n: weights[n] for n in names},
                   metrics={n: [MaskedAccuracy(name="acc")] for n in names})
 
@@ -241,7 +248,7 @@ def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_di
 
     steps = cfg.steps_per_epoch or max(1, int(np.ceil(len(train[1]) / cfg.batch_size)))
     with strategy.scope():
-        _compile(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps))
+        _compile(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps), train[1])
     initial_epoch = 0
     state = _read_state(run_dir).get(phase, {})
     if resume and state:

@@ -130,7 +130,7 @@ def _run_threshold(model: Path, default: float = 0.5) -> float:
 
 
 # ---------------------------------------------------------------- quickstart
-def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epochs: int = 25, qat_epochs: int = 4,
+def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epochs: int = 30, qat_epochs: int = 4,
                seed: int = 0, weights: str = "sem", overwrite: bool = False) -> dict:
     """Synthetic data -> float + QAT training -> int8 TFLite -> eval of both on the held-out split."""
     from semhinet_tf.data.synth import generate

@@ -111,3 +111,26 @@ def test_qat_model_keeps_head_outputs_and_weights():
         assert set(out) == set(tax.head_names)
     with pytest.raises(ValueError, match="granularity"):
         quantize_model(model, "per-pixel")
+
+
+def test_head_class_weights_balance_the_gatekeeper_under_leaf_balanced_sampling():
+    from semhinet_tf.losses import head_class_weights
+
+    tax = Taxonomy.default()
+    leaf_ids = np.repeat(np.arange(8), 10)
+    weights = head_class_weights(tax.label_matrix(), leaf_ids, "balanced", [h.num_classes for h in tax.heads])
+    h1 = np.array(weights[0])
+    # leaf-balanced sampling: bogus 1/8, normal 1/8, defect 6/8 of h1's samples; weighted, each class counts 1/3
+    freq = np.array([1, 1, 6]) / 8
+    assert np.allclose(h1 * freq / (h1 * freq).sum(), 1 / 3)
+    assert np.isclose((h1 * freq).sum(), 1.0)  # the average sample keeps weight 1
+    assert np.allclose(weights[1], 1.0)  # the router's families are already balanced (2 leaves each)
+
+
+def test_class_weighted_masked_loss_is_a_weighted_mean():
+    from semhinet_tf.losses import masked_sparse_crossentropy
+
+    loss = masked_sparse_crossentropy(class_weights=[3.0, 1.0])
+    pred = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], np.float32)
+    got = float(np.mean(loss(np.array([0, 1, -1]), pred)))
+    assert got == pytest.approx((3 * -np.log(0.9) + 1 * -np.log(0.8)) / 4, rel=1e-5)

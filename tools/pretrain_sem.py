@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--init", default="none", help="start from these weights (e.g. a previous .npz) to continue")
     p.add_argument("--work", type=Path, default=Path("sem_pretrain"))
     p.add_argument("--out", type=Path, default=None, help="default: semhinet_tf/weights/<name>.npz")
     args = p.parse_args()
@@ -44,13 +45,14 @@ def main() -> None:
         print(f"generated {stats['total']} frames in {stats['seconds']:.0f} s", flush=True)
     t_gen = time.time() - t0
     cfg = TrainConfig(img_size=args.img_size, epochs=args.epochs, qat_epochs=0, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, val_split=0.05, weights="none", alpha=args.alpha, patience=100)
-    result = train(data, args.work / "run", cfg, overwrite=True)
-    model = load_model(args.work / "run" / "float.keras")
+                      lr=args.lr, seed=args.seed, val_split=0.05, weights=args.init, alpha=args.alpha, patience=100)
+    run_dir = args.work / ("run" if args.init == "none" else "run_continued")
+    result = train(data, run_dir, cfg, overwrite=True)
+    model = load_model(run_dir / "float.keras")
     out = args.out or WEIGHTS_DIR / sem_weights_name(args.alpha, False)
     out.parent.mkdir(parents=True, exist_ok=True)
     n = save_backbone_weights(model, out, keep=lambda name: not is_head_layer(name))
-    info = {"per_class": args.per_class, "frame_size": args.frame_size, "img_size": args.img_size,
+    info = {"init": args.init, "per_class": args.per_class, "frame_size": args.frame_size, "img_size": args.img_size,
             "epochs": args.epochs, "seed": args.seed, "layers": n, "generate_seconds": round(t_gen),
             "train_seconds": result["float_seconds"], "total_seconds": round(time.time() - t0),
             "val": result["float_val"], "machine": "2 CPU cores, no GPU"}
