@@ -40,12 +40,26 @@ def model_context(predictor) -> tuple[Taxonomy, dict, Path | None]:
 
 
 # ---------------------------------------------------------------- eval
+def decode_items(items: list, pre: dict, taxonomy: Taxonomy, notes: list[str], progress: bool = True):
+    """Decode (path, leaf) items with the model's preprocessing; unreadable files are noted and dropped."""
+    from semhinet_tf.data.decode import Preprocess
+    from semhinet_tf.data.pipeline import decode_frames
+
+    frames, bad = decode_frames([p for p, _ in items], Preprocess.from_dict(pre), progress=progress, desc="decode")
+    bad_paths = {p for p, _ in bad}
+    keep = np.array([str(p) not in bad_paths for p, _ in items], dtype=bool)
+    paths = [str(p) for (p, _), k in zip(items, keep, strict=True) if k]
+    leaf_ids = np.array([taxonomy.leaf_index(leaf) for (_, leaf), k in zip(items, keep, strict=True) if k],
+                        dtype=np.int64)
+    if bad:
+        notes.append(f"{len(bad)} unreadable file(s) skipped, e.g. {bad[0][0]}: {bad[0][1]}")
+    return frames[keep], paths, leaf_ids
+
+
 def eval_model(model: str | Path, data: str | Path, split: str | None = None, json_out: str | Path | None = None,
                report_dir: str | Path | None = None, target_purity: float = 0.99, progress: bool = True) -> dict:
     """Evaluate any model format on DATA; same JSON keys whatever the format."""
     from semhinet_tf.data.dataset import eval_items
-    from semhinet_tf.data.decode import Preprocess
-    from semhinet_tf.data.pipeline import decode_frames
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
     from semhinet_tf.predict import Predictor
 
@@ -53,15 +67,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     predictor = Predictor(model)
     taxonomy, pre, run_dir = model_context(predictor)
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
-    frames, bad = decode_frames([p for p, _ in items], Preprocess.from_dict(pre), progress=progress, desc="decode")
-    bad_paths = {p for p, _ in bad}
-    keep = np.array([str(p) not in bad_paths for p, _ in items], dtype=bool)
-    paths = [str(p) for (p, _), k in zip(items, keep, strict=True) if k]
-    leaf_ids = np.array([taxonomy.leaf_index(leaf) for (_, leaf), k in zip(items, keep, strict=True) if k],
-                        dtype=np.int64)
-    frames = frames[keep]
-    if bad:
-        notes.append(f"{len(bad)} unreadable file(s) skipped, e.g. {bad[0][0]}: {bad[0][1]}")
+    frames, paths, leaf_ids = decode_items(items, pre, taxonomy, notes, progress)
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
     probs = predictor.predict(frames)
@@ -179,8 +185,6 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     result fail when the int8 model falls further below float than that.
     """
     from semhinet_tf.data.dataset import eval_items
-    from semhinet_tf.data.decode import Preprocess
-    from semhinet_tf.data.pipeline import decode_frames
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
     from semhinet_tf.predict import Predictor
 
@@ -193,12 +197,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     reference = Predictor(run_dir / "float.keras")
     taxonomy, pre, _ = model_context(reference)
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
-    frames, bad = decode_frames([p for p, _ in items], Preprocess.from_dict(pre), progress=progress)
-    bad_set = {p for p, _ in bad}
-    keep = np.array([str(p) not in bad_set for p, _ in items], dtype=bool)
-    frames = frames[keep]
-    paths = [str(p) for (p, _), k in zip(items, keep, strict=True) if k]
-    truth = np.array([taxonomy.leaf_index(leaf) for (_, leaf), k in zip(items, keep, strict=True) if k])
+    frames, paths, truth = decode_items(items, pre, taxonomy, notes, progress)
     results, probs = {}, {}
     for path in models:
         predictor = reference if path == run_dir / "float.keras" else Predictor(path)
