@@ -81,8 +81,8 @@ def test_heads_follow_the_taxonomy():
 
 def test_bn_momentum_tracks_training_length():
     assert auto_bn_momentum(100) == pytest.approx(0.9)
-    assert 0.98 < auto_bn_momentum(1000) < 0.995
-    assert auto_bn_momentum(10**7) == pytest.approx(0.999)
+    assert auto_bn_momentum(500) == pytest.approx(0.98)
+    assert auto_bn_momentum(10**7) == pytest.approx(0.99)
 
 
 def test_masked_loss_ignores_images_a_head_does_not_apply_to():
