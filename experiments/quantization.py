@@ -46,7 +46,7 @@ def main() -> None:
         t = time.time()
         tflite = work / f"variant{i}.tflite"
         info = convert_run(run, tflite, overwrite=True, progress=False, **opts)
-        res = eval_model(tflite, args.data, split="val", progress=False)["result"]
+        res = eval_model(tflite, args.data, split="val", progress=False, run_dir=run)["result"]
         rows.append((name, res, info["npu_ok"], time.time() - t))
     args.out.write_text(render(rows, float_eval) + "\n\nReproduce: `python "
                         + " ".join(shlex.quote(a) for a in sys.argv) + "`\n")

@@ -398,6 +398,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
                    cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy)
         result["qat_seconds"] = round(time.time() - t_qat, 1)
         result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy, cfg.flat)
+    final = load_model(run_dir / (QAT_MODEL if cfg.qat_epochs > 0 else FLOAT_MODEL))
+    result["review_threshold"] = write_review_threshold(final, val_set, taxonomy, run_dir, cfg.flat)
     result["seconds"] = round(time.time() - t0, 1)
     result["pipeline_images_per_second"] = pipe_ips
     result["train_step_images_per_second"] = step_ips
@@ -405,6 +407,20 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
           flush=True)
     _atomic_json(result, run_dir / "train_result.json")
     return result
+
+
+def write_review_threshold(model, val, taxonomy, run_dir: Path, flat: bool, target_purity: float = 0.99) -> dict:
+    """The lowest leaf-probability threshold whose automatic decisions reach the target purity on validation;
+    `convert` embeds it in the .tflite so predict and the board flag the same images."""
+    from semhinet_tf.evaluate import coverage_curve, threshold_for_purity
+    from semhinet_tf.predict import predict_keras
+
+    probs = predict_keras(model, val[0])
+    leaf_p = probs["leaf"] if flat else taxonomy.leaf_probabilities(probs)
+    point = threshold_for_purity(coverage_curve(val[1], leaf_p), target_purity)
+    point = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in point.items()}
+    _atomic_json({**point, "target_purity": target_purity, "split": "val"}, run_dir / "review_threshold.json")
+    return point
 
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:

@@ -57,15 +57,19 @@ def decode_items(items: list, pre: dict, taxonomy: Taxonomy, notes: list[str], p
 
 
 def eval_model(model: str | Path, data: str | Path, split: str | None = None, json_out: str | Path | None = None,
-               report_dir: str | Path | None = None, target_purity: float = 0.99, progress: bool = True) -> dict:
-    """Evaluate any model format on DATA; same JSON keys whatever the format."""
+               report_dir: str | Path | None = None, target_purity: float = 0.99, progress: bool = True,
+               run_dir: str | Path | None = None) -> dict:
+    """Evaluate any model format on DATA; same JSON keys whatever the format.
+
+    `run_dir` names the run whose saved split to use when the model file lives elsewhere."""
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
     from semhinet_tf.predict import Predictor
 
     model = Path(model)
     predictor = Predictor(model)
-    taxonomy, pre, run_dir = model_context(predictor)
+    taxonomy, pre, found_run = model_context(predictor)
+    run_dir = Path(run_dir) if run_dir is not None else found_run
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
     frames, paths, leaf_ids = decode_items(items, pre, taxonomy, notes, progress)
     if not len(frames):

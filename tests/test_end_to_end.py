@@ -76,8 +76,10 @@ def test_synth_writes_every_class(workspace):
 def test_run_directory_holds_everything_to_deploy(workspace):
     run = workspace["run"]
     for name in ("config.json", "taxonomy.json", "split.json", "manifest.csv", "skipped.csv", "history.csv",
-                 "float.keras", "qat.h5", "model_int8.tflite", "model_int8.json"):
+                 "float.keras", "qat.h5", "model_int8.tflite", "model_int8.json", "review_threshold.json"):
         assert (run / name).exists(), name
+    threshold = json.loads((run / "review_threshold.json").read_text())["threshold"]
+    assert json.loads((run / "model_int8.json").read_text())["review_threshold"] == pytest.approx(threshold)
     split = json.loads((run / "split.json").read_text())
     assert split["seed"] == 1 and split["val"] and split["train"]
     assert not set(split["val"]) & set(split["train"])

@@ -99,6 +99,6 @@ def _validation_threshold(run_dir: Path, default: float = 0.5) -> float:
     if p.exists():
         try:
             return float(json.loads(p.read_text())["threshold"])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):  # threshold null: the split was empty
             pass
     return default
