@@ -256,3 +256,21 @@ def test_compare_reports_every_format_and_gates_on_max_drop(workspace, tmp_path)
     result = CliRunner().invoke(main, ["compare", str(workspace["run"]), "--data", str(workspace["data"]),
                                        "--max-drop", "-100"])
     assert result.exit_code == 1 and "FAIL" in result.output
+
+
+def test_same_seed_same_split_sampling_and_metrics(tmp_path):
+    data = tmp_path / "data"
+    run_cli("synth", str(data), "--per-class", "5", "--size", "32", "--seed", "8", "--workers", "1")
+    histories, splits = [], []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run_cli("train", str(data), "--out", str(run), "--img-size", "32", "--epochs", "2", "--qat-epochs", "0",
+                "--batch-size", "8", "--weights", "none", "--seed", "11")
+        splits.append(json.loads((run / "split.json").read_text()))
+        histories.append((run / "history.csv").read_text().splitlines())
+    assert splits[0]["train"] == splits[1]["train"] and splits[0]["val"] == splits[1]["val"]
+    header = histories[0][0].split(",")
+    for row_a, row_b in zip(histories[0][1:], histories[1][1:], strict=True):
+        for key, va, vb in zip(header, row_a.split(","), row_b.split(","), strict=True):
+            if key not in ("phase", "epoch"):
+                assert float(va) == pytest.approx(float(vb), rel=1e-4, abs=1e-5), key
