@@ -423,8 +423,13 @@ def write_review_threshold(model, val, taxonomy, run_dir: Path, flat: bool, targ
     return point
 
 
+# What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
+DATA_REPORT_FILES = {"manifest.csv", "manifest.json", "skipped.csv", "split.json"}
+
+
 def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
+    leftovers = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
+    if leftovers - DATA_REPORT_FILES and not (overwrite or resume):
         raise FileExistsError(f"{run_dir}: run directory exists and is not empty "
                               "(use --resume to continue it or --overwrite to replace it)")
     if overwrite and run_dir.exists() and not resume:

@@ -237,6 +237,11 @@ def test_training_refuses_when_a_class_has_no_usable_image(tmp_path):
     assert result.exit_code != 0
     assert "error:" in result.output and "crack" in result.output
     assert "Traceback" not in result.output
+    # the failed run left only its data report; fixing the data and training again needs no --overwrite
+    assert (tmp_path / "run" / "skipped.csv").exists()
+    again = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                      "--img-size", "32", "--weights", "none"])
+    assert "exists and is not empty" not in again.output and "crack" in again.output
 
 
 def test_compare_reports_every_format_and_gates_on_max_drop(workspace, tmp_path):

@@ -64,7 +64,8 @@ class BoardModel:
         try:
             self.contract = read_contract(content) or {}
         except ValueError as exc:
-            raise ValueError(f"{self.path}: {exc}") from exc
+            reason = str(exc).removeprefix("<bytes>: ")
+            raise ValueError(f"{self.path}: {reason}") from exc
         module, self.engine = _interpreter_module()
         self.delegate = load_delegate(module, delegate, warn)
         kwargs = {"model_content": content, "num_threads": threads}

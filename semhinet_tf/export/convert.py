@@ -58,6 +58,8 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     from semhinet_tf.taxonomy import Taxonomy
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json); make one with `semhinet train`")
     config = json.loads((run_dir / "config.json").read_text())
     taxonomy = Taxonomy.from_spec(json.loads((run_dir / "taxonomy.json").read_text()))
     model_file = run_dir / ("qat.h5" if source == "qat" else "float.keras")
