@@ -176,15 +176,18 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
               help="weight quantization (default: as trained for qat, per-channel for float)")
 @click.option("--review-threshold", type=float, default=None,
               help="leaf probability under which predictions are flagged (default: from validation)")
+@click.option("--float-heads", is_flag=True,
+              help="int8 backbone for the NPU, heads in float on the CPU (default out: "
+                   "RUN/model_int8_float_heads.tflite)")
 @click.option("--overwrite", is_flag=True)
 @friendly
-def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, overwrite):
+def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, float_heads, overwrite):
     """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check)."""
     from semhinet_tf.export.convert import convert_run
 
     info = convert_run(run_dir, out, io_type=io_type, calib_samples=calib_samples,
                        source=source, review_threshold=review_threshold, overwrite=overwrite,
-                       granularity=granularity)
+                       granularity=granularity, float_heads=float_heads)
     click.echo(info["npu_report"])
     click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) and {info['contract_path']}")
 

@@ -102,6 +102,19 @@ def make_strategy(name: str):
     raise ValueError(f"unknown strategy {name!r} (auto, default, mirrored, multiworker)")
 
 
+def worker_run_dir(run_dir: Path, strategy) -> Path:
+    """Where this process writes. Every multi-worker process runs the same steps (saving included, since
+    reading mirrored variables is a collective), but only the chief writes to the run directory; the
+    others write to a hidden sibling that is removed when they finish."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type:
+        return run_dir
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    is_chief = task_type == "chief" or (task_type == "worker" and resolver.task_id == 0 and not has_chief)
+    return run_dir if is_chief else run_dir.with_name(f".{run_dir.name}.{task_type}{resolver.task_id}")
+
+
 def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -159,7 +172,8 @@ def _callbacks(run_dir: Path, phase: str, taxonomy, val, cfg: TrainConfig, model
         def _lr(self):
             opt = self.model.optimizer
             lr = opt.learning_rate
-            return lr(opt.iterations) if callable(lr) else lr
+            step = opt.iterations.read_value()  # a MirroredVariable under tf.distribute
+            return (lr(step) if callable(lr) else lr).numpy()
 
     class Checkpoint(keras.callbacks.Callback):
         """Resumable state after every epoch: weights, optimizer, epoch, best score."""
@@ -355,7 +369,12 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     from semhinet_tf.taxonomy import Taxonomy
 
     t0 = time.time()
-    run_dir = Path(run_dir)
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op of the program.
+    strategy = make_strategy(cfg.strategy)
+    chief_run_dir = Path(run_dir)
+    run_dir = worker_run_dir(chief_run_dir, strategy)
+    if run_dir != chief_run_dir:  # a non-chief worker: same work, files kept apart and removed at the end
+        overwrite, resume = True, False
     _prepare_run_dir(run_dir, overwrite, resume)
     if resume and (run_dir / CONFIG_FILE).exists():
         saved = TrainConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text())["train"])
@@ -366,7 +385,6 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     data = prepare_dataset(data_dir, run_dir, taxonomy, cfg, strict=strict, progress=progress, reuse_split=resume)
     train_set, val_set = data["train"], data["val"]
     steps = cfg.steps_per_epoch or max(1, int(np.ceil(len(train_set[1]) / cfg.batch_size)))
-    strategy = make_strategy(cfg.strategy)
     with strategy.scope():
         model, mcfg = build_for_config(taxonomy, cfg, steps * cfg.epochs)
         start = initial_weights(model, cfg, mcfg)
@@ -406,6 +424,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     print(f"throughput: input pipeline {pipe_ips:.0f} images/s vs training step {step_ips:.0f} images/s",
           flush=True)
     _atomic_json(result, run_dir / "train_result.json")
+    if run_dir != chief_run_dir:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 

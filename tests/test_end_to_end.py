@@ -140,6 +140,39 @@ def test_each_tflite_output_is_the_right_head(workspace):
                 assert diff.mean() <= swapped + 1e-6
 
 
+def test_float_heads_keep_the_backbone_on_the_npu_and_the_heads_in_float(workspace):
+    """--float-heads: integer up to the pooled features, then DEQUANTIZE and float heads with float outputs."""
+    from semhinet_tf.board.runtime import BoardModel
+    from semhinet_tf.data.dataset import load_split_frames
+    from semhinet_tf.export.npu import check_npu
+    from semhinet_tf.export.tflite_meta import read_contract, read_model
+    from semhinet_tf.model.io import load_model
+    from semhinet_tf.predict import predict_keras
+
+    run_cli("convert", str(workspace["run"]), "--calib-samples", "16", "--float-heads")
+    path = workspace["run"] / "model_int8_float_heads.tflite"
+    assert not check_npu(path).ok  # the heads do not run on the NPU ...
+    tail = check_npu(path, allow_float_tail=True)
+    assert tail.ok, tail.format()  # ... but everything before them does
+    model = read_model(path)
+    assert model.input_tensors[0].dtype == "UINT8"
+    assert {t.dtype for t in model.output_tensors} == {"FLOAT32"}
+    float_ops = {op.name for op in model.operators if any(model.tensors[i].dtype == "FLOAT32" for i in op.outputs)}
+    assert float_ops <= {"DEQUANTIZE", "FULLY_CONNECTED", "HARD_SWISH", "SOFTMAX", "CONCATENATION"}, float_ops
+    assert "FULLY_CONNECTED" in float_ops and "CONV_2D" not in float_ops
+    assert read_contract(path)["quantization"]["float_heads"] is True
+
+    frames, _ = load_split_frames(workspace["run"], "val", progress=False)
+    keras_probs = predict_keras(load_model(workspace["run"] / "qat.h5"), frames)
+    probs = BoardModel(path).predict_frames(frames)
+    for head in ("h1", "h2", "h3", "h4", "h5"):
+        diff = np.abs(probs[head] - keras_probs[head])
+        assert diff.mean() < 0.03, (head, diff.mean())
+        for other in ("h3", "h4", "h5"):
+            if other != head and keras_probs[other].shape == keras_probs[head].shape:
+                assert diff.mean() <= np.abs(probs[head] - keras_probs[other]).mean() + 1e-6
+
+
 def test_predict_prints_one_json_line_per_image(workspace):
     out = run_cli("predict", str(workspace["tflite"]), str(workspace["data"] / "bridge"))
     rows = [json.loads(line) for line in out.strip().splitlines()]

@@ -48,8 +48,12 @@ def build_contract(run_dir: Path, config: dict, taxonomy_spec: dict, img_size: i
 
 def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str = "uint8", calib_samples: int = 200,
                 source: str = "qat", review_threshold: float | None = None,
-                overwrite: bool = False, progress: bool = True, granularity: str | None = None) -> dict:
-    """Convert RUN's QAT (or float, as PTQ) model; write .tflite + contract JSON; run the NPU check."""
+                overwrite: bool = False, progress: bool = True, granularity: str | None = None,
+                float_heads: bool = False) -> dict:
+    """Convert RUN's QAT (or float, as PTQ) model; write .tflite + contract JSON; run the NPU check.
+
+    `float_heads`: int8 backbone for the NPU, heads in float on the CPU (a DEQUANTIZE after the pooled
+    features), from the QAT model; npu-check then lists the heads' CPU operators."""
     from semhinet_tf.data.dataset import load_split_frames
     from semhinet_tf.export.npu import check_npu
     from semhinet_tf.export.tflite import convert_int8
@@ -65,7 +69,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     model_file = run_dir / ("qat.h5" if source == "qat" else "float.keras")
     if not model_file.exists():
         raise FileNotFoundError(f"{model_file}: not found (train with --qat-epochs > 0, or convert --source float)")
-    out = Path(out) if out else run_dir / "model_int8.tflite"
+    out = Path(out) if out else run_dir / ("model_int8_float_heads.tflite" if float_heads else "model_int8.tflite")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists (use --overwrite)")
     trained = config["train"].get("granularity", "per-channel")
@@ -73,15 +77,21 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     if source == "qat" and granularity != trained:
         raise ValueError(f"{run_dir}: the QAT model was trained {trained}; retrain with --granularity {granularity} "
                          f"or convert the float model with --source float --granularity {granularity}")
+    if float_heads and source != "qat":
+        raise ValueError(f"{run_dir}: --float-heads converts the QAT model (--source qat)")
     img_size = int(config["model"]["img_size"])
     model = load_model(model_file)
+    if float_heads:
+        from semhinet_tf.model.quant import with_float_heads
+
+        model = with_float_heads(model, load_model(run_dir / "float.keras"), granularity)
     frames, leaf_ids = load_split_frames(run_dir, "train", progress=progress)
     calib = calibration_frames(frames, leaf_ids, calib_samples, int(config["train"]["seed"]))
     tflite = convert_int8(model, img_size, taxonomy.head_names, lambda: iter(calib), io_type=io_type,
-                          per_tensor=granularity == "per-tensor")
+                          per_tensor=granularity == "per-tensor", float_heads=float_heads)
     if review_threshold is None:
         review_threshold = _validation_threshold(run_dir)
-    contract = build_contract(run_dir, config, taxonomy.to_spec(), img_size, io_type, False, source,
+    contract = build_contract(run_dir, config, taxonomy.to_spec(), img_size, io_type, float_heads, source,
                               granularity, review_threshold)
     tflite = embed_contract(tflite, contract)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -89,7 +99,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     os.replace(tmp, out)
     contract_path = out.with_suffix(".json")
     write_json(contract, contract_path)
-    report = check_npu(out)
+    report = check_npu(out, allow_float_tail=float_heads)
     write_json(report.to_dict(), out.with_suffix(".npu.json"))
     return {"path": str(out), "bytes": len(tflite), "contract_path": str(contract_path),
             "npu_ok": report.ok, "npu_report": report.format(limit=40)}

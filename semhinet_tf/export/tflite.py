@@ -45,9 +45,12 @@ def representative_dataset(frames: Callable[[], Iterator[np.ndarray]]) -> Callab
 
 def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
                  calibration: Callable[[], Iterator[np.ndarray]] | None, io_type: str = "uint8",
-                 per_tensor: bool = False) -> bytes:
+                 per_tensor: bool = False, float_heads: bool = False) -> bytes:
     """Full-integer conversion. A QAT model carries its own ranges; calibration still sets any the
-    fake-quant nodes do not cover (and is required for a float model: post-training quantization)."""
+    fake-quant nodes do not cover (and is required for a float model: post-training quantization).
+
+    `float_heads`: everything up to the pooled features in int8 (the NPU's part), then a DEQUANTIZE and the
+    heads in float32 on the CPU, with float32 outputs (see `_quantize_all_but_heads`)."""
     fn = serving_function(model, img_size, output_names)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -58,7 +61,44 @@ def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = IO_TYPES[io_type]
     converter.inference_output_type = IO_TYPES[io_type]
+    if float_heads:
+        if calibration is None:
+            raise ValueError("float heads need calibration frames")
+        return _quantize_all_but_heads(converter, io_type, per_tensor)
     return converter.convert()
+
+
+def _quantize_all_but_heads(converter, io_type: str, per_tensor: bool) -> bytes:
+    """Selective quantization, the route of TFLite's QuantizationDebugger: calibrate, then quantize with
+    every operator that produces a head tensor denylisted, so the heads stay float."""
+    from tensorflow.lite.python import convert as lite_convert
+    from tensorflow.lite.python import util as lite_util
+
+    from semhinet_tf.export.tflite_meta import read_model
+    from semhinet_tf.model.heads import is_head_layer
+
+    converter.experimental_mlir_quantizer = True
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    graph = read_model(calibrated)
+    outputs = set(graph.outputs)  # the heads' softmax tensors carry signature names, not layer names
+    head_tensors = [graph.tensors[i].name for op in graph.operators for i in op.outputs
+                    if i in outputs or _in_head(graph.tensors[i].name, is_head_layer)]
+    if not head_tensors:
+        raise ValueError("no head operators found to keep in float")
+    quantized = lite_convert.mlir_quantize(calibrated, disable_per_channel=per_tensor, fully_quantize=False,
+                                           denylisted_nodes=head_tensors)
+    return lite_util.modify_model_io_type(quantized, IO_TYPES[io_type], tf.float32)
+
+
+def _in_head(tensor_name: str, is_head_layer) -> bool:
+    """'semhinet/quant_h3_hidden/MatMul;...' names a head's tensor; pooling stays on the NPU."""
+    for part in tensor_name.split(";"):
+        for segment in part.split("/")[1:2]:
+            name = segment.removeprefix("quant_")
+            if is_head_layer(name) and not name.startswith("pool"):
+                return True
+    return False
 
 
 def convert_float(model: keras.Model, img_size: int, output_names: Iterable[str]) -> bytes:

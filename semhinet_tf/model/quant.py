@@ -16,6 +16,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.d
 )
 
 from semhinet_tf.model import keras
+from semhinet_tf.model.heads import is_head_layer
 from semhinet_tf.model.layers import CUSTOM_OBJECTS, ChannelGate, HardSigmoid, HardSwish
 
 qkeras = tfmot.quantization.keras
@@ -64,14 +65,21 @@ def _annotation(layer):
     return None  # tfmot's default registry (Conv+BN folding, per-channel or per-tensor weights)
 
 
-def quantize_model(model: keras.Model, granularity: str = "per-channel") -> keras.Model:
-    """A QAT copy of a float model (weights carried over), ready to compile and fine-tune."""
+def is_float_head_layer(name: str) -> bool:
+    """Layers after the pooled features that `float_heads` keeps in float (each head's Dense/act/dropout)."""
+    return is_head_layer(name) and not name.removeprefix("quant_").startswith("pool")
+
+
+def quantize_model(model: keras.Model, granularity: str = "per-channel", float_heads: bool = False) -> keras.Model:
+    """A QAT copy of a float model (weights carried over), ready to compile and fine-tune.
+
+    `float_heads`: the heads' layers get no fake-quant nodes, so the converter can keep them in float."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
 
     def annotate(layer):
         clone = layer.__class__.from_config(layer.get_config())
-        if isinstance(layer, keras.layers.InputLayer):
+        if isinstance(layer, keras.layers.InputLayer) or (float_heads and is_float_head_layer(layer.name)):
             return clone
         return qkeras.quantize_annotate_layer(clone, _annotation(layer))
 
@@ -81,3 +89,39 @@ def quantize_model(model: keras.Model, granularity: str = "per-channel") -> kera
     scheme = Default8BitQuantizeScheme(disable_per_axis=granularity == "per-tensor")
     with quant_scope():
         return qkeras.quantize_apply(annotated, scheme)
+
+
+def with_float_heads(qat: keras.Model, float_model: keras.Model, granularity: str = "per-channel") -> keras.Model:
+    """The trained QAT model with its heads taken out of quantization: backbone wrappers (weights and learned
+    ranges) copied layer by layer, each head's float weights copied from inside its wrapper."""
+    target = quantize_model(float_model, granularity, float_heads=True)
+    by_name = {layer.name: layer for layer in qat.layers}
+    input_quantizers = [layer for layer in qat.layers if _is_input_quantizer(layer)]
+    for layer in target.layers:
+        if not layer.weights:
+            continue
+        if _is_input_quantizer(layer) and len(input_quantizers) == 1:  # auto-named: quantize_layer, _1, ...
+            source = input_quantizers[0]
+        else:
+            source = by_name.get(layer.name) or by_name.get(f"quant_{layer.name}")
+        if source is None:
+            raise ValueError(f"layer {layer.name!r} of the float-heads model has no counterpart in the QAT model")
+        if [w.shape for w in source.weights] == [w.shape for w in layer.weights]:  # the same (wrapped) layer
+            layer.set_weights(source.get_weights())
+            continue
+        # a float head layer: its kernel and bias are among the QAT wrapper's variables (with the quantizers')
+        found = {_short(v.name): v for v in source.weights}
+        missing = [_short(w.name) for w in layer.weights if _short(w.name) not in found]
+        if missing:
+            raise ValueError(f"{source.name}: no {', '.join(missing)} in the QAT model")
+        layer.set_weights([found[_short(w.name)].numpy() for w in layer.weights])
+    return target
+
+
+def _short(variable_name: str) -> str:
+    """'quant_h1/kernel:0' -> 'kernel'."""
+    return variable_name.rsplit("/", 1)[-1].split(":")[0]
+
+
+def _is_input_quantizer(layer) -> bool:
+    return type(layer).__name__ == "QuantizeLayer"
