@@ -229,7 +229,7 @@ def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxono
     fmt_l = str(fmt).lower()
     if fmt_l not in FORMATS:
         raise EvaluationError(f"model format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    true, probs = _check_inputs(true_leaf, head_probs, taxonomy)
+    true, probs = _check_inputs(true_leaf, taxonomy.as_head_probabilities(head_probs), taxonomy)
     leaves = list(taxonomy.leaves)
     pred, _, leaf_p = leaf_predictions(probs, taxonomy)
     leaf_cm = confusion_matrix(true, pred, len(leaves))

@@ -237,12 +237,33 @@ class Taxonomy:
 
     # ---------------------------------------------------------------- probabilities
     def leaf_probabilities(self, head_probs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """P(leaf) = product of the head probabilities along its path; shape (N, num_leaves)."""
+        """P(leaf) = product of the head probabilities along its path; shape (N, num_leaves).
+        A flat model's 'leaf' softmax is returned as it is."""
+        if self.heads[0].name not in head_probs and "leaf" in head_probs:
+            return np.asarray(head_probs["leaf"], dtype=np.float64)
         first = np.asarray(head_probs[self.heads[0].name])
         out = np.ones((first.shape[0], len(self.leaves)), dtype=np.float64)
         for j, leaf in enumerate(self.leaves):
             for head, cls in self._paths[leaf]:
                 out[:, j] *= np.asarray(head_probs[head], dtype=np.float64)[:, self.head(head).classes.index(cls)]
+        return out
+
+    def as_head_probabilities(self, probs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Head outputs as they are; a flat model's 'leaf' softmax turned into each head's conditional
+        probabilities (the mass of the leaves under each class, renormalised within the head), so a flat
+        baseline is scored by exactly the same code. The product along a path gives back P(leaf)."""
+        if "leaf" not in probs or all(h.name in probs for h in self.heads):
+            return dict(probs)
+        leaf_p = np.asarray(probs["leaf"], dtype=np.float64)
+        out = {}
+        for head in self.heads:
+            mass = np.zeros((leaf_p.shape[0], head.num_classes))
+            for j, leaf in enumerate(self.leaves):
+                for name, cls in self._paths[leaf]:
+                    if name == head.name:
+                        mass[:, head.classes.index(cls)] += leaf_p[:, j]
+            total = mass.sum(axis=1, keepdims=True)
+            out[head.name] = np.where(total > 0, mass / np.maximum(total, 1e-300), 1.0 / head.num_classes)
         return out
 
     def decode(self, head_probs: Mapping[str, np.ndarray], review_threshold: float = 0.5) -> list[dict]:

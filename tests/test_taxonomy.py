@@ -66,3 +66,18 @@ def test_bad_taxonomy_file_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(TaxonomyError, match="broken.json"):
         Taxonomy.from_file(path)
+
+
+def test_flat_leaf_softmax_becomes_head_probabilities_that_multiply_back():
+    tax = Taxonomy.default()
+    rng = np.random.default_rng(0)
+    leaf_p = rng.dirichlet(np.ones(len(tax.leaves)), size=16)
+    heads = tax.as_head_probabilities({"leaf": leaf_p})
+    assert set(heads) == set(tax.head_names)
+    for name in tax.head_names:
+        np.testing.assert_allclose(heads[name].sum(axis=1), 1.0)
+    np.testing.assert_allclose(tax.leaf_probabilities(heads), leaf_p, rtol=1e-9)
+    # h1 'defect' is the mass of the six defect leaves
+    defect = [tax.leaves.index(leaf) for leaf in ("bridge", "open", "cmp", "crack", "ler", "inc_etch")]
+    h1 = tax.head("h1")
+    np.testing.assert_allclose(heads["h1"][:, h1.classes.index("defect")], leaf_p[:, defect].sum(axis=1))

@@ -1,0 +1,140 @@
+"""Model and training choices on the same data and budget: (a) five heads vs a flat 8-way softmax,
+(b) loss weights, (c) input size, (d) from scratch vs the shipped SEM-pretrained backbone (vs ImageNet).
+
+    python experiments/model_choices.py --train TRAIN_DATA --test TEST_DATA --work DIR \
+        [--only a,b,c,d] [--img-size 128] [--epochs 30] [--imagenet WEIGHTS.h5] \
+        [--reuse NAME=RUN ...] [--out experiments/results/model_choices.md]
+
+Every variant is a `semhinet train` (float phase only: quantization is experiments/quantization.py's
+subject) with one setting changed from the defaults, evaluated by `semhinet eval` on a separately
+generated test set. Runs already present in --work are reused, so the script can be resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+def variants(args) -> dict[str, list[tuple[str, list[str]]]]:
+    """experiment -> [(variant name, extra `semhinet train` arguments)]; the first one is the reference."""
+    size = ["--img-size", str(args.img_size)]
+    base = ("five heads, SEM start", size)
+    out = {
+        "a": [base, ("flat 8-way softmax, SEM start", [*size, "--flat"])],
+        "b": [("h3-h5 weight 2 (default)", size), ("all weights 1", [*size, "--loss-weights", "h3=1,h4=1,h5=1"]),
+              ("h3-h5 weight 4", [*size, "--loss-weights", "h3=4,h4=4,h5=4"])],
+        "c": [(f"{s} px", ["--img-size", str(s)]) for s in (128, 160, 224)],
+        "d": [base, ("from scratch", [*size, "--weights", "none"])],
+    }
+    if args.imagenet:
+        out["d"].append(("ImageNet start", [*size, "--weights", str(args.imagenet)]))
+    return out
+
+
+def run_name(extra: list[str]) -> str:
+    name = "_".join(a.strip("-").replace("=", "").replace(",", "") for a in extra) or "default"
+    return name.replace("/", "_")[:80]
+
+
+def train_and_eval(args, extra: list[str], reuse: dict[str, Path]) -> dict:
+    name = run_name(extra)
+    run = reuse.get(name, args.work / name)
+    result_file = run / "test_eval.json"
+    if not result_file.exists():
+        if not (run / "train_result.json").exists():
+            cmd = [sys.executable, "-m", "semhinet_tf", "train", str(args.train), "--out", str(run), "--epochs",
+                   str(args.epochs), "--qat-epochs", "0", "--seed", str(args.seed), *extra]
+            if run.exists():
+                cmd.append("--overwrite")
+            _run(cmd, args.work / f"{name}.log")
+        minutes = json.loads((run / "train_result.json").read_text())["float_seconds"] / 60
+        _run([sys.executable, "-m", "semhinet_tf", "eval", str(run / "float.keras"), "--data", str(args.test),
+              "--split", "all", "--json", str(result_file)], args.work / f"{name}.eval.log")
+        result = json.loads(result_file.read_text())
+        result["train_minutes"] = round(minutes, 1)
+        result_file.write_text(json.dumps(result))
+    return {**json.loads(result_file.read_text()), "run": str(run), "command": _train_command(args, extra)}
+
+
+def _train_command(args, extra: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in ["semhinet", "train", str(args.train), "--out", "RUN", "--epochs",
+                                             str(args.epochs), "--qat-epochs", "0", "--seed", str(args.seed),
+                                             *extra])
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**_env(), "SEMHINET_QUIET": "1"})
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}); see {log}")
+
+
+def _env() -> dict:
+    import os
+
+    return dict(os.environ)
+
+
+def row(name: str, res: dict, ref: dict | None) -> str:
+    s = res["summary"]
+    acc = res["leaf"]["accuracy"]
+    recalls = [v for v in s["h1_recall"].values() if v is not None]
+    precisions = [v for v in s["specialist_precision"].values() if v is not None]
+    delta = "" if ref is None else f" ({100 * (acc - ref['leaf']['accuracy']):+.1f})"
+    return (f"| {name} | {acc:.3f}{delta} | {_f(s['h1_recall'].get('normal'))} | {_f(s['h1_recall'].get('defect'))} "
+            f"| {_f(min(recalls) if recalls else None)} | {_f(s['h2_router_accuracy'])} "
+            f"| {_f(min(precisions) if precisions else None)} | {res.get('train_minutes', '-')} | `{res['command']}` |")
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+TITLES = {"a": "(a) Hierarchical five heads vs flat softmax", "b": "(b) Loss weights",
+          "c": "(c) Input size", "d": "(d) Starting weights"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", type=Path, required=True)
+    p.add_argument("--test", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--only", default="a,b,c,d")
+    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--imagenet", type=Path, default=None, help="keras.applications MobileNetV3Small weights")
+    p.add_argument("--reuse", action="append", default=[], help="NAME=RUN: an existing run for a variant")
+    p.add_argument("--out", type=Path, default=Path("experiments/results/model_choices.md"))
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    reuse = {k: Path(v) for k, v in (r.split("=", 1) for r in args.reuse)}
+
+    lines = [f"Train: `{args.train}`; test: `{args.test}` (separately generated); {args.epochs} float epochs, "
+             f"seed {args.seed}, float models on this 2-core CPU. Leaf accuracy in brackets: points vs the "
+             "first row of each table.", ""]
+    for key in args.only.split(","):
+        lines += [f"### {TITLES[key]}", "",
+                  "| variant | leaf acc | h1 recall normal | h1 recall defect | h1 recall min | h2 router acc "
+                  "| specialist precision min | train min | command |", "|---|---|---|---|---|---|---|---|---|"]
+        ref = None
+        for name, extra in variants(args)[key]:
+            res = train_and_eval(args, extra, reuse)
+            lines.append(row(name, res, ref))
+            ref = ref or res
+            print(lines[-1], flush=True)
+        lines.append("")
+    lines.append("Reproduce: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
