@@ -173,6 +173,26 @@ def test_float_heads_keep_the_backbone_on_the_npu_and_the_heads_in_float(workspa
                 assert diff.mean() <= np.abs(probs[head] - keras_probs[other]).mean() + 1e-6
 
 
+def test_keras_and_tflite_give_identical_metrics_where_their_predictions_agree(workspace):
+    """Scoring is format-blind: on the frames where the QAT .h5 and the .tflite pick the same class in every
+    head, every metric of `evaluate` (confusions, recalls, summary, per-class) is the same."""
+    from semhinet_tf.data.dataset import load_split_frames
+    from semhinet_tf.evaluate import evaluate
+    from semhinet_tf.predict import Predictor
+
+    taxonomy = Taxonomy.default()
+    parts = [load_split_frames(workspace["run"], which, progress=False) for which in ("train", "val")]
+    frames, truth = np.concatenate([f for f, _ in parts]), np.concatenate([t for _, t in parts])
+    keras_probs = Predictor(workspace["run"] / "qat.h5").predict(frames)
+    tflite_probs = Predictor(workspace["tflite"]).predict(frames)
+    agree = np.all([keras_probs[h].argmax(1) == tflite_probs[h].argmax(1) for h in taxonomy.head_names], axis=0)
+    assert agree.sum() >= len(frames) // 2, f"only {agree.sum()} of {len(frames)} frames agree"
+    results = [evaluate(truth[agree], {h: p[h][agree] for h in taxonomy.head_names}, taxonomy, model_name="m",
+                        fmt=fmt) for p, fmt in ((keras_probs, "keras"), (tflite_probs, "tflite"))]
+    for key in ("leaf", "heads", "summary", "per_class", "missing_classes"):
+        assert results[0][key] == results[1][key], key
+
+
 def test_predict_prints_one_json_line_per_image(workspace):
     out = run_cli("predict", str(workspace["tflite"]), str(workspace["data"] / "bridge"))
     rows = [json.loads(line) for line in out.strip().splitlines()]
