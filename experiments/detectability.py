@@ -11,14 +11,15 @@ knows exactly *what* and *where* the defect is could use; no classifier can do b
 alpha on normal frames such an observer detects the frame with probability Phi(d - z_(1-alpha)), so the mean
 over frames bounds the gatekeeper's defect recall at normal recall 1 - alpha (Gaussian, white-noise model).
 
-With --predictions (the CSV of `semhinet predict` on the same generated folder) the table also shows the
-SNR of the frames the model got right and wrong, the evidence that errors sit on faint defects.
+With --predictions (the JSON lines of `semhinet predict MODEL FOLDER` on the same generated folder) a
+second table shows the model's recall by defect severity (the generator's per-frame s, 0 = faint, 1 =
+obvious) and how often each class is called `normal`: the evidence of where the errors sit.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import math
 import re
 import shlex
@@ -30,15 +31,16 @@ import numpy as np
 from semhinet_tf.data import synth
 
 
-def frame_snr(leaf: str, seed: int, k: int, size: int, difficulty: float) -> float:
-    """Matched-filter SNR of image k's defect against its own clean twin (see the module docstring)."""
+def frame_snr(leaf: str, seed: int, k: int, size: int, difficulty: float) -> tuple[float, float]:
+    """(matched-filter SNR of image k's defect against its clean twin, the defect's severity s)."""
     rng = np.random.default_rng(synth.image_seed(seed, leaf, k))
     scene_seed, defect_seed, noise_seed = synth._streams(rng)
     scene_rng, defect_rng = np.random.default_rng(scene_seed), np.random.default_rng(defect_seed)
     scene = synth._sample_scene(scene_rng, size, difficulty)
     pat = synth._make_pattern(scene, scene_rng)
     clean_h, clean_y = pat.height.copy(), pat.yield_map.copy()
-    synth.DEFECT_FUNCS[leaf](pat, defect_rng, synth._severity(defect_rng, difficulty))
+    severity = synth._severity(defect_rng, difficulty)
+    synth.DEFECT_FUNCS[leaf](pat, defect_rng, severity)
     np.clip(pat.height, 0.0, 1.3, out=pat.height)
 
     def shot(height, yield_map, noise):
@@ -49,7 +51,7 @@ def frame_snr(leaf: str, seed: int, k: int, size: int, difficulty: float) -> flo
     noise = twin - other
     noise -= noise.mean(axis=1, keepdims=True)  # scan-line offsets: known per row, not pixel noise
     sigma = max(noise.std() / math.sqrt(2.0), 1e-6)
-    return float(np.linalg.norm(frame - twin) / sigma)
+    return float(np.linalg.norm(frame - twin) / sigma), severity
 
 
 def phi(x: np.ndarray) -> np.ndarray:
@@ -66,15 +68,32 @@ def z_quantile(p: float) -> float:
 
 
 def read_predictions(path: Path) -> dict[tuple[str, int], str]:
-    """(true class, image index) -> predicted leaf, from `semhinet predict --format csv` rows."""
+    """(true class, image index) -> predicted leaf, from `semhinet predict` JSON lines."""
     out = {}
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            name = Path(row["path"]).name
-            m = re.match(r"(.+)_(\d+)\.\w+$", name)
-            if m:
-                out[(m.group(1), int(m.group(2)))] = row["leaf"]
+    for line in path.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        row = json.loads(line)
+        m = re.match(r"(.+)_(\d+)\.\w+$", Path(row["path"]).name)
+        if m and "class" in row:
+            out[(m.group(1), int(m.group(2)))] = row["class"]
     return out
+
+
+SEVERITY_BINS = ((0.0, 1 / 3, "faint (s < 1/3)"), (1 / 3, 2 / 3, "medium"), (2 / 3, 1.01, "obvious (s > 2/3)"))
+
+
+def severity_table(per_class: dict[str, tuple[np.ndarray, np.ndarray]], preds: dict) -> list[str]:
+    lines = ["| class | " + " | ".join(f"recall, {b[2]}" for b in SEVERITY_BINS) + " | called normal | n |",
+             "|---|---|---|---|---|---|"]
+    for leaf, (_, sev) in per_class.items():
+        got = np.array([preds.get((leaf, k), "") for k in range(len(sev))])
+        cells = []
+        for lo, hi, _ in SEVERITY_BINS:
+            inside = (sev >= lo) & (sev < hi)
+            cells.append(f"{np.mean(got[inside] == leaf):.2f} (n={inside.sum()})" if inside.any() else "-")
+        lines.append(f"| {leaf} | " + " | ".join(cells) + f" | {np.mean(got == 'normal'):.2f} | {len(sev)} |")
+    return lines
 
 
 def main() -> None:
@@ -93,14 +112,16 @@ def main() -> None:
     lines = [f"Generator {synth.GENERATOR_VERSION}, difficulty {args.difficulty}, {args.size} px, seed {args.seed}, "
              f"{args.per_class} frames a class; ideal observer at {100 * args.alpha:g}% false alarms on normal "
              "frames.", "",
-             "| class | median SNR | frames with SNR < 2 | SNR < 4 | ideal-observer detection bound |"
+             "| class | median SNR | min SNR | frames with SNR < 4 | ideal-observer detection bound |"
              + (" model: median SNR right / wrong (n wrong) |" if preds else ""),
              "|---|---|---|---|---|" + ("---|" if preds else "")]
-    all_snr = []
+    all_snr, per_class = [], {}
     for leaf in synth.DEFECTS:
-        snr = np.array([frame_snr(leaf, args.seed, k, args.size, args.difficulty) for k in range(args.per_class)])
+        pairs = [frame_snr(leaf, args.seed, k, args.size, args.difficulty) for k in range(args.per_class)]
+        snr, sev = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+        per_class[leaf] = (snr, sev)
         all_snr.append(snr)
-        row = (f"| {leaf} | {np.median(snr):.1f} | {np.mean(snr < 2):.1%} | {np.mean(snr < 4):.1%} | "
+        row = (f"| {leaf} | {np.median(snr):.1f} | {snr.min():.1f} | {np.mean(snr < 4):.1%} | "
                f"{phi(snr - z).mean():.4f} |")
         if preds:
             right = [s for k, s in enumerate(snr) if preds.get((leaf, k)) == leaf]
@@ -110,8 +131,10 @@ def main() -> None:
         lines.append(row)
         print(row, flush=True)
     snr = np.concatenate(all_snr)
-    lines.append(f"| all defects | {np.median(snr):.1f} | {np.mean(snr < 2):.1%} | {np.mean(snr < 4):.1%} | "
+    lines.append(f"| all defects | {np.median(snr):.1f} | {snr.min():.1f} | {np.mean(snr < 4):.1%} | "
                  f"{phi(snr - z).mean():.4f} |" + (" |" if preds else ""))
+    if preds:
+        lines += ["", f"Model: `{args.predictions}`", "", *severity_table(per_class, preds)]
     lines += ["", "Reproduce: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
