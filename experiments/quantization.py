@@ -1,11 +1,12 @@
 """Which int8 route keeps the float model's accuracy: QAT vs post-training quantization, per-channel vs per-tensor.
 
-    python experiments/quantization.py RUN --data DATA [--extra-run RUN_PER_TENSOR_QAT] \
+    python experiments/quantization.py RUN --data DATA [--extra-run RUN_PER_TENSOR_QAT] [--test TEST_DATA] \
         [--out experiments/results/quantization.md]
 
 Converts the run's models several ways (QAT as trained; PTQ of the float model per-channel and
 per-tensor; optionally a second run trained with --granularity per-tensor), evaluates each .tflite on
-the run's held-out split, and writes a Markdown table of the summary metrics with float-vs-int8 deltas
+the run's held-out split (or on every image of a separately generated --test set), and writes a
+Markdown table of the summary metrics with float-vs-int8 deltas
 and the command that reproduces it.
 """
 
@@ -32,21 +33,23 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--extra-run", type=Path, default=None, help="a run trained with --granularity per-tensor")
+    p.add_argument("--test", type=Path, default=None, help="evaluate on all of this folder instead of the val split")
     p.add_argument("--out", type=Path, default=Path("experiments/results/quantization.md"))
     args = p.parse_args()
+    data, split = (args.test, "all") if args.test else (args.data, "val")
 
     from semhinet_tf.export.convert import convert_run
     from semhinet_tf.workflow import eval_model
 
     work = args.out.parent / "quantization_models"
     work.mkdir(parents=True, exist_ok=True)
-    float_eval = eval_model(args.run / "float.keras", args.data, split="val", progress=False)["result"]
+    float_eval = eval_model(args.run / "float.keras", data, split=split, progress=False)["result"]
     rows = [("float (Keras)", float_eval, None, None)]
     for i, (name, run, opts) in enumerate(variants(args.run, args.extra_run)):
         t = time.time()
         tflite = work / f"variant{i}.tflite"
         info = convert_run(run, tflite, overwrite=True, progress=False, **opts)
-        res = eval_model(tflite, args.data, split="val", progress=False, run_dir=run)["result"]
+        res = eval_model(tflite, data, split=split, progress=False, run_dir=run)["result"]
         rows.append((name, res, info["npu_ok"], time.time() - t))
     args.out.write_text(render(rows, float_eval) + "\n\nReproduce: `python "
                         + " ".join(shlex.quote(a) for a in sys.argv) + "`\n")
