@@ -173,10 +173,19 @@ def render_markdown(doc: _Doc, title: str, meta: str) -> str:
 
 
 # ---------------------------------------------------------------- figures
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, grey: bool = False) -> Path:
+    """`grey`: a figure of grey SEM thumbnails and black text is stored as an 8-bit grey PNG (a third of
+    the RGBA size, which matters for reports committed to a repository)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=FIG_DPI, bbox_inches="tight", facecolor="white")
-    return atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    if grey:
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("L").save(out, format="png", optimize=True)
+        data = out.getvalue()
+    return atomic_write_bytes(path, data)
 
 
 def _draw_confusion(ax: Any, cm: np.ndarray, labels: Sequence[str], title: str, fontsize: float = 10):
@@ -410,7 +419,7 @@ def plot_worst(indices: Sequence[int], paths: Sequence[str], labels: Sequence[st
     for ax in axes[len(indices):]:
         ax.set_visible(False)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, grey=True)
 
 
 # ---------------------------------------------------------------- sections
