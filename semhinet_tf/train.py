@@ -407,11 +407,11 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     result = {"run_dir": str(run_dir), "float_seconds": round(t_float, 1),
               "float_val": hierarchical_scores(best_float, *val_set, taxonomy, cfg.flat)}
     if cfg.qat_epochs > 0:
-        from semhinet_tf.model.quant import quantize_model
+        from semhinet_tf.model.quant import qat_base, quantize_model
 
         t_qat = time.time()
         with strategy.scope():
-            qat = quantize_model(best_float, cfg.granularity)
+            qat = quantize_model(qat_base(best_float, taxonomy, mcfg, cfg.granularity), cfg.granularity)
         _fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs,
                    cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy)
         result["qat_seconds"] = round(time.time() - t_qat, 1)

@@ -134,3 +134,27 @@ def test_class_weighted_masked_loss_is_a_weighted_mean():
     pred = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], np.float32)
     got = float(np.mean(loss(np.array([0, 1, -1]), pred)))
     assert got == pytest.approx((3 * -np.log(0.9) + 1 * -np.log(0.8)) / 4, rel=1e-5)
+
+
+def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs():
+    """Per-tensor QAT starts from the folded model; it must compute what the trained model computes."""
+    from dataclasses import replace
+
+    from semhinet_tf.model.mobilenet_v3 import fold_batchnorm
+
+    taxonomy = Taxonomy.default()
+    cfg = ModelConfig(img_size=32)
+    trained = build_model(taxonomy, cfg)
+    rng = np.random.default_rng(0)
+    for layer in trained.layers:  # BatchNorm statistics far from the identity, as after training
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.get_weights()[0].shape[0]
+            layer.set_weights([rng.uniform(0.2, 2.0, n), rng.normal(0, 0.3, n), rng.normal(0, 0.5, n),
+                               rng.uniform(0.1, 3.0, n)])
+    folded = fold_batchnorm(trained, build_model(taxonomy, replace(cfg, backbone=replace(cfg.backbone,
+                                                                                        batchnorm=False))))
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    x = rng.integers(0, 256, (4, 32, 32, 1)).astype(np.float32)
+    a, b = trained(x, training=False), folded(x, training=False)
+    for head in taxonomy.head_names:
+        np.testing.assert_allclose(np.asarray(a[head]), np.asarray(b[head]), atol=1e-4)

@@ -82,9 +82,12 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     img_size = int(config["model"]["img_size"])
     model = load_model(model_file)
     if float_heads:
-        from semhinet_tf.model.quant import with_float_heads
+        from semhinet_tf.model.heads import ModelConfig
+        from semhinet_tf.model.quant import qat_base, with_float_heads
 
-        model = with_float_heads(model, load_model(run_dir / "float.keras"), granularity)
+        template = qat_base(load_model(run_dir / "float.keras"), taxonomy, ModelConfig.from_dict(config["model"]),
+                            granularity)
+        model = with_float_heads(model, template, granularity)
     frames, leaf_ids = load_split_frames(run_dir, "train", progress=progress)
     calib = calibration_frames(frames, leaf_ids, calib_samples, int(config["train"]["seed"]))
     tflite = convert_int8(model, img_size, taxonomy.head_names, lambda: iter(calib), io_type=io_type,

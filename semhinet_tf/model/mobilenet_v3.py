@@ -55,9 +55,11 @@ class BackboneConfig:
     alpha: float = 1.0
     minimalistic: bool = False
     bn_momentum: float = 0.99
+    batchnorm: bool = True  # False: BatchNorm folded into the convolutions (see fold_batchnorm)
 
     def to_dict(self) -> dict:
-        return {"alpha": self.alpha, "minimalistic": self.minimalistic, "bn_momentum": self.bn_momentum}
+        return {"alpha": self.alpha, "minimalistic": self.minimalistic, "bn_momentum": self.bn_momentum,
+                "batchnorm": self.batchnorm}
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -87,11 +89,43 @@ def _activation(kind: str, name: str) -> layers.Layer:
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, cfg: BackboneConfig, depthwise: bool = False):
+    bias = not cfg.batchnorm
     if depthwise:
-        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
+        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=bias, name=name)(x)
     else:
-        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=bias, name=name)(x)
+    if not cfg.batchnorm:
+        return x
     return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=cfg.bn_momentum, name=f"{name}/BatchNorm")(x)
+
+
+def fold_batchnorm(trained: keras.Model, folded: keras.Model) -> keras.Model:
+    """Copy `trained` (convolutions followed by BatchNorm) into `folded` (the same model built with
+    batchnorm=False): kernel * gamma / sqrt(var + eps) per output channel, bias = beta - mean * that scale.
+
+    Why: the converter folds BatchNorm into the kernels anyway. With per-channel weight scales that is
+    harmless; with one scale per tensor, channels whose BatchNorm scale is small are rounded away, so a
+    per-tensor QAT model must be trained on the folded kernels it will be deployed with."""
+    source = {layer.name: layer for layer in trained.layers}
+    for layer in folded.layers:
+        if not layer.weights:
+            continue
+        src = source.get(layer.name)
+        if src is None:
+            raise ValueError(f"layer {layer.name!r} is missing from the trained model")
+        bn = source.get(f"{layer.name}/BatchNorm")
+        if bn is None:
+            layer.set_weights(src.get_weights())
+            continue
+        gamma, beta, mean, var = bn.get_weights()
+        scale = gamma / np.sqrt(var + bn.epsilon)
+        kernel = src.get_weights()[0]
+        if isinstance(layer, layers.DepthwiseConv2D):  # (k, k, channels, 1): one filter per input channel
+            kernel = kernel * scale[None, None, :, None]
+        else:
+            kernel = kernel * scale
+        layer.set_weights([kernel.astype(np.float32), (beta - mean * scale).astype(np.float32)])
+    return folded
 
 
 def _squeeze_excite(x, channels: int, prefix: str):

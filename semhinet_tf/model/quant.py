@@ -91,6 +91,21 @@ def quantize_model(model: keras.Model, granularity: str = "per-channel", float_h
         return qkeras.quantize_apply(annotated, scheme)
 
 
+def qat_base(float_model: keras.Model, taxonomy, model_config, granularity: str) -> keras.Model:
+    """The float model QAT starts from: as trained for per-channel weights; with BatchNorm folded into the
+    convolutions for per-tensor weights (see mobilenet_v3.fold_batchnorm)."""
+    if granularity != "per-tensor":
+        return float_model
+    from dataclasses import replace
+
+    from semhinet_tf.model.heads import build_model
+    from semhinet_tf.model.mobilenet_v3 import fold_batchnorm
+
+    cfg = replace(model_config, backbone=replace(model_config.backbone, batchnorm=False))
+    with keras.utils.custom_object_scope(CUSTOM_OBJECTS):
+        return fold_batchnorm(float_model, build_model(taxonomy, cfg))
+
+
 def with_float_heads(qat: keras.Model, float_model: keras.Model, granularity: str = "per-channel") -> keras.Model:
     """The trained QAT model with its heads taken out of quantization: backbone wrappers (weights and learned
     ranges) copied layer by layer, each head's float weights copied from inside its wrapper."""
