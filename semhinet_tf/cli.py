@@ -135,6 +135,8 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--minimalistic", is_flag=True, help="MobileNetV3 minimalistic (no SE, ReLU, 3x3)")
 @click.option("--bn-momentum", default=None, type=float, help="default: from the training length")
 @click.option("--flat", is_flag=True, help="baseline: one 8-way softmax over the leaves instead of the five heads")
+@click.option("--balance-heads/--no-balance-heads", default=True, show_default=True,
+              help="weight each head's classes equally (the gatekeeper's normal counts as much as all defects)")
 @click.option("--granularity", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel",
               show_default=True, help="QAT weight quantization")
 @click.option("--databar", default="auto", show_default=True, help="info-bar removal: auto | off | N rows")
