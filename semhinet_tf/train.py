@@ -122,12 +122,12 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- validation and history callbacks
-def hierarchical_scores(model, frames: np.ndarray, leaf_ids: np.ndarray, taxonomy, flat: bool) -> dict:
+def hierarchical_scores(model, frames: np.ndarray, leaf_ids: np.ndarray, taxonomy) -> dict:
     """Leaf accuracy and balanced accuracy through the hierarchy (or the flat softmax)."""
     from semhinet_tf.predict import predict_keras
 
     probs = predict_keras(model, frames)
-    leaf_p = probs["leaf"] if flat else taxonomy.leaf_probabilities(probs)
+    leaf_p = taxonomy.leaf_probabilities(probs)  # a flat model's "leaf" output as it is
     pred = leaf_p.argmax(1)
     recalls = [np.mean(pred[leaf_ids == c] == c) for c in np.unique(leaf_ids)]
     return {"val_leaf_acc": float(np.mean(pred == leaf_ids)), "val_leaf_bacc": float(np.mean(recalls))}
@@ -148,7 +148,7 @@ def _callbacks(run_dir: Path, phase: str, taxonomy, val, cfg: TrainConfig, model
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            scores = hierarchical_scores(self.model, val[0], val[1], taxonomy, cfg.flat)
+            scores = hierarchical_scores(self.model, val[0], val[1], taxonomy)
             logs.update(scores)
             score = scores["val_leaf_bacc"]
             if score > self.best + 1e-6:
@@ -405,7 +405,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
 
     best_float = load_model(run_dir / FLOAT_MODEL)
     result = {"run_dir": str(run_dir), "float_seconds": round(t_float, 1),
-              "float_val": hierarchical_scores(best_float, *val_set, taxonomy, cfg.flat)}
+              "float_val": hierarchical_scores(best_float, *val_set, taxonomy)}
     if cfg.qat_epochs > 0:
         from semhinet_tf.model.quant import qat_base, quantize_model
 
@@ -415,9 +415,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
         _fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs,
                    cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy)
         result["qat_seconds"] = round(time.time() - t_qat, 1)
-        result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy, cfg.flat)
+        result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy)
     final = load_model(run_dir / (QAT_MODEL if cfg.qat_epochs > 0 else FLOAT_MODEL))
-    result["review_threshold"] = write_review_threshold(final, val_set, taxonomy, run_dir, cfg.flat)
+    result["review_threshold"] = write_review_threshold(final, val_set, taxonomy, run_dir)
     result["seconds"] = round(time.time() - t0, 1)
     result["pipeline_images_per_second"] = pipe_ips
     result["train_step_images_per_second"] = step_ips
@@ -431,14 +431,14 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     return result
 
 
-def write_review_threshold(model, val, taxonomy, run_dir: Path, flat: bool, target_purity: float = 0.99) -> dict:
+def write_review_threshold(model, val, taxonomy, run_dir: Path, target_purity: float = 0.99) -> dict:
     """The lowest leaf-probability threshold whose automatic decisions reach the target purity on validation;
     `convert` embeds it in the .tflite so predict and the board flag the same images."""
     from semhinet_tf.evaluate import coverage_curve, threshold_for_purity
     from semhinet_tf.predict import predict_keras
 
     probs = predict_keras(model, val[0])
-    leaf_p = probs["leaf"] if flat else taxonomy.leaf_probabilities(probs)
+    leaf_p = taxonomy.leaf_probabilities(probs)
     point = threshold_for_purity(coverage_curve(val[1], leaf_p), target_purity)
     point = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in point.items()}
     _atomic_json({**point, "target_purity": target_purity, "split": "val"}, run_dir / "review_threshold.json")

@@ -183,8 +183,7 @@ def main() -> None:
 
     class Score(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            history.append({"epoch": epoch + 1, **hierarchical_scores(model, frames[val], leaves[val], taxonomy,
-                                                                      False)})
+            history.append({"epoch": epoch + 1, **hierarchical_scores(model, frames[val], leaves[val], taxonomy)})
             print(f"  epoch {epoch + 1}: {history[-1]}", flush=True)
 
     t_train = time.time()

@@ -54,7 +54,7 @@ def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
     fn = serving_function(model, img_size, output_names)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if per_tensor:  # post-training route only: a QAT model carries its own (trained) granularity
+    if per_tensor:  # one scale per weight tensor: PTQ, or a per-tensor QAT model (its kernels are BN-folded)
         converter._experimental_disable_per_channel = True
     if calibration is not None:
         converter.representative_dataset = representative_dataset(calibration)
@@ -75,7 +75,6 @@ def _quantize_all_but_heads(converter, io_type: str, per_tensor: bool) -> bytes:
     from tensorflow.lite.python import util as lite_util
 
     from semhinet_tf.export.tflite_meta import read_model
-    from semhinet_tf.model.heads import is_head_layer
 
     converter.experimental_mlir_quantizer = True
     converter._experimental_calibrate_only = True
@@ -83,7 +82,7 @@ def _quantize_all_but_heads(converter, io_type: str, per_tensor: bool) -> bytes:
     graph = read_model(calibrated)
     outputs = set(graph.outputs)  # the heads' softmax tensors carry signature names, not layer names
     head_tensors = [graph.tensors[i].name for op in graph.operators for i in op.outputs
-                    if i in outputs or _in_head(graph.tensors[i].name, is_head_layer)]
+                    if i in outputs or _in_head(graph.tensors[i].name)]
     if not head_tensors:
         raise ValueError("no head operators found to keep in float")
     quantized = lite_convert.mlir_quantize(calibrated, disable_per_channel=per_tensor, fully_quantize=False,
@@ -91,14 +90,11 @@ def _quantize_all_but_heads(converter, io_type: str, per_tensor: bool) -> bytes:
     return lite_util.modify_model_io_type(quantized, IO_TYPES[io_type], tf.float32)
 
 
-def _in_head(tensor_name: str, is_head_layer) -> bool:
+def _in_head(tensor_name: str) -> bool:
     """'semhinet/quant_h3_hidden/MatMul;...' names a head's tensor; pooling stays on the NPU."""
-    for part in tensor_name.split(";"):
-        for segment in part.split("/")[1:2]:
-            name = segment.removeprefix("quant_")
-            if is_head_layer(name) and not name.startswith("pool"):
-                return True
-    return False
+    from semhinet_tf.model.quant import is_float_head_layer
+
+    return any(is_float_head_layer(segment) for part in tensor_name.split(";") for segment in part.split("/")[1:2])
 
 
 def convert_float(model: keras.Model, img_size: int, output_names: Iterable[str]) -> bytes:
