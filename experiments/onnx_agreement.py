@@ -1,16 +1,25 @@
-"""Do the ONNX exports answer like the models they came from? Both paths, on a held-out set.
+"""Do the ONNX exports answer like the models they came from? Both paths, on a held-out set, and how far
+TFLite's own int8 kernels agree with each other, for scale.
 
-    python experiments/onnx_agreement.py RUN --data TEST_DATA [--out experiments/results/onnx_agreement.md]
+    python experiments/onnx_agreement.py RUN --data TEST_DATA [--split all] [--out RESULT.md]
 
 Path 1: the int8 .tflite (RUN/model_int8.tflite) -> ONNX (QDQ), compared with the .tflite.
 Path 2: the float Keras model (RUN/float.keras) -> ONNX, compared with Keras.
-Same decoded frames for all four models; reports leaf agreement (argmax of the hierarchical leaf
+Same decoded frames for every model; reports leaf agreement (argmax of the hierarchical leaf
 probability), the largest absolute difference of any head probability, and each model's leaf accuracy.
+
+Then the same int8 .tflite on four int8 engines: TFLite's default (XNNPACK), TFLite's built-in optimized
+kernels, TFLite's reference kernels and onnxruntime (the QDQ export), plus, for scale, the default engine
+on the same frames with random +-1 grey-level noise added. Each engine rounds differently, and the
+board's NPU is one more such engine; the pairwise table says how many verdicts that moves, and whether
+any of them is one the model answers with confidence (leaf probability at or above the run's review
+threshold) rather than one it already sends to review.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tempfile
@@ -19,24 +28,58 @@ from pathlib import Path
 import numpy as np
 
 
+def _reference_kernels(path: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
+    """TFLite's reference kernels (not offered by the board runtime: they abort on some PTQ models)."""
+    from ai_edge_litert import interpreter as lit
+
+    from semhinet_tf.board.runtime import BoardModel
+
+    model = BoardModel(path)
+    model.interpreter = lit.Interpreter(model_content=path.read_bytes(),
+                                        experimental_op_resolver_type=lit.OpResolverType.BUILTIN_REF)
+    model.interpreter.allocate_tensors()
+    model._setup_io()
+    return model.predict_frames(frames)
+
+
+def _pair_rows(outs: dict[str, dict[str, np.ndarray]], taxonomy, threshold: float) -> list[str]:
+    leaf = {k: taxonomy.leaf_probabilities(v) for k, v in outs.items()}
+    names = list(outs)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            la, lb = leaf[a].argmax(1), leaf[b].argmax(1)
+            differ = la != lb
+            confident = (leaf[a].max(1) >= threshold) | (leaf[b].max(1) >= threshold)
+            top = max(float(leaf[a].max(1)[differ].max()), float(leaf[b].max(1)[differ].max())) if differ.any() else 0.0
+            diff = max(float(np.abs(outs[a][h] - outs[b][h]).max()) for h in taxonomy.head_names)
+            rows.append(f"| {a} | {b} | {np.mean(~differ):.2%} ({int((~differ).sum())}/{len(la)}) | {diff:.4f} "
+                        f"| {int((differ & confident).sum())} | {top:.3f} |")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--split", default="all")
     p.add_argument("--out", type=Path, default=Path("experiments/results/onnx_agreement.md"))
+    p.add_argument("--no-reference", action="store_true", help="skip TFLite's reference kernels")
     args = p.parse_args()
 
+    from semhinet_tf.board.runtime import BoardModel
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.export.onnx import export_onnx
     from semhinet_tf.predict import Predictor
     from semhinet_tf.workflow import decode_items, model_context
 
-    pairs = [("int8 .tflite -> ONNX (QDQ)", args.run / "model_int8.tflite"),
-             ("float Keras -> ONNX", args.run / "float.keras")]
+    int8 = args.run / "model_int8.tflite"
+    pairs = [("int8 .tflite -> ONNX (QDQ)", int8), ("float Keras -> ONNX", args.run / "float.keras")]
     lines = [f"Run `{args.run}`, data `{args.data}` (split: {args.split}); onnxruntime on the CPU.", "",
              "| path | images | leaf agreement | largest probability difference | source leaf acc | ONNX leaf acc |",
              "|---|---|---|---|---|---|"]
+    engines: dict[str, dict[str, np.ndarray]] = {}
+    stability: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, source in pairs:
             onnx_path = Path(tmp) / f"{source.stem}.onnx"
@@ -51,7 +94,29 @@ def main() -> None:
             lines.append(f"| {name} | {len(frames)} | {np.mean(la == lb):.2%} ({int((la == lb).sum())}/{len(la)}) "
                          f"| {diff:.4f} | {np.mean(la == truth):.3f} | {np.mean(lb == truth):.3f} |")
             print(lines[-1], flush=True)
-    lines += ["", "Reproduce: `python " + " ".join(shlex.quote(x) for x in sys.argv) + "`"]
+            nudged = np.clip(frames.astype(np.int16) + np.random.default_rng(0).integers(-1, 2, frames.shape),
+                             0, 255).astype(np.uint8)
+            ln = taxonomy.leaf_probabilities(ref.predict(nudged)).argmax(1)
+            stability.append(f"{source.name} keeps {np.mean(ln == la):.2%} of its verdicts under +-1 grey-level noise")
+            if source == int8:
+                engines["TFLite default (XNNPACK)"] = a
+                engines["TFLite built-in kernels"] = BoardModel(int8, kernels="builtin").predict_frames(frames)
+                if not args.no_reference:
+                    engines["TFLite reference kernels"] = _reference_kernels(int8, frames)
+                engines["onnxruntime (QDQ)"] = b
+                # for scale: the model's own answer to a perturbation far below what a detector resolves
+                engines["TFLite default, input +-1 grey level"] = ref.predict(nudged)
+                engine_truth, engine_taxonomy = truth, taxonomy
+    threshold = float(json.loads((args.run / "review_threshold.json").read_text())["threshold"])
+    lines += ["", f"The int8 .tflite on {len(engines)} int8 engines ({len(engine_truth)} frames; review threshold "
+              f"{threshold:.3f} from the run):", "",
+              "| engine | engine | leaf agreement | largest probability difference | confident disagreements "
+              "| highest leaf probability among disagreements |", "|---|---|---|---|---|---|"]
+    lines += _pair_rows(engines, engine_taxonomy, threshold)
+    accs = ", ".join(f"{k} {np.mean(engine_taxonomy.leaf_probabilities(v).argmax(1) == engine_truth):.4f}"
+                     for k, v in engines.items())
+    lines += ["", f"Leaf accuracy: {accs}.", "", "Stability: " + "; ".join(stability) + ".", "",
+              "Reproduce: `python " + " ".join(shlex.quote(x) for x in sys.argv) + "`"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -304,3 +304,22 @@ def test_compare_cli_matches_board_paths_by_relative_path(model_path, images, tm
     assert bc.main(["compare", str(model_path), str(images), str(board), "--frames", str(frames)]) == 1
     out = capsys.readouterr().out
     assert "board agreement: 5/6 images" in out and "board frames: 5/6 byte-identical" in out
+
+
+# ---------------------------------------------------------------- kernel choice (diagnosis)
+def test_kernel_choice_selects_the_interpreters_resolver_and_answers_alike(model_path, images):
+    from semhinet_tf.board.runtime import _interpreter_module, op_resolver
+
+    module, _ = _interpreter_module()
+    assert op_resolver(module, "default") is None
+    assert op_resolver(module, "builtin") == module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        op_resolver(module, "fastest")
+    frames = np.stack([load_frame(p, BoardModel(model_path).preprocess) for p in iter_image_paths([images])])
+    default = BoardModel(model_path).predict_frames(frames)
+    other = BoardModel(model_path, kernels="builtin").predict_frames(frames)
+    assert other.keys() == default.keys()
+    for head, probs in default.items():  # same model, other rounding: close, not necessarily equal
+        assert np.allclose(other[head].sum(1), 1.0, atol=0.02)
+        assert np.abs(other[head] - probs).max() < 0.3
+    assert main([str(model_path), str(images), "--kernels", "builtin", "--out", os.devnull]) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semhinet_tf.board.runtime import BoardModel, iter_image_paths
+from semhinet_tf.board.runtime import KERNELS, BoardModel, iter_image_paths
 
 EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW = 0, 1, 2, 3
 CSV_FIELDS = ["path", "verdict", "family", "class", "probability", "review", "error", "infer_ms"]
@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the interpreter")
     p.add_argument("--threshold", type=_probability, default=None,
                    help="review threshold on the leaf probability (default: the one stored in the model)")
+    p.add_argument("--kernels", choices=list(KERNELS), default="default",
+                   help="CPU kernels (diagnosis only: int8 kernels round differently, so near-tie verdicts may change)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--out", help="write results here instead of stdout")
     p.add_argument("--fail-on-review", action="store_true", help="exit 3 when any image is flagged for review")
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
-                           review_threshold=args.threshold, warn=lambda m: print(m, file=err))
+                           review_threshold=args.threshold, warn=lambda m: print(m, file=err),
+                           kernels=args.kernels)
         warm = model.warm_up()
     except (ValueError, RuntimeError, KeyError) as exc:
         print(f"error: {exc}", file=err)

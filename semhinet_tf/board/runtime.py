@@ -19,6 +19,11 @@ from semhinet_tf.export.tflite_meta import read_contract
 from semhinet_tf.taxonomy import Taxonomy
 
 DEFAULT_REVIEW_THRESHOLD = 0.5
+# The interpreter's CPU kernels. "default" is what a user gets (XNNPACK on ARM and x86); "builtin" (TFLite's
+# own optimized kernels) is for diagnosis: int8 kernels round differently, so near-tie frames can change
+# verdict between them (experiments/results/onnx_agreement.md), and the NPU is one more such implementation.
+# TFLite's reference kernels are left out: they abort the process on some int8 models (seen with 2.3).
+KERNELS = {"default": None, "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES"}
 
 
 def _interpreter_module():
@@ -50,11 +55,24 @@ def load_delegate(module, path: str | None, warn=print):
         return None
 
 
+def op_resolver(module, kernels: str):
+    """The interpreter argument that selects `kernels` (a KERNELS key), or None for the default."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    if KERNELS[kernels] is None:
+        return None
+    enum = getattr(module, "OpResolverType", None) or getattr(getattr(module, "experimental", None),
+                                                              "OpResolverType", None)
+    if enum is None:
+        raise ValueError(f"this TFLite interpreter cannot select {kernels} kernels")
+    return getattr(enum, KERNELS[kernels])
+
+
 class BoardModel:
     """One .tflite model with its contract; `predict_frames` and `classify_paths` do the work."""
 
     def __init__(self, path: str | Path, threads: int | None = None, delegate: str | None = None,
-                 review_threshold: float | None = None, warn=None):
+                 review_threshold: float | None = None, warn=None, kernels: str = "default"):
         self.path = Path(path)
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
         try:
@@ -69,6 +87,9 @@ class BoardModel:
         module, self.engine = _interpreter_module()
         self.delegate = load_delegate(module, delegate, warn)
         kwargs = {"model_content": content, "num_threads": threads}
+        resolver = op_resolver(module, kernels)
+        if resolver is not None:
+            kwargs["experimental_op_resolver_type"] = resolver
         if self.delegate is not None:
             kwargs["experimental_delegates"] = [self.delegate]
         try:
