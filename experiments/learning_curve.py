@@ -1,0 +1,74 @@
+"""How does accuracy grow with labelled images per class, from the SEM-pretrained start and from scratch?
+
+    python experiments/learning_curve.py --pool POOL --test TEST_DATA --work DIR \
+        [--sizes 150,600,1500] [--weights sem,none] [--img-size 128] [--epochs 30] [--out RESULT.md]
+
+POOL is a class-folder data set with at least max(sizes) images a class (e.g. `semhinet synth POOL
+--per-class 1500 --seed 303`); each size trains on the first N images of every class (symlinked, so the
+smaller sets are subsets of the larger ones) with the default recipe (float phase only), and every run is
+evaluated on the same separately generated TEST_DATA. Runs already present in --work are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from model_choices import row, train_and_eval  # noqa: E402
+
+from semhinet_tf.data.synth import LEAVES  # noqa: E402
+
+
+def subset(pool: Path, n: int, out: Path) -> Path:
+    """`out` with the first n images (sorted by name) of each class folder of `pool`, as symlinks."""
+    for leaf in LEAVES:
+        files = sorted(p for p in (pool / leaf).iterdir() if p.is_file())
+        if len(files) < n:
+            raise SystemExit(f"{pool / leaf}: {len(files)} images, need {n}")
+        (out / leaf).mkdir(parents=True, exist_ok=True)
+        for f in files[:n]:
+            link = out / leaf / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pool", type=Path, required=True)
+    p.add_argument("--test", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--sizes", default="150,600,1500")
+    p.add_argument("--weights", default="sem,none")
+    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("experiments/results/learning_curve.md"))
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    lines = [f"Pool: `{args.pool}`; test: `{args.test}` (separately generated); {args.img_size} px, "
+             f"{args.epochs} float epochs (early stopping on), seed {args.seed}, this 2-core CPU.", "",
+             "| images a class | start | leaf acc | h1 recall normal | h1 recall defect | h1 recall min "
+             "| h2 router acc | specialist precision min | train min | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for n in (int(s) for s in args.sizes.split(",")):
+        data = subset(args.pool, n, args.work / f"data_{n}")
+        for weights in args.weights.split(","):
+            run_args = argparse.Namespace(**{**vars(args), "train": data, "work": args.work / f"n{n}"})
+            run_args.work.mkdir(exist_ok=True)
+            res = train_and_eval(run_args, ["--img-size", str(args.img_size), "--weights", weights], {})
+            lines.append(f"| {n} | {weights} " + row("x", res, None).removeprefix("| x "))
+            print(lines[-1], flush=True)
+    lines += ["", "Reproduce: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
