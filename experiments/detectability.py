@@ -22,11 +22,10 @@ import argparse
 import json
 import math
 import re
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
+from results_file import write_result
 
 from semhinet_tf.data import synth
 
@@ -135,10 +134,7 @@ def main() -> None:
                  f"{phi(snr - z).mean():.4f} |" + (" |" if preds else ""))
     if preds:
         lines += ["", f"Model: `{args.predictions}`", "", *severity_table(per_class, preds)]
-    lines += ["", "Reproduce: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,12 @@ evaluated on the same separately generated TEST_DATA. Runs already present in --
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_choices import row, train_and_eval  # experiments/ is on the path when a script here runs
+from results_file import write_result
 
-from model_choices import row, train_and_eval  # noqa: E402
-
-from semhinet_tf.data.synth import LEAVES  # noqa: E402
+from semhinet_tf.data.synth import LEAVES
 
 
 def subset(pool: Path, n: int, out: Path) -> Path:
@@ -64,10 +61,7 @@ def main() -> None:
             res = train_and_eval(run_args, ["--img-size", str(args.img_size), "--weights", weights], {})
             lines.append(f"| {n} | {weights} " + row("x", res, None).removeprefix("| x "))
             print(lines[-1], flush=True)
-    lines += ["", "Reproduce: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from results_file import write_result
+
 
 def variants(args) -> dict[str, list[tuple[str, list[str]]]]:
     """experiment -> [(variant name, extra `semhinet train` arguments)]; the first one is the reference."""
@@ -130,10 +132,7 @@ def main() -> None:
             ref = ref or res
             print(lines[-1], flush=True)
         lines.append("")
-    lines.append("Reproduce: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(lines[:-1], args.out)  # each table ends with a blank line already
 
 
 if __name__ == "__main__":

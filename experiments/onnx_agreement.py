@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from results_file import write_result
 
 
 def _reference_kernels(path: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
@@ -115,11 +114,8 @@ def main() -> None:
     lines += _pair_rows(engines, engine_taxonomy, threshold)
     accs = ", ".join(f"{k} {np.mean(engine_taxonomy.leaf_probabilities(v).argmax(1) == engine_truth):.4f}"
                      for k, v in engines.items())
-    lines += ["", f"Leaf accuracy: {accs}.", "", "Stability: " + "; ".join(stability) + ".", "",
-              "Reproduce: `python " + " ".join(shlex.quote(x) for x in sys.argv) + "`"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", f"Leaf accuracy: {accs}.", "", "Stability: " + "; ".join(stability) + "."]
+    write_result(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ and the command that reproduces it.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
+
+from results_file import write_result
 
 
 def variants(run: Path, extra: Path | None) -> list[tuple[str, Path, dict]]:
@@ -51,9 +51,7 @@ def main() -> None:
         info = convert_run(run, tflite, overwrite=True, progress=False, **opts)
         res = eval_model(tflite, data, split=split, progress=False, run_dir=run)["result"]
         rows.append((name, res, info["npu_ok"], time.time() - t))
-    args.out.write_text(render(rows, float_eval) + "\n\nReproduce: `python "
-                        + " ".join(shlex.quote(a) for a in sys.argv) + "`\n")
-    print(args.out.read_text())
+    write_result([render(rows, float_eval)], args.out)
 
 
 def headline(result: dict) -> dict:

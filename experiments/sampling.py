@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from results_file import write_result
+
 
 def imbalanced_data(root: Path, minority: int, ratio: int, seed: int) -> Path:
     """normal: minority * ratio frames; every other class: minority frames."""
@@ -115,11 +117,8 @@ def main() -> None:
              f"(generator seed {args.data_seed}); test: `{args.test}` (balanced, separately generated). "
              f"{args.img_size} px, {args.epochs} float + {args.qat_epochs} QAT epochs, seed {args.seed}, "
              "this 2-core CPU.", "", *table(rows), "",
-             *(f"- {s}: `{r['command']}`" for s, r in rows.items()), "",
-             "Reproduce: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             *(f"- {s}: `{r['command']}`" for s, r in rows.items())]
+    write_result(lines, args.out)
 
 
 if __name__ == "__main__":
