@@ -1,12 +1,13 @@
 """How does accuracy grow with labelled images per class, from the SEM-pretrained start and from scratch?
 
     python experiments/learning_curve.py --pool POOL --test TEST_DATA --work DIR \
-        [--sizes 150,600,1500] [--weights sem,none] [--img-size 128] [--epochs 30] [--out RESULT.md]
+        [--runs 150:128:sem,150:128:none,600:128:sem,...] [--epochs 30] [--out RESULT.md]
 
-POOL is a class-folder data set with at least max(sizes) images a class (e.g. `semhinet synth POOL
---per-class 1500 --seed 303`); each size trains on the first N images of every class (symlinked, so the
-smaller sets are subsets of the larger ones) with the default recipe (float phase only), and every run is
-evaluated on the same separately generated TEST_DATA. Runs already present in --work are reused.
+Each run is IMAGES_A_CLASS:INPUT_PX:WEIGHTS. POOL is a class-folder data set with at least the largest
+number of images a class (e.g. `semhinet synth POOL --per-class 1500 --seed 303`); a run trains on the
+first N images of every class (symlinked, so the smaller sets are subsets of the larger ones) with the
+default recipe (float phase only), and every run is evaluated on the same separately generated
+TEST_DATA. Runs already present in --work are reused.
 """
 
 from __future__ import annotations
@@ -39,28 +40,26 @@ def main() -> None:
     p.add_argument("--pool", type=Path, required=True)
     p.add_argument("--test", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--sizes", default="150,600,1500")
-    p.add_argument("--weights", default="sem,none")
-    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--runs", default="150:128:sem,150:128:none,600:128:sem,600:128:none,600:224:sem,1500:128:sem")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("experiments/results/learning_curve.md"))
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
-    lines = [f"Pool: `{args.pool}`; test: `{args.test}` (separately generated); {args.img_size} px, "
-             f"{args.epochs} float epochs (early stopping on), seed {args.seed}, this 2-core CPU.", "",
-             "| images a class | start | leaf acc | h1 recall normal | h1 recall defect | h1 recall min "
+    lines = [f"Pool: `{args.pool}`; test: `{args.test}` (separately generated); {args.epochs} float epochs "
+             f"(early stopping on), seed {args.seed}, this 2-core CPU.", "",
+             "| images a class | input px | start | leaf acc | h1 recall normal | h1 recall defect | h1 recall min "
              "| h2 router acc | specialist precision min | train min | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for n in (int(s) for s in args.sizes.split(",")):
-        data = subset(args.pool, n, args.work / f"data_{n}")
-        for weights in args.weights.split(","):
-            run_args = argparse.Namespace(**{**vars(args), "train": data, "work": args.work / f"n{n}"})
-            run_args.work.mkdir(exist_ok=True)
-            res = train_and_eval(run_args, ["--img-size", str(args.img_size), "--weights", weights], {})
-            lines.append(f"| {n} | {weights} " + row("x", res, None).removeprefix("| x "))
-            print(lines[-1], flush=True)
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for spec in args.runs.split(","):
+        n, px, weights = spec.split(":")
+        data = subset(args.pool, int(n), args.work / f"data_{n}")
+        run_args = argparse.Namespace(**{**vars(args), "train": data, "work": args.work / f"n{n}"})
+        run_args.work.mkdir(exist_ok=True)
+        res = train_and_eval(run_args, ["--img-size", px, "--weights", weights], {})
+        lines.append(f"| {n} | {px} | {weights} " + row("x", res, None).removeprefix("| x "))
+        print(lines[-1], flush=True)
     write_result(lines, args.out)
 
 
