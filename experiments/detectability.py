@@ -66,9 +66,10 @@ def z_quantile(p: float) -> float:
     return (lo + hi) / 2
 
 
-def read_predictions(path: Path) -> dict[tuple[str, int], str]:
-    """(true class, image index) -> predicted leaf, from `semhinet predict` JSON lines."""
-    out = {}
+def read_predictions(path: Path) -> tuple[dict[tuple[str, int], str], dict[str, list[float]]]:
+    """From `semhinet predict` JSON lines: (true class, image index) -> predicted leaf, and per true class
+    the gatekeeper's defect probabilities (for how well it separates each class from normal at all)."""
+    out, defect = {}, {}
     for line in path.read_text().splitlines():
         if not line.startswith("{"):
             continue
@@ -76,22 +77,33 @@ def read_predictions(path: Path) -> dict[tuple[str, int], str]:
         m = re.match(r"(.+)_(\d+)\.\w+$", Path(row["path"]).name)
         if m and "class" in row:
             out[(m.group(1), int(m.group(2)))] = row["class"]
-    return out
+            if "defect" in row.get("heads", {}).get("h1", {}):
+                defect.setdefault(m.group(1), []).append(float(row["heads"]["h1"]["defect"]))
+    return out, defect
+
+
+def auc(negatives: list[float], positives: list[float]) -> float:
+    """Area under the ROC curve: P(a positive scores above a negative), ties counting half."""
+    neg, pos = np.asarray(negatives)[None, :], np.asarray(positives)[:, None]
+    return float(np.mean(pos > neg) + 0.5 * np.mean(pos == neg))
 
 
 SEVERITY_BINS = ((0.0, 1 / 3, "faint (s < 1/3)"), (1 / 3, 2 / 3, "medium"), (2 / 3, 1.01, "obvious (s > 2/3)"))
 
 
-def severity_table(per_class: dict[str, tuple[np.ndarray, np.ndarray]], preds: dict) -> list[str]:
-    lines = ["| class | " + " | ".join(f"recall, {b[2]}" for b in SEVERITY_BINS) + " | called normal | n |",
-             "|---|---|---|---|---|---|"]
+def severity_table(per_class: dict[str, tuple[np.ndarray, np.ndarray]], preds: dict,
+                   defect: dict[str, list[float]]) -> list[str]:
+    lines = ["| class | " + " | ".join(f"recall, {b[2]}" for b in SEVERITY_BINS)
+             + " | called normal | gatekeeper AUC vs normal | n |", "|---|---|---|---|---|---|---|"]
     for leaf, (_, sev) in per_class.items():
         got = np.array([preds.get((leaf, k), "") for k in range(len(sev))])
         cells = []
         for lo, hi, _ in SEVERITY_BINS:
             inside = (sev >= lo) & (sev < hi)
             cells.append(f"{np.mean(got[inside] == leaf):.2f} (n={inside.sum()})" if inside.any() else "-")
-        lines.append(f"| {leaf} | " + " | ".join(cells) + f" | {np.mean(got == 'normal'):.2f} | {len(sev)} |")
+        separation = f"{auc(defect['normal'], defect[leaf]):.2f}" if defect.get("normal") and defect.get(leaf) else "-"
+        lines.append(f"| {leaf} | " + " | ".join(cells) + f" | {np.mean(got == 'normal'):.2f} | {separation} "
+                     f"| {len(sev)} |")
     return lines
 
 
@@ -107,7 +119,7 @@ def main() -> None:
     args = p.parse_args()
 
     z = z_quantile(1.0 - args.alpha)
-    preds = read_predictions(args.predictions) if args.predictions else {}
+    preds, defect = read_predictions(args.predictions) if args.predictions else ({}, {})
     lines = [f"Generator {synth.GENERATOR_VERSION}, difficulty {args.difficulty}, {args.size} px, seed {args.seed}, "
              f"{args.per_class} frames a class; ideal observer at {100 * args.alpha:g}% false alarms on normal "
              "frames.", "",
@@ -133,7 +145,7 @@ def main() -> None:
     lines.append(f"| all defects | {np.median(snr):.1f} | {snr.min():.1f} | {np.mean(snr < 4):.1%} | "
                  f"{phi(snr - z).mean():.4f} |" + (" |" if preds else ""))
     if preds:
-        lines += ["", f"Model: `{args.predictions}`", "", *severity_table(per_class, preds)]
+        lines += ["", f"Model: `{args.predictions}`", "", *severity_table(per_class, preds, defect)]
     write_result(lines, args.out)
 
 
