@@ -47,7 +47,7 @@ def workspace(tmp_path_factory):
     data, run = root / "data", root / "run"
     run_cli("synth", str(data), "--per-class", "6", "--size", "48", "--seed", "3", "--workers", "1")
     run_cli("train", str(data), "--out", str(run), "--img-size", str(SIZE), "--epochs", "1", "--qat-epochs", "1",
-            "--batch-size", "8", "--weights", "none", "--seed", "1", "--val-split", "0.34")
+            "--batch-size", "8", "--weights", "none", "--seed", "1", "--val-split", "0.34", "--patience", "3")
     run_cli("convert", str(run), "--calib-samples", "16")
     _export_for_board_ci(run / "model_int8.tflite", data)
     return {"root": root, "data": data, "run": run, "tflite": run / "model_int8.tflite"}
@@ -80,6 +80,7 @@ def test_run_directory_holds_everything_to_deploy(workspace):
         assert (run / name).exists(), name
     threshold = json.loads((run / "review_threshold.json").read_text())["threshold"]
     assert json.loads((run / "model_int8.json").read_text())["review_threshold"] == pytest.approx(threshold)
+    assert json.loads((run / "config.json").read_text())["train"]["patience"] == 3  # CLI options reach the run
     split = json.loads((run / "split.json").read_text())
     assert split["seed"] == 1 and split["val"] and split["train"]
     assert not set(split["val"]) & set(split["train"])
