@@ -323,3 +323,18 @@ def test_kernel_choice_selects_the_interpreters_resolver_and_answers_alike(model
         assert np.allclose(other[head].sum(1), 1.0, atol=0.02)
         assert np.abs(other[head] - probs).max() < 0.3
     assert main([str(model_path), str(images), "--kernels", "builtin", "--out", os.devnull]) == 0
+
+
+def test_engine_order_npu_delegate_first_tflite_runtime_cpu_first_xnnpack(monkeypatch):
+    """Vendor delegates need the vendor's tflite_runtime; on the CPU ai_edge_litert (XNNPACK int8) wins."""
+    import types
+
+    from semhinet_tf.board.runtime import _interpreter_module
+
+    fake = types.ModuleType("tflite_runtime")
+    fake.interpreter = types.ModuleType("tflite_runtime.interpreter")
+    monkeypatch.setitem(sys.modules, "tflite_runtime", fake)
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", fake.interpreter)
+    assert _interpreter_module(for_delegate=True) == (fake.interpreter, "tflite_runtime")
+    module, engine = _interpreter_module(for_delegate=False)
+    assert engine == "ai_edge_litert" and module is not fake.interpreter

@@ -26,9 +26,14 @@ DEFAULT_REVIEW_THRESHOLD = 0.5
 KERNELS = {"default": None, "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES"}
 
 
-def _interpreter_module():
-    """tflite_runtime on the board; ai_edge_litert (its current name) or TensorFlow on a host."""
-    for name in ("tflite_runtime.interpreter", "ai_edge_litert.interpreter"):
+def _interpreter_module(for_delegate: bool = True):
+    """tflite_runtime on the board; ai_edge_litert (its current name) or TensorFlow on a host.
+
+    With an NPU delegate, tflite_runtime comes first (vendor delegates are built against the vendor's
+    tflite_runtime). On the CPU, ai_edge_litert comes first where both are installed: it runs int8 models
+    through XNNPACK, and tflite_runtime 2.14 does not (about 6x slower, see docs/deployment.md)."""
+    names = ["tflite_runtime.interpreter", "ai_edge_litert.interpreter"]
+    for name in names if for_delegate else names[::-1]:
         try:
             module = __import__(name, fromlist=["Interpreter"])
             return module, name.split(".")[0]
@@ -84,7 +89,7 @@ class BoardModel:
         except ValueError as exc:
             reason = str(exc).removeprefix("<bytes>: ")
             raise ValueError(f"{self.path}: {reason}") from exc
-        module, self.engine = _interpreter_module()
+        module, self.engine = _interpreter_module(for_delegate=bool(delegate))
         self.delegate = load_delegate(module, delegate, warn)
         kwargs = {"model_content": content, "num_threads": threads}
         resolver = op_resolver(module, kernels)
