@@ -27,20 +27,6 @@ import numpy as np
 from results_file import write_result
 
 
-def _reference_kernels(path: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
-    """TFLite's reference kernels (not offered by the board runtime: they abort on some PTQ models)."""
-    from ai_edge_litert import interpreter as lit
-
-    from semhinet_tf.board.runtime import BoardModel
-
-    model = BoardModel(path)
-    model.interpreter = lit.Interpreter(model_content=path.read_bytes(),
-                                        experimental_op_resolver_type=lit.OpResolverType.BUILTIN_REF)
-    model.interpreter.allocate_tensors()
-    model._setup_io()
-    return model.predict_frames(frames)
-
-
 def _pair_rows(outs: dict[str, dict[str, np.ndarray]], taxonomy, threshold: float) -> list[str]:
     leaf = {k: taxonomy.leaf_probabilities(v) for k, v in outs.items()}
     names = list(outs)
@@ -95,16 +81,16 @@ def main() -> None:
             print(lines[-1], flush=True)
             nudged = np.clip(frames.astype(np.int16) + np.random.default_rng(0).integers(-1, 2, frames.shape),
                              0, 255).astype(np.uint8)
-            ln = taxonomy.leaf_probabilities(ref.predict(nudged)).argmax(1)
+            c = ref.predict(nudged)  # for scale: a perturbation far below what a detector resolves
+            ln = taxonomy.leaf_probabilities(c).argmax(1)
             stability.append(f"{source.name} keeps {np.mean(ln == la):.2%} of its verdicts under +-1 grey-level noise")
             if source == int8:
                 engines["TFLite default (XNNPACK)"] = a
                 engines["TFLite built-in kernels"] = BoardModel(int8, kernels="builtin").predict_frames(frames)
-                if not args.no_reference:
-                    engines["TFLite reference kernels"] = _reference_kernels(int8, frames)
+                if not args.no_reference:  # not offered to users: these kernels abort on some PTQ models
+                    engines["TFLite reference kernels"] = BoardModel(int8, kernels="reference").predict_frames(frames)
                 engines["onnxruntime (QDQ)"] = b
-                # for scale: the model's own answer to a perturbation far below what a detector resolves
-                engines["TFLite default, input +-1 grey level"] = ref.predict(nudged)
+                engines["TFLite default, input +-1 grey level"] = c
                 engine_truth, engine_taxonomy = truth, taxonomy
     threshold = float(json.loads((args.run / "review_threshold.json").read_text())["threshold"])
     lines += ["", f"The int8 .tflite on {len(engines)} int8 engines ({len(engine_truth)} frames; review threshold "

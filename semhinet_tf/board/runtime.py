@@ -19,11 +19,14 @@ from semhinet_tf.export.tflite_meta import read_contract
 from semhinet_tf.taxonomy import Taxonomy
 
 DEFAULT_REVIEW_THRESHOLD = 0.5
-# The interpreter's CPU kernels. "default" is what a user gets (XNNPACK on ARM and x86); "builtin" (TFLite's
-# own optimized kernels) is for diagnosis: int8 kernels round differently, so near-tie frames can change
-# verdict between them (experiments/results/onnx_agreement.md), and the NPU is one more such implementation.
-# TFLite's reference kernels are left out: they abort the process on some int8 models (seen with 2.3).
+# The interpreter's CPU kernels. "default" is what the interpreter picks (XNNPACK in ai_edge_litert; not
+# for int8 in tflite_runtime 2.14); "builtin" (TFLite's own optimized kernels) is for diagnosis: int8
+# kernels round differently, so near-tie frames can change verdict between them
+# (experiments/results/onnx_agreement.md), and the NPU is one more such implementation.
 KERNELS = {"default": None, "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES"}
+# TFLite's reference kernels: for experiments only, not offered to users, since they abort the process (no
+# Python error) on some int8 models (seen with ai_edge_litert 2.3 on a post-training-quantized model).
+_EXPERIMENT_KERNELS = {**KERNELS, "reference": "BUILTIN_REF"}
 
 
 def _interpreter_module(for_delegate: bool = True):
@@ -62,15 +65,15 @@ def load_delegate(module, path: str | None, warn=print):
 
 def op_resolver(module, kernels: str):
     """The interpreter argument that selects `kernels` (a KERNELS key), or None for the default."""
-    if kernels not in KERNELS:
+    if kernels not in _EXPERIMENT_KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
-    if KERNELS[kernels] is None:
+    if _EXPERIMENT_KERNELS[kernels] is None:
         return None
     enum = getattr(module, "OpResolverType", None) or getattr(getattr(module, "experimental", None),
                                                               "OpResolverType", None)
     if enum is None:
         raise ValueError(f"this TFLite interpreter cannot select {kernels} kernels")
-    return getattr(enum, KERNELS[kernels])
+    return getattr(enum, _EXPERIMENT_KERNELS[kernels])
 
 
 class BoardModel:
