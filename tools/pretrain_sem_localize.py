@@ -12,8 +12,9 @@ dense signal teaches the early layers the defect detectors; the fine-tuning a us
 needs only folder labels, as before. Only the backbone is shipped (the localization layer is dropped).
 
 Measured (experiments/results/localization_pretraining.md): 8 epochs of this stage on 24,000 frames
-gave no gain when fine-tuning on 150 images a class (0.426 vs 0.430 leaf accuracy), so the shipped
-weights are still those of tools/pretrain_sem.py. Kept to be tried with other rates and lengths.
+gave no gain when fine-tuning on 150 images a class (0.426 vs 0.430 leaf accuracy), so it was not shipped.
+What did work is tools/pretrain_sem_patches.py (crops at the defect against the same crops of the twin).
+Kept to be tried with other rates and lengths.
 
 Cell labels: |frame - twin| smoothed (Gaussian sigma 1.5 px) above 6 grey levels marks the defect's
 pixels; a cell of the stride-32 feature map is labelled with the defect class when at least 0.5% of its
