@@ -20,7 +20,7 @@ The generator can render every defect frame's clean twin (same pattern, imaging 
   with the same crop of its twin (the defect now fills a large part of the input), tested on whole frames
   through global max pooling (the network is fully convolutional).
 
-All three start from the shipped SEM backbone and are tested on the same whole frames of TEST (normal and
+All start from the shipped SEM backbone (or --init) and are tested on the same whole frames of TEST (normal and
 the probe classes, first 100 of each). Training accuracy near the "always normal" rate in `twins` and
 `patches` means the network does not find the defect even where nothing else varies: explanation (2).
 """
@@ -116,7 +116,7 @@ def dihedral(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(k & 4, x.transpose(0, 2, 1, 3), x)
 
 
-def build(num_classes: int, pooling: str, total_steps: int):
+def build(num_classes: int, pooling: str, total_steps: int, init: str):
     from semhinet_tf.model import keras
     from semhinet_tf.model.mobilenet_v3 import (
         BackboneConfig,
@@ -135,7 +135,7 @@ def build(num_classes: int, pooling: str, total_steps: int):
     x = keras.layers.Concatenate()(pooled) if len(pooled) > 1 else pooled[0]
     out = keras.layers.Dense(num_classes, activation="softmax")(keras.layers.Dropout(0.2)(x))
     model = keras.Model(image, out)
-    load_backbone_weights(model, WEIGHTS_DIR / sem_weights_name(1.0, False))
+    load_backbone_weights(model, init or WEIGHTS_DIR / sem_weights_name(1.0, False))
     schedule = keras.optimizers.schedules.CosineDecay(1e-3, total_steps)
     model.compile(keras.optimizers.AdamW(schedule, weight_decay=1e-5), "sparse_categorical_crossentropy",
                   metrics=["acc"])
@@ -151,7 +151,8 @@ def run_mode(mode: str, data: dict, names: list[str], test: tuple[np.ndarray, np
     defects = int((data["leaf"] != "normal").sum())
     n_train = 2 * defects if mode in ("patches", "control") else len(training_set(data, mode, names)[1])
     steps = int(np.ceil(n_train / 32)) * epochs
-    model = build(2 if mode == "control" else len(names), "max" if mode == "patches" else "avgmax", steps)
+    model = build(2 if mode == "control" else len(names), "max" if mode == "patches" else "avgmax", steps,
+                  args.init)
     start, train_acc = time.perf_counter(), []
     for epoch in range(epochs):
         if mode == "control":
@@ -183,6 +184,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--patch-epochs", type=int, default=60)
     ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--init", default="", help="backbone .npz to start from (default: the shipped SEM backbone)")
     ap.add_argument("--modes", default="control,frames,twins,patches")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/twin_probe.md"))
     args = ap.parse_args()
@@ -199,7 +201,8 @@ def main() -> None:
 
     lines = [f"Generator {synth.GENERATOR_VERSION}, default difficulty, 256 px frames at {args.size} px; training "
              f"pairs: seed {args.seed}, {args.per_class} a class; test: `{Path(args.test).name}`, first "
-             f"{TEST_PER_CLASS} frames of each of {', '.join(names)}. Shipped SEM backbone, AdamW 1e-3 cosine, batch "
+             f"{TEST_PER_CLASS} frames of each of {', '.join(names)}. Backbone: "
+             f"{Path(args.init).name if args.init else 'the shipped SEM backbone'}; AdamW 1e-3 cosine, batch "
              "32, flips/rotations.", "",
              "| training negatives | training examples | epochs | training acc. (always-normal rate) | "
              "whole-frame test acc. | test recall " + " / ".join(names) + " | min |",
