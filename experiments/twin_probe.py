@@ -28,18 +28,30 @@ the probe classes, first 100 of each). Training accuracy near the "always normal
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from results_file import write_result
-from scipy import ndimage
 
 from semhinet_tf.data import synth
 from semhinet_tf.data.decode import Preprocess, load_frame, resize_square
 
 TEST_PER_CLASS = 100
+
+
+def _load_crop_tool():
+    """tools/pretrain_sem_patches.py: the probe's crops are exactly the pretraining stage's."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "pretrain_sem_patches.py"
+    spec = importlib.util.spec_from_file_location("pretrain_sem_patches", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CROPS = _load_crop_tool()
 
 
 def _render_pair(job: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,19 +86,10 @@ def training_set(data: dict, mode: str, names: list[str]) -> tuple[np.ndarray, n
     return np.concatenate(x)[..., None], np.concatenate(y)
 
 
-def patch_set(data: dict, names: list[str], crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One crop per defect frame near its largest change, and the same crop of its twin (labelled normal)."""
-    defect = np.nonzero(data["leaf"] != "normal")[0]
-    size, h = data["image"].shape[1], crop // 2
-    xs, ys = [], []
-    for i in defect:
-        change = ndimage.uniform_filter(np.abs(data["image"][i] - data["twin"][i]), 5)
-        top = np.argwhere(change >= np.percentile(change, 99.0))
-        cy, cx = top[rng.integers(len(top))] + rng.integers(-h // 2, h // 2 + 1, 2)
-        cy, cx = int(np.clip(cy, h, size - h)), int(np.clip(cx, h, size - h))
-        xs += [data["image"][i, cy - h:cy + h, cx - h:cx + h], data["twin"][i, cy - h:cy + h, cx - h:cx + h]]
-        ys += [names.index(str(data["leaf"][i])), 0]
-    return np.stack(xs)[..., None], np.array(ys)
+def crop_pairs(data: dict, names: list[str]) -> list[tuple]:
+    """The defect frames in the crop pretraining's format: (frame, twin, crop centres at the defect, class id)."""
+    return [(data["image"][i], data["twin"][i], CROPS.crop_centres(data["image"][i], data["twin"][i]),
+             names.index(str(data["leaf"][i]))) for i in np.nonzero(data["leaf"] != "normal")[0]]
 
 
 SPOT_RADIUS, SPOT_LEVEL = 3, 60.0
@@ -106,14 +109,6 @@ def with_spots(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def control_set(data: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     twins = data["twin"][data["leaf"] != "normal"]
     return np.concatenate([twins, with_spots(twins, rng)])[..., None], np.repeat([0, 1], len(twins))
-
-
-def dihedral(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One of the 8 flips/rotations per image (exact for SEM frames)."""
-    k = rng.integers(0, 8, len(x))[:, None, None, None]
-    x = np.where(k & 1, x[:, ::-1], x)
-    x = np.where(k & 2, x[:, :, ::-1], x)
-    return np.where(k & 4, x.transpose(0, 2, 1, 3), x)
 
 
 def build(num_classes: int, pooling: str, total_steps: int, init: str):
@@ -154,14 +149,14 @@ def run_mode(mode: str, data: dict, names: list[str], test: tuple[np.ndarray, np
     model = build(2 if mode == "control" else len(names), "max" if mode == "patches" else "avgmax", steps,
                   args.init)
     start, train_acc = time.perf_counter(), []
+    pairs = crop_pairs(data, names) if mode == "patches" else None
     for epoch in range(epochs):
-        if mode == "control":
-            x, y = control_set(data, rng)
-        elif mode == "patches":
-            x, y = patch_set(data, names, args.crop, rng)
+        if mode == "patches":  # crops of the pretraining tool, flipped/rotated there
+            x, y = CROPS.crops(pairs, args.crop, rng)
         else:
-            x, y = training_set(data, mode, names)
-        hist = model.fit(dihedral(x, rng), y, batch_size=32, epochs=1, shuffle=True, verbose=0)
+            x, y = control_set(data, rng) if mode == "control" else training_set(data, mode, names)
+            x = CROPS.dihedral(x, rng)
+        hist = model.fit(x, y, batch_size=32, epochs=1, shuffle=True, verbose=0)
         train_acc.append(float(hist.history["acc"][0]))
         print(f"  [{mode}] epoch {epoch + 1}/{epochs}: training accuracy {train_acc[-1]:.3f}", flush=True)
     if mode == "control":

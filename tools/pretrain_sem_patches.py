@@ -33,8 +33,6 @@ TOP_CHANGE = 99.0  # crops are centred on the pixels whose change is above this 
 
 def _render_chunk(job: tuple[str, list[int], int, int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(frame, twin, candidate crop centres) for images `ks` of one defect class at size `img_size`."""
-    from scipy import ndimage
-
     from semhinet_tf.data.decode import resize_square
     from semhinet_tf.data.synth import image_seed, render_pair
 
@@ -43,10 +41,16 @@ def _render_chunk(job: tuple[str, list[int], int, int]) -> list[tuple[np.ndarray
     for k in ks:
         img, twin = render_pair(leaf, np.random.default_rng(image_seed(seed, leaf, k)), 256)
         img, twin = resize_square(img, img_size), resize_square(twin, img_size)
-        change = ndimage.uniform_filter(np.abs(img.astype(np.float32) - twin.astype(np.float32)), 5)
-        centres = np.argwhere(change >= np.percentile(change, TOP_CHANGE)).astype(np.int16)
-        out.append((img, twin, centres))
+        out.append((img, twin, crop_centres(img, twin)))
     return out
+
+
+def crop_centres(img: np.ndarray, twin: np.ndarray) -> np.ndarray:
+    """(n, 2) row/column of the pixels where the defect changed the frame most (locally smoothed |frame - twin|)."""
+    from scipy import ndimage
+
+    change = ndimage.uniform_filter(np.abs(img.astype(np.float32) - twin.astype(np.float32)), 5)
+    return np.argwhere(change >= np.percentile(change, TOP_CHANGE)).astype(np.int16)
 
 
 def make_pairs(per_class: int, seed: int, sizes: list[int], workers: int) -> list[tuple]:
@@ -81,10 +85,15 @@ def crops(pairs: list[tuple], crop: int, rng: np.random.Generator) -> tuple[np.n
         x[2 * i, ..., 0] = img[cy - h:cy + h, cx - h:cx + h]
         x[2 * i + 1, ..., 0] = twin[cy - h:cy + h, cx - h:cx + h]
         y[2 * i], y[2 * i + 1] = label, 0
-    k = rng.integers(0, 8, len(x))[:, None, None, None]  # the 8 flips/rotations, exact for SEM frames
+    return dihedral(x, rng), y
+
+
+def dihedral(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One of the 8 flips/rotations per image of a (B, S, S, 1) batch (exact for SEM frames)."""
+    k = rng.integers(0, 8, len(x))[:, None, None, None]
     x = np.where(k & 1, x[:, ::-1], x)
     x = np.where(k & 2, x[:, :, ::-1], x)
-    return np.where(k & 4, x.transpose(0, 2, 1, 3), x), y
+    return np.where(k & 4, x.transpose(0, 2, 1, 3), x)
 
 
 def crop_classifier(init: str, total_steps: int, lr: float, alpha: float):
