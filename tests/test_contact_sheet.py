@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,11 @@ import pytest
 from PIL import Image
 
 from semhinet_tf.data import synth
+from tools import contact_sheet as cs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "contact_sheet.py"
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("contact_sheet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cs = _load_tool()
 
 
 @pytest.fixture(scope="module")

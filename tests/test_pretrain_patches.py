@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.data.synth import DEFECTS
+from tools import pretrain_sem_patches as tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "pretrain_sem_patches.py"
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("pretrain_sem_patches", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
 
 
 def test_pairs_cover_every_defect_and_size_and_crops_differ_only_on_the_defect_side():
