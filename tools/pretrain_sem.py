@@ -3,9 +3,14 @@
     python tools/pretrain_sem.py --per-class 4000 --epochs 8 --work /tmp/sem_pretrain
 
 Steps: generate frames with seeds disjoint from the quickstart's and the tests' (default seed 1000),
-train the five-head model from scratch (float only), then save the backbone layers (not the heads)
-of the best checkpoint as .npz into semhinet_tf/weights/. The time it took is printed and stored
-next to the weights, so the cost is documented with the file.
+train the five-head model (float only; from scratch, or from `--init` weights), then save the backbone
+layers (not the heads) of the best checkpoint as .npz into semhinet_tf/weights/. The time it took is
+printed and stored next to the weights, so the cost is documented with the file.
+
+The shipped backbone uses this tool twice: first from scratch (whole frames), and again as the last
+stages, started from the crop stages of tools/pretrain_sem_patches.py. Whole-frame training from scratch
+learns little of the small defects; after the crop stages it learns how the frame-level heads read the
+defect detectors (see experiments/results/patch_pretraining.md).
 """
 
 from __future__ import annotations
