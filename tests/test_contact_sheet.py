@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "contact_sheet.py"
 
 
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A mixed-format synth set, re-laid out the way real folders look: odd case, an alias, a split level."""

@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "pretrain_sem_patches.py"
 
 
-
 def test_pairs_cover_every_defect_and_size_and_crops_differ_only_on_the_defect_side():
     pairs = tool.make_pairs(per_class=2, seed=7, sizes=[96, 128], workers=1)
     assert sorted({label for *_, label in pairs}) == list(range(1, len(DEFECTS) + 1))

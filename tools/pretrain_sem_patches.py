@@ -10,9 +10,10 @@ Here every training example is a crop where the defect changed the frame most, a
 very same crop of the frame's clean twin (the generator renders both with the same pattern and noise).
 Nothing but the defect separates the two, and the defect fills a large part of the input, so the
 backbone has to learn the defect detectors themselves (experiments/twin_probe.py measured the effect).
-Measured (experiments/results/patch_pretraining.md): three stages of 20 epochs on 9,000 new defect frames
-each (13-14 min a stage here) lift the benchmark fine-tuned on 150 images a class from 0.430 to 0.6125
-leaf accuracy at 128 px; they are part of the shipped `--weights sem`.
+Measured (experiments/results/patch_pretraining.md): six stages of 20 epochs on 9,000 new defect frames
+each (11-14 min a stage here) lift the benchmark fine-tuned on 150 images a class from 0.430 to about 0.66
+leaf accuracy at 128 px; the shipped `--weights sem` adds two whole-frame stages of tools/pretrain_sem.py
+on top of them (about 0.70-0.74).
 Crops come from frames scaled to each of --img-sizes so the detectors serve every input size. Only the
 backbone is saved (the 7-way crop classifier on top is dropped); the user's fine-tuning needs only folder
 labels, as before.
