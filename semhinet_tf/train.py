@@ -35,6 +35,8 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # default: one pass over the (balanced) training split
     lr: float = 1e-3
     qat_lr_factor: float = 0.1
+    qat_distill: float = 0.5  # weight of the float model's own outputs in the QAT loss (0: labels only)
+    qat_calibrate: bool = True  # start QAT's activation ranges from the float model's (False: tfmot's [-6, 6])
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-5
     label_smoothing: float = 0.05
@@ -233,8 +235,9 @@ def _save_model(model, path: Path, quantized: bool) -> None:
 
 # ---------------------------------------------------------------- phases
 def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int, warmup_steps: int,
-             leaf_ids: np.ndarray | None = None):
-    from semhinet_tf.losses import MaskedAccuracy, head_class_weights, masked_sparse_crossentropy
+             leaf_ids: np.ndarray | None = None, distill: float = 0.0):
+    from semhinet_tf.losses import (MaskedAccuracy, distilled_crossentropy, head_class_weights,
+                                    masked_sparse_crossentropy)
     from semhinet_tf.model import keras
     from semhinet_tf.schedule import WarmupCosine
 
@@ -248,21 +251,25 @@ def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int
                                       [h.num_classes for h in taxonomy.heads])
         class_weights = dict(zip(names, per_head, strict=True))
     model.compile(optimizer=optimizer,
-                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n]) for n in names},
+                  loss={n: distilled_crossentropy(distill, cfg.label_smoothing, class_weights[n]) if distill
+                        else masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n]) for n in names},
                   loss_weights={n: weights[n] for n in names},
                   metrics={n: [MaskedAccuracy(name="acc")] for n in names})
 
 
 def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_dir: Path, epochs: int,
-               peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy) -> float:
-    """One training phase with its own schedule; returns the training step's images/s."""
+               peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy,
+               teacher=None) -> float:
+    """One training phase with its own schedule; returns the training step's images/s. With a `teacher`, the
+    loss also pulls the outputs towards the teacher's (cfg.qat_distill)."""
     import tensorflow as tf
 
     from semhinet_tf.data.pipeline import make_dataset
 
     steps = cfg.steps_per_epoch or max(1, int(np.ceil(len(train[1]) / cfg.batch_size)))
     with strategy.scope():
-        _compile(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps), train[1])
+        _compile(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps), train[1],
+                 distill=cfg.qat_distill if teacher is not None else 0.0)
     initial_epoch = 0
     state = _read_state(run_dir).get(phase, {})
     if resume and state:
@@ -278,6 +285,10 @@ def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_di
     seed = cfg.seed if phase == "float" else cfg.seed + 1
     ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, steps * epochs, seed, cfg.sampler,
                       Augment(**cfg.augment), start_step=initial_epoch * steps, flat=cfg.flat)
+    if teacher is not None:
+        from semhinet_tf.data.pipeline import with_teacher
+
+        ds = with_teacher(ds, teacher, ["leaf"] if cfg.flat else taxonomy.head_names)
     callbacks = _callbacks(run_dir, phase, taxonomy, val, cfg, model_path, initial_epoch)
     timer = _StepTimer()
     model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=[timer, *callbacks],
@@ -407,13 +418,20 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     result = {"run_dir": str(run_dir), "float_seconds": round(t_float, 1),
               "float_val": hierarchical_scores(best_float, *val_set, taxonomy)}
     if cfg.qat_epochs > 0:
-        from semhinet_tf.model.quant import qat_base, quantize_model
+        from semhinet_tf.model.quant import calibrate_ranges, qat_base, quantize_model
 
         t_qat = time.time()
         with strategy.scope():
-            qat = quantize_model(qat_base(best_float, taxonomy, mcfg, cfg.granularity), cfg.granularity)
+            base = qat_base(best_float, taxonomy, mcfg, cfg.granularity)
+            qat = quantize_model(base, cfg.granularity)
+        if cfg.qat_calibrate:
+            batches = _calibration_batches(train_set, taxonomy, cfg)
+            n = calibrate_ranges(qat, base, batches)
+            print(f"  [qat] {n} activation ranges started from the float model's on {len(batches)} training batches",
+                  flush=True)
         _fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs,
-                   cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy)
+                   cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy,
+                   teacher=best_float if cfg.qat_distill > 0 else None)
         result["qat_seconds"] = round(time.time() - t_qat, 1)
         result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy)
     final = load_model(run_dir / (QAT_MODEL if cfg.qat_epochs > 0 else FLOAT_MODEL))
@@ -429,6 +447,15 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
 
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _calibration_batches(train, taxonomy, cfg: TrainConfig, steps: int = 8) -> list:
+    """A few training batches as QAT will see them (balanced, augmented), to start its activation ranges."""
+    from semhinet_tf.data.pipeline import Augment, make_dataset
+
+    ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, steps, cfg.seed + 2, cfg.sampler,
+                      Augment(**cfg.augment), flat=cfg.flat)
+    return [images for images, _ in ds]
 
 
 def write_review_threshold(model, val, taxonomy, run_dir: Path, target_purity: float = 0.99) -> dict:

@@ -32,26 +32,40 @@ class ModelConfig:
                    flat=bool(d.get("flat", False)), pooling=str(d.get("pooling", "avg")))
 
 
-def _head(pooled, name: str, num_classes: int, cfg: ModelConfig):
-    x = pooled
+def _head(pooled: list, name: str, num_classes: int, cfg: ModelConfig):
     if cfg.head_units:
-        x = layers.Dense(cfg.head_units, name=f"{name}_hidden")(x)
+        x = _dense_on(pooled, cfg.head_units, f"{name}_hidden")
         x = HardSwish(name=f"{name}_hidden/hswish")(x)
+        if cfg.dropout:
+            x = layers.Dropout(cfg.dropout, name=f"{name}_dropout")(x)
+        return layers.Dense(num_classes, activation="softmax", name=name)(x)
     if cfg.dropout:
-        x = layers.Dropout(cfg.dropout, name=f"{name}_dropout")(x)
-    return layers.Dense(num_classes, activation="softmax", name=name)(x)
+        pooled = [(tag, layers.Dropout(cfg.dropout, name=f"{name}_dropout_{tag}")(x)) for tag, x in pooled]
+    if len(pooled) == 1:
+        return layers.Dense(num_classes, activation="softmax", name=name)(pooled[0][1])
+    return layers.Softmax(name=name)(_dense_on(pooled, num_classes, f"{name}_logits"))
 
 
-def _pool(features, pooling: str):
-    """Average pooling dilutes a defect covering one cell of the final map by the map's area; max pooling
-    keeps it. Both are NPU operators (MEAN, REDUCE_MAX) and cost nothing next to the backbone."""
+def _dense_on(pooled: list, units: int, name: str):
+    """A Dense on the pooled features. Average and max pooling each get their own Dense, summed: the same
+    function as one Dense on their concatenation, but each pooled tensor keeps its own int8 scale. Concatenated
+    (one scale, the max-pooled range), the averages kept a median 1.7 quantization steps of spread between
+    frames, and a one-step rounding difference between int8 engines flipped verdicts."""
+    if len(pooled) == 1:
+        return layers.Dense(units, name=name)(pooled[0][1])
+    parts = [layers.Dense(units, use_bias=i == 0, name=f"{name}_{tag}")(x) for i, (tag, x) in enumerate(pooled)]
+    return layers.Add(name=name)(parts)
+
+
+def _pool(features, pooling: str) -> list:
+    """[(tag, pooled features)]. Average pooling dilutes a defect covering one cell of the final map by the map's
+    area; max pooling keeps it. Both are NPU operators (MEAN, REDUCE_MAX) and cost nothing next to the backbone."""
     avg = layers.GlobalAveragePooling2D(name="pool")(features)
     if pooling == "avg":
-        return avg
+        return [("avg", avg)]
     if pooling != "avgmax":
         raise ValueError(f"pooling must be 'avg' or 'avgmax', not {pooling!r}")
-    peak = layers.GlobalMaxPooling2D(name="pool_max")(features)
-    return layers.Concatenate(name="pool_concat")([avg, peak])
+    return [("avg", avg), ("max", layers.GlobalMaxPooling2D(name="pool_max")(features))]
 
 
 def output_names(taxonomy: Taxonomy, flat: bool = False) -> tuple[str, ...]:

@@ -140,3 +140,52 @@ def _short(variable_name: str) -> str:
 
 def _is_input_quantizer(layer) -> bool:
     return type(layer).__name__ == "QuantizeLayer"
+
+
+# ---------------------------------------------------------------- activation ranges
+RANGE_SUFFIXES = ("output", "post_activation", "pre_activation")
+
+
+def calibrate_ranges(qat: keras.Model, float_model: keras.Model, batches) -> int:
+    """Start each activation range of a fresh QAT model where the float model's activations are.
+
+    Why: tfmot starts every range at [-6, 6] and moves it by a moving average with decay 0.999 per step, so a
+    QAT phase of a few hundred steps ends with ranges still mostly at the start value (measured: [-5.4, 5.4]
+    for the rescaled input, whose real range is [-1, 1], i.e. 47 of 256 levels; [-5.3, 5.4] for the
+    squeeze-excite gates in [0, 1]). Each range becomes the mean over `batches` of the batch minimum and
+    maximum, the value the moving average would converge to. Returns the number of ranges set."""
+    import numpy as np
+
+    targets = []  # (variables (min, max), float layer, "pre" for a softmax/sigmoid layer's logits)
+    for layer in qat.layers:
+        by_suffix = {v.name.split("/")[-1].split(":")[0]: v for v in layer.weights}
+        for kind in RANGE_SUFFIXES:
+            if f"{kind}_min" in by_suffix:
+                name = layer.name.removeprefix("quant_")
+                try:
+                    source = float_model.get_layer(name)
+                except ValueError:
+                    continue
+                targets.append(((by_suffix[f"{kind}_min"], by_suffix[f"{kind}_max"]), source, kind == "pre_activation"))
+    if not targets:
+        return 0
+    outputs = [t[1].input if t[2] else t[1].output for t in targets]
+    probe = keras.Model(float_model.inputs, outputs)
+    lows, highs = [[] for _ in targets], [[] for _ in targets]
+    for images in batches:
+        values = probe(images, training=False)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        for i, ((_, source, pre), v) in enumerate(zip(targets, values, strict=True)):
+            v = np.asarray(v)
+            if pre:  # logits of a Dense with a softmax (or sigmoid) activation, computed from its input
+                kernel, bias = source.get_weights()[:2]
+                v = v @ kernel + bias
+            lows[i].append(float(v.min()))
+            highs[i].append(float(v.max()))
+    for i, ((lo_var, hi_var), _, _) in enumerate(targets):
+        lo, hi = min(float(np.mean(lows[i])), 0.0), max(float(np.mean(highs[i])), 0.0)  # the range holds zero
+        if hi - lo < 1e-6:
+            continue
+        lo_var.assign(lo)
+        hi_var.assign(hi)
+    return len(targets)
