@@ -21,7 +21,7 @@ from pathlib import Path
 from results_file import write_result
 
 VARIANTS: dict[str, dict] = {
-    "ranges from tfmot's start [-6, 6] (before 2026-11-30)": {"qat_calibrate": False},
+    "activation ranges from tfmot's start [-6, 6] (as before 2026-11-30)": {"qat_calibrate": False},
     "ranges started from the float model (default)": {"qat_calibrate": True},
 }
 FLOAT_FILES = ("float.keras", "config.json", "taxonomy.json", "split.json", "manifest.csv", "manifest.json",
@@ -80,8 +80,8 @@ def main() -> None:
         models = {m["model"]: m for m in compare_run(dest, args.test, split="all", progress=False)["models"]}
         ref, qat, int8 = models["float.keras"], models["qat.h5"], models["model_int8.tflite"]
         lines.append(f"| {name} | {ref['leaf_accuracy']:.4f} | {qat['leaf_accuracy']:.4f} "
-                     f"({qat['leaf_delta_points']:+.2f}) | {int8['leaf_accuracy']:.4f} ({int8['leaf_delta_points']:+.2f})"
-                     f" | {int8['leaf_agreement']:.2%} | {minutes:.1f} |")
+                     f"({qat['leaf_delta_points']:+.2f}) | {int8['leaf_accuracy']:.4f} "
+                     f"({int8['leaf_delta_points']:+.2f}) | {int8['leaf_agreement']:.2%} | {minutes:.1f} |")
     write_result(lines, args.out)
 
 

@@ -119,8 +119,6 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--epochs", default=30, show_default=True, help="float epochs")
 @click.option("--qat-epochs", default=6, show_default=True, help="quantization-aware epochs (0: none)")
 @click.option("--qat-lr-factor", default=0.1, show_default=True, help="QAT peak rate as a fraction of --lr")
-@click.option("--qat-distill", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
-              help="weight of the float model's own outputs in the QAT loss (keeps int8 a copy of float; 0: labels)")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--steps-per-epoch", default=None, type=int, help="default: one pass over the training split")
 @click.option("--lr", default=1e-3, show_default=True, help="peak learning rate (AdamW)")

@@ -37,25 +37,6 @@ def masked_sparse_crossentropy(label_smoothing: float = 0.0, class_weights=None)
     return loss
 
 
-def distilled_crossentropy(alpha: float, label_smoothing: float = 0.0, class_weights=None):
-    """The QAT phase's loss: (1 - alpha) x the masked label loss + alpha x the cross-entropy against the float
-    model's own probabilities, on every image. y_true is [label, float-model probabilities...] per image.
-
-    Why: fine-tuned on labels alone, the quantized copy drifts and changes ~6% of the float model's verdicts
-    (measured), half of them for the worse; pulling it towards the float model's outputs keeps the int8 model
-    a copy of the float one, which is what `compare` holds it to."""
-    hard = masked_sparse_crossentropy(label_smoothing, class_weights)
-
-    def loss(y_true, y_pred):
-        y_true = tf.cast(y_true, y_pred.dtype)
-        teacher = y_true[:, 1:]
-        soft = -tf.reduce_sum(teacher * tf.math.log(tf.clip_by_value(y_pred, 1e-7, 1.0)), axis=-1)
-        return (1.0 - alpha) * hard(y_true[:, 0], y_pred) + alpha * soft
-
-    loss.__name__ = "distilled_ce"
-    return loss
-
-
 def head_class_weights(label_matrix: np.ndarray, leaf_ids: np.ndarray, sampler: str,
                        num_classes: list[int]) -> list[list[float]]:
     """Per head, weights that make its classes count equally under the sampler's leaf frequencies."""
@@ -82,9 +63,6 @@ class MaskedAccuracy(keras.metrics.Metric):
         self.count = self.add_weight(name="count", initializer="zeros")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true = tf.convert_to_tensor(y_true)
-        if y_true.shape.rank == 2:  # (B, 1) labels, or [label, float-model probabilities...] when distilling
-            y_true = y_true[:, 0]
         y = tf.cast(tf.reshape(y_true, [-1]), tf.int64)
         mask = y >= 0
         hit = tf.logical_and(mask, tf.equal(tf.argmax(y_pred, axis=-1), y))

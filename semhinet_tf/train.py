@@ -35,7 +35,6 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # default: one pass over the (balanced) training split
     lr: float = 1e-3
     qat_lr_factor: float = 0.1
-    qat_distill: float = 0.5  # weight of the float model's own outputs in the QAT loss (0: labels only)
     qat_calibrate: bool = True  # start QAT's activation ranges from the float model's (False: tfmot's [-6, 6])
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-5
@@ -235,9 +234,8 @@ def _save_model(model, path: Path, quantized: bool) -> None:
 
 # ---------------------------------------------------------------- phases
 def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int, warmup_steps: int,
-             leaf_ids: np.ndarray | None = None, distill: float = 0.0):
-    from semhinet_tf.losses import (MaskedAccuracy, distilled_crossentropy, head_class_weights,
-                                    masked_sparse_crossentropy)
+             leaf_ids: np.ndarray | None = None):
+    from semhinet_tf.losses import MaskedAccuracy, head_class_weights, masked_sparse_crossentropy
     from semhinet_tf.model import keras
     from semhinet_tf.schedule import WarmupCosine
 
@@ -251,25 +249,21 @@ def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int
                                       [h.num_classes for h in taxonomy.heads])
         class_weights = dict(zip(names, per_head, strict=True))
     model.compile(optimizer=optimizer,
-                  loss={n: distilled_crossentropy(distill, cfg.label_smoothing, class_weights[n]) if distill
-                        else masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n]) for n in names},
+                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n]) for n in names},
                   loss_weights={n: weights[n] for n in names},
                   metrics={n: [MaskedAccuracy(name="acc")] for n in names})
 
 
 def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_dir: Path, epochs: int,
-               peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy,
-               teacher=None) -> float:
-    """One training phase with its own schedule; returns the training step's images/s. With a `teacher`, the
-    loss also pulls the outputs towards the teacher's (cfg.qat_distill)."""
+               peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy) -> float:
+    """One training phase with its own schedule; returns the training step's images/s."""
     import tensorflow as tf
 
     from semhinet_tf.data.pipeline import make_dataset
 
     steps = cfg.steps_per_epoch or max(1, int(np.ceil(len(train[1]) / cfg.batch_size)))
     with strategy.scope():
-        _compile(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps), train[1],
-                 distill=cfg.qat_distill if teacher is not None else 0.0)
+        _compile(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps), train[1])
     initial_epoch = 0
     state = _read_state(run_dir).get(phase, {})
     if resume and state:
@@ -285,10 +279,6 @@ def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_di
     seed = cfg.seed if phase == "float" else cfg.seed + 1
     ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, steps * epochs, seed, cfg.sampler,
                       Augment(**cfg.augment), start_step=initial_epoch * steps, flat=cfg.flat)
-    if teacher is not None:
-        from semhinet_tf.data.pipeline import with_teacher
-
-        ds = with_teacher(ds, teacher, ["leaf"] if cfg.flat else taxonomy.head_names)
     callbacks = _callbacks(run_dir, phase, taxonomy, val, cfg, model_path, initial_epoch)
     timer = _StepTimer()
     model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=[timer, *callbacks],
@@ -430,8 +420,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
             print(f"  [qat] {n} activation ranges started from the float model's on {len(batches)} training batches",
                   flush=True)
         _fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs,
-                   cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy,
-                   teacher=best_float if cfg.qat_distill > 0 else None)
+                   cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy)
         result["qat_seconds"] = round(time.time() - t_qat, 1)
         result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy)
     final = load_model(run_dir / (QAT_MODEL if cfg.qat_epochs > 0 else FLOAT_MODEL))

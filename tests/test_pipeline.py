@@ -47,24 +47,6 @@ def test_dataset_yields_masked_head_labels_and_is_reproducible():
             assert h3 == IGNORE, leaf_row
 
 
-def test_teacher_probabilities_ride_along_with_the_labels():
-    from semhinet_tf.data.pipeline import with_teacher
-    from semhinet_tf.model.heads import ModelConfig, build_model
-
-    tax = Taxonomy.default()
-    frames = np.random.default_rng(0).integers(0, 256, (16, 24, 24), dtype=np.uint8)
-    leaf_ids = np.arange(16) % 8
-    teacher = build_model(tax, ModelConfig(img_size=24))
-    plain = make_dataset(frames, leaf_ids, tax, 8, 2, 3)
-    images, labels = next(iter(plain))
-    _, targets = next(iter(with_teacher(make_dataset(frames, leaf_ids, tax, 8, 2, 3), teacher, tax.head_names)))
-    expected = teacher.predict(images.numpy(), verbose=0)
-    for head in tax.head_names:
-        assert targets[head].shape == (8, 1 + len(tax.head(head).classes))
-        assert np.array_equal(targets[head].numpy()[:, 0], labels[head].numpy())  # -1 kept where masked
-        assert np.allclose(targets[head].numpy()[:, 1:], expected[head], atol=1e-5)
-
-
 def test_resumed_stream_continues_where_it_stopped():
     tax = Taxonomy.default()
     frames = np.random.default_rng(1).integers(0, 256, (16, 16, 16), dtype=np.uint8)

@@ -182,19 +182,6 @@ def make_dataset(frames: np.ndarray, leaf_ids: np.ndarray, taxonomy: Taxonomy, b
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def with_teacher(ds, teacher, heads: tuple[str, ...] | list[str]):
-    """Append a teacher model's probabilities to each head's labels: {head: [label, p_1..p_K]} (float32),
-    the targets of losses.distilled_crossentropy. The teacher runs in inference mode inside the pipeline."""
-    import tensorflow as tf
-
-    def add(images, labels):
-        probs = teacher(images, training=False)
-        return images, {h: tf.concat([tf.cast(labels[h], tf.float32)[:, None],
-                                      tf.cast(probs[h], tf.float32)], axis=1) for h in heads}
-
-    return ds.map(add, num_parallel_calls=1, deterministic=True).prefetch(tf.data.AUTOTUNE)
-
-
 def eval_batches(frames: np.ndarray, batch_size: int = 64):
     """Un-augmented float batches for prediction."""
     for i in range(0, len(frames), batch_size):

@@ -157,10 +157,31 @@ def _inverted_residual(x, block: Block, block_id: int, cfg: BackboneConfig):
     return x
 
 
+# Raw 0..255 pixels -> [-1, 127/128] in two steps, (name, scale, offset). Why 1/128 and not keras.applications'
+# 1/127.5, and why two layers: in the int8 model every step lands exactly on its grid (scale 1/128, integer zero
+# points: grey value v becomes v - 128 at both), so no engine rounds the input. One x/127.5 - 1 layer is lowered
+# to MUL then ADD, the MUL's grid comes from the calibration images, and -1 falls half-way between two steps of
+# the 1/127.5 grid: measured, grey levels merged at the MUL and ties at the ADD that onnxruntime and TFLite round
+# apart (see model/quant.py). ImageNet weights expect x/127.5 - 1: a 0.4% difference in scale.
+RESCALE_STEPS: tuple[tuple[str, float, float], ...] = (("rescale_scale", 1.0 / 128, 0.0), ("rescale", 1.0, -1.0))
+
+
+def rescaled_ranges(pixel_range: tuple[float, float] = (0.0, 255.0)) -> dict[str, tuple[float, float]]:
+    """Each rescale step's output range for raw pixels in `pixel_range` (the int8 model's fixed grids)."""
+    lo, hi = pixel_range
+    out = {}
+    for name, scale, offset in RESCALE_STEPS:
+        lo, hi = lo * scale + offset, hi * scale + offset
+        out[name] = (lo, hi)
+    return out
+
+
 def backbone_features(image, cfg: BackboneConfig, blocks: tuple[Block, ...] = SMALL_BLOCKS, rescale: bool = True):
     """Stack the backbone on `image` (raw 0..255 pixels); returns the last feature map (576 ch at alpha 1)."""
     act = "relu" if cfg.minimalistic else "hswish"
-    x = layers.Rescaling(scale=1.0 / 127.5, offset=-1.0, name="rescale")(image) if rescale else image
+    x = image
+    for name, scale, offset in RESCALE_STEPS if rescale else ():
+        x = layers.Rescaling(scale=scale, offset=offset, name=name)(x)
     x = _conv_bn(x, STEM_FILTERS, 3, 2, "Conv", cfg)
     x = _activation(act, f"Conv/{act}")(x)
     for i, block in enumerate(blocks):

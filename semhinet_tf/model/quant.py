@@ -18,6 +18,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.d
 from semhinet_tf.model import keras
 from semhinet_tf.model.heads import is_head_layer
 from semhinet_tf.model.layers import CUSTOM_OBJECTS, ChannelGate, HardSigmoid, HardSwish
+from semhinet_tf.model.mobilenet_v3 import RESCALE_STEPS, rescaled_ranges
 
 qkeras = tfmot.quantization.keras
 quantizers = qkeras.quantizers
@@ -48,8 +49,22 @@ class OutputQuantizeConfig(qkeras.QuantizeConfig):
         return {}
 
 
+class RescaleQuantizeConfig(OutputQuantizeConfig):
+    """A rescale step's output on a fixed grid (mobilenet_v3.rescaled_ranges), neither learned nor calibrated."""
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = float(low), float(high)
+
+    def get_output_quantizers(self, layer):
+        return [quantizers.FixedQuantizer(num_bits=8, init_min=self.low, init_max=self.high, narrow_range=False)]
+
+    def get_config(self):
+        return {"low": self.low, "high": self.high}
+
+
 def scope_objects() -> dict:
-    return {**CUSTOM_OBJECTS, "OutputQuantizeConfig": OutputQuantizeConfig}
+    return {**CUSTOM_OBJECTS, "OutputQuantizeConfig": OutputQuantizeConfig,
+            "RescaleQuantizeConfig": RescaleQuantizeConfig}
 
 
 @contextmanager
@@ -60,9 +75,19 @@ def quant_scope():
 
 
 def _annotation(layer):
+    fixed = rescaled_ranges().get(layer.name)
+    if isinstance(layer, layers.Rescaling) and fixed and _is_rescale_step(layer):
+        return RescaleQuantizeConfig(*fixed)
     if isinstance(layer, (HardSwish, HardSigmoid, ChannelGate, layers.Rescaling)):
         return OutputQuantizeConfig()
     return None  # tfmot's default registry (Conv+BN folding, per-channel or per-tensor weights)
+
+
+def _is_rescale_step(layer) -> bool:
+    """True for a Rescaling layer built from RESCALE_STEPS (not one of a model saved before them)."""
+    steps = {name: (scale, offset) for name, scale, offset in RESCALE_STEPS}
+    scale, offset = steps[layer.name]
+    return abs(float(layer.scale) - scale) < 1e-12 and abs(float(layer.offset) - offset) < 1e-12
 
 
 def is_float_head_layer(name: str) -> bool:
@@ -88,7 +113,24 @@ def quantize_model(model: keras.Model, granularity: str = "per-channel", float_h
     annotated.set_weights(model.get_weights())
     scheme = Default8BitQuantizeScheme(disable_per_axis=granularity == "per-tensor")
     with quant_scope():
-        return qkeras.quantize_apply(annotated, scheme)
+        qat = qkeras.quantize_apply(annotated, scheme)
+    pin_input_range(qat)
+    return qat
+
+
+def pin_input_range(qat: keras.Model, pixel_range: tuple[float, float] = (0.0, 255.0)) -> None:
+    """The input quantizer's range set to the full pixel range, so the int8 model's uint8 input is the raw
+    pixel (scale 1, zero point 0). Why: tfmot's input quantizer keeps the min/max of the training images; on
+    frames that never reach white (measured: 0..212) the .tflite input got scale 212/255, and a raw pixel fed
+    to it meant 0.83 of itself to the model unless every caller rescaled and rounded it first."""
+    for layer in qat.layers:
+        if _is_input_quantizer(layer):
+            for var in layer.weights:
+                short = var.name.split("/")[-1].split(":")[0]
+                if short.endswith("_min"):
+                    var.assign(pixel_range[0])
+                elif short.endswith("_max"):
+                    var.assign(pixel_range[1])
 
 
 def qat_base(float_model: keras.Model, taxonomy, model_config, granularity: str) -> keras.Model:
