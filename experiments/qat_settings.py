@@ -77,7 +77,8 @@ def main() -> None:
               progress=False)
         minutes = (time.time() - t) / 60
         convert_run(dest, dest / "model_int8.tflite", overwrite=True, progress=False)
-        models = {m["model"]: m for m in compare_run(dest, args.test, split="all", progress=False)["models"]}
+        result = compare_run(dest, args.test, split="all", progress=False)["compare"]
+        models = {m["model"]: m for m in result["models"]}
         ref, qat, int8 = models["float.keras"], models["qat.h5"], models["model_int8.tflite"]
         lines.append(f"| {name} | {ref['leaf_accuracy']:.4f} | {qat['leaf_accuracy']:.4f} "
                      f"({qat['leaf_delta_points']:+.2f}) | {int8['leaf_accuracy']:.4f} "
