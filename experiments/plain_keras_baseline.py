@@ -44,11 +44,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("experiments/results/plain_keras_baseline.md"))
     args = p.parse_args()
 
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(args.seed)
     x_train, y_train = load(args.train, args.img_size)
     x_test, y_test = load(args.test, args.img_size)
+    import tensorflow as tf  # after our loader: tf.keras is then tf-keras, as everywhere in this project
+
+    tf.keras.utils.set_random_seed(args.seed)
     model = tf.keras.applications.MobileNetV3Small(input_shape=(args.img_size, args.img_size, 1), weights=None,
                                                    classes=len(LEAVES), include_preprocessing=True, dropout_rate=0.2)
     for layer in model.layers:
