@@ -3,13 +3,15 @@ TFLite's own int8 kernels agree with each other, for scale.
 
     python experiments/onnx_agreement.py RUN --data TEST_DATA [--split all] [--out RESULT.md]
 
-Path 1: the int8 .tflite (RUN/model_int8.tflite) -> ONNX (QDQ), compared with the .tflite.
+Path 1: the int8 .tflite (RUN/model_int8.tflite) -> ONNX, compared with the .tflite: as exported by
+default (int8 hard-swish and add as tables taken from TFLite) and with `--plain-qdq` (tf2onnx's QDQ operators,
+which onnxruntime computes in float and rounds its own way).
 Path 2: the float Keras model (RUN/float.keras) -> ONNX, compared with Keras.
 Same decoded frames for every model; reports leaf agreement (argmax of the hierarchical leaf
 probability), the largest absolute difference of any head probability, and each model's leaf accuracy.
 
 Then the same int8 .tflite on four int8 engines: TFLite's default (XNNPACK), TFLite's built-in optimized
-kernels, TFLite's reference kernels and onnxruntime (the QDQ export), plus, for scale, the default engine
+kernels, TFLite's reference kernels and onnxruntime (both exports), plus, for scale, the default engine
 on the same frames with random +-1 grey-level noise added. Each engine rounds differently, and the
 board's NPU is one more such engine; the pairwise table says how many verdicts that moves, and whether
 any of them is one the model answers with confidence (leaf probability at or above the run's review
@@ -59,16 +61,18 @@ def main() -> None:
     from semhinet_tf.workflow import decode_items, model_context
 
     int8 = args.run / "model_int8.tflite"
-    pairs = [("int8 .tflite -> ONNX (QDQ)", int8), ("float Keras -> ONNX", args.run / "float.keras")]
+    pairs = [("int8 .tflite -> ONNX (default: TFLite's tables)", int8, True),
+             ("int8 .tflite -> ONNX (--plain-qdq)", int8, False),
+             ("float Keras -> ONNX", args.run / "float.keras", True)]
     lines = [f"Run `{args.run}`, data `{args.data}` (split: {args.split}); onnxruntime on the CPU.", "",
              "| path | images | leaf agreement | largest probability difference | source leaf acc | ONNX leaf acc |",
              "|---|---|---|---|---|---|"]
     engines: dict[str, dict[str, np.ndarray]] = {}
     stability: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, source in pairs:
-            onnx_path = Path(tmp) / f"{source.stem}.onnx"
-            export_onnx(source, onnx_path)
+        for name, source, tables in pairs:
+            onnx_path = Path(tmp) / f"{source.stem}_{tables}.onnx"
+            export_onnx(source, onnx_path, tflite_tables=tables)
             ref, onnx = Predictor(source), Predictor(onnx_path)
             taxonomy, pre, run_dir = model_context(ref)
             items, split, notes = eval_items(args.data, taxonomy, args.run, args.split)
@@ -79,6 +83,9 @@ def main() -> None:
             lines.append(f"| {name} | {len(frames)} | {np.mean(la == lb):.2%} ({int((la == lb).sum())}/{len(la)}) "
                          f"| {diff:.4f} | {np.mean(la == truth):.3f} | {np.mean(lb == truth):.3f} |")
             print(lines[-1], flush=True)
+            if source == int8 and not tables:
+                engines["onnxruntime (--plain-qdq)"] = b
+                continue
             nudged = np.clip(frames.astype(np.int16) + np.random.default_rng(0).integers(-1, 2, frames.shape),
                              0, 255).astype(np.uint8)
             c = ref.predict(nudged)  # for scale: a perturbation far below what a detector resolves
@@ -89,7 +96,7 @@ def main() -> None:
                 engines["TFLite built-in kernels"] = BoardModel(int8, kernels="builtin").predict_frames(frames)
                 if not args.no_reference:  # not offered to users: these kernels abort on some PTQ models
                     engines["TFLite reference kernels"] = BoardModel(int8, kernels="reference").predict_frames(frames)
-                engines["onnxruntime (QDQ)"] = b
+                engines["onnxruntime (TFLite's tables)"] = b
                 engines["TFLite default, input +-1 grey level"] = c
                 engine_truth, engine_taxonomy = truth, taxonomy
     threshold = float(json.loads((args.run / "review_threshold.json").read_text())["threshold"])

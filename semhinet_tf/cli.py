@@ -223,14 +223,24 @@ def npu_check(model, allow_float_tail, json_out):
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="F.onnx")
 @click.option("--opset", default=17, show_default=True)
 @click.option("--overwrite", is_flag=True)
+@click.option("--plain-qdq", is_flag=True,
+              help="from a .tflite: keep tf2onnx's QDQ hard-swish/add instead of tables taken from TFLite "
+                   "(for ONNX toolchains that fuse QDQ patterns; onnxruntime then rounds those ops its own way)")
 @friendly
-def export_onnx_cmd(model, out, opset, overwrite):
+def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
     """Export MODEL (int8 .tflite as QDQ, or a run / .keras float or QAT model) to ONNX, outputs h1..h5."""
     from semhinet_tf.export.onnx import export_onnx
 
-    info = export_onnx(model, out, opset=opset, overwrite=overwrite)
+    info = export_onnx(model, out, opset=opset, overwrite=overwrite, tflite_tables=not plain_qdq)
     click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) from {info['source']}: "
                f"input {info['input']['name']} {info['input']['dtype']}, outputs {', '.join(info['outputs'])}")
+    tables = info.get("tables")
+    if tables:
+        done = ", ".join(f"{n} {op}" for op, n in sorted(tables["tabulated"].items())) or "none"
+        click.echo(f"int8 elementwise operators as TFLite's tables: {done} "
+                   f"({tables['table_bytes'] / 1024:.0f} KiB); left as QDQ: {len(tables['left'])}")
+        for where, why in tables["left"].items():
+            click.echo(f"  left {where[:100]}: {why}")
 
 
 # ---------------------------------------------------------------- bench

@@ -195,3 +195,70 @@ def test_predictor_front(exported):
     out = pred.predict(np.full((3, SIZE, SIZE), 128, np.uint8))
     assert sorted(out) == HEADS and out["h2"].shape == (3, 3)
     np.testing.assert_allclose(out["h1"].sum(1), 1.0, atol=1e-5)
+
+
+def test_tables_are_the_tflite_operators(run, exported, tmp_path):
+    """Each int8 hard-swish / add of the .tflite became a table in the ONNX graph, and that ONNX piece gives
+    the operator's own TFLite output on random codes (so index order, offsets and operand order are right)."""
+    import onnx
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from semhinet_tf.export.onnx_tables import TABULATED_OPS, operator_names, single_operator_model, table_name
+
+    tflite = run["dir"] / "model_int8.tflite"
+    report = exported["tflite"]["tables"]
+    model = flatbuffer_utils.read_model(str(tflite))
+    names = operator_names(model)
+    wanted = [i for i, n in enumerate(names) if n in TABULATED_OPS]
+    assert {"HARD_SWISH", "ADD"} <= {names[i] for i in wanted}
+    assert report["left"] == {} and sum(report["tabulated"].values()) == len(wanted)
+    assert report["table_bytes"] >= 256 * sum(report["tabulated"].values())
+    graph = onnx.load(exported["tflite"]["path"]).graph
+    ops = {n.op_type for n in graph.node}
+    assert "HardSwish" not in ops and "Gather" in ops
+    rng = np.random.default_rng(0)
+    binary_seen = False
+    for index in wanted:
+        tag = table_name(index)
+        gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == f"{tag}_values")
+        casts = sorted((n for n in graph.node if n.output[0].startswith(f"{tag}_code")), key=lambda n: n.output[0])
+        piece = tmp_path / f"{tag}.onnx"
+        onnx.utils.extract_model(exported["tflite"]["path"], str(piece), [c.input[0] for c in casts], [gather.output[0]])
+        live = single_operator_model(model, index, tmp_path / f"{tag}.tflite")
+        assert len(live) == len(casts)
+        binary_seen |= len(live) == 2
+        interpreter = Interpreter(model_path=str(tmp_path / f"{tag}.tflite"))
+        interpreter.allocate_tensors()
+        session = ort.InferenceSession(str(piece), providers=["CPUExecutionProvider"])
+        feeds, onnx_feeds = [], {}
+        for detail, cast, onnx_in in zip(interpreter.get_input_details(), casts, session.get_inputs()):
+            info = np.iinfo(detail["dtype"])
+            codes = rng.integers(info.min, info.max + 1, detail["shape"]).astype(detail["dtype"])
+            interpreter.set_tensor(detail["index"], codes)
+            feeds.append(codes)
+            shape = [d if isinstance(d, int) else 1 for d in onnx_in.shape]
+            # ONNX may hold the tensor channels-first; an elementwise table does not care where a code sits
+            onnx_feeds[cast.input[0]] = codes.reshape(-1)[:int(np.prod(shape))].reshape(shape)
+        interpreter.invoke()
+        want = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).reshape(-1)
+        got = session.run(None, onnx_feeds)[0].reshape(-1)
+        assert got.dtype == want.dtype and np.array_equal(got, want[:got.size]), (names[index], index)
+    assert binary_seen  # a two-input add (the residual / pooled-feature sums) was checked too
+
+
+def test_tables_match_tflite_closer_than_plain_qdq(run, exported, tmp_path):
+    """The default (tables) export answers like the .tflite at least as well as tf2onnx's plain QDQ graph."""
+    from semhinet_tf.board.runtime import BoardModel
+
+    plain = export_onnx(run["dir"] / "model_int8.tflite", tmp_path / "plain.onnx", tflite_tables=False)
+    assert plain["tables"] is None
+    assert "HardSwish" in {n.op_type for n in __import__("onnx").load(plain["path"]).graph.node}
+    frames = run["frames"]
+    ref = BoardModel(run["dir"] / "model_int8.tflite", threads=1).predict_frames(frames)
+    tabled = OnnxModel(exported["tflite"]["path"], threads=1).predict_frames(frames)
+    qdq = OnnxModel(plain["path"], threads=1).predict_frames(frames)
+    off_tabled = sum(int(np.sum(np.abs(tabled[h] - ref[h]) > 1e-6)) for h in HEADS)
+    off_plain = sum(int(np.sum(np.abs(qdq[h] - ref[h]) > 1e-6)) for h in HEADS)
+    assert off_tabled <= off_plain, (off_tabled, off_plain)
+    assert off_tabled <= 0.02 * sum(ref[h].size for h in HEADS)

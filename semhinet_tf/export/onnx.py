@@ -26,33 +26,46 @@ _NP_OF_ORT = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(float)
 
 
 # ---------------------------------------------------------------- export
-def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwrite: bool = False) -> dict:
+def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwrite: bool = False,
+                tflite_tables: bool = True) -> dict:
     """A .tflite (int8 QDQ graph) or a run directory / .keras / .h5 (float or QAT) -> .onnx, written atomically.
 
+    From a .tflite, `tflite_tables` replaces int8 hard-swish and add by tables taken from the TFLite
+    interpreter (`onnx_tables`), so onnxruntime gives TFLite's answers; False keeps tf2onnx's plain QDQ
+    operators, for ONNX toolchains that fuse those patterns themselves.
     Returns what was written: path, bytes, source ("tflite" | "keras"), model file, opset, input, outputs,
-    and whether a contract was embedded.
+    whether a contract was embedded, and (from a .tflite) what was tabulated.
     """
     model_path, out = Path(model_path), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists (use overwrite=True / --overwrite)")
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path}: model file not found")
+    tables = None
     if model_path.suffix == ".tflite":
         proto, contract, source = _from_tflite(model_path, opset), read_contract(model_path), "tflite"
         model_file = model_path
+        if tflite_tables:
+            from semhinet_tf.export.onnx_tables import tabulate_elementwise
+
+            tables = tabulate_elementwise(proto, model_path).as_dict()
     elif model_path.is_dir() or model_path.suffix in (".keras", ".h5"):
         proto, contract, model_file = _from_keras(model_path, opset)
         source = "keras"
     else:
         raise ValueError(f"{model_path}: cannot export to ONNX (expected a .tflite, .keras, .h5 or run directory)")
     _name_batch_dims(proto)
-    _set_metadata(proto, contract, {"source": source, "model": model_file.name, "outputs": "float32 probabilities"})
+    export = {"source": source, "model": model_file.name, "outputs": "float32 probabilities"}
+    if source == "tflite":
+        export["elementwise"] = ({"tables_from": "TFLite interpreter", **{k: tables[k] for k in ("tabulated", "left")}}
+                                 if tables else "tf2onnx QDQ operators")
+    _set_metadata(proto, contract, export)
     _check(proto, model_path)
     _write_atomic(proto, out)
     graph = proto.graph
     return {"path": str(out), "bytes": out.stat().st_size, "source": source, "model": str(model_file), "opset": opset,
             "input": _value_info(graph.input[0]), "outputs": [o.name for o in graph.output],
-            "contract": contract is not None}
+            "contract": contract is not None, "tables": tables}
 
 
 def _from_tflite(path: Path, opset: int):

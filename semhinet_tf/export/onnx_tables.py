@@ -1,0 +1,261 @@
+"""Elementwise int8 operators of the ONNX graph as lookup tables taken from the TFLite interpreter itself.
+
+tf2onnx writes an int8 HARD_SWISH or ADD as DequantizeLinear -> float op -> QuantizeLinear. onnxruntime
+then computes it in float and rounds once, while TFLite computes it in fixed point; the two land one int8 step
+apart on about 1 element in 5,000, and a 40-layer network carries such steps to the verdict. Isolated operator
+by operator (experiments/results/onnx_agreement.md), every other operator of our models (convolutions, dense
+layers, MEAN, MUL, softmax) is bit-identical between onnxruntime and TFLite's XNNPACK kernels but for rare
+float ties. An elementwise int8 operator is a function of its int8 input code(s) alone, so it can be tabulated
+exactly: run the operator, cut out of the .tflite as a one-operator model, on every input code (256 for one
+input, 65,536 for two), and replace DequantizeLinear -> op -> QuantizeLinear by Cast -> index -> Gather.
+The ONNX graph then does what the .tflite does on the host's TFLite interpreter, by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# TFLite operator -> inputs it may have that vary per frame (a constant operand is folded into the table).
+# Unary activations cost 256 bytes; a two-input ADD 64 KiB. MUL is left out: onnxruntime's QLinearMul already
+# gives TFLite's results bit for bit on our models, and its tables would cost 64 KiB each for nothing.
+TABULATED_OPS: dict[str, int] = {"HARD_SWISH": 1, "LOGISTIC": 1, "TANH": 1, "ADD": 2}
+_INT8_TYPES = (np.dtype(np.int8), np.dtype(np.uint8))
+_TABLE_PREFIX = "tfl_table_"
+
+
+@dataclass(frozen=True)
+class TableReport:
+    """What was tabulated, what was left as tf2onnx wrote it (with why), and the bytes the tables take."""
+
+    tabulated: dict[str, int]
+    left: dict[str, str]
+    table_bytes: int
+
+    def as_dict(self) -> dict:
+        return {"tabulated": dict(self.tabulated), "left": dict(self.left), "table_bytes": self.table_bytes}
+
+
+def tabulate_elementwise(proto, tflite_path: str | Path) -> TableReport:
+    """Replace every tabulable elementwise operator of `proto` (tf2onnx's QDQ graph of `tflite_path`) in place."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(tflite_path))
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    constant = _constant_tensors(model)
+    tabulated: dict[str, int] = {}
+    left: dict[str, str] = {}
+    replacements: dict[int, list] = {}
+    removed: set[int] = set()
+    subgraph = model.subgraphs[0]
+    for index, op_name in enumerate(operator_names(model)):
+        if op_name not in TABULATED_OPS:
+            continue
+        op = subgraph.operators[index]
+        out_name = subgraph.tensors[op.outputs[0]].name.decode()
+        where = f"{op_name} {out_name}"
+        live = [i for i in op.inputs if i >= 0 and i not in constant]
+        pattern = _qdq_pattern(producer, readers, out_name, {i.name for i in graph.initializer})
+        if isinstance(pattern, str):
+            left[where] = pattern
+            continue
+        nodes_to_drop, sources = pattern
+        if len(sources) != len(live) or not 1 <= len(live) <= TABULATED_OPS[op_name]:
+            left[where] = f"{len(sources)} int8 inputs in ONNX, {len(live)} in TFLite"
+            continue
+        table = _tabulate(model, index)
+        if isinstance(table, str):
+            left[where] = table
+            continue
+        quantize = nodes_to_drop[0]
+        if _zero_point_type(graph, quantize) != table.dtype:
+            left[where] = "its ONNX output type is not TFLite's"
+            continue
+        replacements[id(quantize)] = _table_nodes(graph, table_name(index), table, sources, quantize.output[0])
+        removed.update(id(n) for n in nodes_to_drop)
+        tabulated[op_name] = tabulated.get(op_name, 0) + 1
+    _splice(graph, replacements, removed)
+    table_bytes = sum(len(t.raw_data) for t in graph.initializer if t.name.startswith(_TABLE_PREFIX))
+    return TableReport(tabulated, left, table_bytes)
+
+
+def operator_names(model) -> list[str]:
+    """Builtin operator name of each operator of the main subgraph (flatbuffer_utils' object form)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = model.operatorCodes
+    return [names.get(codes[op.opcodeIndex].builtinCode, "?") for op in model.subgraphs[0].operators]
+
+
+def table_name(index: int) -> str:
+    """Prefix of the ONNX nodes and initializers that replace TFLite operator `index`."""
+    return f"{_TABLE_PREFIX}{index}"
+
+
+def _constant_tensors(model) -> set[int]:
+    buffers = model.buffers
+    return {i for i, t in enumerate(model.subgraphs[0].tensors)
+            if buffers[t.buffer].data is not None and len(buffers[t.buffer].data)}
+
+
+def _qdq_pattern(producer: dict, readers: dict, out_name: str, initializers: set[str]):
+    """(nodes to drop, int8 source tensors in operand order) for QuantizeLinear <- [Clip] <- op <- DequantizeLinear,
+    or why the operator does not have that shape in the ONNX graph."""
+    quantize = producer.get(out_name)
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        return "no QuantizeLinear named after its output"
+    chain = [quantize]
+    op = producer.get(quantize.input[0])
+    if op is not None and op.op_type in ("Clip", "Relu"):  # a fused activation (ADD + RELU6)
+        chain.append(op)
+        op = producer.get(op.input[0])
+    if op is None:
+        return "no operator before its QuantizeLinear"
+    chain.append(op)
+    if any(readers.get(n.input[0], 0) != 1 for n in chain[:-1]):
+        return "its float result is read by more than its QuantizeLinear"
+    sources = []
+    for name in op.input:
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return f"{op.op_type} has an input that is not dequantized int8"
+        chain.append(dq)
+        if dq.input[0] not in initializers:
+            sources.append(dq.input[0])
+    return chain, sources
+
+
+def single_operator_model(model, index: int, path: str | Path) -> list[int]:
+    """Write operator `index` of `model` (flatbuffer_utils' object form) alone as a .tflite at `path`, with
+    its varying inputs as the model's inputs; returns those inputs' tensor indices, in operand order."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    one = copy.deepcopy(model)
+    subgraph = one.subgraphs[0]
+    op = subgraph.operators[index]
+    constant = _constant_tensors(model)
+    live = [i for i in op.inputs if i >= 0 and i not in constant]
+    subgraph.operators = [op]
+    subgraph.inputs = np.array(live, dtype=np.int32)
+    subgraph.outputs = np.array([op.outputs[0]], dtype=np.int32)
+    one.signatureDefs = []
+    flatbuffer_utils.write_model(one, str(path))
+    return live
+
+
+def _tabulate(model, index: int) -> np.ndarray | str:
+    """The operator's int8 output for every combination of its int8 input codes, run on TFLite's default CPU
+    kernels (those `semhinet eval`, `predict` and the board runtime use on a host)."""
+    from semhinet_tf.board.runtime import _interpreter_module
+
+    module, _ = _interpreter_module(for_delegate=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "one_op.tflite")
+        single_operator_model(model, index, path)
+        interpreter = module.Interpreter(model_path=path)
+        interpreter.allocate_tensors()
+        inputs = interpreter.get_input_details()
+        output = interpreter.get_output_details()[0]
+        if any(np.dtype(d["dtype"]) not in _INT8_TYPES for d in [*inputs, output]):
+            return "not int8 / uint8"
+        if any(tuple(d["shape"]) != tuple(inputs[0]["shape"]) for d in inputs):
+            return "its inputs broadcast (a table needs them elementwise)"
+        codes = np.meshgrid(*[_all_codes(d["dtype"]) for d in inputs], indexing="ij")
+        codes = [c.reshape(-1) for c in codes]
+        size = int(np.prod(inputs[0]["shape"]))
+        table = np.empty(codes[0].size, dtype=output["dtype"])
+        for start in range(0, table.size, size):
+            stop = min(start + size, table.size)
+            for detail, values in zip(inputs, codes):
+                block = np.zeros(size, dtype=detail["dtype"])
+                block[:stop - start] = values[start:stop]
+                interpreter.set_tensor(detail["index"], block.reshape(detail["shape"]))
+            interpreter.invoke()
+            table[start:stop] = interpreter.get_tensor(output["index"]).reshape(-1)[:stop - start]
+    return table
+
+
+def _all_codes(dtype) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.arange(info.min, info.max + 1).astype(dtype)
+
+
+def _table_nodes(graph, tag: str, table: np.ndarray, sources: list[str], output: str) -> list:
+    """index = sum_k (code_k - min_k) * 256^(n-1-k); output = Gather(table, index). Same order as `_tabulate`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = []
+    terms = []
+    types = _source_types(graph, sources)
+    for k, (source, dtype) in enumerate(zip(sources, types)):
+        stride = 256 ** (len(sources) - 1 - k)
+        offset = -int(np.iinfo(dtype).min)
+        graph.initializer.append(numpy_helper.from_array(np.array(offset * stride, np.int32), f"{tag}_offset{k}"))
+        nodes.append(helper.make_node("Cast", [source], [f"{tag}_code{k}"], to=TensorProto.INT32))
+        term = f"{tag}_code{k}"
+        if stride != 1:
+            graph.initializer.append(numpy_helper.from_array(np.array(stride, np.int32), f"{tag}_stride{k}"))
+            nodes.append(helper.make_node("Mul", [term, f"{tag}_stride{k}"], [f"{tag}_scaled{k}"]))
+            term = f"{tag}_scaled{k}"
+        nodes.append(helper.make_node("Add", [term, f"{tag}_offset{k}"], [f"{tag}_index{k}"]))
+        terms.append(f"{tag}_index{k}")
+    index = terms[0]
+    for k, term in enumerate(terms[1:]):
+        nodes.append(helper.make_node("Add", [index, term], [f"{tag}_sum{k}"]))
+        index = f"{tag}_sum{k}"
+    graph.initializer.append(numpy_helper.from_array(table, f"{tag}_values"))
+    nodes.append(helper.make_node("Gather", [f"{tag}_values", index], [output], axis=0))
+    return nodes
+
+
+def _source_types(graph, sources: list[str]) -> list[np.dtype]:
+    """numpy dtype of each int8 source: from the zero point of a DequantizeLinear that reads it."""
+    return [_zero_point_type(graph, next(n for n in graph.node if n.op_type == "DequantizeLinear"
+                                         and n.input[0] == source)) for source in sources]
+
+
+def _zero_point_type(graph, node) -> np.dtype:
+    """The int8 type a QuantizeLinear writes or a DequantizeLinear reads (uint8 when it has no zero point)."""
+    from onnx import numpy_helper
+
+    name = node.input[2] if len(node.input) > 2 else None
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    return numpy_helper.to_array(tensor).dtype if tensor is not None else np.dtype(np.uint8)
+
+
+def _splice(graph, replacements: dict[int, list], removed: set[int]) -> None:
+    """Put each table's nodes where its QuantizeLinear was (its sources come earlier), drop the replaced
+    nodes and any DequantizeLinear left without readers, and the initializers nothing reads any more."""
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        if id(node) not in removed:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+    for nodes in replacements.values():
+        for node in nodes:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+    kept = []
+    for node in graph.node:
+        kept.extend(replacements.get(id(node), []))
+        if id(node) in removed and node.op_type == "DequantizeLinear" and readers.get(node.output[0], 0):
+            kept.append(node)  # another operator still reads this dequantized tensor
+        elif id(node) not in removed:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in graph.node for name in node.input}
+    dead = [t for t in graph.initializer if t.name not in used]
+    for tensor in dead:
+        graph.initializer.remove(tensor)
