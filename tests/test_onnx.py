@@ -224,22 +224,22 @@ def test_tables_are_the_tflite_operators(run, exported, tmp_path):
         gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == f"{tag}_values")
         casts = sorted((n for n in graph.node if n.output[0].startswith(f"{tag}_code")), key=lambda n: n.output[0])
         piece = tmp_path / f"{tag}.onnx"
-        onnx.utils.extract_model(exported["tflite"]["path"], str(piece), [c.input[0] for c in casts], [gather.output[0]])
+        sources = [c.input[0] for c in casts]  # operand order, as the table's index is built
+        onnx.utils.extract_model(exported["tflite"]["path"], str(piece), sources, [gather.output[0]])
         live = single_operator_model(model, index, tmp_path / f"{tag}.tflite")
         assert len(live) == len(casts)
         binary_seen |= len(live) == 2
         interpreter = Interpreter(model_path=str(tmp_path / f"{tag}.tflite"))
         interpreter.allocate_tensors()
         session = ort.InferenceSession(str(piece), providers=["CPUExecutionProvider"])
-        feeds, onnx_feeds = [], {}
-        for detail, cast, onnx_in in zip(interpreter.get_input_details(), casts, session.get_inputs()):
+        onnx_feeds = {}
+        for detail, source, onnx_in in zip(interpreter.get_input_details(), sources, session.get_inputs(), strict=True):
             info = np.iinfo(detail["dtype"])
             codes = rng.integers(info.min, info.max + 1, detail["shape"]).astype(detail["dtype"])
             interpreter.set_tensor(detail["index"], codes)
-            feeds.append(codes)
             shape = [d if isinstance(d, int) else 1 for d in onnx_in.shape]
             # ONNX may hold the tensor channels-first; an elementwise table does not care where a code sits
-            onnx_feeds[cast.input[0]] = codes.reshape(-1)[:int(np.prod(shape))].reshape(shape)
+            onnx_feeds[source] = codes.reshape(-1)[:int(np.prod(shape))].reshape(shape)
         interpreter.invoke()
         want = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).reshape(-1)
         got = session.run(None, onnx_feeds)[0].reshape(-1)

@@ -177,7 +177,7 @@ def _tabulate(model, index: int) -> np.ndarray | str:
         table = np.empty(codes[0].size, dtype=output["dtype"])
         for start in range(0, table.size, size):
             stop = min(start + size, table.size)
-            for detail, values in zip(inputs, codes):
+            for detail, values in zip(inputs, codes, strict=True):
                 block = np.zeros(size, dtype=detail["dtype"])
                 block[:stop - start] = values[start:stop]
                 interpreter.set_tensor(detail["index"], block.reshape(detail["shape"]))
@@ -198,7 +198,7 @@ def _table_nodes(graph, tag: str, table: np.ndarray, sources: list[str], output:
     nodes = []
     terms = []
     types = _source_types(graph, sources)
-    for k, (source, dtype) in enumerate(zip(sources, types)):
+    for k, (source, dtype) in enumerate(zip(sources, types, strict=True)):
         stride = 256 ** (len(sources) - 1 - k)
         offset = -int(np.iinfo(dtype).min)
         graph.initializer.append(numpy_helper.from_array(np.array(offset * stride, np.int32), f"{tag}_offset{k}"))
