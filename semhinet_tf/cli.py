@@ -236,9 +236,12 @@ def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
                f"input {info['input']['name']} {info['input']['dtype']}, outputs {', '.join(info['outputs'])}")
     tables = info.get("tables")
     if tables:
-        done = ", ".join(f"{n} {op}" for op, n in sorted(tables["tabulated"].items())) or "none"
-        click.echo(f"int8 elementwise operators as TFLite's tables: {done} "
-                   f"({tables['table_bytes'] / 1024:.0f} KiB); left as QDQ: {len(tables['left'])}")
+        def counts(what: dict) -> str:
+            return ", ".join(f"{n} {op}" for op, n in sorted(what.items())) or "none"
+
+        click.echo(f"int8 elementwise operators as TFLite's tables: {counts(tables['tabulated'])} "
+                   f"({tables['table_bytes'] / 1024:.0f} KiB); already exact in onnxruntime, kept as QDQ: "
+                   f"{counts(tables['exact'])}; left as QDQ: {len(tables['left'])}")
         for where, why in tables["left"].items():
             click.echo(f"  left {where[:100]}: {why}")
 

@@ -197,38 +197,64 @@ def test_predictor_front(exported):
     np.testing.assert_allclose(out["h1"].sum(1), 1.0, atol=1e-5)
 
 
-def test_tables_are_the_tflite_operators(run, exported, tmp_path):
-    """Each int8 hard-swish / add of the .tflite became a table in the ONNX graph, and that ONNX piece gives
-    the operator's own TFLite output on random codes (so index order, offsets and operand order are right)."""
+@pytest.mark.parametrize("only_where_needed", [True, False])
+def test_tables_are_the_tflite_operators(run, exported, tmp_path, only_where_needed):
+    """Each int8 hard-swish / add of the .tflite became a table in the ONNX graph or was found exact as QDQ, and
+    either way that ONNX piece gives the operator's own TFLite output on random codes (so a table's index order,
+    offsets and operand order are right, and an operator kept as QDQ was rightly kept). The default export keeps
+    those onnxruntime already gets right; with every operator tabulated, the two-input tables are checked too."""
     import onnx
     from ai_edge_litert.interpreter import Interpreter
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from semhinet_tf.export.onnx_tables import TABULATED_OPS, operator_names, single_operator_model, table_name
+    from semhinet_tf.export.onnx_tables import (
+        TABULATED_OPS,
+        operator_names,
+        single_operator_model,
+        table_name,
+        tabulate_elementwise,
+    )
 
     tflite = run["dir"] / "model_int8.tflite"
+    onnx_path = exported["tflite"]["path"]
     report = exported["tflite"]["tables"]
+    if not only_where_needed:
+        proto = onnx.load(export_onnx(tflite, tmp_path / "plain.onnx", tflite_tables=False)["path"])
+        report = tabulate_elementwise(proto, tflite, only_where_needed=False).as_dict()
+        assert report["exact"] == {}
+        onnx_path = tmp_path / "all_tables.onnx"
+        onnx.save(proto, onnx_path)
     model = flatbuffer_utils.read_model(str(tflite))
     names = operator_names(model)
     wanted = [i for i, n in enumerate(names) if n in TABULATED_OPS]
     assert {"HARD_SWISH", "ADD"} <= {names[i] for i in wanted}
-    assert report["left"] == {} and sum(report["tabulated"].values()) == len(wanted)
-    assert report["table_bytes"] >= 256 * sum(report["tabulated"].values())
-    graph = onnx.load(exported["tflite"]["path"]).graph
-    ops = {n.op_type for n in graph.node}
-    assert "HardSwish" not in ops and "Gather" in ops
+    tabulated = sum(report["tabulated"].values())
+    assert report["left"] == {} and tabulated + sum(report["exact"].values()) == len(wanted)
+    assert tabulated and report["table_bytes"] >= 256 * tabulated
+    graph = onnx.load(onnx_path).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    initializers = {t.name for t in graph.initializer}
     rng = np.random.default_rng(0)
     binary_seen = False
     for index in wanted:
         tag = table_name(index)
-        gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == f"{tag}_values")
-        casts = sorted((n for n in graph.node if n.output[0].startswith(f"{tag}_code")), key=lambda n: n.output[0])
+        out = model.subgraphs[0].tensors[model.subgraphs[0].operators[index].outputs[0]].name.decode()
+        last = producer[out]
+        if last.op_type == "Gather":
+            assert last.input[0] == f"{tag}_values"
+            casts = sorted((n for n in graph.node if n.output[0].startswith(f"{tag}_code")), key=lambda n: n.output[0])
+            sources = [c.input[0] for c in casts]  # operand order, as the table's index is built
+        else:  # kept as tf2onnx wrote it: QuantizeLinear <- [Clip] <- op <- DequantizeLinear(s)
+            assert last.op_type == "QuantizeLinear"
+            op = producer[last.input[0]]
+            op = producer[op.input[0]] if op.op_type == "Clip" else op
+            assert op.op_type in ("HardSwish", "Add"), op.op_type
+            sources = [producer[i].input[0] for i in op.input if producer[i].input[0] not in initializers]
         piece = tmp_path / f"{tag}.onnx"
-        sources = [c.input[0] for c in casts]  # operand order, as the table's index is built
-        onnx.utils.extract_model(exported["tflite"]["path"], str(piece), sources, [gather.output[0]])
+        onnx.utils.extract_model(str(onnx_path), str(piece), sources, [out])
         live = single_operator_model(model, index, tmp_path / f"{tag}.tflite")
-        assert len(live) == len(casts)
-        binary_seen |= len(live) == 2
+        assert len(live) == len(sources)
+        binary_seen |= len(live) == 2 and last.op_type == "Gather"
         interpreter = Interpreter(model_path=str(tmp_path / f"{tag}.tflite"))
         interpreter.allocate_tensors()
         session = ort.InferenceSession(str(piece), providers=["CPUExecutionProvider"])
@@ -244,7 +270,7 @@ def test_tables_are_the_tflite_operators(run, exported, tmp_path):
         want = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).reshape(-1)
         got = session.run(None, onnx_feeds)[0].reshape(-1)
         assert got.dtype == want.dtype and np.array_equal(got, want[:got.size]), (names[index], index)
-    assert binary_seen  # a two-input add (the residual / pooled-feature sums) was checked too
+    assert binary_seen or only_where_needed  # a two-input add table (residual / pooled-feature sums) checked
 
 
 def test_tables_match_tflite_closer_than_plain_qdq(run, exported, tmp_path):

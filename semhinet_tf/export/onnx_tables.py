@@ -34,15 +34,20 @@ class TableReport:
     """What was tabulated, what was left as tf2onnx wrote it (with why), and the bytes the tables take."""
 
     tabulated: dict[str, int]
+    exact: dict[str, int]  # operators onnxruntime already computes as TFLite on every input code: kept as QDQ
     left: dict[str, str]
     table_bytes: int
 
     def as_dict(self) -> dict:
-        return {"tabulated": dict(self.tabulated), "left": dict(self.left), "table_bytes": self.table_bytes}
+        return {"tabulated": dict(self.tabulated), "exact": dict(self.exact), "left": dict(self.left),
+                "table_bytes": self.table_bytes}
 
 
-def tabulate_elementwise(proto, tflite_path: str | Path) -> TableReport:
-    """Replace every tabulable elementwise operator of `proto` (tf2onnx's QDQ graph of `tflite_path`) in place."""
+def tabulate_elementwise(proto, tflite_path: str | Path, only_where_needed: bool = True) -> TableReport:
+    """Replace the elementwise int8 operators of `proto` (tf2onnx's QDQ graph of `tflite_path`) by tables, in place.
+
+    With `only_where_needed`, an operator onnxruntime already computes as TFLite on every input code stays as
+    it is (a Gather per element costs time)."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model(str(tflite_path))
@@ -54,6 +59,7 @@ def tabulate_elementwise(proto, tflite_path: str | Path) -> TableReport:
             readers[name] = readers.get(name, 0) + 1
     constant = _constant_tensors(model)
     tabulated: dict[str, int] = {}
+    exact: dict[str, int] = {}
     left: dict[str, str] = {}
     replacements: dict[int, list] = {}
     removed: set[int] = set()
@@ -62,9 +68,14 @@ def tabulate_elementwise(proto, tflite_path: str | Path) -> TableReport:
         if op_name not in TABULATED_OPS:
             continue
         op = subgraph.operators[index]
+        if subgraph.tensors[op.outputs[0]].type not in _int8_tensor_types():
+            continue  # a float operator (e.g. the heads of a --float-heads model): onnxruntime computes it as TFLite
         out_name = subgraph.tensors[op.outputs[0]].name.decode()
         where = f"{op_name} {out_name}"
         live = [i for i in op.inputs if i >= 0 and i not in constant]
+        if any(np.prod(subgraph.tensors[i].shape) != 1 for i in op.inputs if i in constant):
+            left[where] = "a constant operand that differs by position (not elementwise in the codes alone)"
+            continue
         pattern = _qdq_pattern(producer, readers, out_name, {i.name for i in graph.initializer})
         if isinstance(pattern, str):
             left[where] = pattern
@@ -81,12 +92,15 @@ def tabulate_elementwise(proto, tflite_path: str | Path) -> TableReport:
         if _zero_point_type(graph, quantize) != table.dtype:
             left[where] = "its ONNX output type is not TFLite's"
             continue
+        if only_where_needed and np.array_equal(_onnxruntime_table(proto, nodes_to_drop, sources), table):
+            exact[op_name] = exact.get(op_name, 0) + 1  # a table would only cost time (a Gather per element)
+            continue
         replacements[id(quantize)] = _table_nodes(graph, table_name(index), table, sources, quantize.output[0])
         removed.update(id(n) for n in nodes_to_drop)
         tabulated[op_name] = tabulated.get(op_name, 0) + 1
     _splice(graph, replacements, removed)
     table_bytes = sum(len(t.raw_data) for t in graph.initializer if t.name.startswith(_TABLE_PREFIX))
-    return TableReport(tabulated, left, table_bytes)
+    return TableReport(tabulated, exact, left, table_bytes)
 
 
 def operator_names(model) -> list[str]:
@@ -96,6 +110,12 @@ def operator_names(model) -> list[str]:
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     codes = model.operatorCodes
     return [names.get(codes[op.opcodeIndex].builtinCode, "?") for op in model.subgraphs[0].operators]
+
+
+def _int8_tensor_types() -> tuple[int, int]:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return schema.TensorType.INT8, schema.TensorType.UINT8
 
 
 def table_name(index: int) -> str:
@@ -186,35 +206,60 @@ def _tabulate(model, index: int) -> np.ndarray | str:
     return table
 
 
+def _onnxruntime_table(proto, chain: list, sources: list[str]) -> np.ndarray | None:
+    """What onnxruntime makes of the QDQ operator `chain` (QuantizeLinear first) on every input code, in the
+    order of `_tabulate`; None without onnxruntime (then every operator gets its table)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from onnx import helper
+
+    graph = proto.graph
+    types = _source_types(graph, sources)
+    codes = [c.reshape(-1) for c in np.meshgrid(*[_all_codes(t) for t in types], indexing="ij")]
+    needed = {name for node in chain for name in node.input}
+    initializers = [t for t in graph.initializer if t.name in needed]
+    out_type = _zero_point_type(graph, chain[0])
+    inputs = [helper.make_tensor_value_info(s, helper.np_dtype_to_tensor_dtype(t), [codes[0].size])
+              for s, t in zip(sources, types, strict=True)]
+    output = helper.make_tensor_value_info(chain[0].output[0], helper.np_dtype_to_tensor_dtype(out_type), None)
+    piece = helper.make_graph(list(reversed(chain)), "one_operator", inputs, [output], initializers)
+    proto = helper.make_model(piece, opset_imports=list(proto.opset_import))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, dict(zip(sources, codes, strict=True)))[0]
+
+
 def _all_codes(dtype) -> np.ndarray:
     info = np.iinfo(dtype)
     return np.arange(info.min, info.max + 1).astype(dtype)
 
 
 def _table_nodes(graph, tag: str, table: np.ndarray, sources: list[str], output: str) -> list:
-    """index = sum_k (code_k - min_k) * 256^(n-1-k); output = Gather(table, index). Same order as `_tabulate`."""
+    """output = Gather(table, index) with index = sum_k code_k * 256^(n-1-k) on the signed codes as they are.
+
+    Gather counts a negative index from the end, so rolling the table (built in code order from each type's
+    minimum, as `_tabulate` does) by the offset saves an addition per operand on every element."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = []
     terms = []
-    types = _source_types(graph, sources)
-    for k, (source, dtype) in enumerate(zip(sources, types, strict=True)):
+    offset = 0
+    for k, (source, dtype) in enumerate(zip(sources, _source_types(graph, sources), strict=True)):
         stride = 256 ** (len(sources) - 1 - k)
-        offset = -int(np.iinfo(dtype).min)
-        graph.initializer.append(numpy_helper.from_array(np.array(offset * stride, np.int32), f"{tag}_offset{k}"))
+        offset += -int(np.iinfo(dtype).min) * stride
         nodes.append(helper.make_node("Cast", [source], [f"{tag}_code{k}"], to=TensorProto.INT32))
         term = f"{tag}_code{k}"
         if stride != 1:
             graph.initializer.append(numpy_helper.from_array(np.array(stride, np.int32), f"{tag}_stride{k}"))
             nodes.append(helper.make_node("Mul", [term, f"{tag}_stride{k}"], [f"{tag}_scaled{k}"]))
             term = f"{tag}_scaled{k}"
-        nodes.append(helper.make_node("Add", [term, f"{tag}_offset{k}"], [f"{tag}_index{k}"]))
-        terms.append(f"{tag}_index{k}")
+        terms.append(term)
     index = terms[0]
     for k, term in enumerate(terms[1:]):
         nodes.append(helper.make_node("Add", [index, term], [f"{tag}_sum{k}"]))
         index = f"{tag}_sum{k}"
-    graph.initializer.append(numpy_helper.from_array(table, f"{tag}_values"))
+    graph.initializer.append(numpy_helper.from_array(np.roll(table, -offset), f"{tag}_values"))
     nodes.append(helper.make_node("Gather", [f"{tag}_values", index], [output], axis=0))
     return nodes
 
