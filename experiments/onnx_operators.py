@@ -6,9 +6,10 @@ Every operator of RUN/model_int8.tflite is cut out as a one-operator .tflite (`o
 and fed the same inputs: the activations it receives when the whole model runs on TFLite's built-in kernels
 (the only engine whose intermediate tensors can be read) over a few test frames. Each one-operator model then
 runs on TFLite's default CPU engine (XNNPACK, what `eval`, `predict` and the board runtime use on a host), on
-TFLite's built-in kernels, and through tf2onnx on onnxruntime, as plain QDQ and with the tables that
-`semhinet export-onnx` puts in by default. The table says, per operator type, how many operators and what share
-of their output elements land on another int8 code than XNNPACK's.
+TFLite's built-in kernels, and through tf2onnx on onnxruntime: as plain QDQ, with int8 activations
+held as uint8, and as `semhinet export-onnx` writes it by default (uint8 activations and tables). The table
+says, per operator type, how many operators and what share of their output elements land on another int8 code
+than XNNPACK's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from results_file import write_result
 
-ENGINES = ("TFLite built-in kernels", "onnxruntime, plain QDQ", "onnxruntime, TFLite's tables")
+ENGINES = ("TFLite built-in kernels", "onnxruntime, plain QDQ", "onnxruntime, uint8 activations",
+           "onnxruntime, as exported (uint8 + tables)")
 
 
 def _capture(tflite: Path, frames: np.ndarray) -> list[dict[int, np.ndarray]]:
@@ -56,23 +58,34 @@ def _run_tflite(path: Path, captured, builtin: bool) -> np.ndarray:
     return np.stack(res)
 
 
-def _run_onnx(path: Path, live: list[int], tensors, captured, tables: bool, shape) -> np.ndarray:
+def _run_onnx(path: Path, live: list[int], tensors, captured, variant: str, like: np.ndarray) -> np.ndarray:
+    """The one-operator model through tf2onnx on onnxruntime: "plain", "uint8" (activations as uint8, like the
+    export; the operator's own int8 inputs and output too, fed and read as codes + 128) or "export" (and tables)."""
     import onnxruntime as ort
     import tf2onnx
 
-    from semhinet_tf.export.onnx_tables import tabulate_elementwise
+    from semhinet_tf.export.onnx_tables import tabulate_elementwise, uint8_activations
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         proto, _ = tf2onnx.convert.from_tflite(str(path), opset=17)
-    if tables:
+    if variant != "plain":
+        uint8_activations(proto, graph_io=True)
+    if variant == "export":
         tabulate_elementwise(proto, path)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     by_name = {tensors[i].name.decode(): i for i in live}
     inputs = session.get_inputs()
     index = [by_name.get(x.name, live[k]) for k, x in enumerate(inputs)]  # tf2onnx keeps names, else order
-    res = [session.run(None, {x.name: cap[i] for x, i in zip(inputs, index, strict=True)})[0] for cap in captured]
-    return np.stack(res).reshape(shape)
+
+    def feed(x, value):
+        return (value.astype(np.int16) + 128).astype(np.uint8) if x.type == "tensor(uint8)" and value.dtype == np.int8 \
+            else value
+
+    shift = 128 if session.get_outputs()[0].type == "tensor(uint8)" and like.dtype == np.int8 else 0
+    res = [session.run(None, {x.name: feed(x, cap[i]) for x, i in zip(inputs, index, strict=True)})[0]
+           for cap in captured]
+    return (np.stack(res).astype(np.int64) - shift).reshape(like.shape)
 
 
 def main() -> None:
@@ -105,10 +118,11 @@ def main() -> None:
         for index, name in enumerate(names):
             path = Path(tmp) / f"op{index}.tflite"
             live = single_operator_model(model, index, path)
-            xnn = _run_tflite(path, captured, builtin=False).astype(np.int64)
+            xnn_codes = _run_tflite(path, captured, builtin=False)
+            xnn = xnn_codes.astype(np.int64)
             got = {ENGINES[0]: _run_tflite(path, captured, builtin=True)}
-            for engine, tables in zip(ENGINES[1:], (False, True), strict=True):
-                got[engine] = _run_onnx(path, live, tensors, captured, tables, xnn.shape)
+            for engine, variant in zip(ENGINES[1:], ("plain", "uint8", "export"), strict=True):
+                got[engine] = _run_onnx(path, live, tensors, captured, variant, xnn_codes)
             st = stats[name]
             st[0] += 1
             st[2] += xnn.size

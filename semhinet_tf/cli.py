@@ -224,8 +224,9 @@ def npu_check(model, allow_float_tail, json_out):
 @click.option("--opset", default=17, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--plain-qdq", is_flag=True,
-              help="from a .tflite: keep tf2onnx's QDQ hard-swish/add instead of tables taken from TFLite "
-                   "(for ONNX toolchains that fuse QDQ patterns; onnxruntime then rounds those ops its own way)")
+              help="from a .tflite: keep tf2onnx's QDQ graph as written, without the uint8 activations and the "
+                   "tables taken from TFLite (for ONNX toolchains that fuse QDQ patterns; onnxruntime then "
+                   "rounds some operators its own way)")
 @friendly
 def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
     """Export MODEL (int8 .tflite as QDQ, or a run / .keras float or QAT model) to ONNX, outputs h1..h5."""
@@ -239,7 +240,8 @@ def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
         def counts(what: dict) -> str:
             return ", ".join(f"{n} {op}" for op, n in sorted(what.items())) or "none"
 
-        click.echo(f"int8 elementwise operators as TFLite's tables: {counts(tables['tabulated'])} "
+        click.echo(f"{tables['uint8_tensors']} int8 activations held as uint8; "
+                   f"elementwise operators as TFLite's tables: {counts(tables['tabulated'])} "
                    f"({tables['table_bytes'] / 1024:.0f} KiB); already exact in onnxruntime, kept as QDQ: "
                    f"{counts(tables['exact'])}; left as QDQ: {len(tables['left'])}")
         for where, why in tables["left"].items():

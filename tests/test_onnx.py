@@ -197,6 +197,13 @@ def test_predictor_front(exported):
     np.testing.assert_allclose(out["h1"].sum(1), 1.0, atol=1e-5)
 
 
+def _as_onnx_codes(codes: np.ndarray, onnx_type: str) -> np.ndarray:
+    """TFLite's int8 codes as an ONNX tensor of `onnx_type` holds them (uint8: + 128, the export's activations)."""
+    if onnx_type == "tensor(uint8)" and codes.dtype == np.int8:
+        return (codes.astype(np.int16) + 128).astype(np.uint8)
+    return codes
+
+
 @pytest.mark.parametrize("only_where_needed", [True, False])
 def test_tables_are_the_tflite_operators(run, exported, tmp_path, only_where_needed):
     """Each int8 hard-swish / add of the .tflite became a table in the ONNX graph or was found exact as QDQ, and
@@ -265,16 +272,18 @@ def test_tables_are_the_tflite_operators(run, exported, tmp_path, only_where_nee
             interpreter.set_tensor(detail["index"], codes)
             shape = [d if isinstance(d, int) else 1 for d in onnx_in.shape]
             # ONNX may hold the tensor channels-first; an elementwise table does not care where a code sits
-            onnx_feeds[source] = codes.reshape(-1)[:int(np.prod(shape))].reshape(shape)
+            onnx_feeds[source] = _as_onnx_codes(codes.reshape(-1)[:int(np.prod(shape))].reshape(shape), onnx_in.type)
         interpreter.invoke()
         want = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).reshape(-1)
         got = session.run(None, onnx_feeds)[0].reshape(-1)
-        assert got.dtype == want.dtype and np.array_equal(got, want[:got.size]), (names[index], index)
+        want = _as_onnx_codes(want[:got.size], session.get_outputs()[0].type)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (names[index], index)
     assert binary_seen or only_where_needed  # a two-input add table (residual / pooled-feature sums) checked
 
 
-def test_tables_match_tflite_closer_than_plain_qdq(run, exported, tmp_path):
-    """The default (tables) export answers like the .tflite at least as well as tf2onnx's plain QDQ graph."""
+def test_default_export_gives_tflite_outputs(run, exported, tmp_path):
+    """The default export (uint8 activations, TFLite's tables) gives the .tflite's outputs bit for bit on these
+    frames (measured so on 2,000 benchmark frames too); tf2onnx's plain graph does not have to."""
     from semhinet_tf.board.runtime import BoardModel
 
     plain = export_onnx(run["dir"] / "model_int8.tflite", tmp_path / "plain.onnx", tflite_tables=False)
@@ -286,5 +295,4 @@ def test_tables_match_tflite_closer_than_plain_qdq(run, exported, tmp_path):
     qdq = OnnxModel(plain["path"], threads=1).predict_frames(frames)
     off_tabled = sum(int(np.sum(np.abs(tabled[h] - ref[h]) > 1e-6)) for h in HEADS)
     off_plain = sum(int(np.sum(np.abs(qdq[h] - ref[h]) > 1e-6)) for h in HEADS)
-    assert off_tabled <= off_plain, (off_tabled, off_plain)
-    assert off_tabled <= 0.02 * sum(ref[h].size for h in HEADS)
+    assert off_tabled == 0 and off_tabled <= off_plain, (off_tabled, off_plain)

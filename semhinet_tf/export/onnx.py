@@ -30,9 +30,10 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
                 tflite_tables: bool = True) -> dict:
     """A .tflite (int8 QDQ graph) or a run directory / .keras / .h5 (float or QAT) -> .onnx, written atomically.
 
-    From a .tflite, `tflite_tables` replaces int8 hard-swish and add by tables taken from the TFLite
-    interpreter (`onnx_tables`), so onnxruntime gives TFLite's answers; False keeps tf2onnx's plain QDQ
-    operators, for ONNX toolchains that fuse those patterns themselves.
+    From a .tflite, `tflite_tables` holds int8 activations as uint8 and replaces the int8 hard-swish and add
+    that onnxruntime rounds differently by tables taken from the TFLite interpreter (`onnx_tables`), so
+    onnxruntime gives TFLite's answers; False keeps tf2onnx's graph as it is, for ONNX toolchains that fuse
+    its QDQ patterns themselves.
     Returns what was written: path, bytes, source ("tflite" | "keras"), model file, opset, input, outputs,
     whether a contract was embedded, and (from a .tflite) what was tabulated.
     """
@@ -46,9 +47,9 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
         proto, contract, source = _from_tflite(model_path, opset), read_contract(model_path), "tflite"
         model_file = model_path
         if tflite_tables:
-            from semhinet_tf.export.onnx_tables import tabulate_elementwise
+            from semhinet_tf.export.onnx_tables import match_tflite
 
-            tables = tabulate_elementwise(proto, model_path).as_dict()
+            tables = match_tflite(proto, model_path).as_dict()
     elif model_path.is_dir() or model_path.suffix in (".keras", ".h5"):
         proto, contract, model_file = _from_keras(model_path, opset)
         source = "keras"
@@ -57,8 +58,9 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
     _name_batch_dims(proto)
     export = {"source": source, "model": model_file.name, "outputs": "float32 probabilities"}
     if source == "tflite":
-        export["elementwise"] = ({"tables_from": "TFLite interpreter", **{k: tables[k] for k in ("tabulated", "left")}}
-                                 if tables else "tf2onnx QDQ operators")
+        export["match_tflite"] = ({"tables_from": "TFLite interpreter",
+                                   **{k: tables[k] for k in ("uint8_tensors", "tabulated", "exact", "left")}}
+                                  if tables else "no: tf2onnx's QDQ graph as written (--plain-qdq)")
     _set_metadata(proto, contract, export)
     _check(proto, model_path)
     _write_atomic(proto, out)

@@ -1,14 +1,17 @@
-"""Elementwise int8 operators of the ONNX graph as lookup tables taken from the TFLite interpreter itself.
+"""Make onnxruntime compute the int8 ONNX graph (tf2onnx's QDQ export of a .tflite) exactly as TFLite does.
 
-tf2onnx writes an int8 HARD_SWISH or ADD as DequantizeLinear -> float op -> QuantizeLinear. onnxruntime
-then computes it in float and rounds once, while TFLite computes it in fixed point; the two land one int8 step
-apart on about 1 element in 5,000, and a 40-layer network carries such steps to the verdict. Isolated operator
-by operator (experiments/results/onnx_agreement.md), every other operator of our models (convolutions, dense
-layers, MEAN, MUL, softmax) is bit-identical between onnxruntime and TFLite's XNNPACK kernels but for rare
-float ties. An elementwise int8 operator is a function of its int8 input code(s) alone, so it can be tabulated
-exactly: run the operator, cut out of the .tflite as a one-operator model, on every input code (256 for one
-input, 65,536 for two), and replace DequantizeLinear -> op -> QuantizeLinear by Cast -> index -> Gather.
-The ONNX graph then does what the .tflite does on the host's TFLite interpreter, by construction.
+Operator by operator (experiments/results/onnx_operators.md), onnxruntime and TFLite's XNNPACK kernels differ in
+two ways on our models:
+- tf2onnx writes an int8 HARD_SWISH or ADD as DequantizeLinear -> float op -> QuantizeLinear, which onnxruntime
+  computes in float and rounds once where TFLite uses fixed point: one int8 step apart on about 1 element in
+  5,000. An elementwise int8 operator is a function of its input code(s) alone, so it can be tabulated exactly:
+  run the operator, cut out of the .tflite as a one-operator model, on every input code (256 for one input,
+  65,536 for two), and replace DequantizeLinear -> op -> QuantizeLinear by Cast -> Gather.
+- On x86, onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into an integer QLinearConv only for
+  uint8 activations; with int8 ones most convolutions run in float, which breaks float32 ties the other way
+  from XNNPACK (about 1 output in 3 million). Storing every int8 activation as uint8 (zero point + 128, exact)
+  lets it fuse them, which also makes it faster.
+Together (`match_tflite`) the ONNX graph gave the .tflite's outputs bit for bit on 2,000 test frames.
 """
 
 from __future__ import annotations
@@ -27,20 +30,84 @@ import numpy as np
 TABULATED_OPS: dict[str, int] = {"HARD_SWISH": 1, "LOGISTIC": 1, "TANH": 1, "ADD": 2}
 _INT8_TYPES = (np.dtype(np.int8), np.dtype(np.uint8))
 _TABLE_PREFIX = "tfl_table_"
+_U8_SUFFIX = "_as_uint8"
+# operators that only move or reshape their first input: its type passes through them
+_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 
 @dataclass(frozen=True)
 class TableReport:
     """What was tabulated, what was left as tf2onnx wrote it (with why), and the bytes the tables take."""
 
+    uint8_tensors: int  # int8 activation tensors now held as uint8
     tabulated: dict[str, int]
     exact: dict[str, int]  # operators onnxruntime already computes as TFLite on every input code: kept as QDQ
     left: dict[str, str]
     table_bytes: int
 
     def as_dict(self) -> dict:
-        return {"tabulated": dict(self.tabulated), "exact": dict(self.exact), "left": dict(self.left),
-                "table_bytes": self.table_bytes}
+        return {"uint8_tensors": self.uint8_tensors, "tabulated": dict(self.tabulated), "exact": dict(self.exact),
+                "left": dict(self.left), "table_bytes": self.table_bytes}
+
+
+def match_tflite(proto, tflite_path: str | Path, only_where_needed: bool = True) -> TableReport:
+    """uint8 activations, then tables (see the module's docstring); `proto` is changed in place."""
+    retyped = uint8_activations(proto)
+    report = tabulate_elementwise(proto, tflite_path, only_where_needed)
+    return TableReport(retyped, report.tabulated, report.exact, report.left, report.table_bytes)
+
+
+def uint8_activations(proto, graph_io: bool = False) -> int:
+    """Hold every int8 activation as uint8 (zero point + 128: the same real values, code for code); returns how
+    many tensors changed, 0 (graph untouched) when an operator other than DequantizeLinear or a layout operator
+    reads one, since its arithmetic would see other codes. With `graph_io`, int8 graph inputs and outputs
+    change too (their users then feed and read codes + 128); without, a graph with int8 outputs is left alone."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    init = {t.name: t for t in graph.initializer}
+
+    def int8_zero_point(node) -> bool:
+        return len(node.input) > 2 and node.input[2] in init and init[node.input[2]].data_type == 3  # INT8
+
+    tensors = {n.output[0] for n in graph.node
+               if n.op_type == "QuantizeLinear" and n.input[0] not in init and int8_zero_point(n)}
+    if graph_io:
+        tensors |= {i.name for i in graph.input if i.type.tensor_type.elem_type == 3 and i.name not in init}
+    grown = True
+    while grown:
+        grown = False
+        for node in graph.node:
+            if node.op_type in _LAYOUT_OPS and node.input[0] in tensors and node.output[0] not in tensors:
+                tensors.add(node.output[0])
+                grown = True
+    for node in graph.node:
+        reads = [name for name in node.input if name in tensors]
+        if reads and not (node.op_type in _LAYOUT_OPS and reads == [node.input[0]]) and not (
+                node.op_type == "DequantizeLinear" and int8_zero_point(node)):
+            return 0
+    if not tensors or (not graph_io and any(o.name in tensors for o in graph.output)):
+        return 0
+
+    def as_uint8(name: str) -> str:
+        new = name + _U8_SUFFIX
+        if new not in init:
+            codes = numpy_helper.to_array(init[name]).astype(np.int16) + 128
+            init[new] = numpy_helper.from_array(codes.astype(np.uint8), new)
+            graph.initializer.append(init[new])
+        return new
+
+    for node in graph.node:
+        if (node.op_type == "QuantizeLinear" and node.output[0] in tensors) or (
+                node.op_type == "DequantizeLinear" and node.input[0] in tensors):
+            node.input[2] = as_uint8(node.input[2])
+    for info in [*graph.value_info, *graph.input, *graph.output]:
+        if info.name in tensors:
+            info.type.tensor_type.elem_type = 2  # UINT8
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+    return len(tensors)
 
 
 def tabulate_elementwise(proto, tflite_path: str | Path, only_where_needed: bool = True) -> TableReport:
@@ -89,9 +156,7 @@ def tabulate_elementwise(proto, tflite_path: str | Path, only_where_needed: bool
             left[where] = table
             continue
         quantize = nodes_to_drop[0]
-        if _zero_point_type(graph, quantize) != table.dtype:
-            left[where] = "its ONNX output type is not TFLite's"
-            continue
+        table = _as_type(table, _zero_point_type(graph, quantize))
         if only_where_needed and np.array_equal(_onnxruntime_table(proto, nodes_to_drop, sources), table):
             exact[op_name] = exact.get(op_name, 0) + 1  # a table would only cost time (a Gather per element)
             continue
@@ -100,7 +165,7 @@ def tabulate_elementwise(proto, tflite_path: str | Path, only_where_needed: bool
         tabulated[op_name] = tabulated.get(op_name, 0) + 1
     _splice(graph, replacements, removed)
     table_bytes = sum(len(t.raw_data) for t in graph.initializer if t.name.startswith(_TABLE_PREFIX))
-    return TableReport(tabulated, exact, left, table_bytes)
+    return TableReport(0, tabulated, exact, left, table_bytes)
 
 
 def operator_names(model) -> list[str]:
@@ -228,6 +293,12 @@ def _onnxruntime_table(proto, chain: list, sources: list[str]) -> np.ndarray | N
     proto = helper.make_model(piece, opset_imports=list(proto.opset_import))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, dict(zip(sources, codes, strict=True)))[0]
+
+
+def _as_type(table: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """TFLite's int8 codes as the ONNX graph holds them: the same, or shifted by 128 where it holds uint8."""
+    shift = int(np.iinfo(table.dtype).min) - int(np.iinfo(dtype).min)
+    return (table.astype(np.int16) - shift).astype(dtype)
 
 
 def _all_codes(dtype) -> np.ndarray:
