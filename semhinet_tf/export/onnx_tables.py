@@ -33,6 +33,8 @@ _TABLE_PREFIX = "tfl_table_"
 _U8_SUFFIX = "_as_uint8"
 # operators that only move or reshape their first input: its type passes through them
 _LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+# operators that only gather codes from all their inputs (TFLite gives a CONCATENATION's inputs its output's grid)
+_JOIN_OPS = ("Concat",)
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,21 @@ def uint8_activations(proto, graph_io: bool = False) -> int:
                if n.op_type == "QuantizeLinear" and n.input[0] not in init and int8_zero_point(n)}
     if graph_io:
         tensors |= {i.name for i in graph.input if i.type.tensor_type.elem_type == 3 and i.name not in init}
+    def passes_type(node) -> bool:
+        if node.op_type in _LAYOUT_OPS:
+            return node.input[0] in tensors
+        return node.op_type in _JOIN_OPS and all(name in tensors for name in node.input)
+
     grown = True
     while grown:
         grown = False
         for node in graph.node:
-            if node.op_type in _LAYOUT_OPS and node.input[0] in tensors and node.output[0] not in tensors:
+            if node.output[0] not in tensors and passes_type(node):
                 tensors.add(node.output[0])
                 grown = True
     for node in graph.node:
         reads = [name for name in node.input if name in tensors]
-        if reads and not (node.op_type in _LAYOUT_OPS and reads == [node.input[0]]) and not (
-                node.op_type == "DequantizeLinear" and int8_zero_point(node)):
+        if reads and not passes_type(node) and not (node.op_type == "DequantizeLinear" and int8_zero_point(node)):
             return 0
     if not tensors or (not graph_io and any(o.name in tensors for o in graph.output)):
         return 0
