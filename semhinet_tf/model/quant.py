@@ -126,7 +126,7 @@ def pin_input_range(qat: keras.Model, pixel_range: tuple[float, float] = (0.0, 2
     for layer in qat.layers:
         if _is_input_quantizer(layer):
             for var in layer.weights:
-                short = var.name.split("/")[-1].split(":")[0]
+                short = _short(var.name)
                 if short.endswith("_min"):
                     var.assign(pixel_range[0])
                 elif short.endswith("_max"):
@@ -195,12 +195,13 @@ def calibrate_ranges(qat: keras.Model, float_model: keras.Model, batches) -> int
     QAT phase of a few hundred steps ends with ranges still mostly at the start value (measured: [-5.4, 5.4]
     for the rescaled input, whose real range is [-1, 1], i.e. 47 of 256 levels; [-5.3, 5.4] for the
     squeeze-excite gates in [0, 1]). Each range becomes the mean over `batches` of the batch minimum and
-    maximum, the value the moving average would converge to. Returns the number of ranges set."""
+    maximum, the value the moving average would converge to. Returns the number of ranges set (a range whose
+    activations were constant over the batches keeps its start value)."""
     import numpy as np
 
     targets = []  # (variables (min, max), float layer, "pre" for a softmax/sigmoid layer's logits)
     for layer in qat.layers:
-        by_suffix = {v.name.split("/")[-1].split(":")[0]: v for v in layer.weights}
+        by_suffix = {_short(v.name): v for v in layer.weights}
         for kind in RANGE_SUFFIXES:
             if f"{kind}_min" in by_suffix:
                 name = layer.name.removeprefix("quant_")
@@ -224,10 +225,12 @@ def calibrate_ranges(qat: keras.Model, float_model: keras.Model, batches) -> int
                 v = v @ kernel + bias
             lows[i].append(float(v.min()))
             highs[i].append(float(v.max()))
+    assigned = 0
     for i, ((lo_var, hi_var), _, _) in enumerate(targets):
         lo, hi = min(float(np.mean(lows[i])), 0.0), max(float(np.mean(highs[i])), 0.0)  # the range holds zero
         if hi - lo < 1e-6:
             continue
         lo_var.assign(lo)
         hi_var.assign(hi)
-    return len(targets)
+        assigned += 1
+    return assigned
