@@ -61,7 +61,7 @@ def main() -> None:
     from semhinet_tf.workflow import decode_items, model_context
 
     int8 = args.run / "model_int8.tflite"
-    pairs = [("int8 .tflite -> ONNX (default: TFLite's tables)", int8, True),
+    pairs = [("int8 .tflite -> ONNX (default: uint8 activations, TFLite's tables)", int8, True),
              ("int8 .tflite -> ONNX (--plain-qdq)", int8, False),
              ("float Keras -> ONNX", args.run / "float.keras", True)]
     lines = [f"Run `{args.run}`, data `{args.data}` (split: {args.split}); onnxruntime on the CPU.", "",
@@ -96,7 +96,7 @@ def main() -> None:
                 engines["TFLite built-in kernels"] = BoardModel(int8, kernels="builtin").predict_frames(frames)
                 if not args.no_reference:  # not offered to users: these kernels abort on some PTQ models
                     engines["TFLite reference kernels"] = BoardModel(int8, kernels="reference").predict_frames(frames)
-                engines["onnxruntime (TFLite's tables)"] = b
+                engines["onnxruntime (as exported)"] = b
                 engines["TFLite default, input +-1 grey level"] = c
                 engine_truth, engine_taxonomy = truth, taxonomy
     threshold = float(json.loads((args.run / "review_threshold.json").read_text())["threshold"])
