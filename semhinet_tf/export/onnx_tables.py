@@ -76,6 +76,7 @@ def uint8_activations(proto, graph_io: bool = False) -> int:
                if n.op_type == "QuantizeLinear" and n.input[0] not in init and int8_zero_point(n)}
     if graph_io:
         tensors |= {i.name for i in graph.input if i.type.tensor_type.elem_type == 3 and i.name not in init}
+
     def passes_type(node) -> bool:
         if node.op_type in _LAYOUT_OPS:
             return node.input[0] in tensors
