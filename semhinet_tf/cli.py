@@ -141,6 +141,10 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--flat", is_flag=True, help="baseline: one 8-way softmax over the leaves instead of the five heads")
 @click.option("--balance-heads/--no-balance-heads", default=True, show_default=True,
               help="weight each head's classes equally (the gatekeeper's normal counts as much as all defects)")
+@click.option("--head-loss", type=click.Choice(["masked-mean", "joint"]), default="masked-mean", show_default=True,
+              help="masked-mean: each head's loss averaged over the images it applies to, with --loss-weights and "
+                   "the class balance; joint: -log P(leaf) of the heads' product (the flat softmax's objective; "
+                   "ignores --loss-weights and --balance-heads)")
 @click.option("--granularity", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel",
               show_default=True, help="QAT weight quantization")
 @click.option("--databar", default="auto", show_default=True, help="info-bar removal: auto | off | N rows")
@@ -162,6 +166,8 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
     from semhinet_tf.train import train as run_train
 
     taxonomy = load_taxonomy(taxonomy_file)
+    if opts["head_loss"] == "joint" and loss_weights:
+        raise click.UsageError("--head-loss joint weighs every head 1 (it is -log P(leaf)); drop --loss-weights")
     cfg = TrainConfig(**opts, loss_weights=_loss_weights(loss_weights),
                       augment=_augment(Augment.off() if no_augment else Augment(), augment_spec).to_dict())
     taxonomy.loss_weights(cfg.loss_weights)  # validates head names early

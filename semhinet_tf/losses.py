@@ -13,11 +13,13 @@ import tensorflow as tf
 from semhinet_tf.model import keras
 
 
-def masked_sparse_crossentropy(label_smoothing: float = 0.0, class_weights=None):
+def masked_sparse_crossentropy(label_smoothing: float = 0.0, class_weights=None, per_applicable: bool = True):
     """Per-sample cross-entropy scaled so Keras' batch mean equals the (class-weighted) mean over the
     applicable samples. `class_weights` (one per class of the head) balance a head whose classes the
     sampler does not balance: leaf-balanced sampling shows the gatekeeper 'defect' six times as often
-    as 'normal'."""
+    as 'normal'. `per_applicable=False` averages over the whole batch instead: summed over the heads
+    with weight 1 and no class weights, that is -log P(leaf) of the product along the path, the flat
+    softmax's own objective."""
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
 
     def loss(y_true, y_pred):
@@ -30,6 +32,8 @@ def masked_sparse_crossentropy(label_smoothing: float = 0.0, class_weights=None)
         if label_smoothing:
             target = target * (1.0 - label_smoothing) + label_smoothing / tf.cast(k, y_pred.dtype)
         ce = -tf.reduce_sum(target * tf.math.log(tf.clip_by_value(y_pred, 1e-7, 1.0)), axis=-1)
+        if not per_applicable:
+            return ce * mask
         n = tf.cast(tf.shape(y)[0], y_pred.dtype)
         return ce * mask * n / tf.maximum(tf.reduce_sum(mask), 1.0)
 

@@ -44,6 +44,7 @@ class TrainConfig:
     val_split: float = 0.2
     sampler: str = "balanced"
     balance_heads: bool = True  # weight each head's classes equally (see losses.head_class_weights)
+    head_loss: str = "masked-mean"  # or "joint": -log P(leaf), no class balance, no loss weights (see _compile)
     augment: dict[str, Any] = field(default_factory=lambda: Augment().to_dict())
     weights: str = "sem"  # none | sem | imagenet | PATH
     alpha: float = 1.0
@@ -242,14 +243,18 @@ def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int
     schedule = WarmupCosine(peak_lr, total_steps, warmup_steps)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     names = ["leaf"] if cfg.flat else list(taxonomy.head_names)
+    joint = cfg.head_loss == "joint"
     weights = {"leaf": 1.0} if cfg.flat else taxonomy.loss_weights(cfg.loss_weights)
+    if joint:  # the product's negative log-likelihood: every head counts as often as it applies
+        weights = {n: 1.0 for n in names}
     class_weights = {n: None for n in names}
-    if cfg.balance_heads and not cfg.flat and leaf_ids is not None:
+    if cfg.balance_heads and not cfg.flat and not joint and leaf_ids is not None:
         per_head = head_class_weights(taxonomy.label_matrix(), leaf_ids, cfg.sampler,
                                       [h.num_classes for h in taxonomy.heads])
         class_weights = dict(zip(names, per_head, strict=True))
     model.compile(optimizer=optimizer,
-                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n]) for n in names},
+                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n], per_applicable=not joint)
+                        for n in names},
                   loss_weights={n: weights[n] for n in names},
                   metrics={n: [MaskedAccuracy(name="acc")] for n in names})
 

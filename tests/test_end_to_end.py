@@ -270,6 +270,13 @@ def test_train_refuses_to_clobber_a_run_directory(workspace):
     assert (workspace["run"] / "model_int8.tflite").exists()
 
 
+def test_joint_head_loss_refuses_loss_weights(workspace, tmp_path):
+    result = CliRunner().invoke(main, ["train", str(workspace["data"]), "--out", str(tmp_path / "run"),
+                                       "--head-loss", "joint", "--loss-weights", "h3=4"])
+    assert result.exit_code != 0
+    assert "--head-loss joint" in result.output and not (tmp_path / "run").exists()
+
+
 def _write_bad_files(folder: Path) -> list[str]:
     """One file of each bad kind (empty, truncated, not an image, 1x1, unreadable TIFF); returns their names."""
     import io

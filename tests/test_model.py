@@ -177,6 +177,26 @@ def test_class_weighted_masked_loss_is_a_weighted_mean():
     assert got == pytest.approx((3 * -np.log(0.9) + 1 * -np.log(0.8)) / 4, rel=1e-5)
 
 
+def test_joint_head_loss_is_the_negative_log_of_the_leaf_product():
+    """--head-loss joint: the heads' batch-mean losses sum to -log P(leaf), the flat softmax's objective."""
+    from semhinet_tf.losses import masked_sparse_crossentropy
+
+    taxonomy = Taxonomy.default()
+    rng = np.random.default_rng(0)
+    leaves = rng.integers(0, len(taxonomy.leaves), 24)
+    probs = {}
+    for head in taxonomy.heads:
+        logits = rng.normal(size=(24, head.num_classes))
+        probs[head.name] = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    labels = taxonomy.head_labels(leaves)
+    loss = masked_sparse_crossentropy(per_applicable=False)
+    total = sum(float(np.mean(loss(labels[h], probs[h]))) for h in taxonomy.head_names)
+    leaf_p = taxonomy.leaf_probabilities(probs)[np.arange(24), leaves]
+    assert total == pytest.approx(float(np.mean(-np.log(leaf_p))), rel=1e-5)
+    default = sum(float(np.mean(masked_sparse_crossentropy()(labels[h], probs[h]))) for h in taxonomy.head_names)
+    assert default != pytest.approx(total, rel=1e-3)  # the masked mean weighs the specialists up
+
+
 def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs():
     """Per-tensor QAT starts from the folded model; it must compute what the trained model computes."""
     from dataclasses import replace
