@@ -143,8 +143,8 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
               help="weight each head's classes equally (the gatekeeper's normal counts as much as all defects)")
 @click.option("--head-loss", type=click.Choice(["masked-mean", "joint"]), default="masked-mean", show_default=True,
               help="masked-mean: each head's loss averaged over the images it applies to, with --loss-weights and "
-                   "the class balance; joint: -log P(leaf) of the heads' product (the flat softmax's objective; "
-                   "ignores --loss-weights and --balance-heads)")
+                   "class weights for --balance-heads; joint: -log P(leaf) of the heads' product (the flat "
+                   "softmax's objective), --balance-heads by logit adjustment instead of class weights")
 @click.option("--granularity", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel",
               show_default=True, help="QAT weight quantization")
 @click.option("--databar", default="auto", show_default=True, help="info-bar removal: auto | off | N rows")

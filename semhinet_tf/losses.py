@@ -13,20 +13,28 @@ import tensorflow as tf
 from semhinet_tf.model import keras
 
 
-def masked_sparse_crossentropy(label_smoothing: float = 0.0, class_weights=None, per_applicable: bool = True):
+def masked_sparse_crossentropy(label_smoothing: float = 0.0, class_weights=None, per_applicable: bool = True,
+                               train_prior=None):
     """Per-sample cross-entropy scaled so Keras' batch mean equals the (class-weighted) mean over the
     applicable samples. `class_weights` (one per class of the head) balance a head whose classes the
     sampler does not balance: leaf-balanced sampling shows the gatekeeper 'defect' six times as often
     as 'normal'. `per_applicable=False` averages over the whole batch instead: summed over the heads
     with weight 1 and no class weights, that is -log P(leaf) of the product along the path, the flat
-    softmax's own objective."""
+    softmax's own objective. `train_prior` (the head's class frequencies under the sampler) is the
+    logit-adjusted loss (Menon et al., 2021, "Long-tail learning via logit adjustment"): the loss sees
+    the output times the prior, renormalised, so the output itself learns the posterior under equal
+    class priors. It balances a head like `class_weights` do, without reweighting any image's gradient."""
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+    prior = None if train_prior is None else tf.constant(train_prior, tf.float32)
 
     def loss(y_true, y_pred):
         y = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
         mask = tf.cast(y >= 0, y_pred.dtype)
         if weights is not None:
             mask = mask * tf.cast(tf.gather(weights, tf.maximum(y, 0)), y_pred.dtype)
+        if prior is not None:
+            y_pred = y_pred * tf.cast(prior, y_pred.dtype)
+            y_pred = y_pred / tf.maximum(tf.reduce_sum(y_pred, axis=-1, keepdims=True), 1e-12)
         k = tf.shape(y_pred)[-1]
         target = tf.one_hot(tf.maximum(y, 0), k, dtype=y_pred.dtype)
         if label_smoothing:
@@ -41,12 +49,28 @@ def masked_sparse_crossentropy(label_smoothing: float = 0.0, class_weights=None,
     return loss
 
 
+def _sampled_leaf_frequencies(num_leaves: int, leaf_ids: np.ndarray, sampler: str) -> np.ndarray:
+    counts = np.bincount(leaf_ids, minlength=num_leaves).astype(np.float64)
+    leaf_freq = (counts > 0).astype(np.float64) if sampler == "balanced" else counts
+    return leaf_freq / max(leaf_freq.sum(), 1e-12)
+
+
+def head_class_priors(label_matrix: np.ndarray, leaf_ids: np.ndarray, sampler: str,
+                      num_classes: list[int]) -> list[list[float]]:
+    """Per head, how often each of its classes appears among the training images the head applies to, under
+    the sampler (leaf-balanced sampling: the gatekeeper sees bogus / normal / defect as 1/8, 1/8, 6/8)."""
+    leaf_freq = _sampled_leaf_frequencies(label_matrix.shape[0], leaf_ids, sampler)
+    out = []
+    for j, k in enumerate(num_classes):
+        freq = np.array([leaf_freq[label_matrix[:, j] == c].sum() for c in range(k)])
+        out.append([float(v) for v in freq / max(freq.sum(), 1e-12)])
+    return out
+
+
 def head_class_weights(label_matrix: np.ndarray, leaf_ids: np.ndarray, sampler: str,
                        num_classes: list[int]) -> list[list[float]]:
     """Per head, weights that make its classes count equally under the sampler's leaf frequencies."""
-    counts = np.bincount(leaf_ids, minlength=label_matrix.shape[0]).astype(np.float64)
-    leaf_freq = (counts > 0).astype(np.float64) if sampler == "balanced" else counts
-    leaf_freq /= max(leaf_freq.sum(), 1e-12)
+    leaf_freq = _sampled_leaf_frequencies(label_matrix.shape[0], leaf_ids, sampler)
     out = []
     for j, k in enumerate(num_classes):
         freq = np.array([leaf_freq[label_matrix[:, j] == c].sum() for c in range(k)])

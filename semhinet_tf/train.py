@@ -44,7 +44,7 @@ class TrainConfig:
     val_split: float = 0.2
     sampler: str = "balanced"
     balance_heads: bool = True  # weight each head's classes equally (see losses.head_class_weights)
-    head_loss: str = "masked-mean"  # or "joint": -log P(leaf), no class balance, no loss weights (see _compile)
+    head_loss: str = "masked-mean"  # or "joint": -log P(leaf), no loss weights, balance by logit adjustment
     augment: dict[str, Any] = field(default_factory=lambda: Augment().to_dict())
     weights: str = "sem"  # none | sem | imagenet | PATH
     alpha: float = 1.0
@@ -236,7 +236,12 @@ def _save_model(model, path: Path, quantized: bool) -> None:
 # ---------------------------------------------------------------- phases
 def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int, warmup_steps: int,
              leaf_ids: np.ndarray | None = None):
-    from semhinet_tf.losses import MaskedAccuracy, head_class_weights, masked_sparse_crossentropy
+    from semhinet_tf.losses import (
+        MaskedAccuracy,
+        head_class_priors,
+        head_class_weights,
+        masked_sparse_crossentropy,
+    )
     from semhinet_tf.model import keras
     from semhinet_tf.schedule import WarmupCosine
 
@@ -248,12 +253,16 @@ def _compile(model, taxonomy, cfg: TrainConfig, peak_lr: float, total_steps: int
     if joint:  # the product's negative log-likelihood: every head counts as often as it applies
         weights = {n: 1.0 for n in names}
     class_weights = {n: None for n in names}
-    if cfg.balance_heads and not cfg.flat and not joint and leaf_ids is not None:
-        per_head = head_class_weights(taxonomy.label_matrix(), leaf_ids, cfg.sampler,
-                                      [h.num_classes for h in taxonomy.heads])
-        class_weights = dict(zip(names, per_head, strict=True))
+    priors = {n: None for n in names}
+    if cfg.balance_heads and not cfg.flat and leaf_ids is not None:
+        args = (taxonomy.label_matrix(), leaf_ids, cfg.sampler, [h.num_classes for h in taxonomy.heads])
+        if joint:  # balance by logit adjustment, which leaves every image's weight in -log P(leaf) as it is
+            priors = dict(zip(names, head_class_priors(*args), strict=True))
+        else:
+            class_weights = dict(zip(names, head_class_weights(*args), strict=True))
     model.compile(optimizer=optimizer,
-                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n], per_applicable=not joint)
+                  loss={n: masked_sparse_crossentropy(cfg.label_smoothing, class_weights[n], per_applicable=not joint,
+                                                      train_prior=priors[n])
                         for n in names},
                   loss_weights={n: weights[n] for n in names},
                   metrics={n: [MaskedAccuracy(name="acc")] for n in names})

@@ -197,6 +197,25 @@ def test_joint_head_loss_is_the_negative_log_of_the_leaf_product():
     assert default != pytest.approx(total, rel=1e-3)  # the masked mean weighs the specialists up
 
 
+def test_logit_adjusted_loss_balances_a_head_without_reweighting_images():
+    """With the sampler's prior folded into the loss, an output that knows nothing learns equal classes (not the
+    prior), and a single image's loss is the cross-entropy of output x prior, renormalised."""
+    from semhinet_tf.losses import head_class_priors, masked_sparse_crossentropy
+
+    taxonomy = Taxonomy.default()
+    leaves = np.arange(len(taxonomy.leaves))
+    prior = head_class_priors(taxonomy.label_matrix(), leaves, "balanced", [h.num_classes for h in taxonomy.heads])
+    assert prior[0] == pytest.approx([1 / 8, 1 / 8, 6 / 8]) and prior[1] == pytest.approx([1 / 3] * 3)
+    loss = masked_sparse_crossentropy(train_prior=prior[0], per_applicable=False)
+    labels = taxonomy.head_labels(leaves)["h1"]  # one image of each leaf: the sampler's frequencies
+    uniform = np.full((8, 3), 1 / 3, np.float32)
+    at_prior = np.tile(np.array(prior[0], np.float32), (8, 1))
+    assert float(np.mean(loss(labels, uniform))) < float(np.mean(loss(labels, at_prior)))
+    one = float(np.mean(loss(np.array([1]), np.array([[0.2, 0.3, 0.5]], np.float32))))
+    adjusted = np.array([0.2, 0.3, 0.5]) * prior[0]
+    assert one == pytest.approx(-np.log(adjusted[1] / adjusted.sum()), rel=1e-5)
+
+
 def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs():
     """Per-tensor QAT starts from the folded model; it must compute what the trained model computes."""
     from dataclasses import replace
