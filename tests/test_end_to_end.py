@@ -368,3 +368,20 @@ def test_same_seed_same_split_sampling_and_metrics(tmp_path):
         for key, va, vb in zip(header, row_a.split(","), row_b.split(","), strict=True):
             if key not in ("phase", "epoch"):
                 assert float(va) == pytest.approx(float(vb), rel=1e-4, abs=1e-5), key
+
+
+def test_joint_head_loss_trains_through_qat(tmp_path):
+    """--head-loss joint (logit-adjusted gatekeeper) runs both phases and is recorded in the run's config."""
+    data = tmp_path / "data"
+    run_cli("synth", str(data), "--per-class", "4", "--size", "32", "--seed", "9", "--workers", "1")
+    run = tmp_path / "run"
+    run_cli("train", str(data), "--out", str(run), "--img-size", "32", "--epochs", "1", "--qat-epochs", "1",
+            "--batch-size", "8", "--weights", "none", "--head-loss", "joint")
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["head_loss"] == "joint"
+    rows = (run / "history.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    phases = [r.split(",")[0] for r in rows[1:]]
+    assert phases == ["float", "qat"]
+    losses = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
+    assert all(np.isfinite(losses)) and (run / "qat.h5").exists()
