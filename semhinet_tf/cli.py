@@ -121,7 +121,8 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--qat-lr-factor", default=0.1, show_default=True, help="QAT peak rate as a fraction of --lr")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--steps-per-epoch", default=None, type=int, help="default: one pass over the training split")
-@click.option("--lr", default=1e-3, show_default=True, help="peak learning rate (AdamW)")
+@click.option("--lr", default=None, type=float,
+              help="peak learning rate (AdamW); default 3e-4 from pretrained weights, 1e-3 from scratch")
 @click.option("--seed", default=0, show_default=True, help="fixes split, sampling and initialisation")
 @click.option("--val-split", default=0.2, show_default=True)
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(min=1),

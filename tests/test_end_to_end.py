@@ -379,6 +379,7 @@ def test_joint_head_loss_trains_through_qat(tmp_path):
             "--batch-size", "8", "--weights", "none", "--head-loss", "joint")
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["head_loss"] == "joint"
+    assert config["train"]["lr"] == pytest.approx(1e-3)  # from scratch: the from-scratch rate
     rows = (run / "history.csv").read_text().splitlines()
     header = rows[0].split(",")
     phases = [r.split(",")[0] for r in rows[1:]]

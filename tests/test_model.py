@@ -216,6 +216,14 @@ def test_logit_adjusted_loss_balances_a_head_without_reweighting_images():
     assert one == pytest.approx(-np.log(adjusted[1] / adjusted.sum()), rel=1e-5)
 
 
+def test_pretrained_starts_are_fine_tuned_at_a_lower_rate():
+    from semhinet_tf.train import default_lr
+
+    assert default_lr("none") == pytest.approx(1e-3)
+    for start in ("sem", "imagenet", "weights/backbone.npz"):
+        assert default_lr(start) == pytest.approx(3e-4)
+
+
 def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs():
     """Per-tensor QAT starts from the folded model; it must compute what the trained model computes."""
     from dataclasses import replace
