@@ -118,7 +118,7 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--img-size", default=224, show_default=True)
 @click.option("--epochs", default=30, show_default=True, help="float epochs")
 @click.option("--qat-epochs", default=6, show_default=True, help="quantization-aware epochs (0: none)")
-@click.option("--qat-lr-factor", default=0.1, show_default=True, help="QAT peak rate as a fraction of --lr")
+@click.option("--qat-lr", default=1e-4, show_default=True, help="QAT peak learning rate")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--steps-per-epoch", default=None, type=int, help="default: one pass over the training split")
 @click.option("--lr", default=None, type=float,

@@ -34,7 +34,7 @@ class TrainConfig:
     batch_size: int = 32
     steps_per_epoch: int | None = None  # default: one pass over the (balanced) training split
     lr: float | None = None  # peak rate; None: default_lr(weights)
-    qat_lr_factor: float = 0.1
+    qat_lr: float = 1e-4  # QAT peak rate: fine-tunes a trained model, whatever the float phase started from
     qat_calibrate: bool = True  # start QAT's activation ranges from the float model's (False: tfmot's [-6, 6])
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-5
@@ -447,7 +447,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
             print(f"  [qat] {n} activation ranges started from the float model's on {len(batches)} training batches",
                   flush=True)
         _fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs,
-                   cfg.lr * cfg.qat_lr_factor, 0.0, run_dir / QAT_MODEL, resume, strategy)
+                   cfg.qat_lr, 0.0, run_dir / QAT_MODEL, resume, strategy)
         result["qat_seconds"] = round(time.time() - t_qat, 1)
         result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy)
     final = load_model(run_dir / (QAT_MODEL if cfg.qat_epochs > 0 else FLOAT_MODEL))
