@@ -3,7 +3,7 @@
 (e) the heads' loss: masked means vs the joint -log P(leaf), (f) the peak learning rate.
 
     python experiments/model_choices.py --train TRAIN_DATA --test TEST_DATA --work DIR \
-        [--only a,b,c,d,e] [--img-size 128] [--epochs 30] [--seeds 0,1,2] [--imagenet WEIGHTS.h5] \
+        [--only a,b,c,d,e,f] [--img-size 128] [--epochs 30] [--seeds 0,1,2] [--imagenet WEIGHTS.h5] \
         [--reuse NAME=RUN ...] [--out experiments/results/model_choices.md]
 
 With several seeds every figure is the mean over them, and the leaf accuracy cell lists each seed's.

@@ -115,7 +115,7 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="run directory to create")
-@click.option("--img-size", default=224, show_default=True)
+@click.option("--img-size", default=160, show_default=True)
 @click.option("--epochs", default=30, show_default=True, help="float epochs")
 @click.option("--qat-epochs", default=6, show_default=True, help="quantization-aware epochs (0: none)")
 @click.option("--qat-lr", default=1e-4, show_default=True, help="QAT peak learning rate")

@@ -55,25 +55,27 @@ def _sampled_leaf_frequencies(num_leaves: int, leaf_ids: np.ndarray, sampler: st
     return leaf_freq / max(leaf_freq.sum(), 1e-12)
 
 
+def _head_class_frequencies(label_matrix: np.ndarray, leaf_ids: np.ndarray, sampler: str,
+                            num_classes: list[int]) -> list[np.ndarray]:
+    """Per head, the sampled share of each of its classes (unnormalised: images the head skips add nothing)."""
+    leaf_freq = _sampled_leaf_frequencies(label_matrix.shape[0], leaf_ids, sampler)
+    return [np.array([leaf_freq[label_matrix[:, j] == c].sum() for c in range(k)])
+            for j, k in enumerate(num_classes)]
+
+
 def head_class_priors(label_matrix: np.ndarray, leaf_ids: np.ndarray, sampler: str,
                       num_classes: list[int]) -> list[list[float]]:
     """Per head, how often each of its classes appears among the training images the head applies to, under
     the sampler (leaf-balanced sampling: the gatekeeper sees bogus / normal / defect as 1/8, 1/8, 6/8)."""
-    leaf_freq = _sampled_leaf_frequencies(label_matrix.shape[0], leaf_ids, sampler)
-    out = []
-    for j, k in enumerate(num_classes):
-        freq = np.array([leaf_freq[label_matrix[:, j] == c].sum() for c in range(k)])
-        out.append([float(v) for v in freq / max(freq.sum(), 1e-12)])
-    return out
+    return [[float(v) for v in freq / max(freq.sum(), 1e-12)]
+            for freq in _head_class_frequencies(label_matrix, leaf_ids, sampler, num_classes)]
 
 
 def head_class_weights(label_matrix: np.ndarray, leaf_ids: np.ndarray, sampler: str,
                        num_classes: list[int]) -> list[list[float]]:
     """Per head, weights that make its classes count equally under the sampler's leaf frequencies."""
-    leaf_freq = _sampled_leaf_frequencies(label_matrix.shape[0], leaf_ids, sampler)
     out = []
-    for j, k in enumerate(num_classes):
-        freq = np.array([leaf_freq[label_matrix[:, j] == c].sum() for c in range(k)])
+    for freq in _head_class_frequencies(label_matrix, leaf_ids, sampler, num_classes):
         present = freq > 0
         w = np.where(present, 1.0 / np.maximum(freq, 1e-12), 0.0)
         w = w / (freq[present] * w[present]).sum() * freq[present].sum()  # expected weight 1 per sample

@@ -14,7 +14,7 @@ layers = keras.layers
 
 @dataclass(frozen=True)
 class ModelConfig:
-    img_size: int = 224
+    img_size: int = 160
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head_units: int = 128  # hidden width of each head; 0 = a linear head straight on the pooled features
     dropout: float = 0.2
