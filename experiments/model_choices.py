@@ -1,9 +1,9 @@
 """Model and training choices on the same data and budget: (a) five heads vs a flat 8-way softmax,
 (b) loss weights, (c) input size, (d) from scratch vs the shipped SEM-pretrained backbone (vs ImageNet),
-(e) the heads' loss: masked means vs the joint -log P(leaf), (f) the peak learning rate.
+(e) the heads' loss: masked means vs the joint -log P(leaf), (f) the peak learning rate, (g) training length.
 
     python experiments/model_choices.py --train TRAIN_DATA --test TEST_DATA --work DIR \
-        [--only a,b,c,d,e,f] [--img-size 128] [--epochs 30] [--seeds 0,1,2] [--imagenet WEIGHTS.h5] \
+        [--only a,b,c,d,e,f,g] [--img-size 128] [--epochs 30] [--seeds 0,1,2] [--imagenet WEIGHTS.h5] \
         [--reuse NAME=RUN ...] [--out experiments/results/model_choices.md]
 
 With several seeds every figure is the mean over them, and the leaf accuracy cell lists each seed's.
@@ -40,6 +40,9 @@ def variants(args) -> dict[str, list[tuple[str, list[str]]]]:
               ("flat 8-way softmax", [*size, "--flat"])],
         "f": [("3e-4 (default from pretrained weights)", size), ("1e-4", [*size, "--lr", "1e-4"]),
               ("1e-3 (the default before 2026-11-30)", [*size, "--lr", "1e-3"]), ("3e-3", [*size, "--lr", "3e-3"])],
+        "g": [("30 epochs, stop after 10 without gain (default)", size),
+              ("all 30 epochs", [*size, "--patience", "100"]),
+              ("60 epochs", [*size, "--epochs", "60", "--patience", "100"])],
     }
     if args.imagenet:
         out["d"].append(("ImageNet start", [*size, "--weights", str(args.imagenet)]))
@@ -132,7 +135,7 @@ def _f(v) -> str:
 
 TITLES = {"a": "(a) Hierarchical five heads vs flat softmax", "b": "(b) Loss weights",
           "c": "(c) Input size", "d": "(d) Starting weights", "e": "(e) Head loss: masked means vs joint",
-          "f": "(f) Peak learning rate"}
+          "f": "(f) Peak learning rate", "g": "(g) Training length"}
 
 
 def main() -> None:
@@ -140,7 +143,7 @@ def main() -> None:
     p.add_argument("--train", type=Path, required=True)
     p.add_argument("--test", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--only", default="a,b,c,d,e,f")
+    p.add_argument("--only", default="a,b,c,d,e,f,g")
     p.add_argument("--img-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", default="0", help="comma-separated; figures are means over them")

@@ -1,6 +1,6 @@
 """What the QAT phase's settings do to the int8 model: rerun only the QAT phase of a finished run.
 
-    python experiments/qat_settings.py RUN --data TRAIN --test TEST [--work qat_settings] \
+    python experiments/qat_settings.py RUN --data TRAIN --test TEST [--work qat_settings] [--only 1,2] \
         [--out experiments/results/qat_settings.md]
 
 Every variant starts from RUN's float model (copied with its split, configuration and float-phase state into
@@ -25,6 +25,8 @@ VARIANTS: dict[str, dict] = {
     "ranges started from the float model (default)": {"qat_calibrate": True},
     "QAT peak rate 3e-5 (a tenth of the float phase's 3e-4, as --qat-lr-factor 0.1 gave before 2026-11-30)":
         {"qat_calibrate": True, "qat_lr": 3e-5},
+    "QAT peak rate 3e-4": {"qat_calibrate": True, "qat_lr": 3e-4},
+    "12 QAT epochs instead of 6": {"qat_calibrate": True, "qat_epochs": 12},
 }
 FLOAT_FILES = ("float.keras", "config.json", "taxonomy.json", "split.json", "manifest.csv", "manifest.json",
                "skipped.csv")
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--test", type=Path, required=True, help="evaluate on every image of this folder")
     p.add_argument("--work", type=Path, default=Path("qat_settings"))
     p.add_argument("--out", type=Path, default=Path("experiments/results/qat_settings.md"))
+    p.add_argument("--only", default=None, help="comma-separated variant numbers (default: all)")
     args = p.parse_args()
 
     from semhinet_tf.export.convert import convert_run
@@ -71,12 +74,15 @@ def main() -> None:
              f"{saved.img_size} px; Δ in points of leaf accuracy against the float model.", "",
              "| QAT setting | float leaf acc | QAT Keras (Δ) | int8 .tflite (Δ) | int8 verdicts equal to float's | "
              "QAT min |", "|---|---|---|---|---|---|"]
+    chosen = None if args.only is None else {int(i) for i in args.only.split(",")}
     for i, (name, settings) in enumerate(VARIANTS.items()):
+        if chosen is not None and i not in chosen:
+            continue
         dest = args.work / f"variant{i}"
         float_phase_copy(args.run, dest, settings)
         t = time.time()
-        train(args.data, dest, TrainConfig(epochs=saved.epochs, qat_epochs=saved.qat_epochs), resume=True,
-              progress=False)
+        qat_epochs = settings.get("qat_epochs", saved.qat_epochs)  # resume takes the epochs from its arguments
+        train(args.data, dest, TrainConfig(epochs=saved.epochs, qat_epochs=qat_epochs), resume=True, progress=False)
         minutes = (time.time() - t) / 60
         convert_run(dest, dest / "model_int8.tflite", overwrite=True, progress=False)
         result = compare_run(dest, args.test, split="all", progress=False)["compare"]
