@@ -1,7 +1,7 @@
 """What the QAT phase's settings do to the int8 model: rerun only the QAT phase of a finished run.
 
     python experiments/qat_settings.py RUN --data TRAIN --test TEST [--work qat_settings] [--only 1,2] \
-        [--out experiments/results/qat_settings.md]
+        [--qat-epochs 6] [--out experiments/results/qat_settings.md]
 
 Every variant starts from RUN's float model (copied with its split, configuration and float-phase state into
 WORK/NAME), sets its TrainConfig fields, resumes the run (the float phase is skipped, the QAT phase runs), is
@@ -16,6 +16,7 @@ import csv
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from results_file import write_result
@@ -62,6 +63,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("qat_settings"))
     p.add_argument("--out", type=Path, default=Path("experiments/results/qat_settings.md"))
     p.add_argument("--only", default=None, help="comma-separated variant numbers (default: all)")
+    p.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the run's; give it for a "
+                   "float-only run, --qat-epochs 0)")
     args = p.parse_args()
 
     from semhinet_tf.export.convert import convert_run
@@ -69,6 +72,8 @@ def main() -> None:
     from semhinet_tf.workflow import compare_run
 
     saved = TrainConfig.from_dict(json.loads((args.run / "config.json").read_text())["train"])
+    if args.qat_epochs is not None:
+        saved = replace(saved, qat_epochs=args.qat_epochs)
     lines = [f"QAT phase only, from the float model of `{args.run}`; test data `{args.test}` (every image). "
              f"{saved.qat_epochs} QAT epochs at {saved.qat_lr:g} peak rate, "
              f"{saved.img_size} px; Δ in points of leaf accuracy against the float model.", "",
