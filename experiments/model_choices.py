@@ -60,8 +60,8 @@ def train_and_eval(args, extra: list[str], reuse: dict[str, Path], seed: int) ->
     result_file = run / "test_eval.json"
     if not result_file.exists():
         if not (run / "train_result.json").exists():
-            cmd = [sys.executable, "-m", "semhinet_tf", "train", str(args.train), "--out", str(run), "--epochs",
-                   str(args.epochs), "--qat-epochs", "0", "--seed", str(seed), *extra]
+            cmd = [sys.executable, "-m", "semhinet_tf", "train", str(args.train), "--out", str(run),
+                   *_epochs(args, extra), "--qat-epochs", "0", "--seed", str(seed), *extra]
             if run.exists():
                 cmd.append("--overwrite")
             _run(cmd, args.work / f"{name}.log")
@@ -76,8 +76,13 @@ def train_and_eval(args, extra: list[str], reuse: dict[str, Path], seed: int) ->
 
 def _train_command(args, extra: list[str]) -> str:
     seed = str(args.seeds[0]) if len(args.seeds) == 1 else "S"
-    return " ".join(shlex.quote(a) for a in ["semhinet", "train", str(args.train), "--out", "RUN", "--epochs",
-                                             str(args.epochs), "--qat-epochs", "0", "--seed", seed, *extra])
+    return " ".join(shlex.quote(a) for a in ["semhinet", "train", str(args.train), "--out", "RUN",
+                                             *_epochs(args, extra), "--qat-epochs", "0", "--seed", seed, *extra])
+
+
+def _epochs(args, extra: list[str]) -> list[str]:
+    """The script's --epochs, unless the variant sets its own (a training-length variant)."""
+    return [] if "--epochs" in extra else ["--epochs", str(args.epochs)]
 
 
 def seed_mean(results: list[dict]) -> dict:
