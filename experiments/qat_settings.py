@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict] = {
         {"qat_calibrate": True, "qat_lr": 3e-5},
     "QAT peak rate 3e-4": {"qat_calibrate": True, "qat_lr": 3e-4},
     "12 QAT epochs instead of 6": {"qat_calibrate": True, "qat_epochs": 12},
+    "QAT rate 0: weights frozen, only ranges and BatchNorm statistics move": {"qat_calibrate": True, "qat_lr": 0.0},
 }
 FLOAT_FILES = ("float.keras", "config.json", "taxonomy.json", "split.json", "manifest.csv", "manifest.json",
                "skipped.csv")
