@@ -63,9 +63,9 @@ def main() -> None:
     p.add_argument("--test", type=Path, required=True, help="evaluate on every image of this folder")
     p.add_argument("--work", type=Path, default=Path("qat_settings"))
     p.add_argument("--out", type=Path, default=Path("experiments/results/qat_settings.md"))
-    p.add_argument("--only", default=None, help="comma-separated variant numbers (default: all)")
-    p.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the run's; give it for a "
-                   "float-only run, --qat-epochs 0)")
+    p.add_argument("--only", default=None, help="comma-separated positions in VARIANTS, from 0 (default: all)")
+    p.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the run's own; needed for a "
+                   "run trained with --qat-epochs 0)")
     args = p.parse_args()
 
     from semhinet_tf.export.convert import convert_run
