@@ -386,3 +386,21 @@ def test_joint_head_loss_trains_through_qat(tmp_path):
     assert phases == ["float", "qat"]
     losses = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
     assert all(np.isfinite(losses)) and (run / "qat.h5").exists()
+
+
+def test_train_command_defaults_are_train_config_defaults():
+    """The CLI repeats TrainConfig's defaults (it imports no TensorFlow to print its help): keep them equal."""
+    import dataclasses
+
+    import click
+
+    from semhinet_tf.cli import main
+    from semhinet_tf.train import TrainConfig
+
+    command = main.commands["train"]
+    ctx = click.Context(command)
+    config = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    shared = [p for p in command.params if p.name in config]
+    assert len(shared) >= 20
+    for param in shared:
+        assert param.get_default(ctx) == config[param.name], param.name
