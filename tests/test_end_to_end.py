@@ -122,6 +122,22 @@ def test_every_tflite_operator_is_integer_and_the_signature_is_named(workspace):
     assert contract["taxonomy"]["heads"][0]["classes"] == ["bogus", "normal", "defect"]
 
 
+def test_int8_depthwise_kernels_use_each_channels_full_grid(workspace):
+    """Per-channel QAT of depthwise kernels reaches the .tflite: every channel's largest weight is +-127 (on
+    tfmot's single depthwise range the channels with small weights used a fraction of the 127 levels)."""
+    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    interp = litert.Interpreter(model_path=str(workspace["tflite"]))
+    details = {t["index"]: t for t in interp.get_tensor_details()}
+    kernels = [op["inputs"][1] for op in interp._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D"]
+    assert len(kernels) == 11
+    for index in kernels:
+        q = interp.get_tensor(index).astype(np.int64)
+        q = q.reshape(-1, q.shape[-1])
+        used = np.abs(q).max(axis=0)
+        assert len(details[index]["quantization_parameters"]["scales"]) == q.shape[1]
+        assert np.all(used[used > 0] >= 126), (details[index]["name"], np.sort(used)[:5])
+
+
 def test_the_int8_model_sees_every_grey_level_unrounded(workspace):
     """The rescale steps land each grey value v exactly on v - 128 of their int8 grids: no grey levels merged, no
     value half-way between two steps (where int8 engines round apart)."""

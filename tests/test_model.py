@@ -125,6 +125,32 @@ def test_qat_model_keeps_head_outputs_and_weights():
         quantize_model(model, "per-pixel")
 
 
+def test_qat_quantizes_depthwise_weights_per_channel():
+    """tfmot's per-axis quantizer would give a depthwise kernel (kh, kw, C, 1) one range (its last axis is the
+    depth multiplier); ours keeps one per channel, each the channel's largest |weight| after a training step."""
+    from semhinet_tf.model.quant import quantize_model
+
+    model = build_model(Taxonomy.default(), ModelConfig(img_size=32))
+    x = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 1)).astype(np.float32)
+    qat = quantize_model(model)
+    qat(x, training=True)
+    depthwise = [layer for layer in qat.layers if layer.name.endswith("/depthwise")]
+    assert len(depthwise) == 11
+    for layer in depthwise:
+        named = {v.name.split("/")[-1].split(":")[0]: v.numpy() for v in layer.weights}
+        kernel = named["depthwise_kernel"]
+        largest = np.abs(kernel).max(axis=(0, 1)).ravel()
+        assert named["depthwise_kernel_max"].shape == (kernel.shape[2],), layer.name
+        assert np.allclose(named["depthwise_kernel_max"], largest) and np.allclose(named["depthwise_kernel_min"],
+                                                                                   -largest)
+        assert largest.max() > largest.min(), layer.name  # one range per channel, not one shared
+    per_tensor = quantize_model(model, "per-tensor")
+    per_tensor(x, training=True)
+    layer = per_tensor.get_layer("quant_expanded_conv/depthwise")
+    named = {v.name.split("/")[-1].split(":")[0]: v for v in layer.weights}
+    assert named["depthwise_kernel_max"].shape.rank == 0
+
+
 def test_qat_ranges_start_from_the_float_models_activations():
     """tfmot starts every range at [-6, 6] and a short QAT phase barely moves it; calibration sets them."""
     from semhinet_tf.model.quant import calibrate_ranges, quantize_model

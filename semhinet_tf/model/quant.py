@@ -8,9 +8,14 @@ older NPU guidance says runs faster (see ../shared/NPU_NOTES.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantize_registry import (
+    Default8BitConvQuantizeConfig,
+    Default8BitQuantizeRegistry,
+)
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantize_scheme import (
     Default8BitQuantizeScheme,
 )
@@ -62,9 +67,86 @@ class RescaleQuantizeConfig(OutputQuantizeConfig):
         return {"low": self.low, "high": self.high}
 
 
+class DepthwiseWeightsQuantizer(quantizers.Quantizer):
+    """8-bit symmetric weights of a depthwise kernel (kh, kw, channels, multiplier), one range per channel.
+
+    Why: tfmot's per-axis weight quantizer takes a kernel's last axis as its channel axis. For a depthwise
+    kernel that axis is the depth multiplier (1), so tfmot's "per-channel" QAT gives every depthwise kernel a
+    single range (tensorflow/model-optimization#808). The converter then stores per-channel scales, but the
+    integers stay on that one coarse grid: in the 160 px default run the median channel used 40-77 of the
+    127 levels, late blocks' small channels fewer. Here each channel gets its own range (the last value of
+    its largest |weight|, as tfmot's LastValueQuantizer does for ordinary convolutions)."""
+
+    def build(self, tensor_shape, name, layer):
+        channels = int(tensor_shape[-2]) * int(tensor_shape[-1])
+
+        def bound(suffix: str, value: float):
+            return layer.add_weight(f"{name}_{suffix}", shape=(channels,), trainable=False,
+                                    initializer=keras.initializers.Constant(value))
+
+        return {"min_var": bound("min", -6.0), "max_var": bound("max", 6.0)}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        import tensorflow as tf
+
+        shape = inputs.shape
+        per_channel = tf.reshape(inputs, (shape[0], shape[1], shape[2] * shape[3]))
+        low, high = weights["min_var"], weights["max_var"]
+        if training:
+            largest = tf.reduce_max(tf.abs(per_channel), axis=(0, 1))
+            low, high = low.assign(-largest), high.assign(largest)
+        quantized = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            per_channel, low, high, num_bits=8, narrow_range=True)
+        return tf.reshape(quantized, shape)
+
+    def get_config(self):
+        return {}
+
+    def __eq__(self, other):
+        return isinstance(other, DepthwiseWeightsQuantizer)
+
+    def __ne__(self, other):
+        return not self == other
+
+
+class DepthwiseQuantizeConfig(Default8BitConvQuantizeConfig):
+    """tfmot's convolution config with per-channel depthwise weights (DepthwiseWeightsQuantizer)."""
+
+    def __init__(self, weight_attrs, activation_attrs, quantize_output):
+        super().__init__(weight_attrs, activation_attrs, quantize_output)
+        self.weight_quantizer = DepthwiseWeightsQuantizer()
+
+
+class PerChannelRegistry(Default8BitQuantizeRegistry):
+    """tfmot's default registry, depthwise convolutions quantized per channel."""
+
+    def get_quantize_config(self, layer):
+        if isinstance(layer, layers.DepthwiseConv2D):
+            return DepthwiseQuantizeConfig(["depthwise_kernel"], ["activation"], False)
+        return super().get_quantize_config(layer)
+
+
+class PerChannelScheme(Default8BitQuantizeScheme):
+    """tfmot's default 8-bit scheme (its Conv+BatchNorm transforms included) with PerChannelRegistry."""
+
+    def __init__(self):
+        super().__init__(disable_per_axis=False)
+
+    def get_quantize_registry(self):
+        return PerChannelRegistry(disable_per_axis=False)
+
+
+def scheme_for(granularity: str) -> Default8BitQuantizeScheme:
+    """The tfmot scheme of a weight granularity (per-tensor: tfmot's own, per-axis weights disabled)."""
+    if granularity == "per-tensor":
+        return Default8BitQuantizeScheme(disable_per_axis=True)
+    return PerChannelScheme()
+
+
 def scope_objects() -> dict:
     return {**CUSTOM_OBJECTS, "OutputQuantizeConfig": OutputQuantizeConfig,
-            "RescaleQuantizeConfig": RescaleQuantizeConfig}
+            "RescaleQuantizeConfig": RescaleQuantizeConfig, "DepthwiseQuantizeConfig": DepthwiseQuantizeConfig,
+            "DepthwiseWeightsQuantizer": DepthwiseWeightsQuantizer}
 
 
 @contextmanager
@@ -95,25 +177,30 @@ def is_float_head_layer(name: str) -> bool:
     return is_head_layer(name) and not name.removeprefix("quant_").startswith("pool")
 
 
-def quantize_model(model: keras.Model, granularity: str = "per-channel", float_heads: bool = False) -> keras.Model:
+def quantize_model(model: keras.Model, granularity: str = "per-channel", float_heads: bool = False,
+                   keep_float: Callable[[str], bool] | None = None) -> keras.Model:
     """A QAT copy of a float model (weights carried over), ready to compile and fine-tune.
 
-    `float_heads`: the heads' layers get no fake-quant nodes, so the converter can keep them in float."""
+    `float_heads`: the heads' layers get no fake-quant nodes, so the converter can keep them in float.
+    `keep_float`: any other layers (by name) left without fake-quant nodes, e.g. to measure what one block's
+    8 bits cost (experiments/quant_sensitivity.py)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
 
+    def stays_float(name: str) -> bool:
+        return (float_heads and is_float_head_layer(name)) or (keep_float is not None and keep_float(name))
+
     def annotate(layer):
         clone = layer.__class__.from_config(layer.get_config())
-        if isinstance(layer, keras.layers.InputLayer) or (float_heads and is_float_head_layer(layer.name)):
+        if isinstance(layer, keras.layers.InputLayer) or stays_float(layer.name):
             return clone
         return qkeras.quantize_annotate_layer(clone, _annotation(layer))
 
     with keras.utils.custom_object_scope(CUSTOM_OBJECTS):
         annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
-    scheme = Default8BitQuantizeScheme(disable_per_axis=granularity == "per-tensor")
     with quant_scope():
-        qat = qkeras.quantize_apply(annotated, scheme)
+        qat = qkeras.quantize_apply(annotated, scheme_for(granularity))
     pin_input_range(qat)
     return qat
 
@@ -173,6 +260,19 @@ def with_float_heads(qat: keras.Model, float_model: keras.Model, granularity: st
             raise ValueError(f"{source.name}: no {', '.join(missing)} in the QAT model")
         layer.set_weights([found[_short(w.name)].numpy() for w in layer.weights])
     return target
+
+
+def freeze_batchnorm(qat: keras.Model) -> int:
+    """Keep every BatchNorm of a QAT model as the float model left it: a non-trainable Keras BatchNorm runs in
+    inference mode, so its moving statistics stop following QAT's (augmented, quantized) training batches and
+    its scale and shift stop moving. Returns the number of layers frozen."""
+    frozen = 0
+    for layer in qat.layers:
+        inner = getattr(layer, "layer", layer)  # tfmot's QuantizeWrapper holds the layer it quantizes
+        if isinstance(inner, layers.BatchNormalization):
+            inner.trainable = False
+            frozen += 1
+    return frozen
 
 
 def _short(variable_name: str) -> str:
