@@ -29,6 +29,9 @@ VARIANTS: dict[str, dict] = {
     "QAT peak rate 3e-4": {"qat_calibrate": True, "qat_lr": 3e-4},
     "12 QAT epochs instead of 6": {"qat_calibrate": True, "qat_epochs": 12},
     "QAT rate 0: weights frozen, only ranges and BatchNorm statistics move": {"qat_calibrate": True, "qat_lr": 0.0},
+    "BatchNorm statistics frozen at the float model's": {"qat_calibrate": True, "qat_freeze_bn": True},
+    "BatchNorm statistics frozen and QAT rate 0: only the activation ranges move":
+        {"qat_calibrate": True, "qat_freeze_bn": True, "qat_lr": 0.0},
 }
 FLOAT_FILES = ("float.keras", "config.json", "taxonomy.json", "split.json", "manifest.csv", "manifest.json",
                "skipped.csv")

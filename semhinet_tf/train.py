@@ -36,6 +36,7 @@ class TrainConfig:
     lr: float | None = None  # peak rate; None: default_lr(weights)
     qat_lr: float = 1e-4  # QAT peak rate: fine-tunes a trained model, whatever the float phase started from
     qat_calibrate: bool = True  # start QAT's activation ranges from the float model's (False: tfmot's [-6, 6])
+    qat_freeze_bn: bool = False  # QAT keeps the float model's BatchNorm moving statistics
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-5
     label_smoothing: float = 0.05
@@ -435,7 +436,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     result = {"run_dir": str(run_dir), "float_seconds": round(t_float, 1),
               "float_val": hierarchical_scores(best_float, *val_set, taxonomy)}
     if cfg.qat_epochs > 0:
-        from semhinet_tf.model.quant import calibrate_ranges, qat_base, quantize_model
+        from semhinet_tf.model.quant import calibrate_ranges, freeze_batchnorm, qat_base, quantize_model
 
         t_qat = time.time()
         with strategy.scope():
@@ -446,6 +447,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
             n = calibrate_ranges(qat, base, batches)
             print(f"  [qat] {n} activation ranges started from the float model's on {len(batches)} training batches",
                   flush=True)
+        if cfg.qat_freeze_bn:
+            print(f"  [qat] {freeze_batchnorm(qat)} BatchNorm layers keep the float model's statistics", flush=True)
         _fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs,
                    cfg.qat_lr, 0.0, run_dir / QAT_MODEL, resume, strategy)
         result["qat_seconds"] = round(time.time() - t_qat, 1)

@@ -151,6 +151,25 @@ def test_qat_quantizes_depthwise_weights_per_channel():
     assert named["depthwise_kernel_max"].shape.rank == 0
 
 
+def test_frozen_batchnorm_keeps_the_float_statistics_through_qat_steps():
+    from semhinet_tf.model.quant import freeze_batchnorm, quantize_model
+
+    model = build_model(Taxonomy.default(), ModelConfig(img_size=32))
+    x = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 1)).astype(np.float32)
+
+    def moving_stats(qat):
+        return [w.numpy().copy() for w in qat.weights if "moving_" in w.name]
+
+    for freeze in (False, True):
+        qat = quantize_model(model)
+        if freeze:
+            assert freeze_batchnorm(qat) == 34
+        before = moving_stats(qat)
+        qat(x, training=True)
+        same = all(np.array_equal(a, b) for a, b in zip(before, moving_stats(qat), strict=True))
+        assert same == freeze
+
+
 def test_qat_ranges_start_from_the_float_models_activations():
     """tfmot starts every range at [-6, 6] and a short QAT phase barely moves it; calibration sets them."""
     from semhinet_tf.model.quant import calibrate_ranges, quantize_model

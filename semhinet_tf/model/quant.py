@@ -263,14 +263,15 @@ def with_float_heads(qat: keras.Model, float_model: keras.Model, granularity: st
 
 
 def freeze_batchnorm(qat: keras.Model) -> int:
-    """Keep every BatchNorm of a QAT model as the float model left it: a non-trainable Keras BatchNorm runs in
-    inference mode, so its moving statistics stop following QAT's (augmented, quantized) training batches and
-    its scale and shift stop moving. Returns the number of layers frozen."""
+    """Keep every BatchNorm's moving statistics where the float model left them (momentum 1): they stop
+    following QAT's augmented, quantized training batches, so the int8 model normalises as the float one did.
+    Scale and shift still fine-tune at QAT's rate. (Keras' trainable=False would freeze those too, but tfmot's
+    QuantizeWrapper then lists them twice and saving the QAT model fails.) Returns the layers frozen."""
     frozen = 0
     for layer in qat.layers:
         inner = getattr(layer, "layer", layer)  # tfmot's QuantizeWrapper holds the layer it quantizes
         if isinstance(inner, layers.BatchNormalization):
-            inner.trainable = False
+            inner.momentum = 1.0
             frozen += 1
     return frozen
 
