@@ -8,7 +8,6 @@ older NPU guidance says runs faster (see ../shared/NPU_NOTES.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import contextmanager
 
 import tensorflow_model_optimization as tfmot
@@ -177,22 +176,16 @@ def is_float_head_layer(name: str) -> bool:
     return is_head_layer(name) and not name.removeprefix("quant_").startswith("pool")
 
 
-def quantize_model(model: keras.Model, granularity: str = "per-channel", float_heads: bool = False,
-                   keep_float: Callable[[str], bool] | None = None) -> keras.Model:
+def quantize_model(model: keras.Model, granularity: str = "per-channel", float_heads: bool = False) -> keras.Model:
     """A QAT copy of a float model (weights carried over), ready to compile and fine-tune.
 
-    `float_heads`: the heads' layers get no fake-quant nodes, so the converter can keep them in float.
-    `keep_float`: any other layers (by name) left without fake-quant nodes, e.g. to measure what one block's
-    8 bits cost (experiments/quant_sensitivity.py)."""
+    `float_heads`: the heads' layers get no fake-quant nodes, so the converter can keep them in float."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
 
-    def stays_float(name: str) -> bool:
-        return (float_heads and is_float_head_layer(name)) or (keep_float is not None and keep_float(name))
-
     def annotate(layer):
         clone = layer.__class__.from_config(layer.get_config())
-        if isinstance(layer, keras.layers.InputLayer) or stays_float(layer.name):
+        if isinstance(layer, keras.layers.InputLayer) or (float_heads and is_float_head_layer(layer.name)):
             return clone
         return qkeras.quantize_annotate_layer(clone, _annotation(layer))
 
