@@ -84,6 +84,13 @@ def _augment(base, spec: str | None):
     return dataclasses.replace(base, **changes)
 
 
+# Test-time views (semhinet_tf.data.views), shared by eval, compare and predict.
+views_option = click.option(
+    "--views", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
+    help="test-time views: score each image as this many flips/rotations of itself and average "
+         "(one inference each; only those the training augmentation covered)")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="semhinet")
 def main() -> None:
@@ -286,13 +293,14 @@ def bench(model, threads, runs, no_backbone, json_out):
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="write a human report (HTML + Markdown + PNGs) here")
 @click.option("--target-purity", default=0.99, show_default=True)
+@views_option
 @friendly
-def eval_cmd(model, data, split, json_out, report_dir, target_purity):
+def eval_cmd(model, data, split, json_out, report_dir, target_purity, views):
     """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA."""
     from semhinet_tf.workflow import eval_model
 
     res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
-                     target_purity=target_purity)
+                     target_purity=target_purity, views=int(views))
     click.echo(res["table"])
     for line in res["notes"]:
         click.echo(line)
@@ -307,12 +315,13 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity):
 @click.option("--max-drop", type=float, default=None,
               help="exit non-zero when int8 leaf accuracy is more than this many points below float")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@views_option
 @friendly
-def compare(run_dir, data, split, max_drop, json_out):
+def compare(run_dir, data, split, max_drop, json_out, views):
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX): per-head deltas, agreement, flipped images."""
     from semhinet_tf.workflow import compare_run
 
-    res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out)
+    res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out, views=int(views))
     click.echo(res["table"])
     for row in res["compare"]["models"]:
         for flip in row["flips"][:10]:
@@ -334,13 +343,14 @@ def compare(run_dir, data, split, max_drop, json_out):
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--threshold", type=float, default=None, help="review threshold (default: the model's)")
 @click.option("--threads", type=int, default=None)
+@views_option
 @friendly
-def predict(model, paths, threshold, threads):
+def predict(model, paths, threshold, threads, views):
     """Classify images or folders; one JSON line per image."""
     from semhinet_tf.workflow import predict_paths
 
     n_bad = 0
-    for row in predict_paths(model, paths, threshold=threshold, threads=threads):
+    for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views)):
         n_bad += "error" in row
         click.echo(json.dumps(row))
     if n_bad:

@@ -6,10 +6,12 @@ each format; only the engine differs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from semhinet_tf.data.views import average_views
 
 
 def _strip(name: str) -> str:
@@ -65,7 +67,12 @@ class Predictor:
             self.input_size = self._model.input_size
             self.contract = self._model.contract
 
-    def predict(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(self, frames: np.ndarray, views: Sequence[str] = ("identity",)) -> dict[str, np.ndarray]:
+        """Head probabilities for (N, S, S) uint8 frames, log-averaged over test-time `views`
+        (semhinet_tf.data.views; `workflow.model_views` picks those the model was trained to ignore)."""
+        return average_views(self._predict_one_view, frames, views)
+
+    def _predict_one_view(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         if self.format == "keras":
             return predict_keras(self._model, frames)
         return self._model.predict_frames(frames)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from semhinet_tf.data.pipeline import Augment
+from semhinet_tf.data.views import invariant_views
 
 FLOAT_MODEL = "float.keras"
 QAT_MODEL = "qat.h5"  # tfmot wrappers reload reliably from HDF5, not from .keras
@@ -454,7 +456,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
         result["qat_seconds"] = round(time.time() - t_qat, 1)
         result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy)
     final = load_model(run_dir / (QAT_MODEL if cfg.qat_epochs > 0 else FLOAT_MODEL))
-    result["review_threshold"] = write_review_threshold(final, val_set, taxonomy, run_dir)
+    result["review_threshold"] = write_review_threshold(final, val_set, taxonomy, run_dir,
+                                                        views=invariant_views(cfg.augment))
     result["seconds"] = round(time.time() - t0, 1)
     result["pipeline_images_per_second"] = pipe_ips
     result["train_step_images_per_second"] = step_ips
@@ -477,18 +480,30 @@ def _calibration_batches(train, taxonomy, cfg: TrainConfig, steps: int = 8) -> l
     return [images for images, _ in ds]
 
 
-def write_review_threshold(model, val, taxonomy, run_dir: Path, target_purity: float = 0.99) -> dict:
+def write_review_threshold(model, val, taxonomy, run_dir: Path, target_purity: float = 0.99,
+                           views: Sequence[str] = ("identity",)) -> dict:
     """The lowest leaf-probability threshold whose automatic decisions reach the target purity on validation;
-    `convert` embeds it in the .tflite so predict and the board flag the same images."""
+    `convert` embeds it in the .tflite so predict and the board flag the same images.
+
+    Averaging test-time views changes how confident the model is, so the threshold is also chosen for each
+    number of views the model offers ("by_views"); the top-level keys are the single-view one."""
+    from semhinet_tf.data.views import apply_view, log_average, view_counts
     from semhinet_tf.evaluate import coverage_curve, threshold_for_purity
     from semhinet_tf.predict import predict_keras
 
-    probs = predict_keras(model, val[0])
-    leaf_p = taxonomy.leaf_probabilities(probs)
-    point = threshold_for_purity(coverage_curve(val[1], leaf_p), target_purity)
-    point = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in point.items()}
-    _atomic_json({**point, "target_purity": target_purity, "split": "val"}, run_dir / "review_threshold.json")
-    return point
+    counts = view_counts(views)
+    per_view = [predict_keras(model, apply_view(val[0], name)) for name in views[:max(counts)]]
+
+    def point_for(n: int) -> dict:
+        leaf_p = taxonomy.leaf_probabilities(per_view[0] if n == 1 else log_average(per_view[:n]))
+        point = threshold_for_purity(coverage_curve(val[1], leaf_p), target_purity)
+        return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in point.items()}
+
+    point = point_for(1)
+    by_views = {str(n): point_for(n) for n in counts if n > 1}
+    _atomic_json({**point, "target_purity": target_purity, "split": "val", "by_views": by_views},
+                 run_dir / "review_threshold.json")
+    return {**point, "by_views": by_views}
 
 
 # What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.

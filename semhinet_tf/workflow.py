@@ -39,6 +39,21 @@ def model_context(predictor) -> tuple[Taxonomy, dict, Path | None]:
     return tax, Preprocess.from_dict(pre).to_dict(), run_dir
 
 
+def model_views(predictor, run_dir: Path | None, count: int = 1) -> list[str]:
+    """The first `count` test-time views the model was trained to ignore (its contract, else its run's
+    augmentation config); identity alone for a bare model file whose training is unknown."""
+    from semhinet_tf.data.views import invariant_views, select_views
+
+    if predictor.contract and "views" in predictor.contract:
+        available = predictor.contract["views"]
+    elif run_dir is not None:
+        config = json.loads((run_dir / "config.json").read_text())
+        available = invariant_views(config.get("train", {}).get("augment"))
+    else:
+        available = ["identity"]
+    return select_views(available, count, str(predictor.path))
+
+
 # ---------------------------------------------------------------- eval
 def decode_items(items: list, pre: dict, taxonomy: Taxonomy, notes: list[str], progress: bool = True):
     """Decode (path, leaf) items with the model's preprocessing; unreadable files are noted and dropped."""
@@ -58,10 +73,11 @@ def decode_items(items: list, pre: dict, taxonomy: Taxonomy, notes: list[str], p
 
 def eval_model(model: str | Path, data: str | Path, split: str | None = None, json_out: str | Path | None = None,
                report_dir: str | Path | None = None, target_purity: float = 0.99, progress: bool = True,
-               run_dir: str | Path | None = None) -> dict:
+               run_dir: str | Path | None = None, views: int = 1) -> dict:
     """Evaluate any model format on DATA; same JSON keys whatever the format.
 
-    `run_dir` names the run whose saved split to use when the model file lives elsewhere."""
+    `run_dir` names the run whose saved split to use when the model file lives elsewhere; `views` > 1
+    averages that many test-time flips/rotations (semhinet_tf.data.views)."""
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
     from semhinet_tf.predict import Predictor
@@ -70,14 +86,16 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     predictor = Predictor(model)
     taxonomy, pre, found_run = model_context(predictor)
     run_dir = Path(run_dir) if run_dir is not None else found_run
+    view_names = model_views(predictor, found_run, views)
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
     frames, paths, leaf_ids = decode_items(items, pre, taxonomy, notes, progress)
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
-    probs = predictor.predict(frames)
+    probs = predictor.predict(frames, view_names)
     result = evaluate(leaf_ids, probs, taxonomy, model_name=str(model), fmt=predictor.format,
                       purity_target=target_purity)
     result["split"] = split_used
+    result["views"] = view_names
     if result.get("missing_classes"):
         notes.append(f"classes missing from this split: {', '.join(result['missing_classes'])}")
     if json_out:
@@ -90,30 +108,34 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
         index = write_report(report_dir, result, paths, leaf_ids, probs, taxonomy, history_csv=history,
                              title=f"SEM-HiNet-TF evaluation: {model.name} ({predictor.format}, {split_used} split)")
         notes.append(f"report: {index}")
-    table = format_summary_table({f"{model.name} ({predictor.format})": result})
+    label = f"{model.name} ({predictor.format}{f', {views} views' if views > 1 else ''})"
+    table = format_summary_table({label: result})
     return {"result": result, "table": table, "notes": notes, "paths": paths, "leaf_ids": leaf_ids,
             "probs": probs}
 
 
 # ---------------------------------------------------------------- predict
 def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: float | None = None,
-                  threads: int | None = None, batch_size: int = 32) -> Iterator[dict]:
-    """Stream per-image verdicts for files and folders, any model format; bad files yield an 'error'."""
+                  threads: int | None = None, batch_size: int = 32, views: int = 1) -> Iterator[dict]:
+    """Stream per-image verdicts for files and folders, any model format; bad files yield an 'error'.
+
+    `views` > 1 averages that many test-time flips/rotations, with the review threshold chosen for them."""
     from semhinet_tf.board.runtime import iter_image_paths
     from semhinet_tf.data.decode import ImageError, Preprocess, load_frame
     from semhinet_tf.predict import Predictor
 
     predictor = Predictor(model, threads=threads)
-    taxonomy, pre_dict, _ = model_context(predictor)
+    taxonomy, pre_dict, run_dir = model_context(predictor)
+    view_names = model_views(predictor, run_dir, views)
     pre = Preprocess.from_dict(pre_dict)
     if threshold is None:
-        threshold = float((predictor.contract or {}).get("review_threshold", _run_threshold(Path(model))))
+        threshold = review_threshold(predictor.contract, run_dir, views)
     missing: list[Path] = []
     batch: list[tuple[Path, np.ndarray]] = []
 
     def flush():
         frames = np.stack([f for _, f in batch])
-        results = taxonomy.decode(predictor.predict(frames), threshold)
+        results = taxonomy.decode(predictor.predict(frames, view_names), threshold)
         for (p, _), r in zip(batch, results, strict=True):
             yield {"path": str(p), **r}
         batch.clear()
@@ -132,10 +154,17 @@ def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: flo
         yield {"path": str(p), "error": "no such file or folder"}
 
 
-def _run_threshold(model: Path, default: float = 0.5) -> float:
-    run_dir = find_run_dir(model)
+def review_threshold(contract: dict | None, run_dir: Path | None, views: int = 1, default: float = 0.5) -> float:
+    """The review threshold chosen on validation for this many views: from the model's contract, else from
+    its run's review_threshold.json, else `default`."""
+    if contract and "review_threshold" in contract:
+        by_views = contract.get("review_threshold_by_views") or {}
+        return float(by_views.get(str(views), contract["review_threshold"]))
     if run_dir and (run_dir / "review_threshold.json").exists():
-        return float(json.loads((run_dir / "review_threshold.json").read_text())["threshold"])
+        point = json.loads((run_dir / "review_threshold.json").read_text())
+        point = (point.get("by_views") or {}).get(str(views), point)
+        if point.get("threshold") is not None:
+            return float(point["threshold"])
     return default
 
 
@@ -182,11 +211,12 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
 
 # ---------------------------------------------------------------- compare
 def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None, max_drop: float | None = None,
-                json_out: str | Path | None = None, progress: bool = True) -> dict:
+                json_out: str | Path | None = None, progress: bool = True, views: int = 1) -> dict:
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX files in the run): same frames, same metrics.
 
     Deltas are against the float model; `max_drop` (percentage points of leaf accuracy) makes the
-    result fail when the int8 model falls further below float than that.
+    result fail when the int8 model falls further below float than that. `views` > 1 scores every
+    model on that many test-time flips/rotations (a model that does not offer them is skipped with a note).
     """
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
@@ -200,6 +230,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
         raise FileNotFoundError(f"{run_dir}: no float.keras to compare against")
     reference = Predictor(run_dir / "float.keras")
     taxonomy, pre, _ = model_context(reference)
+    model_views(reference, run_dir, views)  # a one-line error before decoding when the run cannot offer them
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
     frames, paths, truth = decode_items(items, pre, taxonomy, notes, progress)
     results, probs = {}, {}
@@ -208,9 +239,15 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
         if predictor.input_size != reference.input_size:
             notes.append(f"{path.name}: input {predictor.input_size}px differs from the float model; skipped")
             continue
-        probs[path.name] = predictor.predict(frames)
+        try:
+            view_names = model_views(predictor, run_dir, views)
+        except ValueError as exc:
+            notes.append(f"{exc}; skipped")
+            continue
+        probs[path.name] = predictor.predict(frames, view_names)
         results[path.name] = evaluate(truth, probs[path.name], taxonomy, model_name=path.name,
                                       fmt=predictor.format)
+        results[path.name]["views"] = view_names
     ref_name = "float.keras"
     ref_leaf = taxonomy.leaf_probabilities(probs[ref_name])
     rows = []
@@ -235,8 +272,8 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
         int8 = [r for r in rows if r["format"] == "tflite"]
         worst = min((r["leaf_delta_points"] for r in int8), default=0.0)
         gate = {"max_drop": max_drop, "worst_int8_delta_points": worst, "passed": worst >= -max_drop}
-    out = {"run": str(run_dir), "split": split_used, "n": int(len(truth)), "models": rows, "gate": gate,
-           "results": results}
+    out = {"run": str(run_dir), "split": split_used, "n": int(len(truth)), "views": views, "models": rows,
+           "gate": gate, "results": results}
     if json_out:
         write_json(out, json_out)
     return {"compare": out, "table": format_summary_table(results) + "\n\n" + _compare_table(rows), "notes": notes}

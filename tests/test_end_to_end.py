@@ -107,6 +107,49 @@ def test_eval_json_has_the_same_keys_for_every_format(workspace, model, tmp_path
     assert len(result["leaf"]["confusion"]) == 8
 
 
+def test_test_time_views_reach_every_format_with_their_own_review_threshold(workspace, tmp_path):
+    from semhinet_tf.board.runtime import BoardModel
+    from semhinet_tf.data.views import VIEW_TABLE, apply_view
+    from semhinet_tf.predict import Predictor
+
+    run, tflite = workspace["run"], workspace["tflite"]
+    contract = json.loads((run / "model_int8.json").read_text())
+    assert contract["views"] == list(VIEW_TABLE)  # trained with flips and rot90 (the default augmentation)
+    chosen = json.loads((run / "review_threshold.json").read_text())["by_views"]
+    assert set(chosen) == set(contract["review_threshold_by_views"]) == {"2", "4", "8"}
+    frames = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8)
+    for model in (run / "float.keras", tflite):
+        predictor = Predictor(model)
+        eight = predictor.predict(frames, list(VIEW_TABLE))
+        turned = predictor.predict(apply_view(frames, "rot90"), list(VIEW_TABLE))
+        for head in eight:  # all eight views: the same verdict for a frame and its quarter turn
+            np.testing.assert_allclose(eight[head], turned[head], atol=1e-5)
+    board = BoardModel(tflite, views=8)
+    assert board.review_threshold == pytest.approx(contract["review_threshold_by_views"]["8"])
+    np.testing.assert_allclose(board.predict_frames(frames)["h1"],
+                               Predictor(tflite).predict(frames, list(VIEW_TABLE))["h1"], atol=1e-6)
+    out = tmp_path / "eval8.json"
+    run_cli("eval", str(tflite), "--data", str(workspace["data"]), "--views", "8", "--json", str(out))
+    assert json.loads(out.read_text())["views"] == list(VIEW_TABLE)
+    rows = [json.loads(line) for line in run_cli("predict", str(tflite), str(workspace["data"] / "cmp"),
+                                                     "--views", "4").strip().splitlines()]
+    assert len(rows) == 6 and all("class" in r for r in rows)
+
+
+def test_board_refuses_views_the_model_was_not_trained_on_in_one_line(workspace):
+    from semhinet_tf.board.__main__ import EXIT_USAGE
+    from semhinet_tf.board.__main__ import main as board_main
+
+    stripped = workspace["root"] / "no_views.tflite"
+    if not stripped.exists():
+        from semhinet_tf.export.tflite_meta import embed_contract, read_contract
+
+        content = workspace["tflite"].read_bytes()
+        contract = {k: v for k, v in read_contract(content).items() if k != "views"}  # as converted before views
+        stripped.write_bytes(embed_contract(content, contract))
+    assert board_main([str(stripped), str(workspace["data"] / "open"), "--views", "2"]) == EXIT_USAGE
+
+
 def test_every_tflite_operator_is_integer_and_the_signature_is_named(workspace):
     from semhinet_tf.export.npu import check_npu
     from semhinet_tf.export.tflite_meta import read_contract, read_model

@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the interpreter")
     p.add_argument("--threshold", type=_probability, default=None,
                    help="review threshold on the leaf probability (default: the one stored in the model)")
+    p.add_argument("--views", type=_positive_int, default=1,
+                   help="score each image as 1, 2, 4 or 8 flips/rotations of itself and average them (one "
+                        "inference each: more accurate, proportionally slower)")
     p.add_argument("--kernels", choices=list(KERNELS), default="default",
                    help="CPU kernels (diagnosis only: int8 kernels round differently, so near-tie verdicts may change)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
@@ -78,12 +81,13 @@ def main(argv=None) -> int:
     try:
         model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
                            review_threshold=args.threshold, warn=lambda m: print(m, file=err),
-                           kernels=args.kernels)
+                           kernels=args.kernels, views=args.views)
         warm = model.warm_up()
     except (ValueError, RuntimeError, KeyError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
     print(f"model {model.path.name}: {model.input_size}x{model.input_size} {model.input_dtype}, "
+          f"{len(model.views)} view(s) per image, "
           f"engine {model.engine}{', delegate ' + args.delegate if model.delegate else ''}; "
           f"warm-up {warm:.1f} ms", file=err)
     missing: list[Path] = []

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, Preprocess, load_frame
+from semhinet_tf.data.views import average_views, select_views
 from semhinet_tf.export.tflite_meta import read_contract
 from semhinet_tf.taxonomy import Taxonomy
 
@@ -80,7 +81,9 @@ class BoardModel:
     """One .tflite model with its contract; `predict_frames` and `classify_paths` do the work."""
 
     def __init__(self, path: str | Path, threads: int | None = None, delegate: str | None = None,
-                 review_threshold: float | None = None, warn=None, kernels: str = "default"):
+                 review_threshold: float | None = None, warn=None, kernels: str = "default", views: int = 1):
+        """`views` > 1 scores each image as that many flips/rotations of itself (one inference each) and
+        averages them (semhinet_tf.data.views); only those the model's training augmentation covered."""
         self.path = Path(path)
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
         try:
@@ -111,8 +114,10 @@ class BoardModel:
         pre = dict(self.contract.get("preprocess", {}))
         pre["size"] = self.input_size  # the model file decides, never a constant
         self.preprocess = Preprocess.from_dict(pre)
+        self.views = select_views(self.contract.get("views"), views, str(self.path))
+        by_views = self.contract.get("review_threshold_by_views") or {}
         self.review_threshold = review_threshold if review_threshold is not None else float(
-            self.contract.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+            by_views.get(str(views), self.contract.get("review_threshold", DEFAULT_REVIEW_THRESHOLD)))
         self.warmup_ms: float | None = None
 
     def _setup_io(self) -> None:
@@ -153,10 +158,13 @@ class BoardModel:
         return {name: self._dequantize(name, v).reshape(-1) for name, v in out.items()}
 
     def predict_frames(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, S, S) uint8 frames -> dict of (N, k) head probabilities."""
-        rows = [self.run(f) for f in frames]
-        if not rows:
+        """(N, S, S) uint8 frames -> dict of (N, k) head probabilities, averaged over the model's views."""
+        if not len(frames):
             return {h.name: np.zeros((0, h.num_classes), np.float32) for h in self.taxonomy.heads}
+        return average_views(self._run_frames, frames, self.views)
+
+    def _run_frames(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [self.run(f) for f in frames]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def warm_up(self) -> float:
@@ -178,9 +186,9 @@ class BoardModel:
                 yield {"path": str(path), "error": exc.reason}
                 continue
             t1 = time.perf_counter()
-            probs = self.run(frame)
+            probs = self.predict_frames(frame[None])
             t2 = time.perf_counter()
-            result = self.taxonomy.decode({k: v[None] for k, v in probs.items()}, self.review_threshold)[0]
+            result = self.taxonomy.decode(probs, self.review_threshold)[0]
             yield {"path": str(path), **result, "decode_ms": round((t1 - t0) * 1000, 2),
                    "infer_ms": round((t2 - t1) * 1000, 2)}
 

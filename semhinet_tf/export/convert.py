@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from semhinet_tf.data.views import invariant_views
 from semhinet_tf.evaluate import write_json
 
 CONTRACT_FORMAT = "semhinet-contract/1"
@@ -40,7 +41,9 @@ def build_contract(run_dir: Path, config: dict, taxonomy_spec: dict, img_size: i
                   "pixels": "raw grey 0..255 (the model rescales inside)"},
         "outputs": [h["name"] for h in taxonomy_spec["heads"]],
         "preprocess": config["preprocess"],
+        "views": invariant_views(config.get("train", {}).get("augment")),
         "review_threshold": review_threshold,
+        "review_threshold_by_views": _validation_thresholds_by_views(run_dir),
         "quantization": {"source": source, "granularity": granularity, "io": io_type, "float_heads": float_heads},
         "leaf_probability": "P(leaf) = product of head probabilities along the leaf's path",
     }
@@ -106,6 +109,18 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     write_json(report.to_dict(), out.with_suffix(".npu.json"))
     return {"path": str(out), "bytes": len(tflite), "contract_path": str(contract_path),
             "npu_ok": report.ok, "npu_report": report.format(limit=40)}
+
+
+def _validation_thresholds_by_views(run_dir: Path) -> dict[str, float]:
+    """{"2": t, "4": t, "8": t}: the review thresholds chosen on validation for test-time views, if written."""
+    p = run_dir / "review_threshold.json"
+    if not p.exists():
+        return {}
+    try:
+        by_views = json.loads(p.read_text()).get("by_views") or {}
+        return {n: float(point["threshold"]) for n, point in by_views.items() if point.get("threshold") is not None}
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def _validation_threshold(run_dir: Path, default: float = 0.5) -> float:
