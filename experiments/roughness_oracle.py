@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from detectability import auc as separation_auc
 from results_file import write_result
 
 from semhinet_tf.data import synth
@@ -183,8 +184,8 @@ def render_set(seed: int, per_class: int, difficulty: float) -> tuple[list[dict]
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    pos, neg = scores[labels == 1][:, None], scores[labels == 0][None, :]
-    return float(np.mean(pos > neg) + 0.5 * np.mean(pos == neg))
+    """detectability.auc for (scores, 0/1 labels): ler frames are the positives."""
+    return separation_auc(scores[labels == 0], scores[labels == 1])
 
 
 def recall_at(scores: np.ndarray, labels: np.ndarray, normal_recall: float) -> float:

@@ -39,19 +39,24 @@ def model_context(predictor) -> tuple[Taxonomy, dict, Path | None]:
     return tax, Preprocess.from_dict(pre).to_dict(), run_dir
 
 
-def model_views(predictor, run_dir: Path | None, count: int = 1) -> list[str]:
-    """The first `count` test-time views the model was trained to ignore (its contract, else its run's
-    augmentation config); identity alone for a bare model file whose training is unknown."""
-    from semhinet_tf.data.views import invariant_views, select_views
+def available_views(predictor, run_dir: Path | None) -> list[str]:
+    """The test-time views the model was trained to ignore: its contract's, else its run's augmentation
+    config's; identity alone for a bare model file whose training is unknown."""
+    from semhinet_tf.data.views import invariant_views
 
     if predictor.contract and "views" in predictor.contract:
-        available = predictor.contract["views"]
-    elif run_dir is not None:
+        return list(predictor.contract["views"])
+    if run_dir is not None:
         config = json.loads((run_dir / "config.json").read_text())
-        available = invariant_views(config.get("train", {}).get("augment"))
-    else:
-        available = ["identity"]
-    return select_views(available, count, str(predictor.path))
+        return invariant_views(config.get("train", {}).get("augment"))
+    return ["identity"]
+
+
+def model_views(predictor, run_dir: Path | None, count: int = 1) -> list[str]:
+    """The first `count` of `available_views`; a one-line error when the model does not offer that many."""
+    from semhinet_tf.data.views import select_views
+
+    return select_views(available_views(predictor, run_dir), count, str(predictor.path))
 
 
 # ---------------------------------------------------------------- eval
@@ -171,8 +176,10 @@ def review_threshold(contract: dict | None, run_dir: Path | None, views: int = 1
 # ---------------------------------------------------------------- quickstart
 def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epochs: int = 30, qat_epochs: int = 4,
                seed: int = 0, weights: str = "sem", overwrite: bool = False) -> dict:
-    """Synthetic data -> float + QAT training -> int8 TFLite -> eval of both on the held-out split."""
+    """Synthetic data -> float + QAT training -> int8 TFLite -> eval of both on the held-out split (and of
+    int8 on every test-time view its training augmentation allows)."""
     from semhinet_tf.data.synth import generate
+    from semhinet_tf.data.views import invariant_views, view_counts
     from semhinet_tf.evaluate import format_summary_table, write_json
     from semhinet_tf.export.convert import convert_run
     from semhinet_tf.train import TrainConfig, train
@@ -198,8 +205,12 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
     float_eval = eval_model(run / "float.keras", data, split="val", json_out=run / "eval_float.json")
     int8_eval = eval_model(Path(conv["path"]), data, split="val", json_out=run / "eval_int8.json",
                            report_dir=run / "report")
-    print("[5/5] summary", flush=True)
     results = {"float (Keras)": float_eval["result"], "int8 (TFLite)": int8_eval["result"]}
+    views = max(view_counts(invariant_views(cfg.augment)))
+    if views > 1:  # what test-time views add, at `views` inferences an image (predict/eval/board --views)
+        results[f"int8, {views} views"] = eval_model(Path(conv["path"]), data, split="val", views=views,
+                                                     json_out=run / f"eval_int8_{views}views.json")["result"]
+    print("[5/5] summary", flush=True)
     table = format_summary_table(results)
     seconds = time.time() - t0
     summary = {"seconds": round(seconds, 1), "train": train_result, "tflite": conv["path"],

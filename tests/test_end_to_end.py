@@ -136,7 +136,7 @@ def test_test_time_views_reach_every_format_with_their_own_review_threshold(work
     assert len(rows) == 6 and all("class" in r for r in rows)
 
 
-def test_board_refuses_views_the_model_was_not_trained_on_in_one_line(workspace):
+def test_board_refuses_views_the_model_was_not_trained_on_in_one_line(workspace, capsys):
     from semhinet_tf.board.__main__ import EXIT_USAGE
     from semhinet_tf.board.__main__ import main as board_main
 
@@ -148,6 +148,8 @@ def test_board_refuses_views_the_model_was_not_trained_on_in_one_line(workspace)
         contract = {k: v for k, v in read_contract(content).items() if k != "views"}  # as converted before views
         stripped.write_bytes(embed_contract(content, contract))
     assert board_main([str(stripped), str(workspace["data"] / "open"), "--views", "2"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_views.tflite" in err[0] and "convert the run again" in err[0]
 
 
 def test_every_tflite_operator_is_integer_and_the_signature_is_named(workspace):

@@ -162,6 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--frames", help="frame hashes written by `frames` in the board's Python: must match exactly")
     c.add_argument("--host-out", help="keep the host's JSONL here (default: next to BOARD_JSONL as host.jsonl)")
     c.add_argument("--tol", type=float, default=DEFAULT_TOL, help=f"probability tolerance (default {DEFAULT_TOL})")
+    c.add_argument("--views", default="1", help="test-time views the board run used (its --views)")
     f = sub.add_parser("frames", help="hash every decoded frame (run in the board's Python)")
     f.add_argument("model")
     f.add_argument("images")
@@ -186,7 +187,7 @@ def _run_frames(args) -> int:
 def _run_compare(args) -> int:
     host_out = Path(args.host_out) if args.host_out else Path(args.board_jsonl).with_name("host.jsonl")
     board_rows = read_rows(args.board_jsonl)
-    rc = board_main([args.model, args.images, "--format", "jsonl", "--out", str(host_out)])
+    rc = board_main([args.model, args.images, "--format", "jsonl", "--out", str(host_out), "--views", args.views])
     if rc not in (0, 1):
         print(f"error: the board module failed on the host (exit {rc})", file=sys.stderr)
         return EXIT_USAGE

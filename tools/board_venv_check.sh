@@ -8,8 +8,9 @@
 # 2. in it, with the checkout on PYTHONPATH (the package is not installed there):
 #    python -m semhinet_tf.board MODEL IMAGES_DIR --format jsonl --out OUT_DIR/board.jsonl
 #    and the hash of every decoded frame (tools/board_compare.py frames);
+#    and the same with --views 8 (test-time views);
 # 3. with the host's Python (${HOST_PYTHON:-python}: the package and ai-edge-litert), tools/board_compare.py
-#    compare: same classes, probabilities within ${BOARD_TOL:-0.05}, byte-identical frames.
+#    compare: same classes, probabilities within ${BOARD_TOL:-0.05}, byte-identical frames; and with 8 views.
 # Env: BOARD_PYTHON makes the venv (default python3; tflite-runtime 2.14 has wheels for Python <= 3.11).
 # Exit: 0 agreement, 1 disagreement or a broken board world, 2 bad usage.
 set -euo pipefail
@@ -73,9 +74,18 @@ grep -q "engine tflite_runtime" "$OUT/board.log" || fail "the board run did not 
 board "$REPO/tools/board_compare.py" frames "$MODEL" "$IMAGES" "$OUT/board_frames.json" \
     || fail "decoding frames in the board venv imported TensorFlow or failed"
 
+# Test-time views in the board's world too (numpy<2): every image scored on 8 orientations and averaged.
+rc=0
+board -m semhinet_tf.board "$MODEL" "$IMAGES" --views 8 --format jsonl --out "$OUT/board_views8.jsonl" \
+    2> "$OUT/board_views8.log" || rc=$?
+[ "$rc" -le 1 ] || fail "python -m semhinet_tf.board --views 8 exited $rc in the board venv (see $OUT/board_views8.log)"
+grep -q "8 view(s) per image" "$OUT/board_views8.log" || fail "the board run did not score 8 views an image"
+
 # The host side: the same module with the host's interpreter, compared file by file.
 rc=0
 "$HOST_PY" "$REPO/tools/board_compare.py" compare "$MODEL" "$IMAGES" "$OUT/board.jsonl" \
     --frames "$OUT/board_frames.json" --host-out "$OUT/host.jsonl" --tol "${BOARD_TOL:-0.05}" || rc=$?
+"$HOST_PY" "$REPO/tools/board_compare.py" compare "$MODEL" "$IMAGES" "$OUT/board_views8.jsonl" --views 8 \
+    --host-out "$OUT/host_views8.jsonl" --tol "${BOARD_TOL:-0.05}" || rc=$?
 echo "board check: $([ "$rc" -eq 0 ] && echo PASS || echo FAIL) in $(( $(date +%s) - start )) s"
 exit "$rc"

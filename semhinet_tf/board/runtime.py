@@ -114,8 +114,14 @@ class BoardModel:
         pre = dict(self.contract.get("preprocess", {}))
         pre["size"] = self.input_size  # the model file decides, never a constant
         self.preprocess = Preprocess.from_dict(pre)
+        if views > 1 and "views" not in self.contract:
+            raise ValueError(f"{self.path}: converted before models recorded their test-time views; convert the "
+                             f"run again (`semhinet convert RUN --overwrite`) to use --views")
         self.views = select_views(self.contract.get("views"), views, str(self.path))
         by_views = self.contract.get("review_threshold_by_views") or {}
+        if review_threshold is None and views > 1 and str(views) not in by_views:
+            warn(f"{self.path}: no review threshold was chosen for {views} views (trained before they were); "
+                 f"using the one-view threshold")
         self.review_threshold = review_threshold if review_threshold is not None else float(
             by_views.get(str(views), self.contract.get("review_threshold", DEFAULT_REVIEW_THRESHOLD)))
         self.warmup_ms: float | None = None
