@@ -89,3 +89,18 @@ def test_log_average_is_the_softmax_of_the_mean_logit_and_survives_zero_probabil
     np.testing.assert_allclose(log_average(views)["h"], [np.exp(mean) / np.exp(mean).sum()], rtol=1e-5)
     hard = log_average([{"h": np.array([[1.0, 0.0]])}, {"h": np.array([[0.0, 1.0]])}])["h"]
     assert np.all(np.isfinite(hard)) and np.allclose(hard, 0.5)
+
+
+def test_the_review_threshold_follows_the_number_of_views(tmp_path):
+    import json
+
+    from semhinet_tf.workflow import review_threshold
+
+    contract = {"review_threshold": 0.9, "review_threshold_by_views": {"2": 0.8, "8": 0.7}}
+    assert [review_threshold(contract, None, n) for n in (1, 2, 4, 8)] == [0.9, 0.8, 0.9, 0.7]
+    (tmp_path / "review_threshold.json").write_text(json.dumps(
+        {"threshold": 0.95, "by_views": {"4": {"threshold": 0.85}, "8": {"threshold": None}}}))
+    assert review_threshold(None, tmp_path, 1) == 0.95
+    assert review_threshold(None, tmp_path, 4) == 0.85
+    assert review_threshold(None, tmp_path, 8, default=0.5) == 0.5  # no threshold reached the purity target
+    assert review_threshold(None, None, 2, default=0.6) == 0.6
