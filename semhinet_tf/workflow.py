@@ -111,7 +111,8 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
 
         history = run_dir / "history.csv" if run_dir and (run_dir / "history.csv").exists() else None
         index = write_report(report_dir, result, paths, leaf_ids, probs, taxonomy, history_csv=history,
-                             title=f"SEM-HiNet-TF evaluation: {model.name} ({predictor.format}, {split_used} split)")
+                             title=f"SEM-HiNet-TF evaluation: {model.name} ({predictor.format}, {split_used} split"
+                                   f"{f', {views} test-time views' if views > 1 else ''})")
         notes.append(f"report: {index}")
     label = f"{model.name} ({predictor.format}{f', {views} views' if views > 1 else ''})"
     table = format_summary_table({label: result})
