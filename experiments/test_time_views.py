@@ -82,7 +82,7 @@ def main() -> None:
     from semhinet_tf.data.views import log_average, view_counts
     from semhinet_tf.evaluate import evaluate
     from semhinet_tf.predict import Predictor
-    from semhinet_tf.workflow import available_views, decode_items, model_context, model_views
+    from semhinet_tf.workflow import available_views, decode_items, model_context
 
     rows = []
     frames = truth = None
@@ -95,7 +95,8 @@ def main() -> None:
                 keep = np.random.default_rng(0).permutation(len(items))[:args.limit]
                 items = [items[i] for i in sorted(keep)]
             frames, _, truth = decode_items(items, pre, taxonomy, notes)
-        views = model_views(predictor, args.run, max(view_counts(available_views(predictor, args.run))))
+        available = available_views(predictor, args.run)
+        views = available[:max(view_counts(available))]
         per_view, seconds = per_view_predictions(predictor, frames, views)
         right_1 = leaf_right(per_view[0], truth, taxonomy)
         for n, mean in [(n, "log") for n in view_counts(views)] + [(len(views), "plain")]:

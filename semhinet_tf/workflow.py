@@ -162,15 +162,15 @@ def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: flo
 
 def review_threshold(contract: dict | None, run_dir: Path | None, views: int = 1, default: float = 0.5) -> float:
     """The review threshold chosen on validation for this many views: from the model's contract, else from
-    its run's review_threshold.json, else `default`."""
+    its run's review_threshold.json (as `convert` would embed it), else `default`."""
+    from semhinet_tf.board.runtime import contract_review_threshold
+    from semhinet_tf.export.convert import _validation_threshold, _validation_thresholds_by_views
+
     if contract and "review_threshold" in contract:
-        by_views = contract.get("review_threshold_by_views") or {}
-        return float(by_views.get(str(views), contract["review_threshold"]))
-    if run_dir and (run_dir / "review_threshold.json").exists():
-        point = json.loads((run_dir / "review_threshold.json").read_text())
-        point = (point.get("by_views") or {}).get(str(views), point)
-        if point.get("threshold") is not None:
-            return float(point["threshold"])
+        return contract_review_threshold(contract, views)
+    if run_dir is not None:
+        by_views = _validation_thresholds_by_views(run_dir, default)
+        return by_views.get(str(views), _validation_threshold(run_dir, default))
     return default
 
 

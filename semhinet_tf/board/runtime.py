@@ -77,6 +77,12 @@ def op_resolver(module, kernels: str):
     return getattr(enum, _EXPERIMENT_KERNELS[kernels])
 
 
+def contract_review_threshold(contract: dict, views: int = 1) -> float:
+    """The review threshold a model's contract holds for this many test-time views (else its one-view one)."""
+    by_views = contract.get("review_threshold_by_views") or {}
+    return float(by_views.get(str(views), contract.get("review_threshold", DEFAULT_REVIEW_THRESHOLD)))
+
+
 class BoardModel:
     """One .tflite model with its contract; `predict_frames` and `classify_paths` do the work."""
 
@@ -122,8 +128,8 @@ class BoardModel:
         if review_threshold is None and views > 1 and str(views) not in by_views:
             warn(f"{self.path}: no review threshold was chosen for {views} views (trained before they were); "
                  f"using the one-view threshold")
-        self.review_threshold = review_threshold if review_threshold is not None else float(
-            by_views.get(str(views), self.contract.get("review_threshold", DEFAULT_REVIEW_THRESHOLD)))
+        self.review_threshold = review_threshold if review_threshold is not None else \
+            contract_review_threshold(self.contract, views)
         self.warmup_ms: float | None = None
 
     def _setup_io(self) -> None:

@@ -111,14 +111,16 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
             "npu_ok": report.ok, "npu_report": report.format(limit=40)}
 
 
-def _validation_thresholds_by_views(run_dir: Path) -> dict[str, float]:
-    """{"2": t, "4": t, "8": t}: the review thresholds chosen on validation for test-time views, if written."""
+def _validation_thresholds_by_views(run_dir: Path, default: float = 0.5) -> dict[str, float]:
+    """{"2": t, "4": t, "8": t}: the review thresholds chosen on validation for test-time views, if written; a
+    count whose threshold never reached the purity target gets `default`, as the one-view threshold does."""
     p = run_dir / "review_threshold.json"
     if not p.exists():
         return {}
     try:
         by_views = json.loads(p.read_text()).get("by_views") or {}
-        return {n: float(point["threshold"]) for n, point in by_views.items() if point.get("threshold") is not None}
+        return {n: default if point.get("threshold") is None else float(point["threshold"])
+                for n, point in by_views.items()}
     except (ValueError, AttributeError, TypeError):
         return {}
 
