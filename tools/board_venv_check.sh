@@ -10,7 +10,9 @@
 #    and the hash of every decoded frame (tools/board_compare.py frames);
 #    and the same with --views 8 (test-time views);
 # 3. with the host's Python (${HOST_PYTHON:-python}: the package and ai-edge-litert), tools/board_compare.py
-#    compare: same classes, probabilities within ${BOARD_TOL:-0.05}, byte-identical frames; and with 8 views.
+#    compare: byte-identical frames; every verdict made without review the same on both sides; in bulk, the
+#    median of the largest probability difference per image within ${BOARD_TOL:-0.1} and at least 90% of the
+#    verdicts the same (int8 engines round differently; see tools/board_compare.py); and with 8 views.
 # Env: BOARD_PYTHON makes the venv (default python3; tflite-runtime 2.14 has wheels for Python <= 3.11).
 # Exit: 0 agreement, 1 disagreement or a broken board world, 2 bad usage.
 set -euo pipefail
@@ -84,8 +86,8 @@ grep -q "8 view(s) per image" "$OUT/board_views8.log" || fail "the board run did
 # The host side: the same module with the host's interpreter, compared file by file.
 rc=0
 "$HOST_PY" "$REPO/tools/board_compare.py" compare "$MODEL" "$IMAGES" "$OUT/board.jsonl" \
-    --frames "$OUT/board_frames.json" --host-out "$OUT/host.jsonl" --tol "${BOARD_TOL:-0.05}" || rc=$?
+    --frames "$OUT/board_frames.json" --host-out "$OUT/host.jsonl" --tol "${BOARD_TOL:-0.1}" || rc=$?
 "$HOST_PY" "$REPO/tools/board_compare.py" compare "$MODEL" "$IMAGES" "$OUT/board_views8.jsonl" --views 8 \
-    --host-out "$OUT/host_views8.jsonl" --tol "${BOARD_TOL:-0.05}" || rc=$?
+    --host-out "$OUT/host_views8.jsonl" --tol "${BOARD_TOL:-0.1}" || rc=$?
 echo "board check: $([ "$rc" -eq 0 ] && echo PASS || echo FAIL) in $(( $(date +%s) - start )) s"
 exit "$rc"
