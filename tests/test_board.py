@@ -224,6 +224,51 @@ def test_csv_output(model_path, images, bad_images, tmp_path):
         assert float(r["probability"]) == pytest.approx(by_path[r["path"]]["probability"])
 
 
+# ---------------------------------------------------------------- views chosen from the latency budget
+@pytest.mark.parametrize("infer_ms, budget_ms, expected", [
+    (4.0, 50.0, 8),    # 8 x 4 = 32 ms within 80% of 50
+    (6.0, 50.0, 4),    # 8 x 6 = 48 ms is over 40; 4 x 6 = 24 is not
+    (10.0, 50.0, 4),   # exactly 40
+    (15.0, 50.0, 2),
+    (45.0, 50.0, 1),   # even one view is over: one view, and the caller warns
+])
+def test_views_for_budget_takes_the_most_views_that_fit(infer_ms, budget_ms, expected):
+    from semhinet_tf.board.runtime import views_for_budget
+
+    assert views_for_budget([1, 2, 4, 8], infer_ms, budget_ms) == expected
+    assert views_for_budget([1], infer_ms, budget_ms) == 1  # a model that offers one view
+
+
+def test_views_auto_measures_here_and_picks_from_what_the_model_offers(model_path, images, tmp_path, capsys):
+    out = tmp_path / "auto.jsonl"
+    assert main([str(model_path), str(images), "--views", "auto", "--budget-ms", "100000", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "views: auto -> 8 of 1/2/4/8" in err and "8 view(s) per image" in err
+    fixed = tmp_path / "eight.jsonl"
+    assert main([str(model_path), str(images), "--views", "8", "--out", str(fixed)]) == 0
+    assert _untimed(_rows(out)) == _untimed(_rows(fixed))
+    assert main([str(model_path), str(images), "--views", "auto", "--budget-ms", "0.0001", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: views: auto -> 1 of 1/2/4/8" in err and "1 view(s) per image" in err
+    assert main([str(model_path), str(images), "--views", "3", "--out", str(out)]) == 2
+    assert "3 test-time views asked; this model offers 1, 2, 4, 8" in capsys.readouterr().err
+
+
+def test_views_auto_on_a_model_converted_before_views_uses_one(model_path, images, tmp_path, capsys):
+    from semhinet_tf.export.tflite_meta import embed_contract, read_contract
+
+    content = model_path.read_bytes()
+    contract = read_contract(content)
+    del contract["views"], contract["review_threshold_by_views"]
+    old = tmp_path / "old.tflite"
+    old.write_bytes(embed_contract(content, contract))
+    model = BoardModel(old)
+    assert model.offered_views() == [1]
+    assert model.auto_views(budget_ms=100000)[0] == 1 and model.views == ["identity"]
+    assert main([str(old), str(images), "--views", "auto", "--out", str(tmp_path / "o.jsonl")]) == 0
+    assert "views: auto -> 1 of 1 " in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- the board's own world (opt-in)
 @pytest.mark.board_venv
 @pytest.mark.skipif(not os.environ.get("SEMHINET_BOARD_VENV"),

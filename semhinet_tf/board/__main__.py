@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from semhinet_tf.board.runtime import KERNELS, BoardModel, iter_image_paths
+from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel, iter_image_paths
 
+DEFAULT_BUDGET_MS = 50.0  # the product's ceiling per image
 EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW = 0, 1, 2, 3
 CSV_FIELDS = ["path", "verdict", "family", "class", "probability", "review", "error", "infer_ms"]
 
@@ -27,6 +28,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def _views(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def _probability(text: str) -> float:
@@ -44,9 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the interpreter")
     p.add_argument("--threshold", type=_probability, default=None,
                    help="review threshold on the leaf probability (default: the one stored in the model)")
-    p.add_argument("--views", type=_positive_int, default=1,
+    p.add_argument("--views", type=_views, default=1,
                    help="score each image as 1, 2, 4 or 8 flips/rotations of itself and average them (one "
-                        "inference each: more accurate, proportionally slower)")
+                        "inference each: more accurate, proportionally slower); 'auto': measure one inference "
+                        "here and use the most views that fit --budget-ms")
+    p.add_argument("--budget-ms", type=_positive_float, default=DEFAULT_BUDGET_MS,
+                   help=f"per-image latency budget for --views auto (default {DEFAULT_BUDGET_MS:g}; views may spend "
+                        f"{VIEWS_BUDGET_SHARE:.0%} of it, the rest is left for reading and decoding the image)")
     p.add_argument("--kernels", choices=list(KERNELS), default="default",
                    help="CPU kernels (diagnosis only: int8 kernels round differently, so near-tie verdicts may change)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
@@ -70,6 +86,18 @@ class Writer:
         self.stream.flush()
 
 
+def _choose_views(model: BoardModel, budget_ms: float, err) -> None:
+    count, infer_ms = model.auto_views(budget_ms)
+    offered = "/".join(map(str, model.offered_views()))
+    share = f"{VIEWS_BUDGET_SHARE:.0%} of the {budget_ms:g} ms budget"
+    if infer_ms > VIEWS_BUDGET_SHARE * budget_ms:
+        print(f"warning: views: auto -> 1 of {offered}; one inference ({infer_ms:.1f} ms, median of 10 here) "
+              f"already takes more than {share}", file=err)
+    else:
+        print(f"views: auto -> {count} of {offered} (one inference {infer_ms:.1f} ms, median of 10 here; "
+              f"{count} x {infer_ms:.1f} = {count * infer_ms:.1f} ms within {share})", file=err)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     err = sys.stderr
@@ -81,8 +109,10 @@ def main(argv=None) -> int:
     try:
         model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
                            review_threshold=args.threshold, warn=lambda m: print(m, file=err),
-                           kernels=args.kernels, views=args.views)
+                           kernels=args.kernels, views=1 if args.views == "auto" else args.views)
         warm = model.warm_up()
+        if args.views == "auto":
+            _choose_views(model, args.budget_ms, err)
     except (ValueError, RuntimeError, KeyError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE

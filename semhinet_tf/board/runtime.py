@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, Preprocess, load_frame
-from semhinet_tf.data.views import average_views, select_views
+from semhinet_tf.data.views import average_views, select_views, view_counts
 from semhinet_tf.export.tflite_meta import read_contract
 from semhinet_tf.taxonomy import Taxonomy
 
@@ -77,6 +77,19 @@ def op_resolver(module, kernels: str):
     return getattr(enum, _EXPERIMENT_KERNELS[kernels])
 
 
+# Share of the per-image budget test-time views may spend on inference; the rest is for reading and decoding the
+# image, writing the result and the jitter of a busy board.
+VIEWS_BUDGET_SHARE = 0.8
+
+
+def views_for_budget(offered: list[int], infer_ms: float, budget_ms: float,
+                     share: float = VIEWS_BUDGET_SHARE) -> int:
+    """The largest offered view count whose inferences (count x infer_ms) fit `share` of the per-image budget;
+    1 when even one inference does not (the caller says so)."""
+    fitting = [n for n in offered if n * infer_ms <= share * budget_ms]
+    return max(fitting, default=1)
+
+
 def contract_review_threshold(contract: dict, views: int = 1) -> float:
     """The review threshold a model's contract holds for this many test-time views (else its one-view one)."""
     by_views = contract.get("review_threshold_by_views") or {}
@@ -120,17 +133,46 @@ class BoardModel:
         pre = dict(self.contract.get("preprocess", {}))
         pre["size"] = self.input_size  # the model file decides, never a constant
         self.preprocess = Preprocess.from_dict(pre)
-        if views > 1 and "views" not in self.contract:
+        self._warn, self._fixed_threshold = warn, review_threshold
+        self.use_views(views)
+        self.warmup_ms: float | None = None
+
+    def offered_views(self) -> list[int]:
+        """The view counts this model can be scored on (1 for a model converted before views were recorded)."""
+        return view_counts(self.contract.get("views") or ["identity"])
+
+    def use_views(self, count: int) -> None:
+        """Score each image on `count` views from now on, with the review threshold chosen for that count."""
+        if count > 1 and "views" not in self.contract:
             raise ValueError(f"{self.path}: converted before models recorded their test-time views; convert the "
                              f"run again (`semhinet convert RUN --overwrite`) to use --views")
-        self.views = select_views(self.contract.get("views"), views, str(self.path))
+        self.views = select_views(self.contract.get("views"), count, str(self.path))
         by_views = self.contract.get("review_threshold_by_views") or {}
-        if review_threshold is None and views > 1 and str(views) not in by_views:
-            warn(f"{self.path}: no review threshold was chosen for {views} views (trained before they were); "
-                 f"using the one-view threshold")
-        self.review_threshold = review_threshold if review_threshold is not None else \
-            contract_review_threshold(self.contract, views)
-        self.warmup_ms: float | None = None
+        if self._fixed_threshold is None and count > 1 and str(count) not in by_views:
+            self._warn(f"{self.path}: no review threshold was chosen for {count} views (trained before they were); "
+                       f"using the one-view threshold")
+        self.review_threshold = self._fixed_threshold if self._fixed_threshold is not None else \
+            contract_review_threshold(self.contract, count)
+
+    def time_inference(self, repeats: int = 10) -> float:
+        """Median milliseconds of one inference (one view) on a mid-grey frame, after a warm-up."""
+        if self.warmup_ms is None:
+            self.warm_up()
+        frame = np.full((self.input_size, self.input_size), 128, np.uint8)
+        times = []
+        for _ in range(max(1, repeats)):
+            t = time.perf_counter()
+            self.run(frame)
+            times.append((time.perf_counter() - t) * 1000)
+        return float(np.median(times))
+
+    def auto_views(self, budget_ms: float, repeats: int = 10) -> tuple[int, float]:
+        """Measure one inference here and use the most views that fit `budget_ms` (see views_for_budget).
+        Returns (views chosen, median ms of one inference)."""
+        infer_ms = self.time_inference(repeats)
+        count = views_for_budget(self.offered_views(), infer_ms, budget_ms)
+        self.use_views(count)
+        return count, infer_ms
 
     def _setup_io(self) -> None:
         signatures = self.interpreter.get_signature_list()
