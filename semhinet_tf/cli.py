@@ -136,8 +136,8 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
               help="stop a phase after this many epochs without a better validation score (a run from scratch "
                    "can sit at chance for longer than 10 epochs: raise it there)")
 @click.option("--weight-average", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="float phase: validate and keep an exponential moving average of the weights with this decay "
-                   "per step (e.g. 0.99; 0: off)")
+              help="float phase: validate and keep an exponential moving average of the weights, decay per step "
+                   "at most this (it ramps up as (1+t)/(10+t) over the first steps); e.g. 0.99; 0: off")
 @click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")
 @click.option("--loss-weights", default=None, help="e.g. h1=1,h2=1,h3=2,h4=2,h5=2")
 @click.option("--label-smoothing", default=0.05, show_default=True)
