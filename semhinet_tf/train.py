@@ -230,7 +230,7 @@ class WeightAverage(_weight_average_base()):
     each epoch's end, so the kept model is the average; the raw weights go back for the next epoch.
 
     Why: fine-tuned on a few hundred images, the weights move noticeably from step to step and the best epoch on a
-    small validation split is partly luck; the average of the last few hundred steps is a smoother point.
+    small validation split is partly luck; an average over the latest steps is a smoother point.
     The decay at step t is min(decay, (1 + t) / (10 + t)), so the first steps do not lean on the starting
     weights; in a run shorter than about 10 / (1 - decay) steps the ramp rules (the default 160 px run keeps its
     best epoch after 300-400 steps, where the ramp is 0.97-0.98: 0.99 and 0.995 give the same model, see
@@ -240,7 +240,8 @@ class WeightAverage(_weight_average_base()):
     def __init__(self, decay: float):
         super().__init__()
         self.decay = float(decay)
-        self._shadow = None
+        self._shadow = None  # the averaged weights, built at the first step (the model is known by then)
+        self._steps = None
         self._raw = None
         self._update = None
 

@@ -308,9 +308,9 @@ def _row(path: str, cls: str, probs: dict[str, float], review: bool = False) -> 
 def test_compare_rows_flips_only_where_the_model_is_unsure(board, cls, review, agree, flip):
     bc = _board_compare()
     host = _row("a.png", "bogus", {"bogus": 0.50, "normal": 0.30})
-    got = bc.compare_rows(host, _row("a.png", cls, board, review), tol=0.05)
+    got = bc.compare_rows(host, _row("a.png", cls, board, review))
     assert (got["agree"], got["flip"]) == (agree, flip)
-    both_unsure = bc.compare_rows({**host, "review": True}, _row("a.png", cls, board, True), tol=0.05)
+    both_unsure = bc.compare_rows({**host, "review": True}, _row("a.png", cls, board, True))
     assert both_unsure["agree"] and both_unsure["flip"] == flip  # both sides send it to a person: allowed
 
 
@@ -321,13 +321,13 @@ def test_compare_allows_near_tie_flips_and_catches_one_sided_files():
     host = {"t.png": tie_host, "e.png": {"path": "x/e.png", "error": "empty file"}, "h.png": tie_host}
     board = {"t.png": tie_board, "e.png": {"path": "x/e.png", "error": "empty file (0 bytes)"},
              "b.png": tie_board}
-    result = bc.compare(host, board, tol=0.05)
+    result = bc.compare(host, board)
     assert {k: f["agree"] for k, f in result["files"].items()} == {
         "t.png": True, "e.png": True, "h.png": False, "b.png": False}
     assert result["flips"] == 1 and "only in the host output" in result["files"]["h.png"]["why"]
     assert not result["ok"]
     assert bc.format_summary(result).startswith("board agreement: 2/4 images; 3/4 same verdict")
-    one_sided = bc.compare_rows(tie_host, {"path": "x/t.png", "error": "truncated"}, tol=0.05)
+    one_sided = bc.compare_rows(tie_host, {"path": "x/t.png", "error": "truncated"})
     assert not one_sided["agree"] and "board only" in one_sided["why"]
 
 
