@@ -12,7 +12,8 @@
 # 3. with the host's Python (${HOST_PYTHON:-python}: the package and ai-edge-litert), tools/board_compare.py
 #    compare: byte-identical frames; every verdict made without review the same on both sides; in bulk, the
 #    median of the largest probability difference per image within ${BOARD_TOL:-0.1} and at least 90% of the
-#    verdicts the same (int8 engines round differently; see tools/board_compare.py); and with 8 views.
+#    images keeping their verdict or changing it between near-tied leaves (int8 engines round differently; see
+#    tools/board_compare.py); and with 8 views.
 # Env: BOARD_PYTHON makes the venv (default python3; tflite-runtime 2.14 has wheels for Python <= 3.11).
 # Exit: 0 agreement, 1 disagreement or a broken board world, 2 bad usage.
 set -euo pipefail
