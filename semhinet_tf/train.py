@@ -219,13 +219,14 @@ def _callbacks(run_dir: Path, phase: str, taxonomy, val, cfg: TrainConfig, model
     return [validate, History(), Checkpoint(validate)]
 
 
-def _weight_average_base():
+def _callback_base():
+    """keras.callbacks.Callback of the Keras this package uses (tf-keras for QAT), imported when train is."""
     from semhinet_tf.model import keras
 
     return keras.callbacks.Callback
 
 
-class WeightAverage(_weight_average_base()):
+class WeightAverage(_callback_base()):
     """Exponential moving average of the trainable weights (Polyak averaging), swapped in for validation at
     each epoch's end, so the kept model is the average; the raw weights go back for the next epoch.
 
@@ -392,13 +393,7 @@ def _fit_phase(phase: str, model, taxonomy, train, val, cfg: TrainConfig, run_di
     return timer.images_per_second(cfg.batch_size)
 
 
-def _step_timer_base():
-    from semhinet_tf.model import keras
-
-    return keras.callbacks.Callback
-
-
-class _StepTimer(_step_timer_base()):
+class _StepTimer(_callback_base()):
     """Training-step throughput, first epoch excluded (graph tracing), validation excluded."""
 
     def __init__(self):
