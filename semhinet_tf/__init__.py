@@ -33,12 +33,28 @@ def load_model(path):
     return _load(path)
 
 
-def decode_predictions(outputs, taxonomy=None, review_threshold: float = 0.5) -> list[dict]:
-    """Turn `model.predict` outputs (dict h1..h5) into the per-image verdicts `semhinet predict` prints."""
+def decode_predictions(outputs, taxonomy=None, review_threshold: float | None = None, run=None,
+                       views: int = 1) -> list[dict]:
+    """Turn `model.predict` outputs (dict h1..h5) into the per-image verdicts `semhinet predict` prints.
+
+    With `run` (a run directory) its taxonomy and the review threshold chosen on validation for `views`
+    test-time views are used, as `semhinet predict` does; otherwise the default taxonomy and 0.5.
+    `taxonomy` and `review_threshold` override either."""
+    import json
+    from pathlib import Path
+
     from semhinet_tf.taxonomy import Taxonomy as TaxonomyClass
 
+    if run is not None:
+        from semhinet_tf.workflow import review_threshold as run_threshold
+
+        run = Path(run)
+        if taxonomy is None:
+            taxonomy = TaxonomyClass.from_spec(json.loads((run / "taxonomy.json").read_text()))
+        if review_threshold is None:
+            review_threshold = run_threshold(None, run, views)
     tax = taxonomy if taxonomy is not None else TaxonomyClass.default()
-    return tax.decode(outputs, review_threshold)
+    return tax.decode(outputs, 0.5 if review_threshold is None else review_threshold)
 
 
 def __getattr__(name):

@@ -52,6 +52,15 @@ def available_views(predictor, run_dir: Path | None) -> list[str]:
     return ["identity"]
 
 
+def run_views(run_dir: str | Path) -> list[str]:
+    """The test-time views a run's model may be averaged over (those its training augmentation taught it to
+    ignore), for scripts that call `model.predict` themselves."""
+    from semhinet_tf.data.views import invariant_views
+
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    return invariant_views(config.get("train", {}).get("augment"))
+
+
 def model_views(predictor, run_dir: Path | None, count: int = 1) -> list[str]:
     """The first `count` of `available_views`; a one-line error when the model does not offer that many."""
     from semhinet_tf.data.views import select_views

@@ -303,6 +303,21 @@ def test_python_api_load_model_and_decode(workspace):
     assert set(outputs) == {"h1", "h2", "h3", "h4", "h5"}
     verdicts = semhinet_tf.decode_predictions(outputs)
     assert len(verdicts) == 2 and verdicts[0]["verdict"] in ("bogus", "normal", "defect")
+    # with the run: its review threshold (chosen on validation), as `semhinet predict` uses it
+    chosen = json.loads((workspace["run"] / "review_threshold.json").read_text())
+    top = max(verdicts[0]["leaf_probabilities"].values())
+    assert semhinet_tf.decode_predictions(outputs, run=workspace["run"])[0]["review"] == (top < chosen["threshold"])
+    assert semhinet_tf.decode_predictions(outputs, run=workspace["run"], views=8)[0]["review"] \
+        == (top < chosen["by_views"]["8"]["threshold"])
+    # the README's eight-view snippet
+    from semhinet_tf.data.views import average_views
+    from semhinet_tf.workflow import run_views
+
+    views = run_views(workspace["run"])
+    assert len(views) == 8
+    frames = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE), dtype=np.uint8)
+    averaged = average_views(lambda x: model.predict(x[..., None], verbose=0), frames, views)
+    assert set(averaged) == set(outputs) and np.allclose(averaged["h1"].sum(axis=1), 1.0, atol=1e-4)
 
 
 def test_board_module_runs_without_tensorflow(workspace):
@@ -465,3 +480,21 @@ def test_train_command_defaults_are_train_config_defaults():
     assert len(shared) >= 20
     for param in shared:
         assert param.get_default(ctx) == config[param.name], param.name
+
+
+def test_every_command_and_script_prints_its_help():
+    """--help is the first thing a new user runs; argparse %-formats help texts, so a stray % crashes it."""
+    from semhinet_tf.board.__main__ import parse_args
+
+    for command in main.commands:
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    root = Path(__file__).resolve().parents[1]
+    for script in sorted((root / "tools").glob("*.py")) + sorted((root / "experiments").glob("*.py")):
+        if script.name.startswith("_") or script.name == "results_file.py":
+            continue
+        done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (script.name, done.stderr[-500:])

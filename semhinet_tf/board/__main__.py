@@ -60,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score each image as 1, 2, 4 or 8 flips/rotations of itself and average them (one "
                         "inference each: more accurate, proportionally slower); 'auto': measure one inference "
                         "here and use the most views that fit --budget-ms")
+    # argparse %-formats help texts: a literal percent sign must be written %%
     p.add_argument("--budget-ms", type=_positive_float, default=DEFAULT_BUDGET_MS,
                    help=f"per-image latency budget for --views auto (default {DEFAULT_BUDGET_MS:g}; views may spend "
-                        f"{VIEWS_BUDGET_SHARE:.0%} of it, the rest is left for reading and decoding the image)")
+                        f"{VIEWS_BUDGET_SHARE * 100:.0f}%% of it, the rest is left for reading and decoding the image)")
     p.add_argument("--kernels", choices=list(KERNELS), default="default",
                    help="CPU kernels (diagnosis only: int8 kernels round differently, so near-tie verdicts may change)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")

@@ -31,7 +31,7 @@ _EXPERIMENT_KERNELS = {**KERNELS, "reference": "BUILTIN_REF"}
 
 
 def _interpreter_module(for_delegate: bool = True):
-    """tflite_runtime on the board; ai_edge_litert (its current name) or TensorFlow on a host.
+    """tflite_runtime on the board; ai_edge_litert (its current name) on a host.
 
     With an NPU delegate, tflite_runtime comes first (vendor delegates are built against the vendor's
     tflite_runtime). On the CPU, ai_edge_litert comes first where both are installed: it runs int8 models
@@ -43,13 +43,9 @@ def _interpreter_module(for_delegate: bool = True):
             return module, name.split(".")[0]
         except ImportError:
             continue
-    try:
-        import tensorflow as tf
-
-        return tf.lite, "tensorflow"
-    except ImportError as exc:
-        raise RuntimeError("no TFLite interpreter: pip install tflite-runtime (board) "
-                           "or ai-edge-litert (host)") from exc
+    # No fallback to TensorFlow's own tf.lite: the board runtime must behave the same wherever it runs, and
+    # TensorFlow is what the board does not have.
+    raise RuntimeError("no TFLite interpreter: pip install tflite-runtime (board) or ai-edge-litert (host)")
 
 
 def load_delegate(module, path: str | None, warn=print):

@@ -71,7 +71,7 @@ class Preprocess:
     bit_depth_rule: "minmax" (default, see module doc) or "bitdepth".
     """
 
-    size: int = 224
+    size: int = 160  # the default training input size (TrainConfig.img_size)
     databar: str | int = "auto"
     fit: str = "crop"
     bit_depth_rule: str = "minmax"

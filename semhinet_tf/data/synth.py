@@ -1138,7 +1138,7 @@ def _pool_context():
     return mp.get_context("spawn")
 
 
-def generate(out_dir: str | os.PathLike, per_class: int = 200, size: int = 256, seed: int = 0,
+def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, seed: int = 0,
              workers: int | None = None, mixed_formats: bool = False, classes: Sequence[str] | None = None,
              progress: bool = True, *, overwrite: bool = False,
              difficulty: float = DEFAULT_DIFFICULTY) -> dict[str, Any]:

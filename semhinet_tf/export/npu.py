@@ -92,7 +92,7 @@ class NpuReport:
             npu = self.n_ops - len(self.cpu_ops)
             return (
                 f"NPU check: PASS - {self.n_ops} ops: {npu} on the VX delegate, "
-                f"{len(self.cpu_ops)} float ops on the CPU after the last DEQUANTIZE "
+                f"{len(self.cpu_ops)} float ops on the CPU downstream of a DEQUANTIZE "
                 f"({100 * self.cpu_mac_share:.1f}% of MACs, {100 * self.cpu_op_share:.1f}% of ops)"
             )
         integer = "integer inside, float I/O converted at the boundary" if self.float_io else "fully integer"
@@ -302,7 +302,7 @@ def _shape_issues(g: _Graph) -> list[NpuIssue]:
 def check_npu(path_or_bytes, allow_float_tail: bool = False) -> NpuReport:
     """List every op and tensor of the main subgraph that the i.MX 8M Plus VX delegate would not take.
 
-    `allow_float_tail=True` accepts float ops after the last DEQUANTIZE (a --float-heads export): they are
+    `allow_float_tail=True` accepts float ops downstream of a DEQUANTIZE (a --float-heads export): they are
     reported as CPU ops with their share of MACs instead of failing the check. Custom ops fail everywhere.
     """
     model = _as_model(path_or_bytes)
@@ -329,5 +329,6 @@ def check_npu(path_or_bytes, allow_float_tail: bool = False) -> NpuReport:
         float_io=any(g.tensor(i).is_float for i in (*g.sg.inputs, *g.sg.outputs)),
     )
     if issues and not allow_float_tail and check_npu(model, allow_float_tail=True).ok:
-        report.hint = "all of them after the last DEQUANTIZE (a --float-heads export? check with allow_float_tail=True)"
+        report.hint = ("all of them downstream of a DEQUANTIZE (a --float-heads export? check with "
+                       "allow_float_tail=True)")
     return report
