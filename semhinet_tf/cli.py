@@ -107,10 +107,10 @@ def main() -> None:
 # ---------------------------------------------------------------- synth
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--per-class", default=150, show_default=True, help="images per class")
-@click.option("--size", default=256, show_default=True, help="frame size in pixels")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--workers", default=None, type=int, help="processes (default: all cores)")
+@click.option("--per-class", default=150, show_default=True, type=click.IntRange(min=1), help="images per class")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(min=32), help="frame size in pixels")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="processes (default: all cores)")
 @click.option("--mixed-formats", is_flag=True, help="write PNG/JPEG/BMP/TIFF 8+16-bit, RGB, info bars, nested folders")
 @click.option("--overwrite", is_flag=True, help="write into a non-empty folder")
 @friendly
@@ -129,16 +129,21 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="run directory to create")
-@click.option("--img-size", default=160, show_default=True)
-@click.option("--epochs", default=30, show_default=True, help="float epochs")
-@click.option("--qat-epochs", default=6, show_default=True, help="quantization-aware epochs (0: none)")
-@click.option("--qat-lr", default=1e-4, show_default=True, help="QAT peak learning rate")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--steps-per-epoch", default=None, type=int, help="default: one pass over the training split")
-@click.option("--lr", default=None, type=float,
+@click.option("--img-size", default=160, show_default=True, type=click.IntRange(min=32))
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1), help="float epochs")
+@click.option("--qat-epochs", default=6, show_default=True, type=click.IntRange(min=0),
+              help="quantization-aware epochs (0: none)")
+@click.option("--qat-lr", default=1e-4, show_default=True, type=click.FloatRange(0.0, min_open=True),
+              help="QAT peak learning rate")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps-per-epoch", default=None, type=click.IntRange(min=1),
+              help="default: one pass over the training split")
+@click.option("--lr", default=None, type=click.FloatRange(0.0, min_open=True),
               help="peak learning rate (AdamW); default 3e-4 from pretrained weights, 1e-3 from scratch")
-@click.option("--seed", default=0, show_default=True, help="fixes split, sampling and initialisation")
-@click.option("--val-split", default=0.2, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="fixes split, sampling and initialisation")
+@click.option("--val-split", default=0.2, show_default=True,
+              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True))
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(min=1),
               help="stop a phase after this many epochs without a better validation score (a run from scratch "
                    "can sit at chance for longer than 10 epochs: raise it there)")
@@ -147,15 +152,17 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
                    "at most this (it ramps up as (1+t)/(10+t) over the first steps); e.g. 0.99; 0: off")
 @click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")
 @click.option("--loss-weights", default=None, help="e.g. h1=1,h2=1,h3=2,h4=2,h5=2")
-@click.option("--label-smoothing", default=0.05, show_default=True)
+@click.option("--label-smoothing", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
 @click.option("--sampler", type=click.Choice(["balanced", "natural"]), default="balanced", show_default=True)
 @click.option("--no-augment", is_flag=True, help="switch all augmentations off")
 @click.option("--augment", "augment_spec", default=None,
               help="override augmentations, e.g. flip=1,rot90=1,shift=0.05,zoom=0.1,brightness=0.1,"
                    "contrast=0.2,gamma=0.2,noise=0.02,blur=0.2")
-@click.option("--alpha", default=1.0, show_default=True, help="width multiplier")
+@click.option("--alpha", default=1.0, show_default=True, type=click.FloatRange(0.0, min_open=True),
+              help="width multiplier")
 @click.option("--minimalistic", is_flag=True, help="MobileNetV3 minimalistic (no SE, ReLU, 3x3)")
-@click.option("--bn-momentum", default=None, type=float, help="default: from the training length")
+@click.option("--bn-momentum", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="default: from the training length")
 @click.option("--flat", is_flag=True, help="baseline: one 8-way softmax over the leaves instead of the five heads")
 @click.option("--taps", default="", callback=lambda ctx, param, value: _taps(value),
               help="backbone blocks (0-10) whose outputs the heads also read through a 1x1 convolution and global "
@@ -203,12 +210,13 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="default: RUN/model_int8.tflite")
 @click.option("--io", "io_type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
-@click.option("--calib-samples", default=200, show_default=True, help="class-balanced calibration frames")
+@click.option("--calib-samples", default=200, show_default=True, type=click.IntRange(min=1),
+              help="class-balanced calibration frames")
 @click.option("--source", type=click.Choice(["qat", "float"]), default="qat", show_default=True,
               help="qat: the QAT model; float: post-training quantization of the float model")
 @click.option("--granularity", type=click.Choice(["per-channel", "per-tensor"]), default=None,
               help="weight quantization (default: as trained for qat, per-channel for float)")
-@click.option("--review-threshold", type=float, default=None,
+@click.option("--review-threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="leaf probability under which predictions are flagged (default: from validation)")
 @click.option("--float-heads", is_flag=True,
               help="int8 backbone for the NPU, heads in float on the CPU (default out: "
@@ -248,7 +256,8 @@ def npu_check(model, allow_float_tail, json_out):
 @main.command("export-onnx")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="F.onnx")
-@click.option("--opset", default=17, show_default=True)
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 18),
+              help="ONNX opset: 13 (per-channel QuantizeLinear) to 18 (the newest tf2onnx writes)")
 @click.option("--overwrite", is_flag=True)
 @click.option("--plain-qdq", is_flag=True,
               help="from a .tflite: keep tf2onnx's QDQ graph as written, without the uint8 activations and the "
@@ -279,7 +288,7 @@ def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--threads", default="1,2", show_default=True, help="thread counts to time, e.g. 1,2,4")
-@click.option("--runs", default=200, show_default=True)
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-backbone", is_flag=True, help="skip the bare-backbone reference")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @friendly
@@ -289,7 +298,13 @@ def bench(model, threads, runs, no_backbone, json_out):
     from semhinet_tf.export.bench import bench as run_bench
     from semhinet_tf.export.bench import format_bench
 
-    counts = tuple(int(t) for t in threads.split(","))
+    try:
+        counts = tuple(int(t) for t in threads.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected thread counts like 1,2,4, not {threads!r}",
+                                 param_hint="--threads") from None
+    if min(counts) < 1:
+        raise click.BadParameter("thread counts must be 1 or more", param_hint="--threads")
     result = run_bench(model, threads=counts, runs=runs, backbone=not no_backbone)
     click.echo(format_bench(result))
     if json_out:
@@ -305,7 +320,7 @@ def bench(model, threads, runs, no_backbone, json_out):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="write a human report (HTML + Markdown + PNGs) here")
-@click.option("--target-purity", default=0.99, show_default=True)
+@click.option("--target-purity", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
 @views_option
 @friendly
 def eval_cmd(model, data, split, json_out, report_dir, target_purity, views):
@@ -354,18 +369,22 @@ def compare(run_dir, data, split, max_drop, json_out, views):
 @main.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--threshold", type=float, default=None, help="review threshold (default: the model's)")
-@click.option("--threads", type=int, default=None)
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="review threshold (default: the model's)")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
 @views_option
 @friendly
 def predict(model, paths, threshold, threads, views):
     """Classify images or folders; one JSON line per image."""
     from semhinet_tf.workflow import predict_paths
 
-    n_bad = 0
+    n_bad = n_rows = 0
     for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views)):
         n_bad += "error" in row
+        n_rows += 1
         click.echo(json.dumps(row))
+    if not n_rows:
+        raise UserError("no images found in " + ", ".join(map(str, paths)))
     if n_bad:
         click.echo(f"{n_bad} file(s) could not be read (see the 'error' lines)", err=True)
         sys.exit(EXIT_FAIL)
@@ -375,11 +394,11 @@ def predict(model, paths, threshold, threads, views):
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("semhinet_quickstart"),
               show_default=True)
-@click.option("--per-class", default=150, show_default=True)
-@click.option("--img-size", default=128, show_default=True)
-@click.option("--epochs", default=30, show_default=True)
-@click.option("--qat-epochs", default=4, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--per-class", default=150, show_default=True, type=click.IntRange(min=10))
+@click.option("--img-size", default=128, show_default=True, type=click.IntRange(min=32))
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--qat-epochs", default=4, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")
 @click.option("--overwrite", is_flag=True)
 @friendly

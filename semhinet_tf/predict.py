@@ -53,19 +53,26 @@ class Predictor:
             from semhinet_tf.model.io import load_model
 
             self._model = load_model(path)
-            self.input_size = int(self._model.inputs[0].shape[1])
+            shape = tuple(self._model.inputs[0].shape)
+            if len(self._model.inputs) != 1 or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 1:
+                raise ValueError(f"{self.path}: input shape {list(shape)}, expected grey square frames "
+                                 f"[N, S, S, 1]; not a model written by `semhinet train`")
+            self.input_size = int(shape[1])
+            self.output_names = [_strip(n) for n in self._model.output_names]
         elif self.format == "tflite":
             from semhinet_tf.board.runtime import BoardModel
 
             self._model = BoardModel(path, threads=threads)
             self.input_size = self._model.input_size
             self.contract = self._model.contract
+            self.output_names = list(self._model.output_details)
         else:
             from semhinet_tf.export.onnx import OnnxModel
 
             self._model = OnnxModel(path, threads=threads)
             self.input_size = self._model.input_size
             self.contract = self._model.contract
+            self.output_names = list(self._model.output_names)
 
     def predict(self, frames: np.ndarray, views: Sequence[str] = ("identity",)) -> dict[str, np.ndarray]:
         """Head probabilities for (N, S, S) uint8 frames, log-averaged over test-time `views`

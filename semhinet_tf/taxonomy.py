@@ -236,6 +236,15 @@ class Taxonomy:
         return {h: table[:, i] for i, h in enumerate(self.head_names)}
 
     # ---------------------------------------------------------------- probabilities
+    def check_outputs(self, names: Sequence[str], source: str) -> None:
+        """A model of this taxonomy has one output per head (or a flat 'leaf' softmax); anything else is a model
+        of another project, refused here in one line rather than later as a missing key."""
+        names = list(names)
+        if "leaf" in names or all(h.name in names for h in self.heads):
+            return
+        raise ValueError(f"{source}: not a SEM-HiNet model of this taxonomy: its outputs are "
+                         f"{', '.join(names) or 'none'}, expected one per head ({', '.join(self.head_names)})")
+
     def leaf_probabilities(self, head_probs: Mapping[str, np.ndarray]) -> np.ndarray:
         """P(leaf) = product of the head probabilities along its path; shape (N, num_leaves).
         A flat model's 'leaf' softmax is returned as it is."""
@@ -310,6 +319,8 @@ class Taxonomy:
         for k, v in (overrides or {}).items():
             if k not in weights:
                 raise TaxonomyError(f"loss weight given for unknown head {k!r} (heads: {', '.join(weights)})")
+            if not float(v) >= 0:
+                raise TaxonomyError(f"loss weight of head {k!r} must be 0 or more, not {v}")
             weights[k] = float(v)
         return weights
 

@@ -459,11 +459,20 @@ def initial_weights(model, cfg: TrainConfig, mcfg) -> str:
     path = Path(w)
     if not path.exists():
         raise FileNotFoundError(f"{path}: weights file not found")
-    if path.suffix == ".npz":
-        n = mb.load_backbone_weights(model, path)
-        return f"backbone weights ({n} layers from {path})"
-    n = mb.load_imagenet_weights(model, cfg.img_size, mcfg.backbone, str(path))
-    return f"keras.applications weights ({n} layers from {path})"
+    expected = "a .npz of backbone weights (tools/pretrain_sem.py) or keras.applications' MobileNetV3Small .h5"
+    try:
+        if path.suffix == ".npz":
+            n = mb.load_backbone_weights(model, path)
+            kind = "backbone weights"
+        else:
+            n = mb.load_imagenet_weights(model, cfg.img_size, mcfg.backbone, str(path))
+            kind = "keras.applications weights"
+    except Exception as exc:  # noqa: BLE001 - h5py, numpy and Keras each raise their own types for a bad file
+        raise ValueError(f"{path}: not weights this model can load ({expected}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if n == 0:
+        raise ValueError(f"{path}: no layer of this model found in it ({expected})")
+    return f"{kind} ({n} layers from {path})"
 
 
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=None, overwrite: bool = False,
@@ -583,11 +592,16 @@ def write_review_threshold(model, val, taxonomy, run_dir: Path, target_purity: f
 
 # What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
 DATA_REPORT_FILES = {"manifest.csv", "manifest.json", "skipped.csv", "split.json"}
+# ... and one that failed before its first epoch was saved (bad weights file, out of memory while building):
+# nothing in it can be resumed or is worth keeping, so a corrected rerun may reuse the folder too.
+UNSTARTED_RUN_FILES = DATA_REPORT_FILES | {CONFIG_FILE, TAXONOMY_FILE, "checkpoint"}
 
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     leftovers = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
-    if leftovers - DATA_REPORT_FILES and not (overwrite or resume):
+    started = bool({STATE_FILE, FLOAT_MODEL, QAT_MODEL} & leftovers)
+    reusable = UNSTARTED_RUN_FILES if not started else DATA_REPORT_FILES
+    if leftovers - reusable and not (overwrite or resume):
         raise FileExistsError(f"{run_dir}: run directory exists and is not empty "
                               "(use --resume to continue it or --overwrite to replace it)")
     if overwrite and run_dir.exists() and not resume:

@@ -35,6 +35,7 @@ def model_context(predictor) -> tuple[Taxonomy, dict, Path | None]:
         pre = json.loads((run_dir / "config.json").read_text())["preprocess"]
     else:
         tax, pre = Taxonomy.default(), {}
+    tax.check_outputs(predictor.output_names, str(predictor.path))
     pre["size"] = predictor.input_size
     return tax, Preprocess.from_dict(pre).to_dict(), run_dir
 
@@ -254,6 +255,8 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     model_views(reference, run_dir, views)  # a one-line error before decoding when the run cannot offer them
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
     frames, paths, truth = decode_items(items, pre, taxonomy, notes, progress)
+    if not len(frames):
+        raise ValueError(f"{data}: no readable images in the {split_used} split")
     results, probs = {}, {}
     for path in models:
         predictor = reference if path == run_dir / "float.keras" else Predictor(path)

@@ -186,8 +186,27 @@ def test_bad_images_are_reported_per_file_and_the_rest_classified(model_path, ba
 def test_bad_model_is_a_usage_error(tmp_path, images, capsys):
     bad = tmp_path / "broken.tflite"
     bad.write_bytes(b"\0" * 64)
-    assert main([str(bad), str(images)]) == 2
+    kept = tmp_path / "verdicts.jsonl"
+    kept.write_text("yesterday's verdicts\n")
+    assert main([str(bad), str(images), "--out", str(kept)]) == 2
     assert "broken.tflite" in capsys.readouterr().err
+    assert kept.read_text() == "yesterday's verdicts\n"  # replaced only by a complete result
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_a_model_of_another_project_is_refused_in_one_line(tmp_path, images, capsys):
+    import tensorflow as tf
+
+    from semhinet_tf.model import keras
+
+    for name, shape in (("one_output.tflite", (SIZE, SIZE, 1)), ("rgb.tflite", (SIZE, SIZE, 3))):
+        foreign = keras.Sequential([keras.Input(shape, batch_size=1), keras.layers.Flatten(), keras.layers.Dense(3)])
+        (tmp_path / name).write_bytes(tf.lite.TFLiteConverter.from_keras_model(foreign).convert())
+    assert main([str(tmp_path / "one_output.tflite"), str(images)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "one_output.tflite: not a SEM-HiNet model" in err and "h1" in err
+    assert main([str(tmp_path / "rgb.tflite"), str(images)]) == 2
+    assert "rgb.tflite: input shape [1, 32, 32, 3]" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- (4) delegate fallback
@@ -199,6 +218,11 @@ def test_missing_delegate_warns_and_falls_back_to_the_cpu(model_path, images, tm
     err = capsys.readouterr().err
     assert "warning: cannot load delegate /nonexistent/libvx_delegate.so" in err and "running on the CPU" in err
     assert len(_rows(out)) == 6
+    not_a_library = tmp_path / "libnot_a_delegate.so"
+    not_a_library.write_text("not a shared library")
+    assert main([str(model_path), str(images), "--delegate", str(not_a_library), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: cannot load delegate {not_a_library}" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- (5) CSV

@@ -498,3 +498,59 @@ def test_every_command_and_script_prints_its_help():
             continue
         done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, (script.name, done.stderr[-500:])
+
+
+def _fails_in_one_line(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(("error:", "Error:")), result.output
+    return lines[-1]
+
+
+def test_out_of_range_options_are_refused_before_anything_is_written(workspace, tmp_path):
+    data, run = str(workspace["data"]), str(tmp_path / "run")
+    for option, value in [("--batch-size", "0"), ("--epochs", "-1"), ("--lr", "-1"), ("--alpha", "0"),
+                          ("--val-split", "1.5"), ("--steps-per-epoch", "0"), ("--seed", "-1")]:
+        assert option in _fails_in_one_line("train", data, "--out", run, option, value), option
+    assert "must be 0 or more" in _fails_in_one_line("train", data, "--out", run, "--loss-weights", "h1=-5")
+    assert not (tmp_path / "run").exists()
+    tflite = str(workspace["tflite"])
+    image = str(next((workspace["data"] / "open").iterdir()))
+    assert "--threshold" in _fails_in_one_line("predict", tflite, image, "--threshold", "2")
+    assert "--threads" in _fails_in_one_line("predict", tflite, image, "--threads", "0")
+    assert "--target-purity" in _fails_in_one_line("eval", tflite, "--data", data, "--target-purity", "-1")
+    assert "--calib-samples" in _fails_in_one_line("convert", str(workspace["run"]), "--calib-samples", "0")
+    assert "--opset" in _fails_in_one_line("export-onnx", tflite, "--out", str(tmp_path / "m.onnx"), "--opset", "3")
+
+
+def test_foreign_models_and_folders_get_one_line_errors(workspace, tmp_path):
+    from semhinet_tf.model import keras
+
+    foreign = keras.Sequential([keras.Input((SIZE, SIZE, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    foreign.save(tmp_path / "other.h5")
+    data = str(workspace["data"])
+    assert "not a SEM-HiNet model" in _fails_in_one_line("eval", str(tmp_path / "other.h5"), "--data", data)
+    (tmp_path / "junk.keras").write_text("not a model")
+    assert "junk.keras" in _fails_in_one_line("eval", str(tmp_path / "junk.keras"), "--data", data)
+    bad_weights = tmp_path / "weights.h5"
+    bad_weights.write_text("not weights")
+    run = tmp_path / "run"
+    line = _fails_in_one_line("train", data, "--out", str(run), "--img-size", str(SIZE), "--epochs", "1",
+                              "--qat-epochs", "0", "--weights", str(bad_weights))
+    assert str(bad_weights) in line and "not weights" in line
+    # a run that failed before its first epoch holds nothing to resume: the corrected command may reuse it
+    assert not (run / "train_state.json").exists()
+    # folders: none of the model's classes; a class folder beside an unknown one; no images at all
+    unknown = tmp_path / "unknown"
+    (unknown / "alpha").mkdir(parents=True)
+    for img in list((workspace["data"] / "open").iterdir())[:2]:
+        (unknown / "alpha" / img.name).write_bytes(img.read_bytes())
+    tflite = str(workspace["tflite"])
+    assert "no class folders" in _fails_in_one_line("eval", tflite, "--data", str(unknown))
+    (unknown / "open").mkdir()
+    for img in list((workspace["data"] / "open").iterdir())[:2]:
+        (unknown / "open" / img.name).write_bytes(img.read_bytes())
+    assert "left out: alpha" in run_cli("eval", tflite, "--data", str(unknown))
+    (tmp_path / "empty").mkdir()
+    assert "no images found" in _fails_in_one_line("predict", tflite, str(tmp_path / "empty"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -103,11 +104,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     err = sys.stderr
     try:
-        out = open(args.out, "w", newline="") if args.out else sys.stdout
-    except OSError as exc:
-        print(f"error: {args.out}: cannot write ({exc.strerror})", file=err)
-        return EXIT_USAGE
-    try:
         model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
                            review_threshold=args.threshold, warn=lambda m: print(m, file=err),
                            kernels=args.kernels, views=1 if args.views == "auto" else args.views)
@@ -121,6 +117,15 @@ def main(argv=None) -> int:
           f"{len(model.views)} view(s) per image, "
           f"engine {model.engine}{', delegate ' + args.delegate if model.delegate else ''}; "
           f"warm-up {warm:.1f} ms", file=err)
+    # --out is written under a temporary name and renamed when done: a file of that name from before is
+    # replaced only by a complete result, never emptied by a bad model or an interruption.
+    final = Path(args.out) if args.out else None
+    part = final.with_name(f".{final.name}.part") if final else None
+    try:
+        out = open(part, "w", newline="") if part else sys.stdout
+    except OSError as exc:
+        print(f"error: {args.out}: cannot write ({exc.strerror})", file=err)
+        return EXIT_USAGE
     missing: list[Path] = []
     writer = Writer(out, args.format)
     n = bad = review = 0
@@ -136,9 +141,17 @@ def main(argv=None) -> int:
                 review += bool(row["review"])
                 latencies.append(row["infer_ms"])
             writer.write(row)
-    finally:
-        if args.out:
+    except BaseException:
+        if part:
             out.close()
+            part.unlink(missing_ok=True)
+        raise
+    if part:
+        out.close()
+        if n:
+            os.replace(part, final)
+        else:
+            part.unlink(missing_ok=True)
     for p in missing:
         print(f"skipped {p}: no such file or folder", file=err)
     wall = time.perf_counter() - t0

@@ -52,12 +52,24 @@ def load_delegate(module, path: str | None, warn=print):
     """The external delegate (e.g. NXP's libvx_delegate.so), or None with a clear message and CPU fallback."""
     if not path:
         return None
+    if not Path(path).is_file():
+        warn(f"warning: cannot load delegate {path} (no such file); running on the CPU")
+        return None
+    # A library that fails to load leaves a half-built Delegate whose __del__ then raises; Python would print
+    # that as "Exception ignored in ..." with a traceback. The warning below says all there is to say.
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
     try:
         return module.load_delegate(path)
     except (ValueError, OSError, RuntimeError, AttributeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         warn(f"warning: cannot load delegate {path} ({reason}); running on the CPU")
         return None
+    finally:
+        import gc
+
+        gc.collect()
+        sys.unraisablehook = hook
 
 
 def op_resolver(module, kernels: str):
@@ -180,10 +192,15 @@ class BoardModel:
         self.input_name = "image" if "image" in inputs else next(iter(inputs))
         detail = inputs[self.input_name]
         self.input_shape = tuple(int(d) for d in detail["shape"])
+        if len(self.input_shape) != 4 or self.input_shape[0] != 1 or self.input_shape[1] != self.input_shape[2] \
+                or self.input_shape[3] != 1:
+            raise ValueError(f"{self.path}: input shape {list(self.input_shape)}, expected one grey square frame "
+                             f"[1, S, S, 1]; not a model written by `semhinet convert`")
         self.input_size = self.input_shape[1]
         self.input_dtype = np.dtype(detail["dtype"])
         self.input_quant = detail.get("quantization", (0.0, 0))
         self.output_details = self.runner.get_output_details()
+        self.taxonomy.check_outputs(list(self.output_details), str(self.path))
 
     # ---------------------------------------------------------------- inference
     def _to_input(self, frame: np.ndarray) -> np.ndarray:

@@ -110,6 +110,12 @@ def eval_items(data_dir: str | Path, taxonomy: Taxonomy, run_dir: Path | None, s
     """
     manifest = discover(data_dir, taxonomy, check_images=False, progress=False)
     notes = []
+    if manifest.unknown_folders:
+        known = ", ".join(taxonomy.leaves)
+        if not manifest.entries:
+            raise DatasetError(f"{data_dir}: no class folders of this model's taxonomy (found "
+                               f"{', '.join(manifest.unknown_folders)}; expected folders named {known})")
+        notes.append(f"folders that are not classes of this model were left out: {', '.join(manifest.unknown_folders)}")
     if manifest.skipped:
         notes.append(f"{len(manifest.skipped)} file(s) skipped while scanning, e.g. "
                      f"{manifest.skipped[0][0]}: {manifest.skipped[0][1]}")

@@ -63,5 +63,7 @@ def load_model(path: str | Path) -> keras.Model:
                 return keras.models.load_model(path, compile=False)
         with keras.utils.custom_object_scope(objects):
             return keras.models.load_model(path, compile=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot load Keras model ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - h5py, zipfile and Keras deserialization each raise their own types
+        # Keras' messages quote the whole model config: keep the first sentence
+        reason = " ".join(str(exc).split()).split(". ")[0][:200]
+        raise ValueError(f"{path}: cannot load it as a model of this package ({type(exc).__name__}: {reason})") from exc
