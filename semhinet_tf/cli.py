@@ -49,13 +49,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())[:500]
 
 
-def _taps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected block numbers like 2,7, not {text!r}", param_hint="--taps") from None
-
-
 def _loss_weights(text: str | None) -> dict[str, float]:
     if not text:
         return {}
@@ -164,9 +157,6 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--bn-momentum", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="default: from the training length")
 @click.option("--flat", is_flag=True, help="baseline: one 8-way softmax over the leaves instead of the five heads")
-@click.option("--taps", default="", callback=lambda ctx, param, value: _taps(value),
-              help="backbone blocks (0-10) whose outputs the heads also read through a 1x1 convolution and global "
-                   "max pooling, e.g. 2,7 (finer maps for small defects); default: none")
 @click.option("--balance-heads/--no-balance-heads", default=True, show_default=True,
               help="weight each head's classes equally (the gatekeeper's normal counts as much as all defects)")
 @click.option("--head-loss", type=click.Choice(["masked-mean", "joint"]), default="masked-mean", show_default=True,

@@ -56,7 +56,6 @@ class TrainConfig:
     bn_momentum: float | None = None  # None: chosen from the training length
     head_units: int = 128
     dropout: float = 0.2
-    taps: tuple[int, ...] = ()  # backbone blocks the heads also read (ModelConfig.taps)
     flat: bool = False
     granularity: str = "per-channel"
     patience: int = 10
@@ -434,7 +433,6 @@ def build_for_config(taxonomy, cfg: TrainConfig, total_steps: int):
 
     momentum = cfg.bn_momentum if cfg.bn_momentum is not None else auto_bn_momentum(total_steps)
     mcfg = ModelConfig(img_size=cfg.img_size, head_units=cfg.head_units, dropout=cfg.dropout, flat=cfg.flat,
-                       taps=tuple(cfg.taps),
                        backbone=BackboneConfig(alpha=cfg.alpha, minimalistic=cfg.minimalistic, bn_momentum=momentum))
     return build_model(taxonomy, mcfg), mcfg
 

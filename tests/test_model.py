@@ -111,29 +111,6 @@ def test_avg_and_max_pooling_feed_separate_dense_layers():
     assert np.allclose(linear.predict(x, verbose=0)["h3"].sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_taps_let_the_heads_read_earlier_blocks_and_stay_out_of_the_backbone(tmp_path):
-    from semhinet_tf.model.quant import quantize_model
-
-    tax = Taxonomy.default()
-    cfg = ModelConfig(img_size=32, taps=(2, 7), tap_units=8)
-    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    model = build_model(tax, cfg)
-    # block 2 has stride 8, block 7 stride 16: max-pooled over 4x4 and 2x2 cells of a 32 px input
-    assert model.get_layer("pool_tap2/max").input.shape[1:] == (4, 4, 8)
-    assert model.get_layer("pool_tap7/max").input.shape[1:] == (2, 2, 8)
-    assert {"h1_hidden_tap2", "h5_hidden_tap7"} <= {layer.name for layer in model.layers}
-    plain = build_model(tax, ModelConfig(img_size=32))
-    assert model.count_params() > plain.count_params()
-    path = tmp_path / "backbone.npz"
-    save_backbone_weights(model, path, keep=lambda name: not is_head_layer(name))
-    assert not any("tap" in key for key in np.load(path).files)
-    assert load_backbone_weights(plain, path) == load_backbone_weights(model, path)
-    x = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 1)).astype(np.float32)
-    assert set(quantize_model(model).predict(x, verbose=0)) == set(tax.head_names)
-    with pytest.raises(ValueError, match="block 11"):
-        build_model(tax, ModelConfig(img_size=32, taps=(11,)))
-
-
 def test_qat_model_keeps_head_outputs_and_weights():
     from semhinet_tf.model.quant import quantize_model
 

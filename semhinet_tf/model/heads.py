@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from semhinet_tf.model import keras
 from semhinet_tf.model.layers import HardSwish
-from semhinet_tf.model.mobilenet_v3 import BN_EPSILON, SMALL_BLOCKS, BackboneConfig, backbone_maps
+from semhinet_tf.model.mobilenet_v3 import BackboneConfig, backbone_features
 from semhinet_tf.taxonomy import Taxonomy
 
 layers = keras.layers
@@ -20,20 +20,16 @@ class ModelConfig:
     dropout: float = 0.2
     flat: bool = False  # one softmax over the leaves instead of the hierarchy (baseline for experiments)
     pooling: str = "avgmax"  # "avg", or "avgmax": average and max pooling side by side (see build_model)
-    taps: tuple[int, ...] = ()  # backbone blocks whose outputs the heads also read, max-pooled (see _tap)
-    tap_units: int = 64
 
     def to_dict(self) -> dict:
         return {"img_size": self.img_size, "backbone": self.backbone.to_dict(), "head_units": self.head_units,
-                "dropout": self.dropout, "flat": self.flat, "pooling": self.pooling, "taps": list(self.taps),
-                "tap_units": self.tap_units}
+                "dropout": self.dropout, "flat": self.flat, "pooling": self.pooling}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         return cls(img_size=int(d["img_size"]), backbone=BackboneConfig(**d.get("backbone", {})),
                    head_units=int(d.get("head_units", 128)), dropout=float(d.get("dropout", 0.2)),
-                   flat=bool(d.get("flat", False)), pooling=str(d.get("pooling", "avg")),
-                   taps=tuple(int(t) for t in d.get("taps", ())), tap_units=int(d.get("tap_units", 64)))
+                   flat=bool(d.get("flat", False)), pooling=str(d.get("pooling", "avg")))
 
 
 def _head(pooled: list, name: str, num_classes: int, cfg: ModelConfig):
@@ -72,19 +68,6 @@ def _pool(features, pooling: str) -> list:
     return [("avg", avg), ("max", layers.GlobalMaxPooling2D(name="pool_max")(features))]
 
 
-def _tap(block_output, block_id: int, cfg: ModelConfig):
-    """("tap<i>", pooled): a 1x1 convolution on an earlier block's output, hard-swish, global max pooling.
-
-    Named `pool_tap<i>/...` so it counts as a head layer (not saved with the backbone) that stays quantized on
-    the NPU (CONV_2D, HARD_SWISH, REDUCE_MAX)."""
-    name = f"pool_tap{block_id}"
-    x = layers.Conv2D(cfg.tap_units, 1, use_bias=False, name=f"{name}/conv")(block_output)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=cfg.backbone.bn_momentum,
-                                  name=f"{name}/conv/BatchNorm")(x)
-    x = HardSwish(name=f"{name}/hswish")(x)
-    return f"tap{block_id}", layers.GlobalMaxPooling2D(name=f"{name}/max")(x)
-
-
 def output_names(taxonomy: Taxonomy, flat: bool = False) -> tuple[str, ...]:
     return ("leaf",) if flat else taxonomy.head_names
 
@@ -92,12 +75,8 @@ def output_names(taxonomy: Taxonomy, flat: bool = False) -> tuple[str, ...]:
 def build_model(taxonomy: Taxonomy, cfg: ModelConfig) -> keras.Model:
     """Grey image of raw pixels (S, S, 1) -> dict of softmax outputs named after the heads (h1..h5)."""
     image = keras.Input((cfg.img_size, cfg.img_size, 1), name="image")
-    maps = backbone_maps(image, cfg.backbone)
-    pooled = _pool(maps[-1], cfg.pooling)
-    for block_id in cfg.taps:
-        if not 0 <= block_id < len(SMALL_BLOCKS):
-            raise ValueError(f"taps: block {block_id} does not exist (blocks 0..{len(SMALL_BLOCKS) - 1})")
-        pooled.append(_tap(maps[block_id], block_id, cfg))
+    features = backbone_features(image, cfg.backbone)
+    pooled = _pool(features, cfg.pooling)
     if cfg.flat:
         outputs = {"leaf": _head(pooled, "leaf", len(taxonomy.leaves), cfg)}
     else:

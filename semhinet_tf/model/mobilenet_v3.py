@@ -178,26 +178,16 @@ def rescaled_ranges(pixel_range: tuple[float, float] = (0.0, 255.0)) -> dict[str
 
 def backbone_features(image, cfg: BackboneConfig, blocks: tuple[Block, ...] = SMALL_BLOCKS, rescale: bool = True):
     """Stack the backbone on `image` (raw 0..255 pixels); returns the last feature map (576 ch at alpha 1)."""
-    return backbone_maps(image, cfg, blocks, rescale)[-1]
-
-
-def backbone_maps(image, cfg: BackboneConfig, blocks: tuple[Block, ...] = SMALL_BLOCKS, rescale: bool = True) -> list:
-    """Like `backbone_features`, but every block's output too: [block 0, ..., block n-1, last feature map].
-
-    The heads may read earlier, finer maps as well (ModelConfig.taps): a block of stride 8 sees a few-pixel
-    defect in a receptive field of tens of pixels, where the last map mixes it with most of the frame."""
     act = "relu" if cfg.minimalistic else "hswish"
     x = image
     for name, scale, offset in RESCALE_STEPS if rescale else ():
         x = layers.Rescaling(scale=scale, offset=offset, name=name)(x)
     x = _conv_bn(x, STEM_FILTERS, 3, 2, "Conv", cfg)
     x = _activation(act, f"Conv/{act}")(x)
-    maps = []
     for i, block in enumerate(blocks):
         x = _inverted_residual(x, block, i, cfg)
-        maps.append(x)
     x = _conv_bn(x, make_divisible(x.shape[-1] * 6), 1, 1, "Conv_1", cfg)
-    return maps + [_activation(act, f"Conv_1/{act}")(x)]
+    return _activation(act, f"Conv_1/{act}")(x)
 
 
 def build_backbone(img_size: int, cfg: BackboneConfig, channels: int = 1, rescale: bool = True) -> keras.Model:
