@@ -108,9 +108,11 @@ class BoardModel:
     """One .tflite model with its contract; `predict_frames` and `classify_paths` do the work."""
 
     def __init__(self, path: str | Path, threads: int | None = None, delegate: str | None = None,
-                 review_threshold: float | None = None, warn=None, kernels: str = "default", views: int = 1):
+                 review_threshold: float | None = None, warn=None, kernels: str = "default", views: int = 1,
+                 classifier: bool = True):
         """`views` > 1 scores each image as that many flips/rotations of itself (one inference each) and
-        averages them (semhinet_tf.data.views); only those the model's training augmentation covered."""
+        averages them (semhinet_tf.data.views); only those the model's training augmentation covered.
+        `classifier=False` skips the check that the outputs are the taxonomy's heads (to time a bare backbone)."""
         self.path = Path(path)
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
         try:
@@ -137,7 +139,7 @@ class BoardModel:
             raise ValueError(f"{self.path}: not a loadable TFLite model ({str(exc).splitlines()[0]})") from exc
         self.taxonomy = Taxonomy.from_spec(self.contract["taxonomy"]) if "taxonomy" in self.contract \
             else Taxonomy.default()
-        self._setup_io()
+        self._setup_io(classifier)
         pre = dict(self.contract.get("preprocess", {}))
         pre["size"] = self.input_size  # the model file decides, never a constant
         self.preprocess = Preprocess.from_dict(pre)
@@ -182,7 +184,7 @@ class BoardModel:
         self.use_views(count)
         return count, infer_ms
 
-    def _setup_io(self) -> None:
+    def _setup_io(self, classifier: bool = True) -> None:
         signatures = self.interpreter.get_signature_list()
         if not signatures:
             raise ValueError(f"{self.path}: model has no signature; convert it with `semhinet convert`")
@@ -200,7 +202,8 @@ class BoardModel:
         self.input_dtype = np.dtype(detail["dtype"])
         self.input_quant = detail.get("quantization", (0.0, 0))
         self.output_details = self.runner.get_output_details()
-        self.taxonomy.check_outputs(list(self.output_details), str(self.path))
+        if classifier:
+            self.taxonomy.check_outputs(list(self.output_details), str(self.path))
 
     # ---------------------------------------------------------------- inference
     def _to_input(self, frame: np.ndarray) -> np.ndarray:

@@ -142,7 +142,7 @@ def time_models(paths: Sequence[str | Path], threads: int, runs: int = 200, warm
     models, load_ms = [], []
     for path in paths:
         t0 = time.perf_counter()
-        models.append(BoardModel(path, threads=threads, warn=lambda _msg: None))
+        models.append(BoardModel(path, threads=threads, warn=lambda _msg: None, classifier=False))
         load_ms.append((time.perf_counter() - t0) * 1000)
     first_ms = [m.warm_up() for m in models]
     frames = [_random_frames(m.input_size, 8) for m in models]
