@@ -222,6 +222,8 @@ def convert(run_dir, out, io_type, calib_samples, source, granularity, review_th
                        granularity=granularity, float_heads=float_heads)
     click.echo(info["npu_report"])
     click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) and {info['contract_path']}")
+    if not info["npu_ok"]:  # written for inspection, but a pipeline must not carry it to the board as if it ran there
+        raise UserError(f"{info['path']}: fails the NPU check above (would not run fully on the i.MX 8M Plus NPU)")
 
 
 # ---------------------------------------------------------------- npu-check

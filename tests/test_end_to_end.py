@@ -554,3 +554,12 @@ def test_foreign_models_and_folders_get_one_line_errors(workspace, tmp_path):
     assert "left out: alpha" in run_cli("eval", tflite, "--data", str(unknown))
     (tmp_path / "empty").mkdir()
     assert "no images found" in _fails_in_one_line("predict", tflite, str(tmp_path / "empty"))
+
+
+def test_convert_exits_non_zero_when_its_model_fails_the_npu_check(workspace, monkeypatch):
+    import semhinet_tf.export.convert as convert_module
+
+    failed = {"npu_ok": False, "npu_report": "NPU check: FAIL - 2 issues", "path": "m.tflite", "bytes": 2048,
+              "contract_path": "m.json"}
+    monkeypatch.setattr(convert_module, "convert_run", lambda *args, **kwargs: failed)
+    assert "fails the NPU check" in _fails_in_one_line("convert", str(workspace["run"]), "--overwrite")
