@@ -597,9 +597,7 @@ UNSTARTED_RUN_FILES = DATA_REPORT_FILES | {CONFIG_FILE, TAXONOMY_FILE, "checkpoi
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     leftovers = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
-    started = bool({STATE_FILE, FLOAT_MODEL, QAT_MODEL} & leftovers)
-    reusable = UNSTARTED_RUN_FILES if not started else DATA_REPORT_FILES
-    if leftovers - reusable and not (overwrite or resume):
+    if leftovers - UNSTARTED_RUN_FILES and not (overwrite or resume):  # a started run has its state or a model
         raise FileExistsError(f"{run_dir}: run directory exists and is not empty "
                               "(use --resume to continue it or --overwrite to replace it)")
     if overwrite and run_dir.exists() and not resume:

@@ -43,13 +43,11 @@ def model_context(predictor) -> tuple[Taxonomy, dict, Path | None]:
 def available_views(predictor, run_dir: Path | None) -> list[str]:
     """The test-time views the model was trained to ignore: its contract's, else its run's augmentation
     config's; identity alone for a bare model file whose training is unknown."""
-    from semhinet_tf.data.views import invariant_views
 
     if predictor.contract and "views" in predictor.contract:
         return list(predictor.contract["views"])
     if run_dir is not None:
-        config = json.loads((run_dir / "config.json").read_text())
-        return invariant_views(config.get("train", {}).get("augment"))
+        return run_views(run_dir)
     return ["identity"]
 
 
