@@ -225,6 +225,25 @@ def test_missing_delegate_warns_and_falls_back_to_the_cpu(model_path, images, tm
     assert f"warning: cannot load delegate {not_a_library}" in err and "Traceback" not in err
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_require_delegate_stops_instead_of_falling_back(model_path, images, tmp_path, capsys):
+    """A line whose budget only the NPU meets asks for an error, and nothing is written."""
+    out = tmp_path / "rows.jsonl"
+    args = [str(model_path), str(images), "--out", str(out), "--require-delegate"]
+    assert main([*args, "--delegate", "/nonexistent/libvx_delegate.so"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: cannot load delegate /nonexistent/libvx_delegate.so (no such file) and "
+                       "--require-delegate is set")
+    not_a_library = tmp_path / "libnot_a_delegate.so"
+    not_a_library.write_text("not a shared library")
+    assert main([*args, "--delegate", str(not_a_library)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot load delegate {not_a_library}" in err and "Traceback" not in err
+    assert main(args) == 2
+    assert "--require-delegate needs --delegate" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- (5) CSV
 def test_csv_output(model_path, images, bad_images, tmp_path):
     out = tmp_path / "rows.csv"

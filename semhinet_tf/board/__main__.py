@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("model", help="the int8 .tflite written by `semhinet convert`")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--delegate", help="external delegate library, e.g. /usr/lib/libvx_delegate.so (NPU)")
+    p.add_argument("--require-delegate", action="store_true",
+                   help="stop with an error when --delegate cannot be loaded (default: warn and run on the CPU, "
+                        "several times slower)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the interpreter")
     p.add_argument("--threshold", type=_probability, default=None,
                    help="review threshold on the leaf probability (default: the one stored in the model)")
@@ -103,10 +106,14 @@ def _choose_views(model: BoardModel, budget_ms: float, err) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     err = sys.stderr
+    if args.require_delegate and not args.delegate:
+        print("error: --require-delegate needs --delegate LIBRARY", file=err)
+        return EXIT_USAGE
     try:
         model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
                            review_threshold=args.threshold, warn=lambda m: print(m, file=err),
-                           kernels=args.kernels, views=1 if args.views == "auto" else args.views)
+                           kernels=args.kernels, views=1 if args.views == "auto" else args.views,
+                           require_delegate=args.require_delegate)
         warm = model.warm_up()
         if args.views == "auto":
             _choose_views(model, args.budget_ms, err)

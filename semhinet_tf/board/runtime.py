@@ -48,12 +48,20 @@ def _interpreter_module(for_delegate: bool = True):
     raise RuntimeError("no TFLite interpreter: pip install tflite-runtime (board) or ai-edge-litert (host)")
 
 
-def load_delegate(module, path: str | None, warn=print):
-    """The external delegate (e.g. NXP's libvx_delegate.so), or None with a clear message and CPU fallback."""
+def load_delegate(module, path: str | None, warn=print, required: bool = False):
+    """The external delegate (e.g. NXP's libvx_delegate.so), or None with a clear message and CPU fallback.
+
+    `required`: raise ValueError instead, for a line where a CPU fallback would miss its latency budget."""
     if not path:
         return None
+
+    def give_up(reason: str) -> None:
+        if required:
+            raise ValueError(f"cannot load delegate {path} ({reason}) and --require-delegate is set")
+        warn(f"warning: cannot load delegate {path} ({reason}); running on the CPU")
+
     if not Path(path).is_file():
-        warn(f"warning: cannot load delegate {path} (no such file); running on the CPU")
+        give_up("no such file")
         return None
     # A library that fails to load leaves a half-built Delegate whose __del__ then raises; Python would print
     # that as "Exception ignored in ..." with a traceback. The warning below says all there is to say.
@@ -62,8 +70,7 @@ def load_delegate(module, path: str | None, warn=print):
     try:
         return module.load_delegate(path)
     except (ValueError, OSError, RuntimeError, AttributeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        warn(f"warning: cannot load delegate {path} ({reason}); running on the CPU")
+        give_up(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
     finally:
         import gc
@@ -109,10 +116,11 @@ class BoardModel:
 
     def __init__(self, path: str | Path, threads: int | None = None, delegate: str | None = None,
                  review_threshold: float | None = None, warn=None, kernels: str = "default", views: int = 1,
-                 classifier: bool = True):
+                 classifier: bool = True, require_delegate: bool = False):
         """`views` > 1 scores each image as that many flips/rotations of itself (one inference each) and
         averages them (semhinet_tf.data.views); only those the model's training augmentation covered.
-        `classifier=False` skips the check that the outputs are the taxonomy's heads (to time a bare backbone)."""
+        `classifier=False` skips the check that the outputs are the taxonomy's heads (to time a bare backbone);
+        `require_delegate` makes a delegate that cannot be loaded an error instead of a CPU fallback."""
         self.path = Path(path)
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
         try:
@@ -125,7 +133,7 @@ class BoardModel:
             reason = str(exc).removeprefix("<bytes>: ")
             raise ValueError(f"{self.path}: {reason}") from exc
         module, self.engine = _interpreter_module(for_delegate=bool(delegate))
-        self.delegate = load_delegate(module, delegate, warn)
+        self.delegate = load_delegate(module, delegate, warn, required=require_delegate)
         kwargs = {"model_content": content, "num_threads": threads}
         resolver = op_resolver(module, kernels)
         if resolver is not None:
