@@ -8,7 +8,8 @@
 # 2. in it, with the checkout on PYTHONPATH (the package is not installed there):
 #    python -m semhinet_tf.board MODEL IMAGES_DIR --format jsonl --out OUT_DIR/board.jsonl
 #    and the hash of every decoded frame (tools/board_compare.py frames);
-#    and the same with --views 8 (test-time views);
+#    and the same with --views 8 (test-time views); a delegate that is not a library, with and without
+#    --require-delegate;
 # 3. with the host's Python (${HOST_PYTHON:-python}: the package and ai-edge-litert), tools/board_compare.py
 #    compare: byte-identical frames; every verdict made without review the same on both sides; in bulk, the
 #    median of the largest probability difference per image within ${BOARD_TOL:-0.1} and at least 90% of the
@@ -83,6 +84,22 @@ board -m semhinet_tf.board "$MODEL" "$IMAGES" --views 8 --format jsonl --out "$O
     2> "$OUT/board_views8.log" || rc=$?
 [ "$rc" -le 1 ] || fail "python -m semhinet_tf.board --views 8 exited $rc in the board venv (see $OUT/board_views8.log)"
 grep -q "8 view(s) per image" "$OUT/board_views8.log" || fail "the board run did not score 8 views an image"
+
+# A delegate that is not a library, with tflite_runtime's own loader: a warning and the CPU by default, a
+# one-line error (exit 2, nothing written) with --require-delegate; never a traceback.
+printf 'not a shared library' > "$OUT/libnot_a_delegate.so"
+rc=0
+board -m semhinet_tf.board "$MODEL" "$IMAGES" --delegate "$OUT/libnot_a_delegate.so" --out "$OUT/board_nodelegate.jsonl" \
+    2> "$OUT/board_nodelegate.log" || rc=$?
+[ "$rc" -le 1 ] && grep -q "warning: cannot load delegate" "$OUT/board_nodelegate.log" \
+    || fail "a delegate that is not a library did not fall back to the CPU with a warning (see $OUT/board_nodelegate.log)"
+rc=0
+board -m semhinet_tf.board "$MODEL" "$IMAGES" --delegate "$OUT/libnot_a_delegate.so" --require-delegate \
+    --out "$OUT/board_required.jsonl" 2> "$OUT/board_required.log" || rc=$?
+[ "$rc" -eq 2 ] && [ "$(wc -l < "$OUT/board_required.log")" -eq 1 ] && [ ! -e "$OUT/board_required.jsonl" ] \
+    || fail "--require-delegate with a delegate that is not a library: want exit 2 and one line (see $OUT/board_required.log)"
+grep -q "Traceback" "$OUT/board_nodelegate.log" "$OUT/board_required.log" && fail "a delegate failure printed a traceback"
+echo "board venv: a delegate that is not a library: warning and CPU; with --require-delegate: $(cat "$OUT/board_required.log")"
 
 # The host side: the same module with the host's interpreter, compared file by file.
 rc=0

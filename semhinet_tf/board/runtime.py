@@ -70,13 +70,16 @@ def load_delegate(module, path: str | None, warn=print, required: bool = False):
     try:
         return module.load_delegate(path)
     except (ValueError, OSError, RuntimeError, AttributeError) as exc:
-        give_up(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     finally:
         import gc
 
         gc.collect()
         sys.unraisablehook = hook
+    # only once the failed attempt is collected: an error raised inside the except clause would keep the
+    # half-built object alive (through its traceback) past the silenced hook
+    give_up(reason)
+    return None
 
 
 def op_resolver(module, kernels: str):
