@@ -81,6 +81,26 @@ def head_metrics(true: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> d
             "confusion": cm.tolist()}
 
 
+def reached_metrics(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray], taxonomy: Taxonomy
+                    ) -> dict[str, dict[str, Any]]:
+    """Per non-root head, its accuracy on the images it decides for in use: those it applies to whose heads
+    above all chose the way down to it (the router on the defects the gatekeeper passed on).
+
+    The plain head accuracy scores the router on every true defect, also those the gatekeeper called normal;
+    this one separates the router's own errors from the gatekeeper's."""
+    passed = {h.name: np.ones(len(preds[h.name]), dtype=bool) for h in taxonomy.heads if h.parent is None}
+    out = {}
+    for head in taxonomy.heads:  # parents come first in a valid taxonomy
+        if head.parent is None:
+            continue
+        parent, cls = head.parent
+        passed[head.name] = passed[parent] & (preds[parent] == taxonomy.head(parent).classes.index(cls))
+        keep = (np.asarray(labels[head.name]) != IGNORE) & passed[head.name]
+        n = int(keep.sum())
+        out[head.name] = {"n": n, "accuracy": _ratio(int((preds[head.name][keep] == labels[head.name][keep]).sum()), n)}
+    return out
+
+
 # ---------------------------------------------------------------- input checks
 def _check_inputs(true_leaf: Any, head_probs: Mapping[str, Any], taxonomy: Taxonomy
                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -235,7 +255,10 @@ def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxono
     leaf_cm = confusion_matrix(true, pred, len(leaves))
     per_class = per_class_scores(leaf_cm, leaves)
     labels = taxonomy.head_labels(true)
-    heads = {h.name: head_metrics(labels[h.name], probs[h.name].argmax(axis=1), h.classes) for h in taxonomy.heads}
+    preds = {h.name: probs[h.name].argmax(axis=1) for h in taxonomy.heads}
+    heads = {h.name: head_metrics(labels[h.name], preds[h.name], h.classes) for h in taxonomy.heads}
+    for name, reached in reached_metrics(labels, preds, taxonomy).items():
+        heads[name]["reached"] = reached
     return {
         "model": str(model_name), "format": fmt_l, "n": int(true.size),
         "leaf": {"labels": leaves, "accuracy": _ratio(np.trace(leaf_cm), true.size), "confusion": leaf_cm.tolist()},
@@ -261,7 +284,11 @@ def headline_metrics(result: Mapping[str, Any]) -> list[tuple[str, float | None]
             rows += [(f"{key[:-len('_recall')]} recall {cls}", v) for cls, v in value.items()]
     for key, value in summary.items():
         if key.endswith("_router_accuracy"):
-            rows.append((f"{key[:-len('_router_accuracy')]} router accuracy", value))
+            name = key[:-len('_router_accuracy')]
+            rows.append((f"{name} router accuracy", value))
+            reached = result.get("heads", {}).get(name, {}).get("reached")
+            if reached is not None:  # results written before this figure existed have none
+                rows.append((f"{name} router accuracy, passed defects", reached["accuracy"]))
     spec = summary.get("specialist_precision", {})
     if spec:
         known = [(c, v) for c, v in spec.items() if v is not None]

@@ -463,15 +463,19 @@ def _per_class_section(doc: _Doc, results: Mapping[str, Any], taxonomy: Taxonomy
 def _heads_section(doc: _Doc, results: Mapping[str, Any], taxonomy: Taxonomy, files: dict) -> None:
     doc.heading("Heads")
     doc.para("Each head is scored on the images it applies to (for example the router only on true defects), "
-             "by its own argmax, independently of the heads above it.")
+             "by its own argmax, independently of the heads above it. \"Passed\" scores it only on those of them "
+             "the heads above sent its way, the images it decides for in use (the router on the defects the "
+             "gatekeeper passed on): the gap between the two is the errors of the heads above.")
     rows = []
     for h in taxonomy.heads:
         m = results["heads"][h.name]
         scope = "all images" if h.parent is None else f"true {h.parent[0]} {h.parent[1]}"
+        reached = m.get("reached")
         rows.append([h.name, h.role or "-", scope, m["n"], m["accuracy"],
+                     "-" if reached is None else f"{_cell(reached['accuracy'])} ({reached['n']})",
                      ", ".join(f"{c} {_cell(v)}" for c, v in m["recall"].items()),
                      ", ".join(f"{c} {_cell(v)}" for c, v in m["precision"].items())])
-    doc.table(["head", "role", "applies to", "n", "accuracy", "recall", "precision"], rows)
+    doc.table(["head", "role", "applies to", "n", "accuracy", "accuracy, passed (n)", "recall", "precision"], rows)
     doc.image(files["heads"].name, "Confusion matrices of every head, each on the images it applies to")
 
 

@@ -13,6 +13,7 @@ from semhinet_tf.evaluate import (
     coverage_curve,
     evaluate,
     format_summary_table,
+    headline_metrics,
     threshold_for_purity,
     write_json,
 )
@@ -64,7 +65,8 @@ def test_schema_keys_exact_and_json_plain():
     assert np.array(r["leaf"]["confusion"]).shape == (8, 8) and np.array(r["leaf"]["confusion"]).sum() == 300
     assert list(r["heads"]) == ["h1", "h2", "h3", "h4", "h5"]
     for name, m in r["heads"].items():
-        assert set(m) == {"labels", "n", "accuracy", "recall", "precision", "confusion"}
+        assert set(m) == {"labels", "n", "accuracy", "recall", "precision", "confusion"} | \
+            (set() if name == "h1" else {"reached"})
         assert m["labels"] == list(TAX.head(name).classes)
         assert set(m["recall"]) == set(m["precision"]) == set(m["labels"])
     assert set(r["summary"]) == {"h1_recall", "h2_router_accuracy", "specialist_precision"}
@@ -87,6 +89,22 @@ def test_schema_keys_exact_and_json_plain():
     # same keys whatever the format
     assert json.dumps(without_coverage(r)) == json.dumps(without_coverage(
         evaluate(true, probs, TAX, "m", "onnx") | {"format": "tflite"}))
+
+
+def test_passed_accuracy_scores_a_head_only_on_what_the_heads_above_sent_it():
+    """Router right on every defect the gatekeeper passes, wrong on the two it calls normal."""
+    leaves = ["bridge", "bridge", "cmp", "ler", "ler", "normal"]
+    choice = perfect_choices(leaves)
+    choice["h1"] = [2, 2, 2, 1, 1, 1]  # the two ler frames called normal
+    choice["h2"] = [0, 0, 1, 0, 0, 0]  # ... and routed to line
+    true, probs = np.array([LEAF[leaf] for leaf in leaves]), head_probs_from_choices(choice)
+    r = evaluate(true, probs, TAX, "m", "keras")
+    assert r["heads"]["h2"]["accuracy"] == pytest.approx(3 / 5)
+    assert r["heads"]["h2"]["reached"] == {"n": 3, "accuracy": 1.0}
+    assert r["heads"]["h3"]["reached"] == {"n": 2, "accuracy": 1.0}
+    assert r["heads"]["h5"]["reached"] == {"n": 0, "accuracy": None}  # no ler reached the edge specialist
+    rows = dict(headline_metrics(r))
+    assert rows["h2 router accuracy"] == pytest.approx(0.6) and rows["h2 router accuracy, passed defects"] == 1.0
 
 
 def test_metrics_match_a_direct_count():
