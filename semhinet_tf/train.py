@@ -536,8 +536,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
         _fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs,
                    cfg.qat_lr, 0.0, run_dir / QAT_MODEL, resume, strategy)
         result["qat_seconds"] = round(time.time() - t_qat, 1)
-        result["qat_val"] = hierarchical_scores(load_model(run_dir / QAT_MODEL), *val_set, taxonomy)
-    final = load_model(run_dir / (QAT_MODEL if cfg.qat_epochs > 0 else FLOAT_MODEL))
+        final = load_model(run_dir / QAT_MODEL)  # the best QAT epoch, as saved (rebuilding one costs seconds)
+        result["qat_val"] = hierarchical_scores(final, *val_set, taxonomy)
+    else:
+        final = best_float
     result["review_threshold"] = write_review_threshold(final, val_set, taxonomy, run_dir,
                                                         views=invariant_views(cfg.augment))
     result["seconds"] = round(time.time() - t0, 1)
