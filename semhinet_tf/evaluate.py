@@ -88,14 +88,18 @@ def reached_metrics(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.nda
 
     The plain head accuracy scores the router on every true defect, also those the gatekeeper called normal;
     this one separates the router's own errors from the gatekeeper's."""
-    passed = {h.name: np.ones(len(preds[h.name]), dtype=bool) for h in taxonomy.heads if h.parent is None}
+    def passed(name: str) -> np.ndarray:  # what the heads above sent its way (specs list heads in any order)
+        head = taxonomy.head(name)
+        if head.parent is None:
+            return np.ones(len(preds[name]), dtype=bool)
+        parent, cls = head.parent
+        return passed(parent) & (preds[parent] == taxonomy.head(parent).classes.index(cls))
+
     out = {}
-    for head in taxonomy.heads:  # parents come first in a valid taxonomy
+    for head in taxonomy.heads:
         if head.parent is None:
             continue
-        parent, cls = head.parent
-        passed[head.name] = passed[parent] & (preds[parent] == taxonomy.head(parent).classes.index(cls))
-        keep = (np.asarray(labels[head.name]) != IGNORE) & passed[head.name]
+        keep = (np.asarray(labels[head.name]) != IGNORE) & passed(head.name)
         n = int(keep.sum())
         out[head.name] = {"n": n, "accuracy": _ratio(int((preds[head.name][keep] == labels[head.name][keep]).sum()), n)}
     return out

@@ -105,6 +105,12 @@ def test_passed_accuracy_scores_a_head_only_on_what_the_heads_above_sent_it():
     assert r["heads"]["h5"]["reached"] == {"n": 0, "accuracy": None}  # no ler reached the edge specialist
     rows = dict(headline_metrics(r))
     assert rows["h2 router accuracy"] == pytest.approx(0.6) and rows["h2 router accuracy, passed defects"] == 1.0
+    # a taxonomy file may list a head before its parent: same figures
+    spec = TAX.to_spec()
+    reordered = Taxonomy.from_spec({**spec, "heads": spec["heads"][::-1]})
+    r2 = evaluate(true, probs, reordered, "m", "keras")
+    assert {h: r2["heads"][h].get("reached") for h in TAX.head_names} == \
+        {h: r["heads"][h].get("reached") for h in TAX.head_names}
 
 
 def test_metrics_match_a_direct_count():
