@@ -115,12 +115,13 @@ def main() -> None:
     gate, router = deep[0][0], deep[0][1][0]
     lines = []
     for path in args.predictions:
-        result = anatomy(read_predictions(path), families, list(taxonomy.leaves), gate, router)
+        rows = read_predictions(path)
+        result = anatomy(rows, families, list(taxonomy.leaves), gate, router)
         lines += to_markdown(path.name, result, families)
         if path == args.predictions[0]:
             sheet = args.out.with_name(args.out.stem + "_misrouted.png")
             sheet.parent.mkdir(parents=True, exist_ok=True)
-            count = misrouted_sheet(read_predictions(path), families, gate, router, args.root, sheet)
+            count = misrouted_sheet(rows, families, gate, router, args.root, sheet)
             if count:
                 lines += [f"Defect frames of {path.name} the gatekeeper passed and the router sent to another family "
                           f"({count}; true > predicted leaf):", "", f"![misrouted frames]({sheet.name})", ""]
