@@ -12,16 +12,18 @@ None (JSON null), never NaN and never an exception.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from semhinet_tf.artifacts.files import (  # noqa: F401 - re-exported: evaluate's writers moved there
+    atomic_write_bytes,
+    atomic_write_text,
+    to_jsonable,
+    write_json,
+)
 from semhinet_tf.taxonomy import IGNORE, Taxonomy
 
 FORMATS = ("keras", "tflite", "onnx")
@@ -336,50 +338,3 @@ def format_summary_table(results: Mapping[str, Mapping[str, Any]], digits: int =
 
     rule = "| " + " | ".join("-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |"
     return "\n".join([line(header), rule, *(line(r) for r in body)])
-
-
-# ---------------------------------------------------------------- files
-def to_jsonable(obj: Any) -> Any:
-    """Plain Python types for json: numpy scalars/arrays converted, NaN/inf become None."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
-    """Write to a temporary file next to `path`, then rename it over: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report should be readable like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return _atomic_write(path, lambda f: f.write(text), "w")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return _atomic_write(path, lambda f: f.write(data), "wb")
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Write `obj` as indented JSON atomically (numpy values converted, NaN written as null)."""
-    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,142 @@
+"""Writing files so that nothing the user has is lost and no reader ever sees half a file.
+
+Every write goes to a temporary file with a unique name in the target folder (two processes writing the
+same output never share one) and is renamed over the target when complete, so the target appears whole or
+not at all. `check_outputs` is called by every command before it starts its work: it refuses outputs that
+exist (unless the user said --overwrite), that name a folder, or whose folder cannot be made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain Python types for json: numpy scalars/arrays converted, NaN/inf become None."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
+    """A file object for streaming into `path`: written under a unique temporary name in the same folder and
+    renamed over `path` when the block ends without an exception; on any exception (Ctrl-C included) the
+    temporary file is removed and `path`, if it existed, is left as it was."""
+    path = Path(path)
+    fd, tmp = _temporary_beside(path)
+    try:
+        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should be readable like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "w") -> Path:
+    """Call `write(f)` on a temporary file beside `path`, then rename it over `path`."""
+    with atomic_open(path, mode) as f:
+        write(f)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data), "wb")
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write `obj` as indented JSON atomically (numpy values converted, NaN written as null)."""
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def atomic_save(path: str | Path, save: Callable[[Path], None]) -> Path:
+    """For writers that take a file name (Keras, onnx.save, np.savez): `save(tmp)` on a unique temporary name
+    with the target's suffix, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        os.unlink(tmp)  # some writers refuse or misbehave on an existing file; the unique name stays ours
+        save(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class OutputError(FileExistsError):
+    """An output a command would write is refused before any work starts; str() is one line."""
+
+
+def check_outputs(paths: Iterable[str | Path | None], overwrite: bool = False, option: str = "--overwrite") -> None:
+    """Refuse, before any work, outputs that would lose something or fail late.
+
+    Each path must not be a folder, its parent must be a folder or creatable, and it must not exist unless
+    `overwrite`. All existing files are named at once, so the user sees everything a rerun would replace."""
+    existing = []
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        if p.is_dir():
+            raise OutputError(f"{p}: is a folder; give a file name")
+        parent = _first_existing_parent(p)
+        if not parent.is_dir():
+            raise OutputError(f"{p}: cannot be written ({parent} is not a folder)")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"{p}: cannot be written (no write permission in {parent})")
+        if p.exists() or p.is_symlink():
+            existing.append(p)
+    if existing and not overwrite:
+        more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        names = ", ".join(str(p) for p in existing[:5]) + more
+        raise OutputError(f"{names}: exist{'s' if len(existing) == 1 else ''} (use {option} to replace "
+                          f"{'it' if len(existing) == 1 else 'them'})")
+
+
+def _first_existing_parent(p: Path) -> Path:
+    parent = p.parent if str(p.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def is_inside(path: str | Path, other: str | Path) -> bool:
+    """True when `path` is `other` or lies below it (symlinks resolved)."""
+    a, b = Path(path).resolve(), Path(other).resolve()
+    return a == b or b in a.parents

@@ -1,0 +1,106 @@
+"""The run directory: the names of the files `semhinet train` and `convert` write, and the rules for making,
+replacing and resuming one.
+
+A run directory is recognised by its marker file (written first, before anything else) or, for runs made
+before the marker existed, by a config.json with a "train" section next to a taxonomy.json. `--overwrite`
+only ever removes a folder recognised as a run directory, and never one that is, holds or lies inside an
+input of the command.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from semhinet_tf.artifacts.files import is_inside, write_json
+
+MARKER = ".semhinet-run"
+CONFIG = "config.json"
+TAXONOMY = "taxonomy.json"
+SPLIT = "split.json"
+MANIFEST_CSV = "manifest.csv"
+MANIFEST_JSON = "manifest.json"
+SKIPPED_CSV = "skipped.csv"
+HISTORY = "history.csv"
+STATE = "train_state.json"
+CHECKPOINT = "checkpoint"
+FLOAT_MODEL = "float.keras"
+QAT_MODEL = "qat.h5"  # tfmot wrappers reload reliably from HDF5, not from .keras
+REVIEW_THRESHOLD = "review_threshold.json"
+TRAIN_RESULT = "train_result.json"
+INT8_MODEL = "model_int8.tflite"
+INT8_FLOAT_HEADS_MODEL = "model_int8_float_heads.tflite"
+
+# What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
+DATA_REPORT_FILES = frozenset({MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT})
+# ... and one that failed before its first epoch was saved (bad weights file, out of memory while building):
+# nothing in it can be resumed or is worth keeping, so a corrected rerun may reuse the folder too.
+UNSTARTED_RUN_FILES = DATA_REPORT_FILES | {CONFIG, TAXONOMY, CHECKPOINT, MARKER}
+
+
+class RunDirError(FileExistsError):
+    """A run directory that may not be created, replaced or resumed as asked; str() is one line."""
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A folder this project made as a run directory: its marker, or a pre-marker run's config + taxonomy."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return True
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "train" in config and (path / TAXONOMY).is_file()
+
+
+def refuse_inputs_overlap(out: Path, inputs: Iterable[str | Path | None], what: str = "--out") -> None:
+    """Refuse an output folder that is, holds or lies inside any input of the command."""
+    for item in inputs:
+        if item is None:
+            continue
+        if is_inside(out, item) or is_inside(item, out):
+            raise RunDirError(f"{out}: {what} is, holds or lies inside the input {item}; choose another folder")
+
+
+def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+                    resume: bool = False, kind: str = "run directory", marker: str = MARKER) -> None:
+    """Make `run_dir` ready for a new run (or check it for --resume) without ever removing what we did not write.
+
+    Empty or missing: created. A failed run's leftovers (UNSTARTED_RUN_FILES): reused. A run directory with more:
+    refused unless `overwrite` (removed) or `resume` (kept). Anything else that is not empty is refused even with
+    `overwrite`: it is not ours to delete."""
+    run_dir = Path(run_dir)
+    refuse_inputs_overlap(run_dir, inputs)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: exists and is not a folder")
+    entries = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
+    # a failed run from before the marker existed left only files of ours
+    ours = run_dir.exists() and (_is_marked(run_dir, marker) or (entries and entries <= UNSTARTED_RUN_FILES))
+    if resume:
+        if not ours:
+            raise RunDirError(f"{run_dir}: not a {kind} of this project; --resume continues one made by "
+                              f"`semhinet train`")
+        return
+    if entries and not ours:
+        raise RunDirError(f"{run_dir}: exists, is not empty and is not a {kind} of this project; it is left "
+                          f"untouched (choose another --out)")
+    if entries - UNSTARTED_RUN_FILES and not overwrite:
+        raise RunDirError(f"{run_dir}: {kind} exists and is not empty (use --resume to continue it or "
+                          f"--overwrite to replace it)")
+    if overwrite and entries:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir, marker)
+
+
+def _is_marked(path: Path, marker: str) -> bool:
+    return (path / marker).is_file() or (marker == MARKER and is_run_dir(path))
+
+
+def write_marker(folder: Path, marker: str = MARKER) -> None:
+    from semhinet_tf import __version__
+
+    write_json({"made_by": "semhinet", "version": __version__}, folder / marker)
