@@ -14,8 +14,11 @@ from pathlib import Path
 import click
 
 from semhinet_tf import __version__
+from semhinet_tf.artifacts.files import check_outputs
 
-EXIT_FAIL = 1
+# Exit codes, as the board's: 1 the work failed (or some images could not be read); 2 refused before any work
+# (usage, an output that would be clobbered, a model that may not be loaded); 130 interrupted with Ctrl-C.
+EXIT_FAIL, EXIT_REFUSED, EXIT_INTERRUPTED = 1, 2, 130
 
 
 class UserError(click.ClickException):
@@ -25,8 +28,30 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+class RefusedError(UserError):
+    exit_code = EXIT_REFUSED
+
+
+class Interrupted(click.ClickException):
+    exit_code = EXIT_INTERRUPTED
+
+    def show(self, file=None):
+        click.echo(f"interrupted: {self.message}", err=True)
+
+
+# What to do after Ctrl-C, by command; the default fits a command that left nothing half-written.
+INTERRUPT_HINTS = {
+    "train": "continue the run with the same command and --resume",
+    "quickstart": "start it again with --overwrite",
+    "predict": "the lines printed so far are complete verdicts; run again to classify the rest",
+    "synth": "nothing half-written was left; run it again with --overwrite",
+}
+
+
 def friendly(fn):
-    """Turn the exceptions a user can cause into one-line errors."""
+    """Turn the exceptions a user can cause into one-line errors; Ctrl-C into one line and exit 130."""
+    from semhinet_tf.artifacts.files import OutputError
+    from semhinet_tf.artifacts.run import RunDirError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,10 +59,13 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
+        except (OutputError, RunDirError) as exc:
+            raise RefusedError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc
         except KeyboardInterrupt:
-            raise UserError("interrupted (continue a run directory with `semhinet train ... --resume`)") from None
+            hint = INTERRUPT_HINTS.get(fn.__name__, "outputs are written whole or not at all; run the command again")
+            raise Interrupted(hint) from None
 
     return wrapper
 
@@ -84,11 +112,21 @@ def _augment(base, spec: str | None):
     return dataclasses.replace(base, **changes)
 
 
+def _given_options(ctx: click.Context, names) -> set[str]:
+    """The options the user typed (not defaults): what a --resume checks against the run being continued."""
+    return {n for n in names if ctx.get_parameter_source(n) not in (click.core.ParameterSource.DEFAULT,
+                                                                   click.core.ParameterSource.DEFAULT_MAP)}
+
+
 # Test-time views (semhinet_tf.data.views), shared by eval, compare and predict.
 views_option = click.option(
     "--views", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
     help="test-time views: score each image as this many flips/rotations of itself and average "
          "(one inference each; only those the training augmentation covered)")
+
+
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="replace output files that exist (without it, a command refuses before any work)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -186,10 +224,16 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
     taxonomy = load_taxonomy(taxonomy_file)
     if opts["head_loss"] == "joint" and loss_weights:
         raise click.UsageError("--head-loss joint weighs every head 1 (it is -log P(leaf)); drop --loss-weights")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues a run and --overwrite replaces it: give one of them")
     cfg = TrainConfig(**opts, loss_weights=_loss_weights(loss_weights),
                       augment=_augment(Augment.off() if no_augment else Augment(), augment_spec).to_dict())
     taxonomy.loss_weights(cfg.loss_weights)  # validates head names early
-    result = run_train(data, run_dir, cfg, taxonomy, overwrite=overwrite, resume=resume, strict=strict)
+    given = _given_options(click.get_current_context(), opts)
+    given |= {"augment"} if no_augment or augment_spec else set()
+    given |= {"loss_weights"} if loss_weights else set()
+    result = run_train(data, run_dir, cfg, taxonomy if taxonomy_file or not resume else None, overwrite=overwrite,
+                       resume=resume, strict=strict, given=given, inputs=[taxonomy_file] if taxonomy_file else [])
     click.echo(json.dumps(result, indent=2))
     click.echo(f"run directory: {run_dir}")
 
@@ -230,13 +274,16 @@ def convert(run_dir, out, io_type, calib_samples, source, granularity, review_th
 @main.command("npu-check")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--allow-float-tail", is_flag=True, help="accept float heads downstream of a DEQUANTIZE (CPU)")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the report as JSON to this file")
+@overwrite_option
 @friendly
-def npu_check(model, allow_float_tail, json_out):
+def npu_check(model, allow_float_tail, json_out, overwrite):
     """Check that every operator of MODEL would run on the VX delegate (i.MX 8M Plus NPU)."""
     from semhinet_tf.evaluate import write_json
     from semhinet_tf.export.npu import check_npu
 
+    check_outputs([json_out], overwrite)
     report = check_npu(model, allow_float_tail=allow_float_tail)
     click.echo(report.format())
     if json_out:
@@ -282,9 +329,11 @@ def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
 @click.option("--threads", default="1,2", show_default=True, help="thread counts to time, e.g. 1,2,4")
 @click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-backbone", is_flag=True, help="skip the bare-backbone reference")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the figures as JSON to this file")
+@overwrite_option
 @friendly
-def bench(model, threads, runs, no_backbone, json_out):
+def bench(model, threads, runs, no_backbone, json_out, overwrite):
     """Latency (warm-up, p50/p90/p99), throughput, size and MACs of MODEL.tflite vs its bare backbone."""
     from semhinet_tf.evaluate import write_json
     from semhinet_tf.export.bench import bench as run_bench
@@ -297,6 +346,7 @@ def bench(model, threads, runs, no_backbone, json_out):
                                  param_hint="--threads") from None
     if min(counts) < 1:
         raise click.BadParameter("thread counts must be 1 or more", param_hint="--threads")
+    check_outputs([json_out], overwrite)
     result = run_bench(model, threads=counts, runs=runs, backbone=not no_backbone)
     click.echo(format_bench(result))
     if json_out:
@@ -314,13 +364,14 @@ def bench(model, threads, runs, no_backbone, json_out):
               help="write a human report (HTML + Markdown + PNGs) here")
 @click.option("--target-purity", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
 @views_option
+@overwrite_option
 @friendly
-def eval_cmd(model, data, split, json_out, report_dir, target_purity, views):
+def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, overwrite):
     """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA."""
     from semhinet_tf.workflow import eval_model
 
     res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
-                     target_purity=target_purity, views=int(views))
+                     target_purity=target_purity, views=int(views), overwrite=overwrite)
     click.echo(res["table"])
     for line in res["notes"]:
         click.echo(line)
@@ -336,12 +387,14 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity, views):
               help="exit non-zero when int8 leaf accuracy is more than this many points below float")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @views_option
+@overwrite_option
 @friendly
-def compare(run_dir, data, split, max_drop, json_out, views):
+def compare(run_dir, data, split, max_drop, json_out, views, overwrite):
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX): per-head deltas, agreement, flipped images."""
     from semhinet_tf.workflow import compare_run
 
-    res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out, views=int(views))
+    res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out, views=int(views),
+                      overwrite=overwrite)
     click.echo(res["table"])
     for row in res["compare"]["models"]:
         for flip in row["flips"][:10]:

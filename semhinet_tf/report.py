@@ -528,6 +528,11 @@ def _worst_section(doc: _Doc, ctx: Mapping[str, Any], out: Path, loader: ImageLo
 
 
 # ---------------------------------------------------------------- entry point
+# Every file write_report may write into its folder (checked before an evaluation starts, so none is clobbered).
+REPORT_FILES = ("README.md", "index.html", "leaf_confusion.png", "head_confusion.png", "per_class.png",
+                "coverage.png", "training_curves.png", "worst_mistakes.png")
+
+
 def write_report(out_dir: str | Path, results: Mapping[str, Any], paths: Sequence[str], true_leaf: np.ndarray,
                  head_probs: Mapping[str, np.ndarray], taxonomy: Taxonomy, history_csv: str | Path | None = None,
                  image_loader: ImageLoader | None = None, title: str = DEFAULT_TITLE, max_worst: int = 16) -> Path:

@@ -17,15 +17,18 @@ from typing import Any
 
 import numpy as np
 
+from semhinet_tf.artifacts import run as run_files
+from semhinet_tf.artifacts.files import atomic_write_text, write_json
+from semhinet_tf.artifacts.run import CONFIG as CONFIG_FILE
+from semhinet_tf.artifacts.run import FLOAT_MODEL, QAT_MODEL
+from semhinet_tf.artifacts.run import HISTORY as HISTORY_FILE
+from semhinet_tf.artifacts.run import STATE as STATE_FILE
+from semhinet_tf.artifacts.run import TAXONOMY as TAXONOMY_FILE
 from semhinet_tf.data.pipeline import Augment
 from semhinet_tf.data.views import invariant_views
 
-FLOAT_MODEL = "float.keras"
-QAT_MODEL = "qat.h5"  # tfmot wrappers reload reliably from HDF5, not from .keras
-CONFIG_FILE = "config.json"
-TAXONOMY_FILE = "taxonomy.json"
-HISTORY_FILE = "history.csv"
-STATE_FILE = "train_state.json"
+# What a resumed run may change: how long each phase runs. Anything else would make a different run.
+RESUMABLE_CHANGES = frozenset({"epochs", "qat_epochs"})
 
 
 @dataclass
@@ -133,9 +136,7 @@ def worker_run_dir(run_dir: Path, strategy) -> Path:
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json(obj, path)
 
 
 # ---------------------------------------------------------------- validation and history callbacks
@@ -310,9 +311,7 @@ def _append_history(path: Path, row: dict) -> None:
     writer = csv.DictWriter(buf, fieldnames=keys, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _read_state(run_dir: Path) -> dict:
@@ -474,8 +473,12 @@ def initial_weights(model, cfg: TrainConfig, mcfg) -> str:
 
 
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=None, overwrite: bool = False,
-          resume: bool = False, strict: bool = False, progress: bool = True) -> dict:
-    """Discover, split, decode, train float, fine-tune QAT; everything lands in run_dir."""
+          resume: bool = False, strict: bool = False, progress: bool = True, given: set[str] | None = None,
+          inputs: Sequence[str | Path] = ()) -> dict:
+    """Discover, split, decode, train float, fine-tune QAT; everything lands in run_dir.
+
+    run_dir is never an input's folder (`inputs`: more files the run reads, e.g. a taxonomy file); `overwrite`
+    replaces only a run directory; `resume` continues one, with the options in `given` checked against it."""
     from semhinet_tf.data.dataset import prepare_dataset
     from semhinet_tf.taxonomy import Taxonomy
 
@@ -486,10 +489,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy=
     run_dir = worker_run_dir(chief_run_dir, strategy)
     if run_dir != chief_run_dir:  # a non-chief worker: same work, files kept apart and removed at the end
         overwrite, resume = True, False
-    _prepare_run_dir(run_dir, overwrite, resume)
-    if resume and (run_dir / CONFIG_FILE).exists():
-        saved = TrainConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text())["train"])
-        cfg = replace(saved, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs)
+    weights_file = cfg.weights if cfg.weights not in ("none", "sem", "imagenet", "", None) else None
+    run_files.prepare_run_dir(run_dir, inputs=[data_dir, weights_file, *inputs], overwrite=overwrite, resume=resume)
+    if resume:
+        cfg = resumed_config(run_dir, cfg, data_dir, given, taxonomy)
         taxonomy = Taxonomy.from_spec(json.loads((run_dir / TAXONOMY_FILE).read_text()))
     if cfg.lr is None:
         cfg = replace(cfg, lr=default_lr(cfg.weights))
@@ -590,23 +593,36 @@ def write_review_threshold(model, val, taxonomy, run_dir: Path, target_purity: f
     return {**point, "by_views": by_views}
 
 
-# What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
-DATA_REPORT_FILES = {"manifest.csv", "manifest.json", "skipped.csv", "split.json"}
-# ... and one that failed before its first epoch was saved (bad weights file, out of memory while building):
-# nothing in it can be resumed or is worth keeping, so a corrected rerun may reuse the folder too.
-UNSTARTED_RUN_FILES = DATA_REPORT_FILES | {CONFIG_FILE, TAXONOMY_FILE, "checkpoint"}
+def resumed_config(run_dir: Path, cfg: TrainConfig, data_dir: str | Path, given: set[str] | None = None,
+                   taxonomy=None) -> TrainConfig:
+    """The configuration a --resume continues with: the run's own, with new epoch counts.
 
+    `given` names the options the user set on purpose (None: every field of `cfg`); any of them that differs
+    from the run's, other than the epoch counts, is refused, each named, as are another data folder or taxonomy."""
+    from semhinet_tf.taxonomy import Taxonomy
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    leftovers = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
-    if leftovers - UNSTARTED_RUN_FILES and not (overwrite or resume):  # a started run has its state or a model
-        raise FileExistsError(f"{run_dir}: run directory exists and is not empty "
-                              "(use --resume to continue it or --overwrite to replace it)")
-    if overwrite and run_dir.exists() and not resume:
-        import shutil
-
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+        saved = TrainConfig.from_dict(config["train"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise run_files.RunDirError(f"{run_dir}: cannot be resumed: its {CONFIG_FILE} is missing or unreadable "
+                                    f"(the run stopped before its first epoch; start it again with --overwrite)"
+                                    ) from exc
+    fields = set(cfg.to_dict()) if given is None else set(given) & set(cfg.to_dict())
+    changed = [f"{name} {getattr(saved, name)!r} -> {getattr(cfg, name)!r}"
+               for name in sorted(fields - RESUMABLE_CHANGES)
+               if getattr(cfg, name) != getattr(saved, name) and not (name == "lr" and getattr(cfg, name) is None)]
+    saved_data = config.get("data_dir")
+    if saved_data and Path(saved_data).resolve() != Path(data_dir).resolve():
+        changed.append(f"data {saved_data} -> {Path(data_dir).resolve()}")
+    if taxonomy is not None:
+        saved_tax = Taxonomy.from_spec(json.loads((run_dir / TAXONOMY_FILE).read_text()))
+        if saved_tax.to_spec() != taxonomy.to_spec():
+            changed.append("taxonomy differs from the run's")
+    if changed:
+        raise run_files.RunDirError(f"{run_dir}: --resume continues the same run; only --epochs and --qat-epochs may "
+                                    f"change, but: {'; '.join(changed)}")
+    return replace(saved, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs)
 
 
 def _version() -> str:

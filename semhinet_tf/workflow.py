@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from semhinet_tf.artifacts.files import check_outputs
 from semhinet_tf.taxonomy import Taxonomy
 
 
@@ -86,15 +87,19 @@ def decode_items(items: list, pre: dict, taxonomy: Taxonomy, notes: list[str], p
 
 def eval_model(model: str | Path, data: str | Path, split: str | None = None, json_out: str | Path | None = None,
                report_dir: str | Path | None = None, target_purity: float = 0.99, progress: bool = True,
-               run_dir: str | Path | None = None, views: int = 1) -> dict:
+               run_dir: str | Path | None = None, views: int = 1, overwrite: bool = False) -> dict:
     """Evaluate any model format on DATA; same JSON keys whatever the format.
 
     `run_dir` names the run whose saved split to use when the model file lives elsewhere; `views` > 1
-    averages that many test-time flips/rotations (semhinet_tf.data.views)."""
+    averages that many test-time flips/rotations (semhinet_tf.data.views). The JSON and report files are
+    checked before any work: existing ones are refused unless `overwrite`."""
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
     from semhinet_tf.predict import Predictor
+    from semhinet_tf.report import REPORT_FILES
 
+    check_outputs([json_out, *(Path(report_dir) / name for name in REPORT_FILES)] if report_dir else [json_out],
+                  overwrite)
     model = Path(model)
     predictor = Predictor(model)
     taxonomy, pre, found_run = model_context(predictor)
@@ -187,6 +192,7 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
                seed: int = 0, weights: str = "sem", overwrite: bool = False) -> dict:
     """Synthetic data -> float + QAT training -> int8 TFLite -> eval of both on the held-out split (and of
     int8 on every test-time view its training augmentation allows)."""
+    from semhinet_tf.artifacts.run import QUICKSTART_MARKER, is_quickstart_dir, prepare_run_dir
     from semhinet_tf.data.synth import generate
     from semhinet_tf.data.views import invariant_views, view_counts
     from semhinet_tf.evaluate import format_summary_table, write_json
@@ -195,12 +201,9 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
 
     t0 = time.time()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty (use --overwrite or another --out)")
-    if overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    # the quickstart folder is ours only when it carries the quickstart's marker: --overwrite never empties another
+    prepare_run_dir(out, overwrite=overwrite, kind="quickstart folder", marker=QUICKSTART_MARKER,
+                    recognise=is_quickstart_dir)
     data, run = out / "data", out / "run"
     print(f"[1/5] synthetic SEM data: {per_class} images x 8 classes -> {data}", flush=True)
     generate(data, per_class=per_class, size=256, seed=seed)
@@ -231,7 +234,8 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
 
 # ---------------------------------------------------------------- compare
 def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None, max_drop: float | None = None,
-                json_out: str | Path | None = None, progress: bool = True, views: int = 1) -> dict:
+                json_out: str | Path | None = None, progress: bool = True, views: int = 1,
+                overwrite: bool = False) -> dict:
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX files in the run): same frames, same metrics.
 
     Deltas are against the float model; `max_drop` (percentage points of leaf accuracy) makes the
@@ -242,6 +246,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
     from semhinet_tf.predict import Predictor
 
+    check_outputs([json_out], overwrite)
     run_dir = Path(run_dir)
     candidates = [run_dir / "float.keras", run_dir / "qat.h5", *sorted(run_dir.glob("*.tflite")),
                   *sorted(run_dir.glob("*.onnx"))]

@@ -188,10 +188,10 @@ def test_bad_model_is_a_usage_error(tmp_path, images, capsys):
     bad.write_bytes(b"\0" * 64)
     kept = tmp_path / "verdicts.jsonl"
     kept.write_text("yesterday's verdicts\n")
-    assert main([str(bad), str(images), "--out", str(kept)]) == 2
+    assert main([str(bad), str(images), "--out", str(kept), "--overwrite"]) == 2
     assert "broken.tflite" in capsys.readouterr().err
     assert kept.read_text() == "yesterday's verdicts\n"  # replaced only by a complete result
-    assert not list(tmp_path.glob(".*.part"))
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_a_model_of_another_project_is_refused_in_one_line(tmp_path, images, capsys):

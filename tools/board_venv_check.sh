@@ -71,7 +71,7 @@ print(f"python {sys.version.split()[0]}, numpy {numpy.__version__}, pillow {PIL.
 # The board run: only the checkout on the path, no user site-packages.
 board() { env PYTHONPATH="$REPO" PYTHONNOUSERSITE=1 "$BOARD_PY" "$@"; }
 rc=0
-board -m semhinet_tf.board "$MODEL" "$IMAGES" --format jsonl --out "$OUT/board.jsonl" 2> "$OUT/board.log" || rc=$?
+board -m semhinet_tf.board "$MODEL" "$IMAGES" --format jsonl --out "$OUT/board.jsonl" --overwrite 2> "$OUT/board.log" || rc=$?
 cat "$OUT/board.log" >&2
 [ "$rc" -le 1 ] || fail "python -m semhinet_tf.board exited $rc in the board venv (see $OUT/board.log)"
 grep -q "engine tflite_runtime" "$OUT/board.log" || fail "the board run did not use tflite_runtime"
@@ -80,7 +80,7 @@ board "$REPO/tools/board_compare.py" frames "$MODEL" "$IMAGES" "$OUT/board_frame
 
 # Test-time views in the board's world too (numpy<2): every image scored on 8 orientations and averaged.
 rc=0
-board -m semhinet_tf.board "$MODEL" "$IMAGES" --views 8 --format jsonl --out "$OUT/board_views8.jsonl" \
+board -m semhinet_tf.board "$MODEL" "$IMAGES" --views 8 --format jsonl --out "$OUT/board_views8.jsonl" --overwrite \
     2> "$OUT/board_views8.log" || rc=$?
 [ "$rc" -le 1 ] || fail "python -m semhinet_tf.board --views 8 exited $rc in the board venv (see $OUT/board_views8.log)"
 grep -q "8 view(s) per image" "$OUT/board_views8.log" || fail "the board run did not score 8 views an image"
@@ -89,7 +89,7 @@ grep -q "8 view(s) per image" "$OUT/board_views8.log" || fail "the board run did
 # one-line error (exit 2, nothing written) with --require-delegate; never a traceback.
 printf 'not a shared library' > "$OUT/libnot_a_delegate.so"
 rc=0
-board -m semhinet_tf.board "$MODEL" "$IMAGES" --delegate "$OUT/libnot_a_delegate.so" --out "$OUT/board_nodelegate.jsonl" \
+board -m semhinet_tf.board "$MODEL" "$IMAGES" --delegate "$OUT/libnot_a_delegate.so" --out "$OUT/board_nodelegate.jsonl" --overwrite \
     2> "$OUT/board_nodelegate.log" || rc=$?
 [ "$rc" -le 1 ] && grep -q "warning: cannot load delegate" "$OUT/board_nodelegate.log" \
     || fail "a delegate that is not a library did not fall back to the CPU with a warning (see $OUT/board_nodelegate.log)"

@@ -43,18 +43,20 @@ def _temporary_beside(path: Path) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
+def atomic_open(path: str | Path, mode: str = "w", newline: str | None = None, durable: bool = True) -> Iterator[IO]:
     """A file object for streaming into `path`: written under a unique temporary name in the same folder and
     renamed over `path` when the block ends without an exception; on any exception (Ctrl-C included) the
-    temporary file is removed and `path`, if it existed, is left as it was."""
+    temporary file is removed and `path`, if it existed, is left as it was. `durable` flushes to disk before
+    the rename (a power cut then leaves the old file or the new one); bulk writers of many files skip it."""
     path = Path(path)
     fd, tmp = _temporary_beside(path)
     try:
         kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should be readable like any other file
         os.replace(tmp, path)
     except BaseException:
@@ -62,9 +64,9 @@ def atomic_open(path: str | Path, mode: str = "w", newline: str | None = None) -
         raise
 
 
-def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "w") -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "w", durable: bool = True) -> Path:
     """Call `write(f)` on a temporary file beside `path`, then rename it over `path`."""
-    with atomic_open(path, mode) as f:
+    with atomic_open(path, mode, durable=durable) as f:
         write(f)
     return Path(path)
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from semhinet_tf.artifacts.files import is_inside, write_json
 
 MARKER = ".semhinet-run"
+QUICKSTART_MARKER = ".semhinet-quickstart"
 CONFIG = "config.json"
 TAXONOMY = "taxonomy.json"
 SPLIT = "split.json"
@@ -56,6 +57,13 @@ def is_run_dir(path: str | Path) -> bool:
     return isinstance(config, dict) and "train" in config and (path / TAXONOMY).is_file()
 
 
+def is_quickstart_dir(path: str | Path) -> bool:
+    """A folder `semhinet quickstart` made: its marker, or (before the marker) its data set next to its run."""
+    path = Path(path)
+    return (path / QUICKSTART_MARKER).is_file() or ((path / "data" / "dataset.json").is_file()
+                                                    and is_run_dir(path / "run"))
+
+
 def refuse_inputs_overlap(out: Path, inputs: Iterable[str | Path | None], what: str = "--out") -> None:
     """Refuse an output folder that is, holds or lies inside any input of the command."""
     for item in inputs:
@@ -66,7 +74,8 @@ def refuse_inputs_overlap(out: Path, inputs: Iterable[str | Path | None], what: 
 
 
 def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
-                    resume: bool = False, kind: str = "run directory", marker: str = MARKER) -> None:
+                    resume: bool = False, kind: str = "run directory", marker: str = MARKER,
+                    recognise: Callable[[Path], bool] = is_run_dir) -> None:
     """Make `run_dir` ready for a new run (or check it for --resume) without ever removing what we did not write.
 
     Empty or missing: created. A failed run's leftovers (UNSTARTED_RUN_FILES): reused. A run directory with more:
@@ -78,7 +87,8 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
         raise RunDirError(f"{run_dir}: exists and is not a folder")
     entries = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
     # a failed run from before the marker existed left only files of ours
-    ours = run_dir.exists() and (_is_marked(run_dir, marker) or (entries and entries <= UNSTARTED_RUN_FILES))
+    ours = run_dir.exists() and ((run_dir / marker).is_file() or recognise(run_dir)
+                                 or bool(entries and entries <= UNSTARTED_RUN_FILES))
     if resume:
         if not ours:
             raise RunDirError(f"{run_dir}: not a {kind} of this project; --resume continues one made by "
@@ -94,10 +104,6 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_marker(run_dir, marker)
-
-
-def _is_marked(path: Path, marker: str) -> bool:
-    return (path / marker).is_file() or (marker == MARKER and is_run_dir(path))
 
 
 def write_marker(folder: Path, marker: str = MARKER) -> None:

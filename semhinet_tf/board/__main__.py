@@ -2,25 +2,26 @@
 
 Writes one JSON line (or CSV row) per image to stdout or --out, timing to stderr.
 Exit codes: 0 all images classified; 1 some images could not be read (listed); 2 bad model or usage;
-3 some images were flagged for review and --fail-on-review was given.
+3 some images were flagged for review and --fail-on-review was given; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from semhinet_tf.artifacts.files import atomic_open, check_outputs
 from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel, iter_image_paths
 
 DEFAULT_BUDGET_MS = 50.0  # the product's ceiling per image
-EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW = 0, 1, 2, 3
+EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 CSV_FIELDS = ["path", "verdict", "family", "class", "probability", "review", "error", "infer_ms"]
 
 
@@ -71,9 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", choices=list(KERNELS), default="default",
                    help="CPU kernels (diagnosis only: int8 kernels round differently, so near-tie verdicts may change)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    p.add_argument("--out", help="write results here instead of stdout")
+    p.add_argument("--out", help="write results here instead of stdout (the file appears when the run is complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     p.add_argument("--fail-on-review", action="store_true", help="exit 3 when any image is flagged for review")
     return p.parse_args(argv)
+
+
+class _NoImagesError(Exception):
+    """No image was found: leave --out as it was rather than write an empty result."""
 
 
 class Writer:
@@ -106,9 +112,24 @@ def _choose_views(model: BoardModel, budget_ms: float, err) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     err = sys.stderr
+    try:
+        return _run(args, err)
+    except KeyboardInterrupt:
+        kept = f"; {args.out} was not written" if args.out else ""
+        print(f"interrupted{kept}: run the same command again to classify the images", file=err)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace, err) -> int:
     if args.require_delegate and not args.delegate:
         print("error: --require-delegate needs --delegate LIBRARY", file=err)
         return EXIT_USAGE
+    if args.out:
+        try:  # before the model is loaded: a bad --out must not cost a run
+            check_outputs([args.out], args.overwrite)
+        except OSError as exc:
+            print(f"error: {exc}", file=err)
+            return EXIT_USAGE
     try:
         model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
                            review_threshold=args.threshold, warn=lambda m: print(m, file=err),
@@ -124,41 +145,31 @@ def main(argv=None) -> int:
           f"{len(model.views)} view(s) per image, "
           f"engine {model.engine}{', delegate ' + args.delegate if model.delegate else ''}; "
           f"warm-up {warm:.1f} ms", file=err)
-    # --out is written under a temporary name and renamed when done: a file of that name from before is
-    # replaced only by a complete result, never emptied by a bad model or an interruption.
-    final = Path(args.out) if args.out else None
-    part = final.with_name(f".{final.name}.part") if final else None
-    try:
-        out = open(part, "w", newline="") if part else sys.stdout
-    except OSError as exc:
-        print(f"error: {args.out}: cannot write ({exc.strerror})", file=err)
-        return EXIT_USAGE
+    # --out is written under a unique temporary name in its folder and renamed when done: a file of that name
+    # from before is replaced only by a complete result, and two runs never write into the same temporary file.
     missing: list[Path] = []
-    writer = Writer(out, args.format)
     n = bad = review = 0
     latencies = []
     t0 = time.perf_counter()
     try:
-        for row in model.classify_paths(iter_image_paths(args.paths, on_missing=missing.append)):
-            n += 1
-            if "error" in row:
-                bad += 1
-                print(f"skipped {row['path']}: {row['error']}", file=err)
-            else:
-                review += bool(row["review"])
-                latencies.append(row["infer_ms"])
-            writer.write(row)
-    except BaseException:
-        if part:
-            out.close()
-            part.unlink(missing_ok=True)
-        raise
-    if part:
-        out.close()
-        if n:
-            os.replace(part, final)
-        else:
-            part.unlink(missing_ok=True)
+        with atomic_open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
+            writer = Writer(out, args.format)
+            for row in model.classify_paths(iter_image_paths(args.paths, on_missing=missing.append)):
+                n += 1
+                if "error" in row:
+                    bad += 1
+                    print(f"skipped {row['path']}: {row['error']}", file=err)
+                else:
+                    review += bool(row["review"])
+                    latencies.append(row["infer_ms"])
+                writer.write(row)
+            if not n and args.out:
+                raise _NoImagesError
+    except _NoImagesError:
+        pass
+    except OSError as exc:
+        print(f"error: {args.out or 'stdout'}: cannot write ({exc.strerror or exc})", file=err)
+        return EXIT_USAGE
     for p in missing:
         print(f"skipped {p}: no such file or folder", file=err)
     wall = time.perf_counter() - t0

@@ -445,16 +445,10 @@ def require_all_classes(manifest: Manifest, taxonomy: Taxonomy) -> None:
 # ---------------------------------------------------------------------------------------------- files
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and os.replace, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from semhinet_tf.artifacts.files import atomic_open
+
+    with atomic_open(path, "w", newline="") as f:
+        f.write(text)
 
 
 def _csv(header: list[str], rows: list[list[Any]]) -> str:

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from semhinet_tf.artifacts.files import atomic_write, atomic_write_text
+
 GENERATOR_VERSION = "1.0.0"
 LEAVES: tuple[str, ...] = ("bogus", "normal", "bridge", "open", "cmp", "crack", "ler", "inc_etch")
 DEFECTS: tuple[str, ...] = LEAVES[2:]
@@ -1065,13 +1067,7 @@ def _encode(img: np.ndarray, variant: _Variant, path: Path) -> None:
         fmt = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff8": "TIFF"}[variant.fmt]
         # PNG with run-length zlib: as small as level 6 on noisy frames, at a third of the time
         kw = {"quality": variant.quality} if fmt == "JPEG" else ({"compress_type": zlib.Z_RLE} if fmt == "PNG" else {})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pil.save(tmp, format=fmt, **kw)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: pil.save(f, format=fmt, **kw), "wb", durable=False)
 
 
 def _make_one(leaf: str, k: int, seed: int, size: int, difficulty: float, mixed: bool,
@@ -1119,13 +1115,14 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
+        if not (out / "dataset.json").is_file():  # not ours: never write into (or clear) a user's folder
+            raise FileExistsError(f"{out}: folder is not empty and is not a data set written by synth; choose "
+                                  f"another folder")
         if not overwrite:
-            raise FileExistsError(f"{out}: folder is not empty (use overwrite=True / --overwrite to write into it)")
-        meta = out / "dataset.json"
-        if meta.is_file():  # a previous synth run: drop its class folders so no stale images remain
-            for leaf in LEAVES:
-                if (out / leaf).is_dir():
-                    shutil.rmtree(out / leaf)
+            raise FileExistsError(f"{out}: holds a synthetic data set (use overwrite=True / --overwrite to replace it)")
+        for leaf in LEAVES:  # a previous synth run: drop its class folders so no stale images remain
+            if (out / leaf).is_dir():
+                shutil.rmtree(out / leaf)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -1196,6 +1193,4 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -11,7 +11,6 @@ only to build it, so a bench without the backbone needs numpy and a TFLite inter
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -105,14 +104,19 @@ def _cached_backbone(model_path: Path, img_size: int, alpha: float, minimalistic
     """
     path = backbone_cache_path(model_path)
     want = _tag(img_size, alpha, minimalistic)
+    foreign = False  # a file of that name that is not our cache is never replaced
     if path.exists():
         try:
-            if read_contract(path, BENCH_TAG) == want:
+            tag = read_contract(path, BENCH_TAG)
+            if tag == want:
                 return path, "hit"
+            foreign = tag is None
         except ValueError:
-            pass  # a corrupt cache is rebuilt
+            foreign = True
     content = embed_contract(backbone_tflite(img_size, alpha, minimalistic), want, name=BENCH_TAG)
     try:
+        if foreign:
+            raise FileExistsError(path)
         _write_atomic(path, content)
         return path, "built"
     except OSError:
@@ -122,13 +126,9 @@ def _cached_backbone(model_path: Path, img_size: int, alpha: float, minimalistic
 
 
 def _write_atomic(path: Path, content: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from semhinet_tf.artifacts.files import atomic_write_bytes
+
+    atomic_write_bytes(path, content)
 
 
 # ---------------------------------------------------------------- timing

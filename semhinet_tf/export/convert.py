@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from semhinet_tf.artifacts.files import atomic_write_bytes, check_outputs, write_json
+from semhinet_tf.artifacts.run import INT8_FLOAT_HEADS_MODEL, INT8_MODEL
 from semhinet_tf.data.views import invariant_views
-from semhinet_tf.evaluate import write_json
 
 CONTRACT_FORMAT = "semhinet-contract/1"
 
@@ -25,6 +25,11 @@ def calibration_frames(frames: np.ndarray, leaf_ids: np.ndarray, n: int, seed: i
         picked += [int(ix[depth]) for ix in by_class if depth < len(ix)]
         depth += 1
     return frames[np.array(picked[:n], dtype=np.int64)]
+
+
+def conversion_outputs(out: Path) -> list[Path]:
+    """What `convert` writes for the model `out`: the .tflite, its contract JSON and its NPU-check JSON."""
+    return [out, out.with_suffix(".json"), out.with_suffix(".npu.json")]
 
 
 def build_contract(run_dir: Path, config: dict, taxonomy_spec: dict, img_size: int, io_type: str,
@@ -72,9 +77,8 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     model_file = run_dir / ("qat.h5" if source == "qat" else "float.keras")
     if not model_file.exists():
         raise FileNotFoundError(f"{model_file}: not found (train with --qat-epochs > 0, or convert --source float)")
-    out = Path(out) if out else run_dir / ("model_int8_float_heads.tflite" if float_heads else "model_int8.tflite")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists (use --overwrite)")
+    out = Path(out) if out else run_dir / (INT8_FLOAT_HEADS_MODEL if float_heads else INT8_MODEL)
+    check_outputs(conversion_outputs(out), overwrite)  # the model, its contract and its NPU report, before any work
     trained = config["train"].get("granularity", "per-channel")
     granularity = granularity or (trained if source == "qat" else "per-channel")
     if source == "qat" and granularity != trained:
@@ -100,13 +104,11 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     contract = build_contract(run_dir, config, taxonomy.to_spec(), img_size, io_type, float_heads, source,
                               granularity, review_threshold)
     tflite = embed_contract(tflite, contract)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(tflite)
-    os.replace(tmp, out)
-    contract_path = out.with_suffix(".json")
+    atomic_write_bytes(out, tflite)
+    _, contract_path, npu_path = conversion_outputs(out)
     write_json(contract, contract_path)
     report = check_npu(out, allow_float_tail=float_heads)
-    write_json(report.to_dict(), out.with_suffix(".npu.json"))
+    write_json(report.to_dict(), npu_path)
     return {"path": str(out), "bytes": len(tflite), "contract_path": str(contract_path),
             "npu_ok": report.ok, "npu_report": report.format(limit=40)}
 

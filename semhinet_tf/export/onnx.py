@@ -10,7 +10,6 @@ the ONNX metadata_props under the same key as in the .tflite.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -241,13 +240,9 @@ def _check(proto, source: Path) -> None:
 def _write_atomic(proto, out: Path) -> None:
     import onnx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from semhinet_tf.artifacts.files import atomic_save
+
+    atomic_save(out, lambda tmp: onnx.save(proto, str(tmp)))
 
 
 def _value_info(v) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from semhinet_tf.model import keras
@@ -10,20 +9,17 @@ from semhinet_tf.model import keras
 
 def save_model(model: keras.Model, path: str | Path, quantized: bool = False) -> Path:
     """Write to a temporary file first, then rename: an interrupted save never leaves a corrupt model."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if quantized:
-        import warnings
+    from semhinet_tf.artifacts.files import atomic_save
 
-        from semhinet_tf.model.quant import quant_scope
+    if not quantized:
+        return atomic_save(path, model.save)
+    import warnings
 
-        with quant_scope(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "HDF5 is legacy": chosen on purpose for QAT models
-            model.save(tmp)
-    else:
-        model.save(tmp)
-    os.replace(tmp, path)
-    return path
+    from semhinet_tf.model.quant import quant_scope
+
+    with quant_scope(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "HDF5 is legacy": chosen on purpose for QAT models
+        return atomic_save(path, model.save)
 
 
 def _is_quantized_file(path: Path) -> bool:

@@ -267,7 +267,7 @@ def save_backbone_weights(model: keras.Model, path: str | Path, keep: Callable[[
         if (keep is None or keep(layer.name)) and layer.get_weights():
             for i, w in enumerate(layer.get_weights()):
                 arrays[f"{layer.name}::{i}"] = w
-    tmp = Path(str(path) + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    from semhinet_tf.artifacts.files import atomic_save
+
+    atomic_save(path, lambda tmp: np.savez_compressed(tmp, **arrays))
     return len({k.rpartition('::')[0] for k in arrays})
