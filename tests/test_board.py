@@ -220,7 +220,8 @@ def test_missing_delegate_warns_and_falls_back_to_the_cpu(model_path, images, tm
     assert len(_rows(out)) == 6
     not_a_library = tmp_path / "libnot_a_delegate.so"
     not_a_library.write_text("not a shared library")
-    assert main([str(model_path), str(images), "--delegate", str(not_a_library), "--out", str(out)]) == 0
+    assert main([str(model_path), str(images), "--delegate", str(not_a_library), "--out", str(out),
+                 "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert f"warning: cannot load delegate {not_a_library}" in err and "Traceback" not in err
 
@@ -290,10 +291,11 @@ def test_views_auto_measures_here_and_picks_from_what_the_model_offers(model_pat
     fixed = tmp_path / "eight.jsonl"
     assert main([str(model_path), str(images), "--views", "8", "--out", str(fixed)]) == 0
     assert _untimed(_rows(out)) == _untimed(_rows(fixed))
-    assert main([str(model_path), str(images), "--views", "auto", "--budget-ms", "0.0001", "--out", str(out)]) == 0
+    assert main([str(model_path), str(images), "--views", "auto", "--budget-ms", "0.0001", "--out", str(out),
+                 "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert "warning: views: auto -> 1 of 1/2/4/8" in err and "1 view(s) per image" in err
-    assert main([str(model_path), str(images), "--views", "3", "--out", str(out)]) == 2
+    assert main([str(model_path), str(images), "--views", "3", "--out", str(out), "--overwrite"]) == 2
     assert "3 test-time views asked; this model offers 1, 2, 4, 8" in capsys.readouterr().err
 
 

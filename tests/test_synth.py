@@ -143,11 +143,17 @@ def test_refuses_non_empty_folder_unless_overwrite(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=re.escape(str(out))):
         synth.generate(out, per_class=1, size=32, workers=1, progress=False)
-    synth.generate(out, per_class=2, size=32, workers=1, progress=False, overwrite=True)
+    # a folder synth did not write is never written into, even with overwrite (its class folders could be real data)
+    with pytest.raises(FileExistsError, match="not a data set written by synth"):
+        synth.generate(out, per_class=1, size=32, workers=1, progress=False, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    ours = tmp_path / "synthetic"
+    synth.generate(ours, per_class=2, size=32, workers=1, progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        synth.generate(ours, per_class=1, size=32, workers=1, progress=False)
     # a second synth run with overwrite replaces the class folders: no stale images stay behind
-    synth.generate(out, per_class=1, size=32, workers=1, progress=False, overwrite=True)
-    assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in (out / "open").iterdir()) == ["open_00000.png"]
+    synth.generate(ours, per_class=1, size=32, workers=1, progress=False, overwrite=True)
+    assert sorted(p.name for p in (ours / "open").iterdir()) == ["open_00000.png"]
 
 
 def test_mixed_formats_cover_the_listed_variants(tmp_path):

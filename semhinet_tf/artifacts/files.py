@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -49,9 +50,13 @@ def atomic_open(path: str | Path, mode: str = "w", newline: str | None = None, d
     temporary file is removed and `path`, if it existed, is left as it was. `durable` flushes to disk before
     the rename (a power cut then leaves the old file or the new one); bulk writers of many files skip it."""
     path = Path(path)
+    kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
+    if _is_stream(path):  # /dev/null, a named pipe, a terminal: written as it is, never replaced
+        with open(path, mode, **kwargs) as f:
+            yield f
+        return
     fd, tmp = _temporary_beside(path)
     try:
-        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             if durable:
@@ -101,6 +106,15 @@ def atomic_save(path: str | Path, save: Callable[[Path], None]) -> Path:
     return path
 
 
+def _is_stream(path: Path) -> bool:
+    """An existing output that is not a regular file or folder (a device, a pipe): written, not replaced."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 class OutputError(FileExistsError):
     """An output a command would write is refused before any work starts; str() is one line."""
 
@@ -122,7 +136,7 @@ def check_outputs(paths: Iterable[str | Path | None], overwrite: bool = False, o
             raise OutputError(f"{p}: cannot be written ({parent} is not a folder)")
         if not os.access(parent, os.W_OK):
             raise OutputError(f"{p}: cannot be written (no write permission in {parent})")
-        if p.exists() or p.is_symlink():
+        if (p.exists() or p.is_symlink()) and not _is_stream(p):
             existing.append(p)
     if existing and not overwrite:
         more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""

@@ -104,19 +104,14 @@ def _cached_backbone(model_path: Path, img_size: int, alpha: float, minimalistic
     """
     path = backbone_cache_path(model_path)
     want = _tag(img_size, alpha, minimalistic)
-    foreign = False  # a file of that name that is not our cache is never replaced
-    if path.exists():
+    if path.exists():  # the name is the bench's own (README): a file there without the right tag is a stale cache
         try:
-            tag = read_contract(path, BENCH_TAG)
-            if tag == want:
+            if read_contract(path, BENCH_TAG) == want:
                 return path, "hit"
-            foreign = tag is None
         except ValueError:
-            foreign = True
+            pass  # a corrupt cache is rebuilt
     content = embed_contract(backbone_tflite(img_size, alpha, minimalistic), want, name=BENCH_TAG)
     try:
-        if foreign:
-            raise FileExistsError(path)
         _write_atomic(path, content)
         return path, "built"
     except OSError:

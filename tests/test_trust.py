@@ -1,0 +1,305 @@
+"""Nothing the user has is lost (issue 22, points 2-4 and 9): --overwrite and --resume only touch run
+directories, every output is checked before the work starts, writes are atomic under unique names, and
+Ctrl-C ends a command in one line with exit 130.
+
+Each test here failed on commit 933bc67; none of them trains a model (every refusal comes before any work).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from semhinet_tf.artifacts.files import OutputError, atomic_open, check_outputs
+from semhinet_tf.artifacts.run import MARKER, RunDirError, prepare_run_dir
+from semhinet_tf.cli import main
+
+PACKAGE = Path(__file__).resolve().parents[1] / "semhinet_tf"
+
+
+def _refused(*args: str) -> str:
+    """Run the CLI; assert it refused (exit 2) in one line without a traceback; return that line."""
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    """A user's data folder: 80 small images in class folders, plus a notes file."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for leaf in ("normal", "bogus", "bridge", "open", "cmp", "crack", "ler", "inc_etch"):
+        (root / leaf).mkdir(parents=True)
+        for k in range(10):
+            Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(root / leaf / f"{k}.png")
+    (root / "notes.txt").write_text("the engineer's notes\n")
+    return root
+
+
+# ---------------------------------------------------------------- point 2: --overwrite and --resume
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_train_overwrite_never_deletes_the_data_it_reads(data, where):
+    out = {"same": data, "inside": data / "normal", "parent": data.parent}[where]
+    before = _snapshot(data)
+    line = _refused("train", str(data), "--out", str(out), "--overwrite", "--epochs", "1")
+    assert "input" in line and str(out) in line
+    assert _snapshot(data) == before  # all 80 images and the notes are still there
+
+
+def test_overwrite_never_empties_a_folder_the_project_did_not_write(tmp_path, data):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("months of work")
+    line = _refused("train", str(data), "--out", str(mine), "--overwrite", "--epochs", "1")
+    assert "not a run directory" in line
+    line = _refused("quickstart", "--out", str(mine), "--overwrite")
+    assert "not a quickstart folder" in line
+    assert (mine / "chapter1.tex").read_text() == "months of work"
+
+
+def test_quickstart_overwrite_refuses_a_data_folder(data):
+    before = _snapshot(data)
+    _refused("quickstart", "--out", str(data), "--overwrite")
+    assert _snapshot(data) == before
+
+
+def test_overwrite_replaces_a_run_directory_it_recognises(tmp_path):
+    run = tmp_path / "run"
+    prepare_run_dir(run)
+    assert (run / MARKER).is_file()
+    (run / "history.csv").write_text("epoch\n1\n")
+    with pytest.raises(RunDirError, match="--overwrite"):
+        prepare_run_dir(run)
+    prepare_run_dir(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == [MARKER]
+    # a run made before the marker existed is recognised by its config and taxonomy
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"train": {}}))
+    (old / "taxonomy.json").write_text("{}")
+    (old / "float.keras").write_text("model")
+    prepare_run_dir(old, overwrite=True)
+    assert not (old / "float.keras").exists()
+
+
+def test_resume_only_continues_a_run_directory(tmp_path, data):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"jpeg bytes")
+    line = _refused("train", str(data), "--out", str(folder), "--resume", "--epochs", "1")
+    assert "not a run directory" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["holiday.jpg"]
+
+
+def _fake_run(run: Path, data: Path, **train) -> None:
+    from semhinet_tf.taxonomy import Taxonomy
+    from semhinet_tf.train import TrainConfig
+
+    prepare_run_dir(run)
+    cfg = TrainConfig(**train)
+    (run / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "data_dir": str(data.resolve())}))
+    (run / "taxonomy.json").write_text(json.dumps(Taxonomy.default().to_spec()))
+    (run / "train_state.json").write_text(json.dumps({"float": {"epoch": 1}}))
+
+
+def test_resume_with_changed_options_names_each_difference(tmp_path, data):
+    run = tmp_path / "run"
+    _fake_run(run, data, img_size=64, batch_size=16, lr=1e-3)
+    line = _refused("train", str(data), "--out", str(run), "--resume", "--img-size", "32", "--batch-size", "8",
+                    "--epochs", "3")
+    assert "img_size 64 -> 32" in line and "batch_size 16 -> 8" in line and "epochs" not in line.split("but:")[1]
+    other = tmp_path / "other_data"
+    other.mkdir()
+    line = _refused("train", str(other), "--out", str(run), "--resume")
+    assert "data " in line and str(other.resolve()) in line
+
+
+def test_resume_keeps_the_runs_options_and_takes_new_epoch_counts(tmp_path, data):
+    from semhinet_tf.train import TrainConfig, resumed_config
+
+    run = tmp_path / "run"
+    _fake_run(run, data, img_size=64, batch_size=16, lr=1e-3, epochs=5)
+    asked = TrainConfig(epochs=9, qat_epochs=2)  # only the epoch counts typed: everything else from the run
+    cfg = resumed_config(run, asked, data, given={"epochs", "qat_epochs"})
+    assert (cfg.img_size, cfg.batch_size, cfg.lr, cfg.epochs, cfg.qat_epochs) == (64, 16, 1e-3, 9, 2)
+    same = TrainConfig(img_size=64, batch_size=16, lr=1e-3, epochs=7)  # the whole original command again
+    assert resumed_config(run, same, data).epochs == 7
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, data):
+    result = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r"), "--resume", "--overwrite"])
+    assert result.exit_code == 2 and "give one of them" in result.output
+
+
+# ---------------------------------------------------------------- point 3: outputs checked before the work
+def _fake_convertible_run(run: Path) -> None:
+    from semhinet_tf.taxonomy import Taxonomy
+
+    prepare_run_dir(run)
+    (run / "config.json").write_text(json.dumps({"train": {"granularity": "per-channel", "seed": 0},
+                                                 "model": {"img_size": 32}, "preprocess": {}}))
+    (run / "taxonomy.json").write_text(json.dumps(Taxonomy.default().to_spec()))
+    (run / "qat.h5").write_bytes(b"never loaded: the outputs are refused first")
+
+
+def test_convert_refuses_to_clobber_the_contract_and_npu_report_beside_out(tmp_path):
+    run, deploy = tmp_path / "run", tmp_path / "deploy"
+    _fake_convertible_run(run)
+    deploy.mkdir()
+    (deploy / "model.json").write_text("the user's own model.json")
+    (deploy / "model.npu.json").write_text("the user's own notes")
+    line = _refused("convert", str(run), "--out", str(deploy / "model.tflite"))
+    assert "model.json" in line and "model.npu.json" in line and "--overwrite" in line
+    assert (deploy / "model.json").read_text() == "the user's own model.json"
+    assert not (deploy / "model.tflite").exists()
+
+
+def test_eval_refuses_to_clobber_a_report_or_json_before_loading_anything(tmp_path, data):
+    model = tmp_path / "never_loaded.keras"
+    model.write_text("the outputs are refused before the model is opened")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "README.md").write_text("my own report")
+    line = _refused("eval", str(model), "--data", str(data), "--report", str(report))
+    assert "README.md" in line
+    assert (report / "README.md").read_text() == "my own report"
+    (tmp_path / "metrics.json").write_text("{}")
+    assert "metrics.json" in _refused("eval", str(model), "--data", str(data), "--json", str(tmp_path / "metrics.json"))
+
+
+@pytest.mark.parametrize("command", ["npu-check", "bench"])
+def test_json_outputs_of_npu_check_and_bench_are_checked_first(tmp_path, command):
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"never read")
+    (tmp_path / "out.json").write_text("kept")
+    _refused(command, str(model), "--json", str(tmp_path / "out.json"))
+    assert (tmp_path / "out.json").read_text() == "kept"
+
+
+def test_synth_never_writes_into_a_folder_it_did_not_make(data):
+    before = _snapshot(data)
+    result = CliRunner().invoke(main, ["synth", str(data), "--overwrite", "--per-class", "1"])
+    assert result.exit_code != 0 and "not a data set written by synth" in result.output
+    assert _snapshot(data) == before
+
+
+def test_check_outputs_names_every_existing_file_at_once(tmp_path):
+    (tmp_path / "a").write_text("")
+    (tmp_path / "b").write_text("")
+    with pytest.raises(OutputError, match="a, .*b: exist"):
+        check_outputs([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    check_outputs([tmp_path / "a", tmp_path / "b"], overwrite=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="not a folder"):
+        check_outputs([tmp_path / "file" / "x.json"])
+
+
+# ---------------------------------------------------------------- point 4: atomic writes, unique names
+def test_concurrent_writers_of_one_file_never_mix_their_lines(tmp_path):
+    target = tmp_path / "verdicts.jsonl"
+    barrier = threading.Barrier(2)
+
+    def write(tag: str) -> None:
+        with atomic_open(target) as f:
+            barrier.wait()  # both temporary files are open at the same time
+            for i in range(2000):
+                f.write(json.dumps({"writer": tag, "i": i}) + "\n")
+
+    threads = [threading.Thread(target=write, args=(tag,)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(rows) == 2000 and len({r["writer"] for r in rows}) == 1  # one whole result, the other's replaced
+    assert [p.name for p in tmp_path.iterdir()] == ["verdicts.jsonl"]  # no temporary file left
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_open(target) as f:
+        f.write("half")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_no_module_writes_through_a_fixed_temporary_name():
+    """Every atomic write goes through semhinet_tf.artifacts.files (mkstemp: a unique name per writer)."""
+    fixed = re.compile(r"""with_name\(f?["'][^"']*\.(tmp|part)|\+ ["']\.tmp|\.tmp\.npz|os\.replace\(""")
+    offenders = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py") if p.name != "files.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if fixed.search(line)]
+    assert offenders == []
+
+
+def test_board_refuses_a_folder_or_an_existing_out_before_loading_the_model(tmp_path, capsys):
+    from semhinet_tf.board.__main__ import main as board_main
+
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"not even read")
+    assert board_main([str(model), str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "old.jsonl").write_text("yesterday\n")
+    assert board_main([str(model), str(tmp_path), "--out", str(tmp_path / "old.jsonl")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "old.jsonl").read_text() == "yesterday\n"
+
+
+# ---------------------------------------------------------------- point 9: Ctrl-C
+def test_ctrl_c_in_predict_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    import semhinet_tf.workflow as workflow
+
+    def interrupted(*args, **kwargs):
+        yield {"path": "a.png", "class": "normal"}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "predict_paths", interrupted)
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"")
+    result = CliRunner().invoke(main, ["predict", str(model), str(tmp_path)])
+    assert result.exit_code == 130, result.output
+    assert "Traceback" not in result.output
+    last = result.output.splitlines()[-1]
+    assert last.startswith("interrupted:") and "run again" in last
+
+
+class _InterruptedBoardModel:
+    """Stands in for BoardModel: classifies one image, then the user presses Ctrl-C."""
+
+    path, input_size, input_dtype, views, engine, delegate = Path("m.tflite"), 32, "uint8", ["identity"], "x", None
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def warm_up(self) -> float:
+        return 1.0
+
+    def classify_paths(self, paths):
+        yield {"path": "a.png", "verdict": "normal", "review": False, "infer_ms": 1.0}
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_on_the_board_is_one_line_exit_130_and_out_untouched(tmp_path, monkeypatch, capsys):
+    import semhinet_tf.board.__main__ as board
+
+    monkeypatch.setattr(board, "BoardModel", _InterruptedBoardModel)
+    out = tmp_path / "verdicts.jsonl"
+    assert board.main(["m.tflite", str(tmp_path), "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted") and "Traceback" not in "\n".join(err)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
