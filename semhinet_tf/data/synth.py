@@ -762,46 +762,23 @@ def _to_uint8(sig: np.ndarray) -> np.ndarray:
 
 
 # ====================================================================== bogus frames
-# Photographs shipped inside installed packages (read straight from the package folder: no network, and no
-# import of scikit-learn, which alone costs a second per worker).
-_PHOTOS = (("skimage", "data/camera.png"), ("skimage", "data/coins.png"), ("skimage", "data/moon.png"),
-           ("skimage", "data/astronaut.png"), ("skimage", "data/coffee.png"), ("skimage", "data/chelsea.png"),
-           ("skimage", "data/rocket.jpg"), ("skimage", "data/horse.png"), ("skimage", "data/clock_motion.png"),
-           ("skimage", "data/hubble_deep_field.jpg"), ("skimage", "data/ihc.png"), ("skimage", "data/cell.png"),
-           ("skimage", "data/retina.jpg"), ("skimage", "data/page.png"), ("skimage", "data/text.png"),
-           ("skimage", "data/brick.png"), ("skimage", "data/grass.png"), ("skimage", "data/gravel.png"),
-           ("skimage", "data/logo.png"), ("skimage", "data/color.png"), ("skimage", "data/microaneurysms.png"),
-           ("skimage", "data/motorcycle_left.png"), ("skimage", "data/phantom.png"),
-           ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"))
-
-
-@lru_cache(maxsize=64)
-def _package_dir(package: str) -> Path | None:
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
+# Photographs shipped with this package (semhinet_tf/data/photos, licences in LICENSES.md there): grey, at most
+# 640 px, the very pixels the generator used when it read them from scikit-image's and scikit-learn's sample data,
+# so the data sets are unchanged without those packages. The order is part of the generator (draws index it).
+_PHOTOS = ("camera", "coins", "moon", "astronaut", "coffee", "chelsea", "rocket", "horse", "clock_motion",
+           "hubble_deep_field", "ihc", "cell", "retina", "page", "text", "brick", "grass", "gravel", "logo", "color",
+           "microaneurysms", "motorcycle_left", "phantom", "china", "flower")
+_PHOTO_DIR = Path(__file__).resolve().parent / "photos"
 
 
 @lru_cache(maxsize=32)
-def _photo(package: str, rel: str) -> np.ndarray | None:
-    """A bundled photograph as float grey 0..1 (at most ~640 px), or None when the package lacks it."""
+def _photo(name: str) -> np.ndarray | None:
+    """A shipped photograph as float grey 0..1, or None when the file is missing (a trimmed install)."""
     from PIL import Image
 
-    root = _package_dir(package)
-    if root is None or not (root / rel).is_file():
-        return None
     try:
-        with Image.open(root / rel) as im:
-            im.draft("L", (640, 640))  # JPEG: decode at reduced scale, much faster
-            im = im.convert("L")
-            im.thumbnail((640, 640))
-            return np.asarray(im, np.float32) / 255.0
+        with Image.open(_PHOTO_DIR / f"{name}.png") as im:
+            return np.asarray(im.convert("L"), np.float32) / 255.0
     except OSError:
         return None
 
@@ -814,7 +791,7 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def _bogus_photo(rng: np.random.Generator, size: int, scene: Scene) -> np.ndarray:
-    img = _photo(*_PHOTOS[int(rng.integers(0, len(_PHOTOS)))])
+    img = _photo(_PHOTOS[int(rng.integers(0, len(_PHOTOS)))])
     if img is None:
         return _bogus_graphics(rng, size, scene)
     h, w = img.shape
