@@ -74,6 +74,10 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, KeyError):
         text = f"missing key {text}"
+    return _one_line_text(text)
+
+
+def _one_line_text(text: str) -> str:
     return " ".join(text.split())[:500]
 
 
@@ -129,10 +133,53 @@ overwrite_option = click.option(
     "--overwrite", is_flag=True, help="replace output files that exist (without it, a command refuses before any work)")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+# `semhinet --help` lists the commands in the order of the work, not alphabetically.
+WORKFLOW_ORDER = ("synth", "train", "eval", "convert", "compare", "predict", "export-onnx", "npu-check", "bench",
+                  "quickstart")
+
+
+class WorkflowGroup(click.Group):
+    """Commands in workflow order, and every error click itself finds (a bad option value, a missing argument)
+    in the same one-line style as ours: `error: ...`, exit 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in WORKFLOW_ORDER if n in names] + [n for n in names if n not in WORKFLOW_ORDER]
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            if isinstance(exc, (UserError, Interrupted)):
+                exc.show()
+            else:  # click's own: a usage error names the option; the command's --help says the rest
+                where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+                click.echo(f"error: {_one_line_text(exc.format_message())}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=WorkflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="semhinet")
-def main() -> None:
-    """SEM-HiNet-TF: train a hierarchical SEM defect classifier and deploy it as int8 TFLite."""
+@click.option("--verbose", is_flag=True,
+              help="show TensorFlow's own C++ log lines (kept off the terminal by default)")
+def main(verbose: bool) -> None:
+    """SEM-HiNet-TF: train a hierarchical SEM defect classifier and deploy it as int8 TFLite.
+
+    The usual order: synth (or your own folders) -> train -> eval -> convert -> compare -> predict."""
+    if verbose:
+        import os
+
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    else:
+        from semhinet_tf.console import quiet_native_logs
+
+        quiet_native_logs()
 
 
 # ---------------------------------------------------------------- synth

@@ -566,3 +566,22 @@ def test_convert_exits_non_zero_when_its_model_fails_the_npu_check(workspace, mo
               "contract_path": "m.json"}
     monkeypatch.setattr(convert_module, "convert_run", lambda *args, **kwargs: failed)
     assert "fails the NPU check" in _fails_in_one_line("convert", str(workspace["run"]), "--overwrite")
+
+
+def test_outputs_that_exist_are_refused_before_the_work_and_replaced_with_overwrite(workspace, tmp_path):
+    """Issue 22 (3): eval --report used to overwrite DIR/README.md, convert --out the user's model.json."""
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "README.md").write_text("my own notes")
+    tflite, data = str(workspace["tflite"]), str(workspace["data"])
+    result = CliRunner().invoke(main, ["eval", tflite, "--data", data, "--report", str(report)])
+    assert result.exit_code == 2 and "README.md" in result.output and "--overwrite" in result.output
+    assert (report / "README.md").read_text() == "my own notes"
+    run_cli("eval", tflite, "--data", data, "--report", str(report), "--overwrite")
+    assert "my own notes" not in (report / "README.md").read_text()
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    (deploy / "model.json").write_text("the user's file")
+    result = CliRunner().invoke(main, ["convert", str(workspace["run"]), "--out", str(deploy / "model.tflite")])
+    assert result.exit_code == 2 and "model.json" in result.output
+    assert (deploy / "model.json").read_text() == "the user's file" and not (deploy / "model.tflite").exists()
