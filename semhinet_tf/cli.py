@@ -7,7 +7,6 @@ Every failure a user can cause (missing folder, bad model file, empty class ...)
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from semhinet_tf.artifacts.files import check_outputs
 
 # Exit codes, as the board's: 1 the work failed (or some images could not be read); 2 refused before any work
 # (usage, an output that would be clobbered, a model that may not be loaded); 130 interrupted with Ctrl-C.
-EXIT_FAIL, EXIT_REFUSED, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAIL, EXIT_REFUSED, EXIT_REVIEW, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 class UserError(click.ClickException):
@@ -116,6 +115,28 @@ def _augment(base, spec: str | None):
     return dataclasses.replace(base, **changes)
 
 
+def _check_weights(weights: str) -> None:
+    """--weights PATH must exist before anything is written (the manifest and split come first otherwise)."""
+    if weights not in ("none", "sem", "imagenet") and not Path(weights).is_file():
+        raise click.BadParameter(f"{weights}: no such file (expected none, sem, imagenet or a weights file)",
+                                 param_hint="--weights")
+
+
+def _train_summary(result: dict) -> str:
+    """The few figures a person reads after training; the rest is in train_result.json."""
+    rows = [("float phase", f"{result.get('float_seconds', 0) / 60:.1f} min"),
+            ("float validation leaf accuracy", f"{result['float_val']['val_leaf_acc']:.3f}")]
+    if "qat_val" in result:
+        rows += [("QAT phase", f"{result.get('qat_seconds', 0) / 60:.1f} min"),
+                 ("QAT validation leaf accuracy", f"{result['qat_val']['val_leaf_acc']:.3f}")]
+    threshold = result.get("review_threshold", {}).get("threshold")
+    if threshold is not None:
+        rows.append(("review threshold (99% purity on validation)", f"{threshold:.3f}"))
+    rows.append(("total", f"{result.get('seconds', 0) / 60:.1f} min"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
 def _given_options(ctx: click.Context, names) -> set[str]:
     """The options the user typed (not defaults): what a --resume checks against the run being continued."""
     return {n for n in names if ctx.get_parameter_source(n) not in (click.core.ParameterSource.DEFAULT,
@@ -184,18 +205,25 @@ def main(verbose: bool) -> None:
 
 # ---------------------------------------------------------------- synth
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_arg", metavar="[OUT]", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder to write (the class folders and dataset.json); OUT as an argument is the same")
 @click.option("--per-class", default=150, show_default=True, type=click.IntRange(min=1), help="images per class")
-@click.option("--size", default=256, show_default=True, type=click.IntRange(min=32), help="frame size in pixels")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--img-size", "--size", "size", default=256, show_default=True, type=click.IntRange(min=32),
+              help="side of the square frames written, in pixels (the model's input size is train's --img-size)")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="fixes every frame: the same seed and options write the same files")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="processes (default: all cores)")
 @click.option("--mixed-formats", is_flag=True, help="write PNG/JPEG/BMP/TIFF 8+16-bit, RGB, info bars, nested folders")
 @click.option("--overwrite", is_flag=True, help="write into a non-empty folder")
 @friendly
-def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
-    """Write a synthetic SEM dataset (8 class folders) to OUT."""
+def synth(out_arg, out, per_class, size, seed, workers, mixed_formats, overwrite):
+    """Write a synthetic SEM dataset (8 class folders) to --out."""
     from semhinet_tf.data.synth import generate
 
+    if (out_arg is None) == (out is None):
+        raise click.UsageError("give the folder to write once: --out OUT (or OUT)")
+    out = out or out_arg
     stats = generate(out, per_class=per_class, size=size, seed=seed, workers=workers,
                      mixed_formats=mixed_formats, overwrite=overwrite)
     click.echo(f"wrote {stats.get('total', per_class * 8)} images to {out} "
@@ -207,13 +235,15 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="run directory to create")
-@click.option("--img-size", default=160, show_default=True, type=click.IntRange(min=32))
+@click.option("--img-size", default=160, show_default=True, type=click.IntRange(min=32),
+              help="the model's input size: frames are decoded and resized to this square")
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1), help="float epochs")
 @click.option("--qat-epochs", default=6, show_default=True, type=click.IntRange(min=0),
               help="quantization-aware epochs (0: none)")
 @click.option("--qat-lr", default=1e-4, show_default=True, type=click.FloatRange(0.0, min_open=True),
               help="QAT peak learning rate")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="images per training step")
 @click.option("--steps-per-epoch", default=None, type=click.IntRange(min=1),
               help="default: one pass over the training split")
 @click.option("--lr", default=None, type=click.FloatRange(0.0, min_open=True),
@@ -221,7 +251,8 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="fixes split, sampling and initialisation")
 @click.option("--val-split", default=0.2, show_default=True,
-              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True))
+              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="share of each class held out for validation (stratified, duplicates kept together; saved)")
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(min=1),
               help="stop a phase after this many epochs without a better validation score (a run from scratch "
                    "can sit at chance for longer than 10 epochs: raise it there)")
@@ -230,8 +261,10 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
                    "at most this (it ramps up as (1+t)/(10+t) over the first steps); e.g. 0.99; 0: off")
 @click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")
 @click.option("--loss-weights", default=None, help="e.g. h1=1,h2=1,h3=2,h4=2,h5=2")
-@click.option("--label-smoothing", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
-@click.option("--sampler", type=click.Choice(["balanced", "natural"]), default="balanced", show_default=True)
+@click.option("--label-smoothing", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="share of each head's target spread over its other classes")
+@click.option("--sampler", type=click.Choice(["balanced", "natural"]), default="balanced", show_default=True,
+              help="balanced: every class drawn equally often; natural: as often as it occurs in the data")
 @click.option("--no-augment", is_flag=True, help="switch all augmentations off")
 @click.option("--augment", "augment_spec", default=None,
               help="override augmentations, e.g. flip=1,rot90=1,shift=0.05,zoom=0.1,brightness=0.1,"
@@ -259,7 +292,8 @@ def synth(out, per_class, size, seed, workers, mixed_formats, overwrite):
 @click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]), default="auto",
               show_default=True, help="tf.distribute strategy")
 @click.option("--resume", is_flag=True, help="continue an interrupted run in --out")
-@click.option("--overwrite", is_flag=True, help="replace an existing run directory")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing run directory (only one this project made; never an input's folder)")
 @friendly
 def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, augment_spec, loss_weights, **opts):
     """Train the five-head model on DATA (class folders), then fine-tune it with QAT."""
@@ -276,13 +310,14 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
     cfg = TrainConfig(**opts, loss_weights=_loss_weights(loss_weights),
                       augment=_augment(Augment.off() if no_augment else Augment(), augment_spec).to_dict())
     taxonomy.loss_weights(cfg.loss_weights)  # validates head names early
+    _check_weights(opts["weights"])
     given = _given_options(click.get_current_context(), opts)
     given |= {"augment"} if no_augment or augment_spec else set()
     given |= {"loss_weights"} if loss_weights else set()
     result = run_train(data, run_dir, cfg, taxonomy if taxonomy_file or not resume else None, overwrite=overwrite,
                        resume=resume, strict=strict, given=given, inputs=[taxonomy_file] if taxonomy_file else [])
-    click.echo(json.dumps(result, indent=2))
-    click.echo(f"run directory: {run_dir}")
+    click.echo(_train_summary(result))
+    click.echo(f"run directory: {run_dir} (all figures: {Path(run_dir) / 'train_result.json'})")
 
 
 # ---------------------------------------------------------------- convert
@@ -290,7 +325,8 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="default: RUN/model_int8.tflite")
-@click.option("--io", "io_type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--io", "io_type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="the model's input type: uint8 takes the image's pixels as they are")
 @click.option("--calib-samples", default=200, show_default=True, type=click.IntRange(min=1),
               help="class-balanced calibration frames")
 @click.option("--source", type=click.Choice(["qat", "float"]), default="qat", show_default=True,
@@ -302,7 +338,7 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
 @click.option("--float-heads", is_flag=True,
               help="int8 backbone for the NPU, heads in float on the CPU (default out: "
                    "RUN/model_int8_float_heads.tflite)")
-@click.option("--overwrite", is_flag=True)
+@overwrite_option
 @friendly
 def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, float_heads, overwrite):
     """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check)."""
@@ -344,7 +380,7 @@ def npu_check(model, allow_float_tail, json_out, overwrite):
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="F.onnx")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 18),
               help="ONNX opset: 13 (per-channel QuantizeLinear) to 18 (the newest tf2onnx writes)")
-@click.option("--overwrite", is_flag=True)
+@overwrite_option
 @click.option("--plain-qdq", is_flag=True,
               help="from a .tflite: keep tf2onnx's QDQ graph as written, without the uint8 activations and the "
                    "tables taken from TFLite (for ONNX toolchains that fuse QDQ patterns; onnxruntime then "
@@ -374,7 +410,8 @@ def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--threads", default="1,2", show_default=True, help="thread counts to time, e.g. 1,2,4")
-@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1),
+              help="timed inferences per thread count (after the warm-up)")
 @click.option("--no-backbone", is_flag=True, help="skip the bare-backbone reference")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the figures as JSON to this file")
@@ -403,13 +440,16 @@ def bench(model, threads, runs, no_backbone, json_out, overwrite):
 # ---------------------------------------------------------------- eval
 @main.command("eval")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="class folders to score on (the run's saved validation split of them by default)")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default=None,
               help="default: val when the run's split is found, else all")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the metrics as JSON to this file (the same keys for every model format)")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="write a human report (HTML + Markdown + PNGs) here")
-@click.option("--target-purity", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--target-purity", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="share of automatic verdicts that must be right: the report's operating point")
 @views_option
 @overwrite_option
 @friendly
@@ -427,12 +467,14 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, ove
 # ---------------------------------------------------------------- compare
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="class folders to score on (the run's saved validation split of them by default)")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default=None,
               help="default: val when the run's split is found, else all")
 @click.option("--max-drop", type=float, default=None,
               help="exit non-zero when int8 leaf accuracy is more than this many points below float")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the comparison as JSON to this file")
 @views_option
 @overwrite_option
 @friendly
@@ -461,41 +503,70 @@ def compare(run_dir, data, split, max_drop, json_out, views, overwrite):
 @main.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
-              help="review threshold (default: the model's)")
-@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--review-threshold", "--threshold", "threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="leaf probability under which a verdict is flagged for review (default: the model's)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for inference")
 @views_option
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+              help="one JSON line or one CSV row per image (the board's columns)")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the verdicts to this file (it appears when all are written) instead of stdout")
+@overwrite_option
+@click.option("--fail-on-review", is_flag=True, help="exit 3 when any image is flagged for review")
 @friendly
-def predict(model, paths, threshold, threads, views):
-    """Classify images or folders; one JSON line per image."""
+def predict(model, paths, threshold, threads, views, fmt, out, overwrite, fail_on_review):
+    """Classify images or folders: one verdict per image, as the board gives it.
+
+    Exit codes: 0 all classified; 1 some files could not be read (listed); 2 refused (bad model, options or
+    --out); 3 some verdicts flagged for review and --fail-on-review given; 130 interrupted."""
+    import contextlib
+
+    from semhinet_tf.artifacts.files import atomic_open
+    from semhinet_tf.board.output import Writer
     from semhinet_tf.workflow import predict_paths
 
-    n_bad = n_rows = 0
-    for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views)):
-        n_bad += "error" in row
-        n_rows += 1
-        click.echo(json.dumps(row))
-    if not n_rows:
-        raise UserError("no images found in " + ", ".join(map(str, paths)))
+    check_outputs([out], overwrite)
+    n_bad = n_rows = n_review = 0
+    with atomic_open(out, "w", newline="") if out else contextlib.nullcontext(sys.stdout) as stream:
+        writer = Writer(stream, fmt)
+        for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views)):
+            n_bad += "error" in row
+            n_review += bool(row.get("review"))
+            n_rows += 1
+            writer.write(row)
+        if not n_rows:
+            raise UserError("no images found in " + ", ".join(map(str, paths)))
+    if out:
+        click.echo(f"{n_rows} verdicts written to {out}: {n_rows - n_bad} classified, {n_review} for review, "
+                   f"{n_bad} unreadable", err=True)
     if n_bad:
-        click.echo(f"{n_bad} file(s) could not be read (see the 'error' lines)", err=True)
+        click.echo(f"{n_bad} file(s) could not be read (see the 'error' {'lines' if fmt == 'jsonl' else 'column'})",
+                   err=True)
         sys.exit(EXIT_FAIL)
+    if fail_on_review and n_review:
+        sys.exit(EXIT_REVIEW)
 
 
 # ---------------------------------------------------------------- quickstart
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("semhinet_quickstart"),
-              show_default=True)
-@click.option("--per-class", default=150, show_default=True, type=click.IntRange(min=10))
-@click.option("--img-size", default=128, show_default=True, type=click.IntRange(min=32))
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
-@click.option("--qat-epochs", default=4, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+              show_default=True, help="folder for the data, the run and the reports")
+@click.option("--per-class", default=150, show_default=True, type=click.IntRange(min=10),
+              help="synthetic images per class")
+@click.option("--img-size", default=128, show_default=True, type=click.IntRange(min=32),
+              help="the model's input size (smaller than train's default, to be quick)")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1), help="float epochs")
+@click.option("--qat-epochs", default=4, show_default=True, type=click.IntRange(min=0),
+              help="quantization-aware epochs")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="fixes the data, split, sampling and initialisation")
 @click.option("--weights", default="sem", show_default=True, help="none | sem | imagenet | PATH")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True,
+              help="replace a previous quickstart folder (only one the quickstart made)")
 @friendly
 def quickstart(out, per_class, img_size, epochs, qat_epochs, seed, weights, overwrite):
     """Synthetic data -> train -> QAT -> int8 TFLite -> eval of float and int8 on the held-out split."""
+    _check_weights(weights)
     from semhinet_tf.workflow import quickstart as run_quickstart
 
     res = run_quickstart(out, per_class=per_class, img_size=img_size, epochs=epochs, qat_epochs=qat_epochs,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.artifacts.files import atomic_open, check_outputs
+from semhinet_tf.board.output import CSV_FIELDS, Writer  # noqa: F401 - CSV_FIELDS: the board's columns
 from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel, iter_image_paths
 
 DEFAULT_BUDGET_MS = 50.0  # the product's ceiling per image
 EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-CSV_FIELDS = ["path", "verdict", "family", "class", "probability", "review", "error", "infer_ms"]
 
 
 def _positive_int(text: str) -> int:
@@ -59,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop with an error when --delegate cannot be loaded (default: warn and run on the CPU, "
                         "several times slower)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the interpreter")
-    p.add_argument("--threshold", type=_probability, default=None,
+    p.add_argument("--review-threshold", "--threshold", dest="threshold", type=_probability, default=None,
                    help="review threshold on the leaf probability (default: the one stored in the model)")
     p.add_argument("--views", type=_views, default=1,
                    help="score each image as 1, 2, 4 or 8 flips/rotations of itself and average them (one "
@@ -80,21 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class _NoImagesError(Exception):
     """No image was found: leave --out as it was rather than write an empty result."""
-
-
-class Writer:
-    def __init__(self, stream, fmt: str):
-        self.stream, self.fmt = stream, fmt
-        if fmt == "csv":
-            self.csv = csv.DictWriter(stream, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            self.csv.writeheader()
-
-    def write(self, row: dict) -> None:
-        if self.fmt == "csv":
-            self.csv.writerow(row)
-        else:
-            self.stream.write(json.dumps(row) + "\n")
-        self.stream.flush()
 
 
 def _choose_views(model: BoardModel, budget_ms: float, err) -> None:
