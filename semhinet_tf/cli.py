@@ -14,8 +14,10 @@ from pathlib import Path
 import click
 
 from semhinet_tf import __version__
+from semhinet_tf.artifacts.contract import ModelRefusedError
 
 EXIT_FAIL = 1
+EXIT_BAD_MODEL = 2  # a model file refused (damaged, modified, malformed or missing contract), as on the board
 
 
 class UserError(click.ClickException):
@@ -23,6 +25,10 @@ class UserError(click.ClickException):
 
     def show(self, file=None):
         click.echo(f"error: {self.message}", err=True)
+
+
+class BadModelError(UserError):
+    exit_code = EXIT_BAD_MODEL
 
 
 def friendly(fn):
@@ -34,6 +40,8 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
+        except ModelRefusedError as exc:
+            raise BadModelError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc
         except KeyboardInterrupt:
@@ -89,6 +97,10 @@ views_option = click.option(
     "--views", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
     help="test-time views: score each image as this many flips/rotations of itself and average "
          "(one inference each; only those the training augmentation covered)")
+# A .tflite without a contract is refused unless asked for (shared by eval, compare, predict and bench).
+no_contract_option = click.option(
+    "--allow-no-contract", is_flag=True,
+    help="run a .tflite that carries no contract, on default settings (printed on stderr)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -283,8 +295,9 @@ def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
 @click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-backbone", is_flag=True, help="skip the bare-backbone reference")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@no_contract_option
 @friendly
-def bench(model, threads, runs, no_backbone, json_out):
+def bench(model, threads, runs, no_backbone, json_out, allow_no_contract):
     """Latency (warm-up, p50/p90/p99), throughput, size and MACs of MODEL.tflite vs its bare backbone."""
     from semhinet_tf.evaluate import write_json
     from semhinet_tf.export.bench import bench as run_bench
@@ -297,7 +310,8 @@ def bench(model, threads, runs, no_backbone, json_out):
                                  param_hint="--threads") from None
     if min(counts) < 1:
         raise click.BadParameter("thread counts must be 1 or more", param_hint="--threads")
-    result = run_bench(model, threads=counts, runs=runs, backbone=not no_backbone)
+    result = run_bench(model, threads=counts, runs=runs, backbone=not no_backbone,
+                       allow_no_contract=allow_no_contract)
     click.echo(format_bench(result))
     if json_out:
         write_json(result, json_out)
@@ -314,13 +328,14 @@ def bench(model, threads, runs, no_backbone, json_out):
               help="write a human report (HTML + Markdown + PNGs) here")
 @click.option("--target-purity", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
 @views_option
+@no_contract_option
 @friendly
-def eval_cmd(model, data, split, json_out, report_dir, target_purity, views):
+def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, allow_no_contract):
     """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA."""
     from semhinet_tf.workflow import eval_model
 
     res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
-                     target_purity=target_purity, views=int(views))
+                     target_purity=target_purity, views=int(views), allow_no_contract=allow_no_contract)
     click.echo(res["table"])
     for line in res["notes"]:
         click.echo(line)
@@ -336,12 +351,14 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity, views):
               help="exit non-zero when int8 leaf accuracy is more than this many points below float")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @views_option
+@no_contract_option
 @friendly
-def compare(run_dir, data, split, max_drop, json_out, views):
+def compare(run_dir, data, split, max_drop, json_out, views, allow_no_contract):
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX): per-head deltas, agreement, flipped images."""
     from semhinet_tf.workflow import compare_run
 
-    res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out, views=int(views))
+    res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out, views=int(views),
+                      allow_no_contract=allow_no_contract)
     click.echo(res["table"])
     for row in res["compare"]["models"]:
         for flip in row["flips"][:10]:
@@ -365,13 +382,15 @@ def compare(run_dir, data, split, max_drop, json_out, views):
               help="review threshold (default: the model's)")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @views_option
+@no_contract_option
 @friendly
-def predict(model, paths, threshold, threads, views):
+def predict(model, paths, threshold, threads, views, allow_no_contract):
     """Classify images or folders; one JSON line per image."""
     from semhinet_tf.workflow import predict_paths
 
     n_bad = n_rows = 0
-    for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views)):
+    for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views),
+                             allow_no_contract=allow_no_contract):
         n_bad += "error" in row
         n_rows += 1
         click.echo(json.dumps(row))

@@ -22,6 +22,7 @@ from semhinet_tf.taxonomy import Taxonomy  # noqa: E402
 SIZE = 32
 HEADS = ["h1", "h2", "h3", "h4", "h5"]
 PREPROCESS = {"size": SIZE, "databar": "auto", "fit": "crop", "bit_depth_rule": "minmax", "max_pixels": 100000000}
+QUANTIZATION = {"source": "float", "granularity": "per-channel", "io": "uint8", "float_heads": False}
 
 
 def _frames(n: int, seed: int) -> np.ndarray:
@@ -46,9 +47,9 @@ def run(tmp_path_factory):
     of CPU here against ~15 s, and tf2onnx sees the same int8 ops either way (the QAT .tflite of a real
     run is measured in the report). QAT ranges come from one training-mode pass (what a fit step sets).
     """
-    from semhinet_tf.export.convert import build_contract
+    from semhinet_tf.artifacts.contract import embed_sealed
+    from semhinet_tf.export.convert import run_contract
     from semhinet_tf.export.tflite import convert_int8
-    from semhinet_tf.export.tflite_meta import embed_contract
     from semhinet_tf.model import keras
     from semhinet_tf.model.heads import ModelConfig, build_model
     from semhinet_tf.model.io import save_model
@@ -69,8 +70,9 @@ def run(tmp_path_factory):
         model.get_layer(h.name).set_weights([kernel * 4, rng.normal(0, 1.5, bias.shape)])
     save_model(model, d / "float.keras")
     tflite = convert_int8(model, SIZE, tax.head_names, lambda: iter(_frames(8, 3)))
-    contract = build_contract(d, config, tax.to_spec(), SIZE, "uint8", False, "float", "per-channel", 0.5)
-    (d / "model_int8.tflite").write_bytes(embed_contract(tflite, contract))
+    contract = run_contract(d, config, tax.to_spec(), img_size=SIZE, io_type="uint8", review_threshold=0.5,
+                            quantization=QUANTIZATION)
+    (d / "model_int8.tflite").write_bytes(embed_sealed(tflite, contract))
     qat = quantize_model(model)
     qat(_frames(16, 1)[..., None].astype(np.float32), training=True)  # moving-average ranges from real frames
     save_model(qat, d / "qat.h5", quantized=True)
