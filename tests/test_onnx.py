@@ -115,7 +115,9 @@ def test_names_types_and_contract(run, exported):
 
     qat = OnnxModel(exported["qat"]["path"])
     assert qat.dynamic_batch and qat.input_dtype == np.float32
-    assert qat.contract["preprocess"] == PREPROCESS and qat.contract["outputs"] == HEADS
+    # max_pixels is a host option, not the model's: dropped from contracts
+    assert qat.contract["preprocess"] == {k: v for k, v in PREPROCESS.items() if k != "max_pixels"}
+    assert qat.contract["outputs"] == HEADS
     assert qat.contract["quantization"]["source"] == "qat" and qat.contract["input"]["dtype"] == "float32"
     assert OnnxModel(exported["float"]["path"]).contract["quantization"] is None
     ops = {n.op_type for n in __import__("onnx").load(exported["qat"]["path"]).graph.node}
@@ -187,6 +189,24 @@ def test_predict_frames_edges(exported, tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.onnx: not a loadable ONNX model"):
         OnnxModel(bad)
+
+
+def test_a_changed_weight_is_refused_by_the_graph_digest(exported, tmp_path):
+    import onnx
+
+    from semhinet_tf.artifacts.contract import ModelRefusedError
+
+    for key in ("tflite", "float"):
+        proto = onnx.load(exported[key]["path"])
+        weights = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        raw = bytearray(weights.raw_data)
+        raw[len(raw) // 2] ^= 0x01
+        weights.raw_data = bytes(raw)
+        damaged = tmp_path / f"{key}_damaged.onnx"
+        onnx.save(proto, damaged)
+        with pytest.raises(ModelRefusedError, match=f"{key}_damaged.onnx: damaged or modified"):
+            OnnxModel(damaged)
+        OnnxModel(exported[key]["path"])  # the untouched export loads
 
 
 def test_predictor_front(exported):
