@@ -21,7 +21,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported lazily at run time: the CLI imports this module for ModelRefusedError alone
+    from semhinet_tf.data.decode import Preprocess
+    from semhinet_tf.taxonomy import Taxonomy
 
 CONTRACT_FORMAT = "semhinet-contract/1"
 _FORMAT_PREFIX = "semhinet-contract/"
@@ -90,7 +94,7 @@ def _check_format(where: str, value: Any) -> None:
                                              f"'{CONTRACT_FORMAT}' (update semhinet to run this model)")
 
 
-def _check_taxonomy(where: str, value: Any):
+def _check_taxonomy(where: str, value: Any) -> Taxonomy:
     from semhinet_tf.taxonomy import Taxonomy
 
     if not isinstance(value, Mapping):
@@ -216,13 +220,13 @@ class Contract:
     present: bool = True
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def taxonomy(self):
+    def taxonomy(self) -> Taxonomy:
         """The model's Taxonomy (the default one when the contract names none)."""
         from semhinet_tf.taxonomy import Taxonomy
 
         return Taxonomy.from_spec(self.taxonomy_spec) if self.taxonomy_spec is not None else Taxonomy.default()
 
-    def preprocessing(self, size: int):
+    def preprocessing(self, size: int) -> Preprocess:
         """The Preprocess for frames of `size` px (the model file's input decides the size, never the contract)."""
         from semhinet_tf.data.decode import Preprocess
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from semhinet_tf.artifacts.contract import (
     DEFAULT_REVIEW_THRESHOLD,
+    Contract,
     ModelRefusedError,
     default_contract,
     load_tflite_contract,
@@ -115,7 +116,7 @@ def views_for_budget(offered: list[int], infer_ms: float, budget_ms: float,
     return max(fitting, default=1)
 
 
-def contract_review_threshold(contract, views: int = 1) -> float:
+def contract_review_threshold(contract: Contract | Mapping, views: int = 1) -> float:
     """The review threshold a model's contract (Contract or dict) holds for this many test-time views (else its
     one-view one)."""
     return threshold_for_views(contract, views)
