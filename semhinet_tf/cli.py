@@ -13,10 +13,12 @@ from pathlib import Path
 import click
 
 from semhinet_tf import __version__
+from semhinet_tf.artifacts.contract import ModelRefusedError
 from semhinet_tf.artifacts.files import check_outputs
 
 # Exit codes, as the board's: 1 the work failed (or some images could not be read); 2 refused before any work
-# (usage, an output that would be clobbered, a model that may not be loaded); 130 interrupted with Ctrl-C.
+# (usage, an output that would be clobbered, a model that may not be loaded: damaged, modified, malformed or
+# missing contract, code in it); 3 verdicts flagged for review with --fail-on-review; 130 interrupted (Ctrl-C).
 EXIT_FAIL, EXIT_REFUSED, EXIT_REVIEW, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
@@ -58,7 +60,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (OutputError, RunDirError) as exc:
+        except (OutputError, RunDirError, ModelRefusedError) as exc:
             raise RefusedError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc
@@ -148,6 +150,10 @@ views_option = click.option(
     "--views", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
     help="test-time views: score each image as this many flips/rotations of itself and average "
          "(one inference each; only those the training augmentation covered)")
+# A .tflite without a contract is refused unless asked for (shared by eval, compare, predict and bench).
+no_contract_option = click.option(
+    "--allow-no-contract", is_flag=True,
+    help="run a .tflite that carries no contract, on default settings (printed on stderr)")
 
 
 overwrite_option = click.option(
@@ -415,9 +421,10 @@ def export_onnx_cmd(model, out, opset, overwrite, plain_qdq):
 @click.option("--no-backbone", is_flag=True, help="skip the bare-backbone reference")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the figures as JSON to this file")
+@no_contract_option
 @overwrite_option
 @friendly
-def bench(model, threads, runs, no_backbone, json_out, overwrite):
+def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwrite):
     """Latency (warm-up, p50/p90/p99), throughput, size and MACs of MODEL.tflite vs its bare backbone."""
     from semhinet_tf.evaluate import write_json
     from semhinet_tf.export.bench import bench as run_bench
@@ -431,7 +438,8 @@ def bench(model, threads, runs, no_backbone, json_out, overwrite):
     if min(counts) < 1:
         raise click.BadParameter("thread counts must be 1 or more", param_hint="--threads")
     check_outputs([json_out], overwrite)
-    result = run_bench(model, threads=counts, runs=runs, backbone=not no_backbone)
+    result = run_bench(model, threads=counts, runs=runs, backbone=not no_backbone,
+                       allow_no_contract=allow_no_contract)
     click.echo(format_bench(result))
     if json_out:
         write_json(result, json_out)
@@ -451,14 +459,16 @@ def bench(model, threads, runs, no_backbone, json_out, overwrite):
 @click.option("--target-purity", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="share of automatic verdicts that must be right: the report's operating point")
 @views_option
+@no_contract_option
 @overwrite_option
 @friendly
-def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, overwrite):
+def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, allow_no_contract, overwrite):
     """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA."""
     from semhinet_tf.workflow import eval_model
 
     res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
-                     target_purity=target_purity, views=int(views), overwrite=overwrite)
+                     target_purity=target_purity, views=int(views), allow_no_contract=allow_no_contract,
+                     overwrite=overwrite)
     click.echo(res["table"])
     for line in res["notes"]:
         click.echo(line)
@@ -476,14 +486,15 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, ove
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the comparison as JSON to this file")
 @views_option
+@no_contract_option
 @overwrite_option
 @friendly
-def compare(run_dir, data, split, max_drop, json_out, views, overwrite):
+def compare(run_dir, data, split, max_drop, json_out, views, allow_no_contract, overwrite):
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX): per-head deltas, agreement, flipped images."""
     from semhinet_tf.workflow import compare_run
 
     res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out, views=int(views),
-                      overwrite=overwrite)
+                      allow_no_contract=allow_no_contract, overwrite=overwrite)
     click.echo(res["table"])
     for row in res["compare"]["models"]:
         for flip in row["flips"][:10]:
@@ -512,9 +523,10 @@ def compare(run_dir, data, split, max_drop, json_out, views, overwrite):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the verdicts to this file (it appears when all are written) instead of stdout")
 @overwrite_option
+@no_contract_option
 @click.option("--fail-on-review", is_flag=True, help="exit 3 when any image is flagged for review")
 @friendly
-def predict(model, paths, threshold, threads, views, fmt, out, overwrite, fail_on_review):
+def predict(model, paths, threshold, threads, views, fmt, out, overwrite, allow_no_contract, fail_on_review):
     """Classify images or folders: one verdict per image, as the board gives it.
 
     Exit codes: 0 all classified; 1 some files could not be read (listed); 2 refused (bad model, options or
@@ -529,7 +541,8 @@ def predict(model, paths, threshold, threads, views, fmt, out, overwrite, fail_o
     n_bad = n_rows = n_review = 0
     with atomic_open(out, "w", newline="") if out else contextlib.nullcontext(sys.stdout) as stream:
         writer = Writer(stream, fmt)
-        for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views)):
+        for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views),
+                                 allow_no_contract=allow_no_contract):
             n_bad += "error" in row
             n_review += bool(row.get("review"))
             n_rows += 1

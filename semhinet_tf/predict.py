@@ -45,10 +45,12 @@ def model_format(path: str | Path) -> str:
 class Predictor:
     """Uniform front for the three formats: .input_size, .predict(frames) -> dict of head probabilities."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, allow_no_contract: bool = False):
+        """`allow_no_contract`: run a .tflite without a contract on the defaults (said on stderr)."""
         self.path = Path(path)
         self.format = model_format(path)
         self.contract: dict | None = None
+        self.spec = None  # the validated Contract of a .tflite / .onnx (artifacts.contract)
         if self.format == "keras":
             from semhinet_tf.model.io import load_model
 
@@ -62,15 +64,17 @@ class Predictor:
         elif self.format == "tflite":
             from semhinet_tf.board.runtime import BoardModel
 
-            self._model = BoardModel(path, threads=threads)
+            self._model = BoardModel(path, threads=threads, allow_no_contract=allow_no_contract)
             self.input_size = self._model.input_size
-            self.contract = self._model.contract
+            self.spec = self._model.spec
+            self.contract = self._model.contract if self.spec.present else None
             self.output_names = list(self._model.output_details)
         else:
             from semhinet_tf.export.onnx import OnnxModel
 
             self._model = OnnxModel(path, threads=threads)
             self.input_size = self._model.input_size
+            self.spec = self._model.spec
             self.contract = self._model.contract
             self.output_names = list(self._model.output_names)
 

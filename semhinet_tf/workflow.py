@@ -27,10 +27,9 @@ def model_context(predictor) -> tuple[Taxonomy, dict, Path | None]:
     from semhinet_tf.data.decode import Preprocess
 
     run_dir = find_run_dir(predictor.path)
-    if predictor.contract:
-        tax = Taxonomy.from_spec(predictor.contract["taxonomy"]) if "taxonomy" in predictor.contract \
-            else Taxonomy.default()
-        pre = dict(predictor.contract.get("preprocess", {}))
+    spec = getattr(predictor, "spec", None)
+    if spec is not None and spec.present:  # validated at load (artifacts.contract)
+        tax, pre = spec.taxonomy(), dict(spec.preprocess)
     elif run_dir is not None:
         tax = Taxonomy.from_spec(json.loads((run_dir / "taxonomy.json").read_text()))
         pre = json.loads((run_dir / "config.json").read_text())["preprocess"]
@@ -45,8 +44,9 @@ def available_views(predictor, run_dir: Path | None) -> list[str]:
     """The test-time views the model was trained to ignore: its contract's, else its run's augmentation
     config's; identity alone for a bare model file whose training is unknown."""
 
-    if predictor.contract and "views" in predictor.contract:
-        return list(predictor.contract["views"])
+    spec = getattr(predictor, "spec", None)
+    if spec is not None and spec.views is not None:
+        return list(spec.views)
     if run_dir is not None:
         return run_views(run_dir)
     return ["identity"]
@@ -87,12 +87,14 @@ def decode_items(items: list, pre: dict, taxonomy: Taxonomy, notes: list[str], p
 
 def eval_model(model: str | Path, data: str | Path, split: str | None = None, json_out: str | Path | None = None,
                report_dir: str | Path | None = None, target_purity: float = 0.99, progress: bool = True,
-               run_dir: str | Path | None = None, views: int = 1, overwrite: bool = False) -> dict:
+               run_dir: str | Path | None = None, views: int = 1, allow_no_contract: bool = False,
+               overwrite: bool = False) -> dict:
     """Evaluate any model format on DATA; same JSON keys whatever the format.
 
     `run_dir` names the run whose saved split to use when the model file lives elsewhere; `views` > 1
-    averages that many test-time flips/rotations (semhinet_tf.data.views). The JSON and report files are
-    checked before any work: existing ones are refused unless `overwrite`."""
+    averages that many test-time flips/rotations (semhinet_tf.data.views); `allow_no_contract` runs a
+    .tflite without a contract (see BoardModel). The JSON and report files are checked before any work:
+    existing ones are refused unless `overwrite`."""
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
     from semhinet_tf.predict import Predictor
@@ -101,7 +103,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     check_outputs([json_out, *(Path(report_dir) / name for name in REPORT_FILES)] if report_dir else [json_out],
                   overwrite)
     model = Path(model)
-    predictor = Predictor(model)
+    predictor = Predictor(model, allow_no_contract=allow_no_contract)
     taxonomy, pre, found_run = model_context(predictor)
     run_dir = Path(run_dir) if run_dir is not None else found_run
     view_names = model_views(predictor, found_run, views)
@@ -135,20 +137,22 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
 
 # ---------------------------------------------------------------- predict
 def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: float | None = None,
-                  threads: int | None = None, batch_size: int = 32, views: int = 1) -> Iterator[dict]:
+                  threads: int | None = None, batch_size: int = 32, views: int = 1,
+                  allow_no_contract: bool = False) -> Iterator[dict]:
     """Stream per-image verdicts for files and folders, any model format; bad files yield an 'error'.
 
-    `views` > 1 averages that many test-time flips/rotations, with the review threshold chosen for them."""
+    `views` > 1 averages that many test-time flips/rotations, with the review threshold chosen for them;
+    `allow_no_contract` runs a .tflite without a contract (see BoardModel)."""
     from semhinet_tf.board.runtime import iter_image_paths
     from semhinet_tf.data.decode import ImageError, Preprocess, load_frame
     from semhinet_tf.predict import Predictor
 
-    predictor = Predictor(model, threads=threads)
+    predictor = Predictor(model, threads=threads, allow_no_contract=allow_no_contract)
     taxonomy, pre_dict, run_dir = model_context(predictor)
     view_names = model_views(predictor, run_dir, views)
     pre = Preprocess.from_dict(pre_dict)
     if threshold is None:
-        threshold = review_threshold(predictor.contract, run_dir, views)
+        threshold = review_threshold(predictor.spec if predictor.contract else None, run_dir, views)
     missing: list[Path] = []
     batch: list[tuple[Path, np.ndarray]] = []
 
@@ -173,14 +177,15 @@ def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: flo
         yield {"path": str(p), "error": "no such file or folder"}
 
 
-def review_threshold(contract: dict | None, run_dir: Path | None, views: int = 1, default: float = 0.5) -> float:
-    """The review threshold chosen on validation for this many views: from the model's contract, else from
-    its run's review_threshold.json (as `convert` would embed it), else `default`."""
-    from semhinet_tf.board.runtime import contract_review_threshold
+def review_threshold(contract, run_dir: Path | None, views: int = 1, default: float = 0.5) -> float:
+    """The review threshold chosen on validation for this many views: from the model's contract (a Contract, or
+    a dict with 'review_threshold'), else from its run's review_threshold.json (as `convert` would embed it),
+    else `default`."""
+    from semhinet_tf.artifacts.contract import Contract, threshold_for_views
     from semhinet_tf.export.convert import _validation_threshold, _validation_thresholds_by_views
 
-    if contract and "review_threshold" in contract:
-        return contract_review_threshold(contract, views)
+    if isinstance(contract, Contract) or (contract and "review_threshold" in contract):
+        return threshold_for_views(contract, views)
     if run_dir is not None:
         by_views = _validation_thresholds_by_views(run_dir, default)
         return by_views.get(str(views), _validation_threshold(run_dir, default))
@@ -235,7 +240,7 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
 # ---------------------------------------------------------------- compare
 def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None, max_drop: float | None = None,
                 json_out: str | Path | None = None, progress: bool = True, views: int = 1,
-                overwrite: bool = False) -> dict:
+                allow_no_contract: bool = False, overwrite: bool = False) -> dict:
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX files in the run): same frames, same metrics.
 
     Deltas are against the float model; `max_drop` (percentage points of leaf accuracy) makes the
@@ -262,7 +267,8 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
         raise ValueError(f"{data}: no readable images in the {split_used} split")
     results, probs = {}, {}
     for path in models:
-        predictor = reference if path == run_dir / "float.keras" else Predictor(path)
+        predictor = reference if path == run_dir / "float.keras" else \
+            Predictor(path, allow_no_contract=allow_no_contract)
         if predictor.input_size != reference.input_size:
             notes.append(f"{path.name}: input {predictor.input_size}px differs from the float model; skipped")
             continue

@@ -20,7 +20,9 @@ def tiny_tflite(tmp_path_factory):
     """The real classifier (MobileNetV3Small + five heads) at 32 px, PTQ on random frames.
 
     The small minimalistic backbone converts fastest, and checks that the config is read from the weights.
+    It carries a sealed contract, as `semhinet convert` writes it (bench checks it as the board does).
     """
+    from semhinet_tf.artifacts.contract import build_contract, embed_sealed
     from semhinet_tf.export.tflite import convert_int8
     from semhinet_tf.model.heads import ModelConfig, build_model
     from semhinet_tf.model.mobilenet_v3 import BackboneConfig
@@ -30,7 +32,12 @@ def tiny_tflite(tmp_path_factory):
     model = build_model(tax, ModelConfig(img_size=SIZE, backbone=BackboneConfig(alpha=ALPHA, minimalistic=True)))
     frames = np.random.default_rng(1).integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8)
     path = tmp_path_factory.mktemp("bench") / "model_int8.tflite"
-    path.write_bytes(convert_int8(model, SIZE, tax.head_names, lambda: iter(frames)))
+    contract = build_contract(run_id="bench", taxonomy_spec=tax.to_spec(), img_size=SIZE, io_type="uint8",
+                              preprocess={}, views=["identity"], review_threshold=0.5, review_threshold_by_views={},
+                              quantization=None, version="test")
+    bare = convert_int8(model, SIZE, tax.head_names, lambda: iter(frames))
+    path.write_bytes(embed_sealed(bare, contract))
+    path.with_name("bare.tflite").write_bytes(bare)  # the same model without a contract
     return path
 
 
@@ -114,6 +121,17 @@ def test_alpha_channel_rule_matches_the_model_code():
 def test_bad_arguments_are_one_line_errors(tiny_tflite, kwargs, message):
     with pytest.raises(ValueError, match=message):
         B.bench(tiny_tflite, backbone=False, **kwargs)
+
+
+def test_a_model_without_contract_is_benched_only_when_allowed(tiny_tflite, capsys):
+    from semhinet_tf.artifacts.contract import ModelRefusedError
+
+    bare = tiny_tflite.with_name("bare.tflite")
+    with pytest.raises(ModelRefusedError, match="bare.tflite: no contract.*--allow-no-contract"):
+        B.bench(bare, threads=[1], runs=1, warmup=0, backbone=False)
+    r = B.bench(bare, threads=[1], runs=1, warmup=0, backbone=False, allow_no_contract=True)
+    assert r["full"]["timings"][0]["p50_ms"] > 0
+    assert "no contract; running with defaults" in capsys.readouterr().err
 
 
 def test_missing_or_bad_model_file(tmp_path):

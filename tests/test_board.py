@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 TIMING = ("decode_ms", "infer_ms")
 PREPROCESS = {"size": SIZE, "databar": "auto", "fit": "crop", "bit_depth_rule": "minmax", "max_pixels": 100_000_000}
+QUANTIZATION = {"source": "float", "granularity": "per-channel", "io": "uint8", "float_heads": False}
 
 # Runs the board's main with TensorFlow (and tf-keras) unimportable, and proves both.
 NO_TF = """
@@ -51,10 +52,10 @@ sys.exit(f"imported {leaked}" if leaked else rc)
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
+    from semhinet_tf.artifacts.contract import embed_sealed
     from semhinet_tf.data.pipeline import Augment
-    from semhinet_tf.export.convert import build_contract
+    from semhinet_tf.export.convert import run_contract
     from semhinet_tf.export.tflite import convert_int8
-    from semhinet_tf.export.tflite_meta import embed_contract
     from semhinet_tf.model.heads import ModelConfig, build_model
     from semhinet_tf.model.mobilenet_v3 import BackboneConfig
 
@@ -65,9 +66,10 @@ def model_path(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("board_model")
     # trained (as far as the contract says) with the default flips and quarter turns: eight views offered
     config = {"preprocess": PREPROCESS, "train": {"augment": Augment().to_dict()}}
-    contract = build_contract(root, config, tax.to_spec(), SIZE, "uint8", False, "float", "per-channel", 0.5)
+    contract = run_contract(root, config, tax.to_spec(), img_size=SIZE, io_type="uint8", review_threshold=0.5,
+                            quantization=QUANTIZATION)
     path = root / "model_int8.tflite"
-    path.write_bytes(embed_contract(content, contract))
+    path.write_bytes(embed_sealed(content, contract))
     return path
 
 
@@ -202,10 +204,13 @@ def test_a_model_of_another_project_is_refused_in_one_line(tmp_path, images, cap
     for name, shape in (("one_output.tflite", (SIZE, SIZE, 1)), ("rgb.tflite", (SIZE, SIZE, 3))):
         foreign = keras.Sequential([keras.Input(shape, batch_size=1), keras.layers.Flatten(), keras.layers.Dense(3)])
         (tmp_path / name).write_bytes(tf.lite.TFLiteConverter.from_keras_model(foreign).convert())
-    assert main([str(tmp_path / "one_output.tflite"), str(images)]) == 2
+    assert main([str(tmp_path / "one_output.tflite"), str(images)]) == 2  # no contract: refused first
+    assert "one_output.tflite: no contract" in capsys.readouterr().err
+    # even when a contract-less model is allowed, its outputs and input must be a SEM-HiNet model's
+    assert main([str(tmp_path / "one_output.tflite"), str(images), "--allow-no-contract"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "one_output.tflite: not a SEM-HiNet model" in err and "h1" in err
-    assert main([str(tmp_path / "rgb.tflite"), str(images)]) == 2
+    assert main([str(tmp_path / "rgb.tflite"), str(images), "--allow-no-contract"]) == 2
     assert "rgb.tflite: input shape [1, 32, 32, 3]" in capsys.readouterr().err
 
 
@@ -300,13 +305,14 @@ def test_views_auto_measures_here_and_picks_from_what_the_model_offers(model_pat
 
 
 def test_views_auto_on_a_model_converted_before_views_uses_one(model_path, images, tmp_path, capsys):
-    from semhinet_tf.export.tflite_meta import embed_contract, read_contract
+    from semhinet_tf.artifacts.contract import embed_sealed
+    from semhinet_tf.export.tflite_meta import read_contract
 
     content = model_path.read_bytes()
     contract = read_contract(content)
     del contract["views"], contract["review_threshold_by_views"]
     old = tmp_path / "old.tflite"
-    old.write_bytes(embed_contract(content, contract))
+    old.write_bytes(embed_sealed(content, contract))
     model = BoardModel(old)
     assert model.offered_views() == [1]
     assert model.auto_views(budget_ms=100000)[0] == 1 and model.views == ["identity"]

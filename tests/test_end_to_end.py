@@ -143,11 +143,12 @@ def test_board_refuses_views_the_model_was_not_trained_on_in_one_line(workspace,
 
     stripped = workspace["root"] / "no_views.tflite"
     if not stripped.exists():
-        from semhinet_tf.export.tflite_meta import embed_contract, read_contract
+        from semhinet_tf.artifacts.contract import embed_sealed
+        from semhinet_tf.export.tflite_meta import read_contract
 
         content = workspace["tflite"].read_bytes()
         contract = {k: v for k, v in read_contract(content).items() if k != "views"}  # as converted before views
-        stripped.write_bytes(embed_contract(content, contract))
+        stripped.write_bytes(embed_sealed(content, contract))
     assert board_main([str(stripped), str(workspace["data"] / "open"), "--views", "2"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_views.tflite" in err[0] and "convert the run again" in err[0]

@@ -22,6 +22,7 @@ from semhinet_tf.taxonomy import Taxonomy  # noqa: E402
 SIZE = 32
 HEADS = ["h1", "h2", "h3", "h4", "h5"]
 PREPROCESS = {"size": SIZE, "databar": "auto", "fit": "crop", "bit_depth_rule": "minmax", "max_pixels": 100000000}
+QUANTIZATION = {"source": "float", "granularity": "per-channel", "io": "uint8", "float_heads": False}
 
 
 def _frames(n: int, seed: int) -> np.ndarray:
@@ -46,9 +47,9 @@ def run(tmp_path_factory):
     of CPU here against ~15 s, and tf2onnx sees the same int8 ops either way (the QAT .tflite of a real
     run is measured in the report). QAT ranges come from one training-mode pass (what a fit step sets).
     """
-    from semhinet_tf.export.convert import build_contract
+    from semhinet_tf.artifacts.contract import embed_sealed
+    from semhinet_tf.export.convert import run_contract
     from semhinet_tf.export.tflite import convert_int8
-    from semhinet_tf.export.tflite_meta import embed_contract
     from semhinet_tf.model import keras
     from semhinet_tf.model.heads import ModelConfig, build_model
     from semhinet_tf.model.io import save_model
@@ -69,8 +70,9 @@ def run(tmp_path_factory):
         model.get_layer(h.name).set_weights([kernel * 4, rng.normal(0, 1.5, bias.shape)])
     save_model(model, d / "float.keras")
     tflite = convert_int8(model, SIZE, tax.head_names, lambda: iter(_frames(8, 3)))
-    contract = build_contract(d, config, tax.to_spec(), SIZE, "uint8", False, "float", "per-channel", 0.5)
-    (d / "model_int8.tflite").write_bytes(embed_contract(tflite, contract))
+    contract = run_contract(d, config, tax.to_spec(), img_size=SIZE, io_type="uint8", review_threshold=0.5,
+                            quantization=QUANTIZATION)
+    (d / "model_int8.tflite").write_bytes(embed_sealed(tflite, contract))
     qat = quantize_model(model)
     qat(_frames(16, 1)[..., None].astype(np.float32), training=True)  # moving-average ranges from real frames
     save_model(qat, d / "qat.h5", quantized=True)
@@ -113,7 +115,9 @@ def test_names_types_and_contract(run, exported):
 
     qat = OnnxModel(exported["qat"]["path"])
     assert qat.dynamic_batch and qat.input_dtype == np.float32
-    assert qat.contract["preprocess"] == PREPROCESS and qat.contract["outputs"] == HEADS
+    # max_pixels is a host option, not the model's: dropped from contracts
+    assert qat.contract["preprocess"] == {k: v for k, v in PREPROCESS.items() if k != "max_pixels"}
+    assert qat.contract["outputs"] == HEADS
     assert qat.contract["quantization"]["source"] == "qat" and qat.contract["input"]["dtype"] == "float32"
     assert OnnxModel(exported["float"]["path"]).contract["quantization"] is None
     ops = {n.op_type for n in __import__("onnx").load(exported["qat"]["path"]).graph.node}
@@ -185,6 +189,24 @@ def test_predict_frames_edges(exported, tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.onnx: not a loadable ONNX model"):
         OnnxModel(bad)
+
+
+def test_a_changed_weight_is_refused_by_the_graph_digest(exported, tmp_path):
+    import onnx
+
+    from semhinet_tf.artifacts.contract import ModelRefusedError
+
+    for key in ("tflite", "float"):
+        proto = onnx.load(exported[key]["path"])
+        weights = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        raw = bytearray(weights.raw_data)
+        raw[len(raw) // 2] ^= 0x01
+        weights.raw_data = bytes(raw)
+        damaged = tmp_path / f"{key}_damaged.onnx"
+        onnx.save(proto, damaged)
+        with pytest.raises(ModelRefusedError, match=f"{key}_damaged.onnx: damaged or modified"):
+            OnnxModel(damaged)
+        OnnxModel(exported[key]["path"])  # the untouched export loads
 
 
 def test_predictor_front(exported):

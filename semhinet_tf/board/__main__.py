@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="write results here instead of stdout (the file appears when the run is complete)")
     p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     p.add_argument("--fail-on-review", action="store_true", help="exit 3 when any image is flagged for review")
+    p.add_argument("--allow-no-contract", action="store_true",
+                   help="run a .tflite that carries no contract, on default settings (printed); such a model was "
+                        "not written by `semhinet convert`, or its contract was lost")
     return p.parse_args(argv)
 
 
@@ -117,7 +120,7 @@ def _run(args: argparse.Namespace, err) -> int:
         model = BoardModel(args.model, threads=args.threads, delegate=args.delegate,
                            review_threshold=args.threshold, warn=lambda m: print(m, file=err),
                            kernels=args.kernels, views=1 if args.views == "auto" else args.views,
-                           require_delegate=args.require_delegate)
+                           require_delegate=args.require_delegate, allow_no_contract=args.allow_no_contract)
         warm = model.warm_up()
         if args.views == "auto":
             _choose_views(model, args.budget_ms, err)

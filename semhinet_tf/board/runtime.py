@@ -1,7 +1,9 @@
 """Board runtime: classify SEM images with the int8 .tflite, using numpy, Pillow and tflite_runtime only.
 
 Everything the model needs to know (taxonomy, input size and type, preprocessing, review threshold)
-is read from the contract embedded in the .tflite, so the file alone is the deployment. Input size,
+is read from the contract embedded in the .tflite, so the file alone is the deployment. The contract is
+validated and the file's digest checked before the interpreter sees a byte (artifacts/contract.py): a
+damaged or modified file, a malformed contract or a missing one is refused (ModelRefusedError). Input size,
 dtype and quantization come from the interpreter, never from constants. No TensorFlow here.
 """
 
@@ -9,17 +11,23 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, Preprocess, load_frame
+from semhinet_tf.artifacts.contract import (
+    DEFAULT_REVIEW_THRESHOLD,
+    Contract,
+    ModelRefusedError,
+    default_contract,
+    load_tflite_contract,
+    threshold_for_views,
+)
+from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, load_frame
 from semhinet_tf.data.views import average_views, select_views, view_counts
-from semhinet_tf.export.tflite_meta import read_contract
-from semhinet_tf.taxonomy import Taxonomy
 
-DEFAULT_REVIEW_THRESHOLD = 0.5
+__all__ = ["DEFAULT_REVIEW_THRESHOLD", "KERNELS", "BoardModel", "contract_review_threshold", "iter_image_paths"]
 # The interpreter's CPU kernels. "default" is what the interpreter picks (XNNPACK in ai_edge_litert; not
 # for int8 in tflite_runtime 2.14); "builtin" (TFLite's own optimized kernels) is for diagnosis: int8
 # kernels round differently, so near-tie frames can change verdict between them
@@ -108,10 +116,10 @@ def views_for_budget(offered: list[int], infer_ms: float, budget_ms: float,
     return max(fitting, default=1)
 
 
-def contract_review_threshold(contract: dict, views: int = 1) -> float:
-    """The review threshold a model's contract holds for this many test-time views (else its one-view one)."""
-    by_views = contract.get("review_threshold_by_views") or {}
-    return float(by_views.get(str(views), contract.get("review_threshold", DEFAULT_REVIEW_THRESHOLD)))
+def contract_review_threshold(contract: Contract | Mapping, views: int = 1) -> float:
+    """The review threshold a model's contract (Contract or dict) holds for this many test-time views (else its
+    one-view one)."""
+    return threshold_for_views(contract, views)
 
 
 class BoardModel:
@@ -119,22 +127,23 @@ class BoardModel:
 
     def __init__(self, path: str | Path, threads: int | None = None, delegate: str | None = None,
                  review_threshold: float | None = None, warn=None, kernels: str = "default", views: int = 1,
-                 classifier: bool = True, require_delegate: bool = False):
+                 classifier: bool = True, require_delegate: bool = False, allow_no_contract: bool = False):
         """`views` > 1 scores each image as that many flips/rotations of itself (one inference each) and
         averages them (semhinet_tf.data.views); only those the model's training augmentation covered.
-        `classifier=False` skips the check that the outputs are the taxonomy's heads (to time a bare backbone);
-        `require_delegate` makes a delegate that cannot be loaded an error instead of a CPU fallback."""
+        `classifier=False` skips the check that the outputs are the taxonomy's heads and the contract (to time a
+        bare backbone); `require_delegate` makes a delegate that cannot be loaded an error instead of a CPU
+        fallback; `allow_no_contract` runs a .tflite without a contract on the defaults (and says which)."""
         self.path = Path(path)
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
         try:
             content = self.path.read_bytes()
         except OSError as exc:
-            raise ValueError(f"{self.path}: cannot read model ({exc.strerror})") from exc
-        try:
-            self.contract = read_contract(content) or {}
-        except ValueError as exc:
-            reason = str(exc).removeprefix("<bytes>: ")
-            raise ValueError(f"{self.path}: {reason}") from exc
+            raise ModelRefusedError(f"{self.path}: cannot read model ({exc.strerror})") from None
+        if classifier:
+            self.spec = load_tflite_contract(content, self.path, allow_missing=allow_no_contract, warn=warn)
+        else:
+            self.spec = default_contract()
+        self.contract = self.spec.raw  # the contract as stored ({} when there is none)
         module, self.engine = _interpreter_module(for_delegate=bool(delegate))
         self.delegate = load_delegate(module, delegate, warn, required=require_delegate)
         kwargs = {"model_content": content, "num_threads": threads}
@@ -147,33 +156,29 @@ class BoardModel:
             self.interpreter = module.Interpreter(**kwargs)
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ValueError(f"{self.path}: not a loadable TFLite model ({str(exc).splitlines()[0]})") from exc
-        self.taxonomy = Taxonomy.from_spec(self.contract["taxonomy"]) if "taxonomy" in self.contract \
-            else Taxonomy.default()
+            raise ModelRefusedError(f"{self.path}: not a loadable TFLite model ({str(exc).splitlines()[0]})") from exc
+        self.taxonomy = self.spec.taxonomy()
         self._setup_io(classifier)
-        pre = dict(self.contract.get("preprocess", {}))
-        pre["size"] = self.input_size  # the model file decides, never a constant
-        self.preprocess = Preprocess.from_dict(pre)
+        self.preprocess = self.spec.preprocessing(self.input_size)  # the model file decides the size
         self._warn, self._fixed_threshold = warn, review_threshold
         self.use_views(views)
         self.warmup_ms: float | None = None
 
     def offered_views(self) -> list[int]:
         """The view counts this model can be scored on (1 for a model converted before views were recorded)."""
-        return view_counts(self.contract.get("views") or ["identity"])
+        return view_counts(self.spec.view_names())
 
     def use_views(self, count: int) -> None:
         """Score each image on `count` views from now on, with the review threshold chosen for that count."""
-        if count > 1 and "views" not in self.contract:
+        if count > 1 and self.spec.views is None:
             raise ValueError(f"{self.path}: converted before models recorded their test-time views; convert the "
                              f"run again (`semhinet convert RUN --overwrite`) to use --views")
-        self.views = select_views(self.contract.get("views"), count, str(self.path))
-        by_views = self.contract.get("review_threshold_by_views") or {}
-        if self._fixed_threshold is None and count > 1 and str(count) not in by_views:
+        self.views = select_views(self.spec.views, count, str(self.path))
+        if self._fixed_threshold is None and count > 1 and str(count) not in self.spec.review_threshold_by_views:
             self._warn(f"{self.path}: no review threshold was chosen for {count} views (trained before they were); "
                        f"using the one-view threshold")
         self.review_threshold = self._fixed_threshold if self._fixed_threshold is not None else \
-            contract_review_threshold(self.contract, count)
+            self.spec.threshold(count)
 
     def time_inference(self, repeats: int = 10) -> float:
         """Median milliseconds of one inference (one view) on a mid-grey frame, after a warm-up."""

@@ -11,6 +11,7 @@ only to build it, so a bench without the backbone needs numpy and a TFLite inter
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from semhinet_tf.artifacts.contract import load_tflite_contract
 from semhinet_tf.board.runtime import BoardModel
 from semhinet_tf.export.npu import count_macs, op_macs
 from semhinet_tf.export.tflite_meta import TFLiteModel, embed_contract, read_contract, read_model
@@ -196,14 +198,20 @@ def _check_args(model_path: Path, threads: Iterable[int], runs: int, warmup: int
 
 
 def bench(model_path: str | Path, threads: Iterable[int] = (1, 2), runs: int = 200, warmup: int = 5,
-          backbone: bool = True, alpha: float | None = None, minimalistic: bool | None = None) -> dict:
+          backbone: bool = True, alpha: float | None = None, minimalistic: bool | None = None,
+          allow_no_contract: bool = False) -> dict:
     """Latency (first inference, p50/p90/p99), throughput, size and MACs of the model, and of its bare backbone.
 
-    `alpha`/`minimalistic` default to what the model's weights show (`infer_backbone_config`).
+    `alpha`/`minimalistic` default to what the model's weights show (`infer_backbone_config`). The model's
+    contract and digest are checked as the board does (a file without a contract only with `allow_no_contract`);
+    the bare backbone is built here and has none.
     """
     model_path = Path(model_path)
     threads = list(threads)
     counts = _check_args(model_path, threads, runs, warmup)
+    content = model_path.read_bytes()
+    load_tflite_contract(content, model_path, allow_missing=allow_no_contract,
+                         warn=lambda msg: print(msg, file=sys.stderr))
     parsed = read_model(model_path)  # its ValueError names the file
     paths, bb_info = [model_path], None
     if backbone:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
 import numpy as np
 
+from semhinet_tf.artifacts.contract import CONTRACT_FORMAT, build_contract, embed_sealed
 from semhinet_tf.artifacts.files import atomic_write_bytes, check_outputs, write_json
 from semhinet_tf.artifacts.run import INT8_FLOAT_HEADS_MODEL, INT8_MODEL
 from semhinet_tf.data.views import invariant_views
 
-CONTRACT_FORMAT = "semhinet-contract/1"
+__all__ = ["CONTRACT_FORMAT", "calibration_frames", "convert_run", "run_contract"]
 
 
 def calibration_frames(frames: np.ndarray, leaf_ids: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -32,26 +32,17 @@ def conversion_outputs(out: Path) -> list[Path]:
     return [out, out.with_suffix(".json"), out.with_suffix(".npu.json")]
 
 
-def build_contract(run_dir: Path, config: dict, taxonomy_spec: dict, img_size: int, io_type: str,
-                   float_heads: bool, source: str, granularity: str, review_threshold: float) -> dict:
+def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: int, io_type: str,
+                 quantization: dict | None, review_threshold: float, batch: int = 1, digest: bool = True) -> dict:
+    """The contract of a model converted from RUN (artifacts.contract.build_contract with the run's facts)."""
     from semhinet_tf import __version__
 
-    return {
-        "format": CONTRACT_FORMAT,
-        "version": __version__,
-        "run_id": f"{run_dir.resolve().name}@{config.get('created', '')}".rstrip("@"),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "taxonomy": taxonomy_spec,
-        "input": {"name": "image", "shape": [1, img_size, img_size, 1], "dtype": io_type,
-                  "pixels": "raw grey 0..255 (the model rescales inside)"},
-        "outputs": [h["name"] for h in taxonomy_spec["heads"]],
-        "preprocess": config["preprocess"],
-        "views": invariant_views(config.get("train", {}).get("augment")),
-        "review_threshold": review_threshold,
-        "review_threshold_by_views": _validation_thresholds_by_views(run_dir),
-        "quantization": {"source": source, "granularity": granularity, "io": io_type, "float_heads": float_heads},
-        "leaf_probability": "P(leaf) = product of head probabilities along the leaf's path",
-    }
+    return build_contract(
+        run_id=f"{run_dir.resolve().name}@{config.get('created', '')}".rstrip("@"), taxonomy_spec=taxonomy_spec,
+        img_size=img_size, io_type=io_type, preprocess=config["preprocess"],
+        views=invariant_views(config.get("train", {}).get("augment")), review_threshold=review_threshold,
+        review_threshold_by_views=_validation_thresholds_by_views(run_dir), quantization=quantization,
+        version=__version__, batch=batch, digest=digest)
 
 
 def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str = "uint8", calib_samples: int = 200,
@@ -65,7 +56,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     from semhinet_tf.data.dataset import load_split_frames
     from semhinet_tf.export.npu import check_npu
     from semhinet_tf.export.tflite import convert_int8
-    from semhinet_tf.export.tflite_meta import embed_contract
+    from semhinet_tf.export.tflite_meta import read_contract
     from semhinet_tf.model.io import load_model
     from semhinet_tf.taxonomy import Taxonomy
 
@@ -101,9 +92,11 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
                           per_tensor=granularity == "per-tensor", float_heads=float_heads)
     if review_threshold is None:
         review_threshold = _validation_threshold(run_dir)
-    contract = build_contract(run_dir, config, taxonomy.to_spec(), img_size, io_type, float_heads, source,
-                              granularity, review_threshold)
-    tflite = embed_contract(tflite, contract)
+    quantization = {"source": source, "granularity": granularity, "io": io_type, "float_heads": float_heads}
+    contract = run_contract(run_dir, config, taxonomy.to_spec(), img_size=img_size, io_type=io_type,
+                            quantization=quantization, review_threshold=review_threshold)
+    tflite = embed_sealed(tflite, contract)
+    contract = read_contract(tflite)  # as embedded: with its digest
     atomic_write_bytes(out, tflite)
     _, contract_path, npu_path = conversion_outputs(out)
     write_json(contract, contract_path)

@@ -4,20 +4,31 @@ Both paths give one input `image` (N or 1, S, S, 1) of raw grey pixels 0..255 an
 outputs named after the heads (h1..h5), so the same frames feed every format. The .tflite path keeps
 the uint8 input (a QDQ graph that onnxruntime runs with integer kernels) and dequantizes the uint8
 outputs inside the graph with the .tflite's own output scales. The model's JSON contract travels in
-the ONNX metadata_props under the same key as in the .tflite.
+the ONNX metadata_props under the same key as in the .tflite, and the graph's own digest (sha256 of the
+serialized graph: weights and nodes, not the metadata) under DIGEST_KEY, checked when OnnxModel loads it.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from semhinet_tf.export.tflite_meta import CONTRACT_NAME, contract_json, read_contract, read_model
+from semhinet_tf.artifacts.contract import (
+    DIGEST_ALGORITHM,
+    Contract,
+    ModelRefusedError,
+    default_contract,
+    load_tflite_contract,
+    validate_contract,
+)
+from semhinet_tf.export.tflite_meta import CONTRACT_NAME, contract_json, read_model
 
 EXPORT_KEY = "semhinet_export"  # metadata: where the graph came from (the contract stays byte-for-byte the .tflite's)
+DIGEST_KEY = "semhinet_digest"  # metadata: {"algorithm": "sha256", "value": hex} of the serialized graph
 INPUT_NAME = "image"
 BATCH_DIM = "N"
 _ONNX_INT = {"UINT8": 2, "INT8": 3}  # onnx.TensorProto element types
@@ -43,7 +54,9 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
         raise FileNotFoundError(f"{model_path}: model file not found")
     tables = None
     if model_path.suffix == ".tflite":
-        proto, contract, source = _from_tflite(model_path, opset), read_contract(model_path), "tflite"
+        checked = load_tflite_contract(model_path.read_bytes(), model_path, allow_missing=True)
+        contract = checked.raw if checked.present else None
+        proto, source = _from_tflite(model_path, opset), "tflite"
         model_file = model_path
         if tflite_tables:
             from semhinet_tf.export.onnx_tables import match_tflite
@@ -194,17 +207,16 @@ def _keras_function(model):
 
 def _keras_contract(run_dir: Path, img_size: int, quantized: bool) -> dict:
     """The contract `semhinet convert` would embed, adjusted for a float32-input, dynamic-batch graph."""
-    from semhinet_tf.export.convert import _validation_threshold, build_contract
+    from semhinet_tf.export.convert import _validation_threshold, run_contract
 
     config = json.loads((run_dir / "config.json").read_text())
     taxonomy = json.loads((run_dir / "taxonomy.json").read_text())
     granularity = config.get("train", {}).get("granularity", "per-channel")
-    contract = build_contract(run_dir, config, taxonomy, img_size, "float32", False, "qat" if quantized else "float",
-                              granularity, _validation_threshold(run_dir))
-    contract["input"]["shape"] = [-1, img_size, img_size, 1]
-    if not quantized:
-        contract["quantization"] = None
-    return contract
+    quantization = {"source": "qat", "granularity": granularity, "io": "float32", "float_heads": False} \
+        if quantized else None
+    # no file digest in the contract: the ONNX graph carries its own (DIGEST_KEY)
+    return run_contract(run_dir, config, taxonomy, img_size=img_size, io_type="float32", quantization=quantization,
+                        review_threshold=_validation_threshold(run_dir), batch=-1, digest=False)
 
 
 def _name_batch_dims(proto) -> None:
@@ -218,10 +230,18 @@ def _name_batch_dims(proto) -> None:
 def _set_metadata(proto, contract: dict | None, export: dict) -> None:
     from onnx import helper
 
-    props = {EXPORT_KEY: json.dumps(export)}
+    props = {EXPORT_KEY: json.dumps(export),
+             DIGEST_KEY: json.dumps({"algorithm": DIGEST_ALGORITHM, "value": graph_digest(proto.graph)})}
     if contract is not None:
         props[CONTRACT_NAME] = contract_json(contract).decode("utf-8")
     helper.set_model_props(proto, props)
+
+
+def graph_digest(graph) -> str:
+    """sha256 of the serialized GraphProto (weights and nodes; the model's metadata lies outside it)."""
+    import hashlib
+
+    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _check(proto, source: Path) -> None:
@@ -257,10 +277,11 @@ def _value_info(v) -> dict:
 class OnnxModel:
     """An .onnx model on onnxruntime (CPU); size, dtype and input quantization come from the graph."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 64):
+    def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 64, warn=None):
         import onnxruntime as ort
 
         self.path = Path(path)
+        self._warn = warn or (lambda msg: print(msg, file=sys.stderr))
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: model file not found")
         opts = ort.SessionOptions()
@@ -270,23 +291,46 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common base
-            raise ValueError(f"{self.path}: not a loadable ONNX model ({str(exc).strip().splitlines()[0]})") from exc
-        self.contract = self._read_contract()
+            reason = str(exc).strip().splitlines()[0]
+            raise ModelRefusedError(f"{self.path}: not a loadable ONNX model ({reason})") from exc
+        self.spec = self._read_contract()
+        self.contract = self.spec.raw if self.spec.present else None
+        self._verify_digest()
         self._setup_io()
         self.batch_size = batch_size if self.dynamic_batch else self.input_shape[0]
         self._setup_context()
 
-    def _read_contract(self) -> dict | None:
+    def _read_contract(self) -> Contract:
+        """The validated contract (ContractError naming the field otherwise); defaults for a contract-less
+        export (from a bare .keras file, which knows no run)."""
         text = self.session.get_modelmeta().custom_metadata_map.get(CONTRACT_NAME)
         if text is None:
-            return None
+            return default_contract()
         try:
-            contract = json.loads(text)
+            raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.path}: metadata '{CONTRACT_NAME}' is not JSON ({exc})") from exc
-        if not isinstance(contract, dict):
-            raise ValueError(f"{self.path}: metadata '{CONTRACT_NAME}' is JSON but not an object")
-        return contract
+            raise ModelRefusedError(f"{self.path}: metadata '{CONTRACT_NAME}' is not JSON ({exc})") from None
+        return validate_contract(raw, str(self.path))
+
+    def _verify_digest(self) -> None:
+        """Refuse a graph whose weights or nodes changed since export; warn for an export that carries no digest.
+        (The contract's own digest, if any, is the source .tflite's and does not apply to this file.)"""
+        import onnx
+
+        text = self.session.get_modelmeta().custom_metadata_map.get(DIGEST_KEY)
+        if text is None:
+            self._warn(f"warning: {self.path}: no weights digest (exported before models carried one; export again "
+                       f"to detect a damaged file)")
+            return
+        try:
+            want = json.loads(text)["value"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ModelRefusedError(f"{self.path}: metadata '{DIGEST_KEY}' is malformed; export the model "
+                                    f"again") from None
+        if graph_digest(onnx.load(str(self.path), load_external_data=False).graph) != want:
+            raise ModelRefusedError(f"{self.path}: damaged or modified: its weights digest does not match its "
+                                    f"metadata ({DIGEST_ALGORITHM} {str(want)[:12]}...); copy the file again or "
+                                    f"export again")
 
     def _setup_io(self) -> None:
         inputs = self.session.get_inputs()
@@ -322,14 +366,8 @@ class OnnxModel:
 
     def _setup_context(self) -> None:
         """Taxonomy and preprocessing from the contract, as the board runtime does (size from the graph)."""
-        from semhinet_tf.data.decode import Preprocess
-        from semhinet_tf.taxonomy import Taxonomy
-
-        contract = self.contract or {}
-        self.taxonomy = Taxonomy.from_spec(contract["taxonomy"]) if "taxonomy" in contract else Taxonomy.default()
-        pre = dict(contract.get("preprocess", {}))
-        pre["size"] = self.input_size
-        self.preprocess = Preprocess.from_dict(pre)
+        self.taxonomy = self.spec.taxonomy()
+        self.preprocess = self.spec.preprocessing(self.input_size)
 
     def _to_input(self, frames: np.ndarray) -> np.ndarray:
         x = frames.reshape(len(frames), self.input_size, self.input_size, 1)
