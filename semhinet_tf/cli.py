@@ -93,8 +93,15 @@ views_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="semhinet")
-def main() -> None:
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="largest image (width x height) any command decodes; larger files are skipped with their "
+                   "reason [default: 100000000]. This machine's memory budget: model files never set it")
+def main(max_pixels: int | None) -> None:
     """SEM-HiNet-TF: train a hierarchical SEM defect classifier and deploy it as int8 TFLite."""
+    if max_pixels is not None:
+        from semhinet_tf.data.decode import set_max_pixels
+
+        set_max_pixels(max_pixels)
 
 
 # ---------------------------------------------------------------- synth

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel, iter_image_paths
+from semhinet_tf.data.decode import DEFAULT_MAX_PIXELS, set_max_pixels
 
 DEFAULT_BUDGET_MS = 50.0  # the product's ceiling per image
 EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW = 0, 1, 2, 3
@@ -70,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{VIEWS_BUDGET_SHARE * 100:.0f}%% of it, the rest is left for reading and decoding the image)")
     p.add_argument("--kernels", choices=list(KERNELS), default="default",
                    help="CPU kernels (diagnosis only: int8 kernels round differently, so near-tie verdicts may change)")
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest image (width x height) to decode; larger files are skipped with their reason "
+                        f"(default {DEFAULT_MAX_PIXELS}; this board's memory budget, never the model file's)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--out", help="write results here instead of stdout")
     p.add_argument("--fail-on-review", action="store_true", help="exit 3 when any image is flagged for review")
@@ -106,6 +110,7 @@ def _choose_views(model: BoardModel, budget_ms: float, err) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     err = sys.stderr
+    set_max_pixels(args.max_pixels)
     if args.require_delegate and not args.delegate:
         print("error: --require-delegate needs --delegate LIBRARY", file=err)
         return EXIT_USAGE

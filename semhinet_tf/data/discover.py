@@ -267,11 +267,11 @@ def _inspect(args: tuple[str, dict[str, Any], bool]) -> _Result:
     try:
         digest = _sha256(path)
         if check:
-            arr = read_grey(path, pre.max_pixels)
+            arr = read_grey(path)
             height, width = arr.shape
             frame_from_array(arr, pre)
         else:
-            width, height = image_size(path, pre.max_pixels)
+            width, height = image_size(path)
         return digest, int(width), int(height), None
     except ImageError as exc:
         return "", 0, 0, exc.reason
