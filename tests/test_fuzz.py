@@ -202,14 +202,23 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def _mutants(raw: bytes, n: int, seed: int) -> list[bytes]:
+    """Flips spare the contract (else nearly every mutant would stop at its JSON, and the interpreter
+    would never see a damaged model); truncation, insertion and header damage may hit anything."""
+    from semhinet_tf.export.tflite_meta import CONTRACT_NAME, read_model
+
+    model = read_model(raw)
+    start, size = model.buffer_spans[model.metadata[CONTRACT_NAME]]
+    outside = np.r_[0:start, start + size:len(raw)]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         data = bytearray(raw)
-        how = i % 4
-        if how == 0:  # flip 1..16 bytes anywhere
+        how = i % 5
+        if how == 0:  # flip 1..16 bytes outside the contract
             for _ in range(int(rng.integers(1, 17))):
-                data[int(rng.integers(len(data)))] ^= int(rng.integers(1, 256))
+                data[int(rng.choice(outside))] ^= int(rng.integers(1, 256))
+        elif how == 4:  # flip one byte outside the contract: often still a parseable model for the interpreter
+            data[int(rng.choice(outside))] ^= int(rng.integers(1, 256))
         elif how == 1:  # truncate
             data = data[: int(rng.integers(0, len(data)))]
         elif how == 2:  # insert bytes (shifts every offset after them)
@@ -249,7 +258,7 @@ BOARD_CHILD = textwrap.dedent(r'''
     for path in sorted(Path(sys.argv[1]).glob("*.tflite")):
         print(path.name, file=sys.stderr, flush=True)  # the last name printed is the culprit of a crash
         try:
-            BoardModel(path, warn=lambda m: None)
+            BoardModel(path, warn=lambda m: None).warm_up()  # loaded models also run one inference
             loaded += 1
         except ValueError as exc:
             refused += 1

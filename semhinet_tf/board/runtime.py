@@ -197,6 +197,17 @@ class BoardModel:
         return count, infer_ms
 
     def _setup_io(self, classifier: bool = True) -> None:
+        """Inputs and outputs from the interpreter; a damaged model's interpreter error names the file
+        (found by tests/test_fuzz.py: an out-of-range tensor index surfaced as a bare ValueError)."""
+        try:
+            self._read_io(classifier)
+        except (ValueError, RuntimeError, KeyError, IndexError) as exc:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            if isinstance(exc, ValueError) and text.startswith(f"{self.path}: "):
+                raise
+            raise ValueError(f"{self.path}: not a loadable TFLite model ({text})") from exc
+
+    def _read_io(self, classifier: bool) -> None:
         signatures = self.interpreter.get_signature_list()
         if not signatures:
             raise ValueError(f"{self.path}: model has no signature; convert it with `semhinet convert`")
