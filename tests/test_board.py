@@ -539,3 +539,21 @@ def test_predict_reports_unreadable_folders_and_loops(model_path, scan_tree):
     assert rows["locked"]["error"] == "permission denied"
     assert rows["loop"]["error"].startswith("symlink loop")
     assert "error" not in rows["good.png"]
+
+
+def test_semhinet_max_pixels_reaches_predict(model_path, tmp_path):
+    """`semhinet --max-pixels N predict ...`: the group's option is the limit every command decodes under."""
+    from click.testing import CliRunner
+
+    from semhinet_tf.cli import main as semhinet
+    from semhinet_tf.data import decode
+
+    big = tmp_path / "big.png"
+    Image.fromarray(_u8_texture(200, 300)).save(big)
+    before = decode.host_max_pixels()
+    try:
+        refused = CliRunner().invoke(semhinet, ["--max-pixels", "50000", "predict", str(model_path), str(big)])
+    finally:
+        decode.set_max_pixels(before)
+    row = json.loads(refused.stdout.strip().splitlines()[0])
+    assert row["path"] == str(big) and "above the limit of 50000 px" in row["error"]
