@@ -195,7 +195,10 @@ class WorkflowGroup(click.Group):
 @click.version_option(__version__, prog_name="semhinet")
 @click.option("--verbose", is_flag=True,
               help="show TensorFlow's own C++ log lines (kept off the terminal by default)")
-def main(verbose: bool) -> None:
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="largest image (width x height) any command decodes; larger files are skipped with their "
+                   "reason [default: 100000000]. This machine's memory budget: model files never set it")
+def main(verbose: bool, max_pixels: int | None) -> None:
     """SEM-HiNet-TF: train a hierarchical SEM defect classifier and deploy it as int8 TFLite.
 
     The usual order: synth (or your own folders) -> train -> eval -> convert -> compare -> predict."""
@@ -207,6 +210,10 @@ def main(verbose: bool) -> None:
         from semhinet_tf.console import quiet_native_logs
 
         quiet_native_logs()
+    if max_pixels is not None:
+        from semhinet_tf.data.decode import set_max_pixels
+
+        set_max_pixels(max_pixels)
 
 
 # ---------------------------------------------------------------- synth

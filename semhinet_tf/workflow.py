@@ -145,6 +145,7 @@ def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: flo
     `allow_no_contract` runs a .tflite without a contract (see BoardModel)."""
     from semhinet_tf.board.runtime import iter_image_paths
     from semhinet_tf.data.decode import ImageError, Preprocess, load_frame
+    from semhinet_tf.data.scan import Unreadable
     from semhinet_tf.predict import Predictor
 
     predictor = Predictor(model, threads=threads, allow_no_contract=allow_no_contract)
@@ -164,6 +165,9 @@ def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: flo
         batch.clear()
 
     for path in iter_image_paths(paths, on_missing=missing.append):
+        if isinstance(path, Unreadable):  # a folder, link or entry the scan could not read
+            yield {"path": str(path.path), "error": path.reason}
+            continue
         try:
             batch.append((path, load_frame(path, pre)))
         except ImageError as exc:

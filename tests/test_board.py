@@ -458,7 +458,7 @@ def test_kernel_choice_selects_the_interpreters_resolver_and_answers_alike(model
     for head, probs in default.items():  # same model, other rounding: close, not necessarily equal
         assert np.allclose(other[head].sum(1), 1.0, atol=0.02)
         assert np.abs(other[head] - probs).max() < 0.3
-    assert main([str(model_path), str(images), "--kernels", "builtin", "--out", os.devnull]) == 0
+    assert main([str(model_path), str(images), "--kernels", "builtin", "--out", os.devnull, "--overwrite"]) == 0
 
 
 def test_engine_order_npu_delegate_first_tflite_runtime_cpu_first_xnnpack(monkeypatch):
@@ -474,3 +474,95 @@ def test_engine_order_npu_delegate_first_tflite_runtime_cpu_first_xnnpack(monkey
     assert _interpreter_module(for_delegate=True) == (fake.interpreter, "tflite_runtime")
     module, engine = _interpreter_module(for_delegate=False)
     assert engine == "ai_edge_litert" and module is not fake.interpreter
+
+
+# ---------------------------------------------------------------- issue 22.5 / 22.8: the host's limit, scans
+def test_the_board_not_the_model_decides_the_pixel_limit(model_path, tmp_path, capsys):
+    """A contract asking for 10**12 px changes nothing; the board's --max-pixels does."""
+    from semhinet_tf.artifacts.contract import embed_sealed
+    from semhinet_tf.data import decode
+    from semhinet_tf.export.tflite_meta import read_contract
+
+    contract = read_contract(model_path)
+    contract["preprocess"] = {**contract["preprocess"], "max_pixels": 10**12}
+    greedy = tmp_path / "greedy.tflite"
+    greedy.write_bytes(embed_sealed(model_path.read_bytes(), contract))  # a sealed contract: only the limit differs
+    big = tmp_path / "big.png"
+    Image.fromarray(_u8_texture(200, 300)).save(big)  # 60000 px
+    before = decode.host_max_pixels()
+    try:
+        assert main([str(greedy), str(big), "--max-pixels", "50000"]) == 1
+        err = capsys.readouterr().err
+        assert f"skipped {big}: image is 300x200 px" in err and "above the limit of 50000 px" in err
+        assert main([str(greedy), str(big), "--max-pixels", "60000"]) == 0
+    finally:
+        decode.set_max_pixels(before)
+
+
+def _u8_texture(h: int, w: int) -> np.ndarray:
+    return (_texture(h, w, 3) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture
+def scan_tree(tmp_path, monkeypatch) -> dict[str, Path]:
+    """good.png, locked/ (unreadable: chmod 000, or os.scandir refusing it when run as root), loop -> ."""
+    import errno
+
+    root = tmp_path / "scan"
+    (root / "locked").mkdir(parents=True)
+    Image.fromarray(_u8_texture(40, 40)).save(root / "good.png")
+    Image.fromarray(_u8_texture(40, 40)).save(root / "locked" / "hidden_from_us.png")
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    tree = {"root": root, "locked": root / "locked", "loop": root / "loop"}
+    if os.geteuid() != 0:
+        tree["locked"].chmod(0)
+        yield tree
+        tree["locked"].chmod(0o755)
+        return
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == tree["locked"]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    yield tree
+
+
+def test_board_reports_unreadable_folders_and_loops(model_path, scan_tree, tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    assert main([str(model_path), str(scan_tree["root"]), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {scan_tree['locked']}: permission denied" in err
+    assert f"skipped {scan_tree['loop']}: symlink loop" in err
+    assert "1 classified" in err and "2 unreadable" in err
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    assert rows["locked"]["error"] == "permission denied" and "error" not in rows["good.png"]
+
+
+def test_predict_reports_unreadable_folders_and_loops(model_path, scan_tree):
+    from semhinet_tf.workflow import predict_paths
+
+    rows = {Path(r["path"]).name: r for r in predict_paths(model_path, [scan_tree["root"]])}
+    assert rows["locked"]["error"] == "permission denied"
+    assert rows["loop"]["error"].startswith("symlink loop")
+    assert "error" not in rows["good.png"]
+
+
+def test_semhinet_max_pixels_reaches_predict(model_path, tmp_path):
+    """`semhinet --max-pixels N predict ...`: the group's option is the limit every command decodes under."""
+    from click.testing import CliRunner
+
+    from semhinet_tf.cli import main as semhinet
+    from semhinet_tf.data import decode
+
+    big = tmp_path / "big.png"
+    Image.fromarray(_u8_texture(200, 300)).save(big)
+    before = decode.host_max_pixels()
+    try:
+        refused = CliRunner().invoke(semhinet, ["--max-pixels", "50000", "predict", str(model_path), str(big)])
+    finally:
+        decode.set_max_pixels(before)
+    row = json.loads(refused.stdout.strip().splitlines()[0])
+    assert row["path"] == str(big) and "above the limit of 50000 px" in row["error"]

@@ -140,13 +140,28 @@ def test_tiny_image_refused(tmp_path):
         load_frame(p)
 
 
-def test_too_many_pixels_refused_before_decoding(tmp_path):
+@pytest.fixture
+def host_limit():
+    """decode.set_max_pixels for one test; the process's limit is restored afterwards."""
+    before = decode.host_max_pixels()
+    yield decode.set_max_pixels
+    decode.set_max_pixels(before)
+
+
+def test_too_many_pixels_refused_before_decoding(tmp_path, host_limit):
     p = save(noise_image(200, 300), tmp_path / "big.png")
     with pytest.raises(ImageError, match=r"200 px .*above the limit"):
         read_grey(p, max_pixels=50_000)
-    with pytest.raises(ImageError, match="above the limit"):
-        load_frame(p, Preprocess(max_pixels=50_000))
-    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own bound is never removed
+    host_limit(50_000)
+    with pytest.raises(ImageError, match="above the limit of 50000 px"):
+        load_frame(p)
+    assert Image.MAX_IMAGE_PIXELS == 50_000  # Pillow's own bound follows the host's, never removed
+
+
+def test_host_limit_must_be_positive(host_limit):
+    for bad in (0, -5, 1.5, True, "100"):
+        with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+            host_limit(bad)
 
 
 def test_huge_png_helper_makes_a_valid_png(tmp_path):
@@ -431,7 +446,7 @@ def test_constant_image_is_fine(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- settings
 def test_preprocess_roundtrip_through_json():
-    pre = Preprocess(size=160, databar=12, fit="pad", bit_depth_rule="bitdepth", max_pixels=10_000_000)
+    pre = Preprocess(size=160, databar=12, fit="pad", bit_depth_rule="bitdepth")
     assert Preprocess.from_dict(json.loads(json.dumps(pre.to_dict()))) == pre
     assert Preprocess.from_dict({}) == Preprocess()
     assert Preprocess(databar="0").databar == "off"
@@ -439,7 +454,7 @@ def test_preprocess_roundtrip_through_json():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"size": 4}, "size"), ({"fit": "stretch"}, "fit"), ({"bit_depth_rule": "gamma"}, "bit_depth_rule"),
-    ({"databar": "maybe"}, "databar"), ({"databar": -3}, "databar"), ({"max_pixels": 0}, "max_pixels"),
+    ({"databar": "maybe"}, "databar"), ({"databar": -3}, "databar"),
 ])
 def test_preprocess_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -458,3 +473,71 @@ def test_decode_imports_without_tensorflow_or_tifffile():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert decode.TIFF_SUFFIXES <= IMAGE_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------------------- host limit, memory
+def test_a_model_file_cannot_lift_the_host_limit(tmp_path, host_limit):
+    """Issue 22.5: a contract/run config asking for 10**12 px changes nothing; the host's limit stands."""
+    p = save(noise_image(200, 300), tmp_path / "just_over.png")  # 60000 px
+    host_limit(50_000)
+    pre = Preprocess.from_dict({"size": 32, "max_pixels": 10**12})  # an old file's key: read, ignored
+    assert "max_pixels" not in pre.to_dict()
+    with pytest.raises(ImageError) as info:
+        load_frame(p, pre)
+    assert str(info.value).startswith(f"{p}: image is 300x200 px") and "above the limit of 50000 px" in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS == 50_000  # Pillow's bomb bound was not lifted by the model either
+    host_limit(60_000)
+    assert load_frame(p, pre).shape == (32, 32)
+
+
+def _peak_decode_mb(path: Path) -> float:
+    """Peak RSS increase (MB) of load_frame(path) with the default preprocessing, in a fresh process.
+
+    VmHWM (this process's own high-water mark), not ru_maxrss: Linux carries ru_maxrss over exec from the
+    parent (here pytest, far bigger than one decode)."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status (Linux)")
+    code = (
+        "def hwm():\n"
+        "    line = next(x for x in open('/proc/self/status') if x.startswith('VmHWM'))\n"
+        "    return int(line.split()[1])\n"
+        "from semhinet_tf.data.decode import load_frame\n"
+        "base = hwm()\n"
+        f"load_frame({str(path)!r})\n"
+        "print((hwm() - base) / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("kind", ["rgb8", "grey16"])
+def test_decode_peaks_at_a_small_multiple_of_the_8bit_size(tmp_path, kind):
+    """Issue 22.5: 3000x3000 px; the 8-bit size is 27 MB for RGB, 9 MB for grey. Measured at commit 933bc67:
+    404 MB (15x, 64-bit luma) and 243 MB (27x, full-size float64 copies); now 43 MB (1.6x: Pillow's RGB
+    buffer + its "L") and 50 MB (5.6x: Pillow's 16-bit buffer + our 16-bit copy + copy blocks)."""
+    side = 3000
+    ramp = (np.arange(side, dtype=np.uint32)[None, :] * 3 + np.arange(side, dtype=np.uint32)[:, None] * 5)
+    if kind == "rgb8":
+        a = np.stack([ramp % 256, (ramp // 3) % 256, (ramp * 7) % 256], axis=-1).astype(np.uint8)
+        p, size8, bound = save(a, tmp_path / "rgb.png"), side * side * 3, 2.5
+    else:
+        p, size8, bound = save((ramp % 4000 + 1000).astype(np.uint16), tmp_path / "g16.tif"), side * side, 6.5
+    peak = _peak_decode_mb(p)
+    print(f"{kind}: peak RSS increase {peak:.1f} MB = {peak * 2**20 / size8:.2f}x the 8-bit size")
+    assert peak * 2**20 <= bound * size8
+
+
+def test_row_blocks_change_no_bit(monkeypatch):
+    """The row-block loops (luma, bit depth) give the whole-array result: tiny blocks against one block."""
+    rng = np.random.default_rng(5)
+    cases = [rng.integers(0, 65536, (70, 90)).astype(np.uint16), rng.normal(0, 500, (70, 90)).astype(np.float32),
+             rng.random((70, 90)).astype(np.float32), rng.integers(-4000, 4000, (70, 90)).astype(np.int32)]
+    cases[1][3, 4], cases[1][5, 6] = np.nan, np.inf
+    rgbs = [rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), rng.integers(0, 65536, (70, 90, 4)).astype(np.uint16)]
+    whole = [to_uint8(a, r) for a in cases for r in ("minmax", "bitdepth")] + [decode.luma(c) for c in rgbs]
+    monkeypatch.setattr(decode, "BLOCK_PIXELS", 100)
+    blocked = [to_uint8(a, r) for a in cases for r in ("minmax", "bitdepth")] + [decode.luma(c) for c in rgbs]
+    for w, b in zip(whole, blocked, strict=True):
+        assert w.dtype == b.dtype and np.array_equal(w, b)
+    # 8-bit colour: numpy's luma is Pillow's "L", which the decoder now uses
+    np.testing.assert_array_equal(decode.luma(rgbs[0]), np.asarray(Image.fromarray(rgbs[0]).convert("L")))

@@ -139,10 +139,17 @@ def test_full_check_catches_what_headers_miss(tmp_path):
     assert [p for p, _ in full.skipped] == ["open/cut.png"] and "truncated" in full.skipped[0][1]
 
 
-def test_check_uses_the_preprocess_rules(tmp_path):
+def test_check_uses_the_preprocess_rules_and_the_host_limit(tmp_path):
+    from semhinet_tf.data import decode
+
     img(tmp_path / "d" / "open" / "a.png", 1, (200, 60))
     ok = discover(tmp_path / "d", TAX, progress=False)
-    refused = discover(tmp_path / "d", TAX, pre=Preprocess(max_pixels=10_000), progress=False)
+    before = decode.host_max_pixels()
+    decode.set_max_pixels(10_000)
+    try:
+        refused = discover(tmp_path / "d", TAX, progress=False)
+    finally:
+        decode.set_max_pixels(before)
     assert len(ok.entries) == 1 and ok.preprocess == Preprocess().to_dict()
     assert "above the limit" in refused.skipped[0][1]
 

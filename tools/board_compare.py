@@ -43,6 +43,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout: the pac
 from semhinet_tf.board.__main__ import main as board_main  # noqa: E402
 from semhinet_tf.board.runtime import BoardModel, iter_image_paths  # noqa: E402
 from semhinet_tf.data.decode import ImageError, load_frame  # noqa: E402
+from semhinet_tf.data.scan import Unreadable  # noqa: E402
 
 DEFAULT_TOL = 0.1  # median over the images of the largest probability difference
 DEFAULT_MIN_AGREEMENT = 0.9  # share of identical verdicts
@@ -57,6 +58,9 @@ def frame_hashes(model: BoardModel, images: str | Path) -> dict[str, str]:
     pre = model.preprocess
     out = {}
     for path in iter_image_paths([images]):
+        if isinstance(path, Unreadable):
+            out[_rel(path.path, images)] = f"error: {path.reason}"
+            continue
         key = _rel(path, images)
         try:
             out[key] = hashlib.sha256(load_frame(path, pre).tobytes()).hexdigest()

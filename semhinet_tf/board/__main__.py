@@ -18,6 +18,7 @@ import numpy as np
 from semhinet_tf.artifacts.files import atomic_open, check_outputs
 from semhinet_tf.board.output import CSV_FIELDS, Writer  # noqa: F401 - CSV_FIELDS: the board's columns
 from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel, iter_image_paths
+from semhinet_tf.data.decode import DEFAULT_MAX_PIXELS, set_max_pixels
 
 DEFAULT_BUDGET_MS = 50.0  # the product's ceiling per image
 EXIT_OK, EXIT_BAD_IMAGES, EXIT_USAGE, EXIT_REVIEW, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{VIEWS_BUDGET_SHARE * 100:.0f}%% of it, the rest is left for reading and decoding the image)")
     p.add_argument("--kernels", choices=list(KERNELS), default="default",
                    help="CPU kernels (diagnosis only: int8 kernels round differently, so near-tie verdicts may change)")
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest image (width x height) to decode; larger files are skipped with their reason "
+                        f"(default {DEFAULT_MAX_PIXELS}; this board's memory budget, never the model file's)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--out", help="write results here instead of stdout (the file appears when the run is complete)")
     p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace, err) -> int:
+    set_max_pixels(args.max_pixels)
     if args.require_delegate and not args.delegate:
         print("error: --require-delegate needs --delegate LIBRARY", file=err)
         return EXIT_USAGE

@@ -25,6 +25,7 @@ from semhinet_tf.artifacts.contract import (
     threshold_for_views,
 )
 from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, load_frame
+from semhinet_tf.data.scan import MISSING, Unreadable, scan_paths
 from semhinet_tf.data.views import average_views, select_views, view_counts
 
 __all__ = ["DEFAULT_REVIEW_THRESHOLD", "KERNELS", "BoardModel", "contract_review_threshold", "iter_image_paths"]
@@ -201,6 +202,17 @@ class BoardModel:
         return count, infer_ms
 
     def _setup_io(self, classifier: bool = True) -> None:
+        """Inputs and outputs from the interpreter; a damaged model's interpreter error names the file
+        (found by tests/test_fuzz.py: an out-of-range tensor index surfaced as a bare ValueError)."""
+        try:
+            self._read_io(classifier)
+        except (ValueError, RuntimeError, KeyError, IndexError) as exc:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            if isinstance(exc, ValueError) and text.startswith(f"{self.path}: "):
+                raise
+            raise ValueError(f"{self.path}: not a loadable TFLite model ({text})") from exc
+
+    def _read_io(self, classifier: bool) -> None:
         signatures = self.interpreter.get_signature_list()
         if not signatures:
             raise ValueError(f"{self.path}: model has no signature; convert it with `semhinet convert`")
@@ -260,11 +272,15 @@ class BoardModel:
         self.warmup_ms = (time.perf_counter() - t) * 1000
         return self.warmup_ms
 
-    def classify_paths(self, paths: Iterable[Path]) -> Iterator[dict]:
-        """Stream one result dict per file: the verdict, or an error naming what is wrong."""
+    def classify_paths(self, paths: Iterable[Path | Unreadable]) -> Iterator[dict]:
+        """Stream one result dict per file: the verdict, or an error naming what is wrong (also for the
+        entries a folder scan could not read, see `iter_image_paths`)."""
         if self.warmup_ms is None:
             self.warm_up()
         for path in paths:
+            if isinstance(path, Unreadable):
+                yield {"path": str(path.path), "error": path.reason}
+                continue
             t0 = time.perf_counter()
             try:
                 frame = load_frame(path, self.preprocess)
@@ -279,15 +295,14 @@ class BoardModel:
                    "infer_ms": round((t2 - t1) * 1000, 2)}
 
 
-def iter_image_paths(items: Iterable[str | Path], on_missing=None) -> Iterator[Path]:
-    """Files as given, and image files below folders (sorted, recursive), streamed."""
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    yield f
-        elif p.exists():
-            yield p
-        elif on_missing is not None:
-            on_missing(p)
+def iter_image_paths(items: Iterable[str | Path], on_missing=None) -> Iterator[Path | Unreadable]:
+    """Files as given, and image files below folders (name order, recursive), streamed.
+
+    What cannot be read (an unreadable folder, a symlink loop, a broken link) is yielded in its place as an
+    `Unreadable` (path, reason): report it, never drop it. A missing item goes to `on_missing(path)` when
+    given, else it is yielded as Unreadable too."""
+    for entry in scan_paths(items, IMAGE_SUFFIXES):
+        if isinstance(entry, Unreadable) and entry.reason == MISSING and on_missing is not None:
+            on_missing(entry.path)
+        else:
+            yield entry

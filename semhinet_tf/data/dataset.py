@@ -116,9 +116,7 @@ def eval_items(data_dir: str | Path, taxonomy: Taxonomy, run_dir: Path | None, s
             raise DatasetError(f"{data_dir}: no class folders of this model's taxonomy (found "
                                f"{', '.join(manifest.unknown_folders)}; expected folders named {known})")
         notes.append(f"folders that are not classes of this model were left out: {', '.join(manifest.unknown_folders)}")
-    if manifest.skipped:
-        notes.append(f"{len(manifest.skipped)} file(s) skipped while scanning, e.g. "
-                     f"{manifest.skipped[0][0]}: {manifest.skipped[0][1]}")
+    notes.extend(f"skipped {manifest.file(path)}: {reason}" for path, reason in manifest.skipped)
     saved = None
     if run_dir is not None and (run_dir / "split.json").exists():
         saved = load_split(run_dir)

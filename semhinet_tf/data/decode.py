@@ -19,8 +19,14 @@ Rules, chosen once and recorded in the model metadata through `Preprocess`:
   to 10, 12, 14 or 16 bits, e.g. max 3000 -> 12-bit -> x * 255 / 4095); use it when brightness itself
   matters and all frames come from the same detector settings.
 * Data bar: removed *before* the bit-depth rule, so a white caption cannot squash the stretch.
-* Size: checked from the header before decoding (refused above `max_pixels`); Pillow's own
-  decompression-bomb bound `Image.MAX_IMAGE_PIXELS` is raised to `max_pixels` when lower, never removed.
+* Size: checked from the header before decoding, refused above the *host's* pixel limit
+  (`set_max_pixels`, default 100 Mpx; `semhinet --max-pixels`, board `--max-pixels`). Why the host's:
+  memory is the machine's to budget, so a model file or run config never sets it (an old file's
+  preprocess `max_pixels` is read and ignored). Pillow's decompression-bomb bound
+  `Image.MAX_IMAGE_PIXELS` is set to the same limit before every read, never above it, never removed.
+* Memory: decoding peaks at a small multiple of the image's 8-bit size: 8-bit colour goes through
+  Pillow's own "L" conversion (the same formula) with the colour buffer released before the array is
+  made; wider colour and the bit-depth rule work in row blocks, never on full-size 64-bit copies.
 * Resize: `Image.fromarray(a).resize((S, S), Image.BILINEAR)` (reducing_gap left at its default None).
   Pillow's resize is convolution based and widens the bilinear (triangle) kernel by the scale factor when
   downsampling, i.e. it antialiases and averages SEM shot noise instead of aliasing it; no ringing at
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,12 +49,20 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 MIN_SIDE = 8  # smaller images are refused: nothing to classify, and the resize would invent the pixels
-DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_PIXELS = 100_000_000  # the host's default limit; a 100 Mpx 8-bit frame is 100 MB
+BLOCK_PIXELS = 1 << 20  # elements per block in the row-block loops (a few MB of temporaries)
+_COPY_BLOCK = 1 << 21  # pixels per block when copying out of Pillow (bigger: each block costs a crop)
 BIT_DEPTH_RULES = ("minmax", "bitdepth")
 FITS = ("crop", "pad")
 
 _BILINEAR = getattr(Image, "Resampling", Image).BILINEAR
 _LUMA = (19595, 38470, 7471)  # ITU-R 601-2 weights in 16.16 fixed point, as Pillow's "L" conversion
+_PILLOW_LUMA_MODES = frozenset({"RGB", "RGBA", "RGBX"})  # 8-bit modes whose "L" conversion is exactly `luma`
+_max_pixels = DEFAULT_MAX_PIXELS  # the process-wide host limit (set_max_pixels)
+
+# Images between the limit and twice it make Pillow warn before our header check refuses them with a
+# clear reason; the warning would only repeat that reason in a less readable form.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
@@ -75,7 +90,6 @@ class Preprocess:
     databar: str | int = "auto"
     fit: str = "crop"
     bit_depth_rule: str = "minmax"
-    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "databar", _parse_databar(self.databar))
@@ -86,16 +100,17 @@ class Preprocess:
         if self.bit_depth_rule not in BIT_DEPTH_RULES:
             raise ValueError(f"bit_depth_rule must be one of {', '.join(BIT_DEPTH_RULES)}, "
                              f"got {self.bit_depth_rule!r}")
-        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
-            raise ValueError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Preprocess:
-        """Missing keys take defaults (older metadata); unknown keys are an error (a newer decoder)."""
+        """Missing keys take defaults (older metadata); unknown keys are an error (a newer decoder).
+
+        `max_pixels`, written by older versions, is read and ignored: the pixel limit is the host's."""
         d = dict(d or {})
+        d.pop("max_pixels", None)
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown preprocess settings {', '.join(unknown)} (written by a newer version?)")
@@ -115,17 +130,42 @@ def _parse_databar(value: str | int) -> str | int:
     return "off" if value == 0 else int(value)
 
 
+# ---------------------------------------------------------------------------------------------- host limit
+def set_max_pixels(limit: int) -> None:
+    """Set this process's pixel limit (width x height) for every decode; the host decides, never a model."""
+    global _max_pixels
+    _max_pixels = _positive_limit(limit)
+
+
+def host_max_pixels() -> int:
+    """This process's pixel limit (DEFAULT_MAX_PIXELS unless `set_max_pixels` changed it)."""
+    return _max_pixels
+
+
+def _positive_limit(limit: Any) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit <= 0:
+        raise ValueError(f"max_pixels must be a positive integer, got {limit!r}")
+    return int(limit)
+
+
+def _limit(max_pixels: int | None) -> int:
+    """The limit for one read: the caller's (host code) or the process-wide one; Pillow's bound follows it."""
+    limit = _max_pixels if max_pixels is None else _positive_limit(max_pixels)
+    Image.MAX_IMAGE_PIXELS = limit  # never above the host's limit, never removed
+    return limit
+
+
 # ---------------------------------------------------------------------------------------------- reading
-def read_grey(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_grey(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Decode the first frame/page of an image into a 2-D grey array.
 
     uint8 for 8-bit data, uint16 for 16-bit data, int32/float32 for the rare 32-bit TIFFs (possibly a
     read-only array); the size is checked from the header before any pixel is decoded, so a huge file
-    cannot exhaust memory.
+    cannot exhaust memory. `max_pixels`: the host's limit for this call (default: `host_max_pixels()`).
     """
     path = Path(path)
     _check_file(path)
-    _raise_pillow_bound(max_pixels)
+    max_pixels = _limit(max_pixels)
     try:
         with Image.open(path) as im:
             _check_size(path, im.size, max_pixels)
@@ -133,7 +173,7 @@ def read_grey(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"image too large ({_one_line(exc)}); limit is max_pixels={max_pixels}") from exc
+        raise ImageError(path, f"image too large ({_one_line(exc)}); limit is --max-pixels {max_pixels}") from exc
     except MemoryError as exc:
         raise ImageError(path, "out of memory while decoding") from exc
     except Exception as exc:  # a decoder can fail in many ways on a bad file; each becomes one line
@@ -145,16 +185,16 @@ def read_grey(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     return arr
 
 
-def image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def image_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) from the header only, with the same checks as `read_grey` except the decode."""
     path = Path(path)
     _check_file(path)
-    _raise_pillow_bound(max_pixels)
+    max_pixels = _limit(max_pixels)
     try:
         with Image.open(path) as im:
             size = im.size
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"image too large ({_one_line(exc)}); limit is max_pixels={max_pixels}") from exc
+        raise ImageError(path, f"image too large ({_one_line(exc)}); limit is --max-pixels {max_pixels}") from exc
     except Exception as exc:
         if path.suffix.lower() not in TIFF_SUFFIXES:
             raise ImageError(path, _describe(exc)) from exc
@@ -176,51 +216,107 @@ def _check_file(path: Path) -> None:
         raise ImageError(path, "empty file (0 bytes)")
 
 
-def _raise_pillow_bound(max_pixels: int) -> None:
-    """Lift Pillow's decompression-bomb bound to our own limit when it is lower; never remove it."""
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
-        Image.MAX_IMAGE_PIXELS = int(max_pixels)
-
-
 def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
     w, h = int(size[0]), int(size[1])
     if w < MIN_SIDE or h < MIN_SIDE:
         raise ImageError(path, f"image is {w}x{h} px, smaller than the minimum of {MIN_SIDE} px a side")
     if w * h > max_pixels:
-        raise ImageError(path, f"image is {w}x{h} px ({w * h / 1e6:.1f} Mpx), above the limit of "
-                               f"{max_pixels / 1e6:.1f} Mpx (Preprocess.max_pixels)")
+        raise ImageError(path, f"image is {w}x{h} px ({_amount(w * h)}), above the limit of {_amount(max_pixels)} "
+                               f"(the host's --max-pixels)")
+
+
+def _amount(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} Mpx" if pixels >= 100_000 else f"{pixels} px"
 
 
 def _pillow_grey(im: Image.Image) -> np.ndarray:
-    """Pixels of an opened Pillow image as a 2-D grey array, keeping 16/32-bit data wide."""
+    """Pixels of an opened Pillow image as a 2-D grey array, keeping 16/32-bit data wide.
+
+    Colour is reduced inside Pillow (its "L" conversion is `luma` for 8-bit data) and the colour buffer is
+    closed before the array is made, so the peak stays near the colour image's own size."""
     im.load()
     mode = im.mode
     if mode == "1":
-        return np.asarray(im, dtype=np.uint8) * np.uint8(255)
+        return _pillow_array(im).astype(np.uint8) * np.uint8(255)
     if mode == "L":
-        return np.asarray(im, dtype=np.uint8)
+        return _pillow_array(im)
     if mode.startswith("I;16"):
-        return np.asarray(im).astype(np.uint16)
+        return _pillow_array(im).astype(np.uint16, copy=False)
     if mode == "I":
-        a = np.asarray(im, dtype=np.int32)
+        a = _pillow_array(im).astype(np.int32, copy=False)
         return a.astype(np.uint16) if a.size and a.min() >= 0 and a.max() <= 65535 else a
     if mode == "F":
-        return np.asarray(im, dtype=np.float32)
+        return _pillow_array(im).astype(np.float32, copy=False)
     if mode in ("LA", "La"):
-        return np.asarray(im.getchannel(0), dtype=np.uint8)
-    if mode in ("RGB", "RGBA", "RGBX", "RGBa"):
-        return luma(np.asarray(im)[..., :3])
-    return luma(np.asarray(im.convert("RGB")))  # P, PA, CMYK, YCbCr, LAB, HSV ...
+        return _pillow_array(im.getchannel(0))
+    if mode == "RGBa":
+        return luma(_pillow_array(im)[..., :3])
+    if mode in _PILLOW_LUMA_MODES:
+        return _pillow_luma(im)
+    rgb = im.convert("RGB")  # P, PA, CMYK, YCbCr, LAB, HSV ...
+    im.close()
+    return _pillow_luma(rgb)
+
+
+def _pillow_luma(im: Image.Image) -> np.ndarray:
+    """8-bit colour -> grey via Pillow's "L" (bit-identical to `luma`); the colour image is closed first."""
+    grey = im.convert("L")
+    im.close()
+    try:
+        return _pillow_array(grey)
+    finally:
+        grey.close()
+
+
+def _pillow_array(im: Image.Image) -> np.ndarray:
+    """np.asarray(im), copied in row blocks: numpy's whole-image path goes through Pillow's tobytes(),
+    which holds the pixels twice more (chunks, then the joined bytes) on top of the image itself."""
+    w, h = im.size
+    step = max(1, _COPY_BLOCK // max(1, w))
+    if h <= step:
+        return np.asarray(im)
+    first = np.asarray(im.crop((0, 0, w, step)))
+    out = np.empty((h, *first.shape[1:]), dtype=first.dtype)
+    out[:step] = first
+    for top in range(step, h, step):
+        out[top:top + step] = np.asarray(im.crop((0, top, w, min(h, top + step))))
+    return out
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma of an (..., 3) integer array in the array's own bit depth (Pillow "L" for uint8)."""
+    """ITU-R 601-2 luma of an (..., 3) array in the array's own bit depth (Pillow "L" for uint8).
+
+    Row blocks in 32-bit integers for 8/16-bit data (the weights sum to 2**16, so 65535 * 2**16 + 2**15
+    still fits), never a full-size 64-bit copy of the image."""
     rgb = np.asarray(rgb)
     if rgb.dtype.kind == "f":
-        return (rgb[..., :3].astype(np.float64) @ (np.array(_LUMA) / 65536.0)).astype(np.float32)
-    c = rgb[..., :3].astype(np.uint64)
-    y = (c[..., 0] * _LUMA[0] + c[..., 1] * _LUMA[1] + c[..., 2] * _LUMA[2] + 32768) >> 16
-    return y.astype(np.uint8 if rgb.dtype.itemsize == 1 else np.uint16)
+        out_dtype = np.dtype(np.float32)
+    else:
+        out_dtype = np.dtype(np.uint8 if rgb.dtype.itemsize == 1 else np.uint16)
+    out = np.empty(rgb.shape[:-1], dtype=out_dtype)
+    for rows in _row_blocks(out):
+        out[rows] = _luma_block(rgb[rows])
+    return out
+
+
+def _luma_block(rgb: np.ndarray) -> np.ndarray:
+    if rgb.dtype.kind == "f":
+        return rgb[..., :3].astype(np.float64) @ (np.array(_LUMA) / 65536.0)
+    wide = np.uint32 if rgb.dtype.kind == "u" and rgb.dtype.itemsize <= 2 else np.uint64
+    c = rgb[..., :3].astype(wide)
+    return (c[..., 0] * wide(_LUMA[0]) + c[..., 1] * wide(_LUMA[1]) + c[..., 2] * wide(_LUMA[2])
+            + wide(32768)) >> wide(16)
+
+
+def _row_blocks(a: np.ndarray):
+    """Slices over the first axis covering about BLOCK_PIXELS elements each (the whole array if 0-D)."""
+    if a.ndim == 0:
+        yield ()
+        return
+    per_row = max(1, int(np.prod(a.shape[1:], dtype=np.int64)))
+    step = max(1, BLOCK_PIXELS // per_row)
+    for start in range(0, max(a.shape[0], 1), step):
+        yield slice(start, start + step)
 
 
 def _tifffile_grey(path: Path, max_pixels: int, pillow_exc: Exception) -> np.ndarray:
@@ -300,21 +396,51 @@ def to_uint8(arr: np.ndarray, rule: str = "minmax") -> np.ndarray:
         return a
     if a.dtype == np.bool_:
         return a.astype(np.uint8) * np.uint8(255)
-    if a.dtype.kind == "f":
-        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if a.size == 0:
         return a.astype(np.uint8)
-    lo, hi = float(a.min()), float(a.max())
+    floating = a.dtype.kind == "f"
+    lo, hi = _value_range(a)
     integral = a.dtype.kind in "ui"
     if integral and lo >= 0 and hi <= 255:
         return a.astype(np.uint8)
-    if a.dtype.kind == "f" and lo >= 0 and hi <= 1 and (rule == "bitdepth" or lo == hi):
-        return _round_u8(a * 255.0)
+    if floating and lo >= 0 and hi <= 1 and (rule == "bitdepth" or lo == hi):
+        return _scaled_u8(a, 0.0, 255.0)
     if lo >= 0 and integral and (rule == "bitdepth" or lo == hi):
-        return _round_u8(a.astype(np.float64) * (255.0 / (2.0 ** _effective_bits(int(hi)) - 1)))
+        return _scaled_u8(a, 0.0, 255.0 / (2.0 ** _effective_bits(int(hi)) - 1))
     if lo == hi:
         return np.zeros(a.shape, dtype=np.uint8)
-    return _round_u8((a.astype(np.float64) - lo) * (255.0 / (hi - lo)))
+    return _scaled_u8(a, lo, 255.0 / (hi - lo))
+
+
+def _as_float64(block: np.ndarray) -> np.ndarray:
+    """float64 copy of a block; NaN and infinities count as 0 (the bit-depth rule's choice)."""
+    b = block.astype(np.float64)
+    return np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0, copy=False) if block.dtype.kind == "f" else b
+
+
+def _value_range(a: np.ndarray) -> tuple[float, float]:
+    """(min, max) as floats; float data in row blocks with NaN/inf as 0, so no full-size float64 copy."""
+    if a.dtype.kind != "f":
+        return float(a.min()), float(a.max())
+    lows, highs = [], []
+    for rows in _row_blocks(a):
+        b = _as_float64(a[rows])
+        if b.size:
+            lows.append(b.min())
+            highs.append(b.max())
+    return float(min(lows)), float(max(highs))
+
+
+def _scaled_u8(a: np.ndarray, lo: float, scale: float) -> np.ndarray:
+    """round((a - lo) * scale) clipped to 0..255, computed in float64 per row block (same bits as whole)."""
+    out = np.empty(a.shape, dtype=np.uint8)
+    for rows in _row_blocks(a):
+        b = _as_float64(a[rows])
+        if lo:
+            b -= lo
+        b *= scale
+        out[rows] = _round_u8(b)
+    return out
 
 
 def _effective_bits(max_value: int) -> int:
@@ -494,10 +620,14 @@ def frame_from_array(arr: np.ndarray, pre: Preprocess | None = None) -> np.ndarr
 
 
 def load_frame(path: str | os.PathLike, pre: Preprocess | None = None) -> np.ndarray:
-    """The model's input for one file: uint8 (size, size); ImageError with a one-line reason otherwise."""
+    """The model's input for one file: uint8 (size, size); ImageError with a one-line reason otherwise.
+
+    Same steps as `frame_from_array(read_grey(path), pre)`, under the host's pixel limit."""
     pre = pre or Preprocess()
-    arr = read_grey(path, pre.max_pixels)
+    arr = read_grey(path)
     try:
-        return frame_from_array(arr, pre)
+        u8 = to_uint8(remove_databar(arr, pre.databar), pre.bit_depth_rule)
+        del arr  # the wide decoded array is released before the resize allocates
+        return resize_square(u8, pre.size, pre.fit)
     except ValueError as exc:
         raise ImageError(path, str(exc)) from exc

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, Preprocess, frame_from_array, image_size, read_grey
+from semhinet_tf.data.scan import Folder, Unreadable, walk
 from semhinet_tf.taxonomy import Taxonomy
 
 MANIFEST_CSV = "manifest.csv"
@@ -32,7 +33,6 @@ MANIFEST_JSON = "manifest.json"
 SKIPPED_CSV = "skipped.csv"
 SPLIT_JSON = "split.json"
 _POOL_MIN_FILES = 64  # below this a process pool costs more than it saves
-_SKIP_DIRS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
 
 
 class DatasetError(ValueError):
@@ -53,7 +53,7 @@ class Entry:
 class Manifest:
     root: str
     entries: list[Entry] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files: (path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files and folders: (path, reason)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # images outside class folders
     unknown_folders: list[str] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)  # class folders without any image file
@@ -175,14 +175,15 @@ def discover(root: str | os.PathLike, taxonomy: Taxonomy, strict: bool = False, 
     if strict:
         _refuse_unclassified(root_path, found, taxonomy)
     results = _inspect_all(root_path, [p for p, _ in found.candidates], pre, check_images, progress, workers)
-    entries, skipped = [], []
+    entries, skipped = [], list(found.unreadable)
     for (path, leaf), (digest, width, height, reason) in zip(found.candidates, results, strict=True):
         if reason is not None:
             skipped.append((path, reason))
         else:
             entries.append(Entry(path, leaf, taxonomy.leaf_targets(leaf), width, height, digest))
     if strict and skipped:
-        raise DatasetError(f"{root_path}: {len(skipped)} unreadable image(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
+        raise DatasetError(f"{root_path}: {len(skipped)} unreadable image(s) or folder(s), e.g. "
+                           f"{skipped[0][0]}: {skipped[0][1]}")
     return Manifest(root=str(root_path), entries=entries, skipped=skipped, ignored=found.ignored,
                     unknown_folders=found.unknown_folders, empty_classes=found.empty_classes,
                     preprocess=pre.to_dict(), checked=check_images)
@@ -194,47 +195,41 @@ class _Scan:
     ignored: list[tuple[str, str]]
     unknown_folders: list[str]
     empty_classes: list[str]
+    unreadable: list[tuple[str, str]]  # folders, links and entries the walk could not read: (path, reason)
 
 
 def _scan(root: Path, taxonomy: Taxonomy) -> _Scan:
     """Classify every image file under root by its class folder (no decoding yet)."""
-    candidates, ignored = [], []
+    candidates, ignored, unreadable = [], [], []
     class_folders: dict[str, int] = {}  # class folder -> number of image files below it
     unknown: set[str] = set()
-    for rel_dir, files in _walk(root):
+    for entry in walk(root):
+        if isinstance(entry, Unreadable):
+            unreadable.append((Path(os.path.relpath(entry.path, root)).as_posix(), entry.reason))
+            continue
+        folder_path = entry.path if isinstance(entry, Folder) else entry.parent
+        rel_dir = folder_path.relative_to(root).parts
         cls_at = next((i for i, part in enumerate(rel_dir) if taxonomy.match_folder(part)), None)
-        if cls_at is not None:
-            folder = "/".join(rel_dir[:cls_at + 1])
-            class_folders.setdefault(folder, 0)
-        images = [f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
-        for name in images:
-            rel = "/".join((*rel_dir, name))
-            if cls_at is not None:
-                candidates.append((rel, taxonomy.match_folder(rel_dir[cls_at])))
-                class_folders[folder] += 1
-            elif not rel_dir:
-                ignored.append((rel, "directly in the data root, not in a class folder"))
-            else:
-                unknown.add("/".join(rel_dir))
-                ignored.append((rel, f"folder {'/'.join(rel_dir)!r} is not a class folder"))
+        folder = "/".join(rel_dir[:cls_at + 1]) if cls_at is not None else None
+        if isinstance(entry, Folder):
+            if folder is not None:
+                class_folders.setdefault(folder, 0)
+            continue
+        if entry.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        rel = "/".join((*rel_dir, entry.name))
+        if folder is not None:
+            candidates.append((rel, taxonomy.match_folder(rel_dir[cls_at])))
+            class_folders[folder] += 1
+        elif not rel_dir:
+            ignored.append((rel, "directly in the data root, not in a class folder"))
+        else:
+            unknown.add("/".join(rel_dir))
+            ignored.append((rel, f"folder {'/'.join(rel_dir)!r} is not a class folder"))
     candidates.sort()
     ignored.sort()
     empty = sorted(f for f, n in class_folders.items() if n == 0)
-    return _Scan(candidates, ignored, _topmost(unknown), empty)
-
-
-def _walk(root: Path) -> Iterable[tuple[tuple[str, ...], list[str]]]:
-    """(relative dir parts, file names) for every folder, sorted, following links once, skipping hidden."""
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop or a second link to the same folder
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
-        rel = Path(dirpath).relative_to(root).parts
-        yield rel, sorted(f for f in filenames if not f.startswith("."))
+    return _Scan(candidates, ignored, _topmost(unknown), empty, unreadable)
 
 
 def _topmost(folders: set[str]) -> list[str]:
@@ -267,11 +262,11 @@ def _inspect(args: tuple[str, dict[str, Any], bool]) -> _Result:
     try:
         digest = _sha256(path)
         if check:
-            arr = read_grey(path, pre.max_pixels)
+            arr = read_grey(path)
             height, width = arr.shape
             frame_from_array(arr, pre)
         else:
-            width, height = image_size(path, pre.max_pixels)
+            width, height = image_size(path)
         return digest, int(width), int(height), None
     except ImageError as exc:
         return "", 0, 0, exc.reason
