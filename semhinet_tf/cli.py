@@ -14,8 +14,10 @@ from pathlib import Path
 import click
 
 from semhinet_tf import __version__
+from semhinet_tf.safe_load import UnsafeFileError, set_trust_model_code
 
 EXIT_FAIL = 1
+EXIT_REFUSED = 2  # a file that would run code when loaded (issue 22)
 
 
 class UserError(click.ClickException):
@@ -23,6 +25,10 @@ class UserError(click.ClickException):
 
     def show(self, file=None):
         click.echo(f"error: {self.message}", err=True)
+
+
+class RefusedError(UserError):
+    exit_code = EXIT_REFUSED
 
 
 def friendly(fn):
@@ -34,6 +40,8 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
+        except UnsafeFileError as exc:
+            raise RefusedError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc
         except KeyboardInterrupt:
@@ -93,8 +101,14 @@ views_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="semhinet")
-def main() -> None:
+@click.option("--trust-model-code", is_flag=True,
+              help="load .keras/.h5 models holding Lambda or custom layers, whose Python code runs on load "
+                   "(refused otherwise); only for models you wrote")
+def main(trust_model_code: bool) -> None:
     """SEM-HiNet-TF: train a hierarchical SEM defect classifier and deploy it as int8 TFLite."""
+    set_trust_model_code(trust_model_code)  # every command loads models through semhinet_tf.model.io
+    if trust_model_code:
+        click.echo("warning: --trust-model-code: model files may run their own Python code as they load", err=True)
 
 
 # ---------------------------------------------------------------- synth
