@@ -32,7 +32,7 @@ def _is_quantized_file(path: Path) -> bool:
     if path.suffix != ".keras" or not zipfile.is_zipfile(path):
         return True  # unknown: load in the quantization scope, which also covers float models
     with zipfile.ZipFile(path) as z:
-        return b"QuantizeWrapper" in z.read("config.json")
+        return "config.json" in z.namelist() and b"QuantizeWrapper" in z.read("config.json")
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -48,12 +48,14 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
-def allowed_classes(objects: dict) -> set[str]:
+def allowed_classes(objects: dict, quantized: bool) -> set[str]:
     """Names our model files may contain besides the Keras built-ins: our layers and quantize configs
     (by class name and by the name they are registered under, which .h5 files store), MaskedAccuracy."""
-    from semhinet_tf.model.quant import scope_objects
+    every = dict(objects)
+    if quantized:  # only then: quant imports tensorflow-model-optimization
+        from semhinet_tf.model.quant import scope_objects
 
-    every = {**objects, **scope_objects()}
+        every.update(scope_objects())
     return set(every) | {keras.utils.get_registered_name(obj) for obj in every.values()}
 
 
@@ -71,10 +73,11 @@ def load_model(path: str | Path, trust_code: bool = False) -> keras.Model:
     path = resolve_model_file(path)
     objects = {**CUSTOM_OBJECTS, "MaskedAccuracy": MaskedAccuracy}
     trusted = trust_code or trust_model_code()
+    quantized = _is_quantized_file(path)
     if not trusted:
-        check_model_file(path, allowed_classes(objects))  # before Keras reads anything of it
+        check_model_file(path, allowed_classes(objects, quantized))  # before Keras reads anything of it
     try:
-        if _is_quantized_file(path):
+        if quantized:
             from semhinet_tf.model.quant import quant_scope
 
             with quant_scope(), keras.utils.custom_object_scope(objects):
