@@ -124,8 +124,9 @@ def check_model_config(config: dict, allowed: Iterable[str], source: Path) -> No
         unknown = class_name not in names or (registered is not None and registered not in names)
         if unknown or (module is not None and not str(module).startswith(MODULE_PREFIXES)):
             what = class_name if isinstance(class_name, str) else repr(class_name)[:80]
-            raise UnsafeModelError(f"{source}: refused: layer {layer!r} ({what}) is no class of this package's "
-                                   f"models, and a custom class can run code on load; {TRUST_HINT}")
+            raise UnsafeModelError(f"{source}: refused: not a SEM-HiNet model: layer {layer!r} ({what}) is no class "
+                                   f"its models are built from, and an unknown class can run code on load; "
+                                   f"{TRUST_HINT}")
 
 
 def check_model_file(path: str | Path, allowed: Iterable[str]) -> str:

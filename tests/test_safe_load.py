@@ -117,7 +117,7 @@ def test_classes_our_models_never_contain_are_refused(tmp_path, marker):
         semhinet_tf.load_model(path)
     foreign = keras.Model(inputs, {"h1": keras.layers.Dense(3, name="h1")(keras.layers.Flatten()(inputs))})
     foreign.save(tmp_path / "flatten.keras")
-    with pytest.raises(UnsafeModelError, match=r"layer 'flatten' \(Flatten\) is no class of this package"):
+    with pytest.raises(UnsafeModelError, match=r"not a SEM-HiNet model: layer 'flatten' \(Flatten\) is no class"):
         semhinet_tf.load_model(tmp_path / "flatten.keras")
 
 
