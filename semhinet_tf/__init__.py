@@ -22,15 +22,17 @@ def _tensorflow_already_imported_without_legacy_keras() -> bool:
     return "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1"
 
 
-def load_model(path):
+def load_model(path, trust_code: bool = False):
     """Load a trained model: a run directory (its best QAT or float model) or a .keras/.h5 file.
 
+    A file holding a Lambda or a layer class our models are not built from is refused (UnsafeModelError, a
+    ValueError): loading it would run its Python code. Pass `trust_code=True` only for a model you wrote.
     Returns a tf-keras model whose `predict(batch)` gives a dict h1..h5 of probabilities; the batch is
     uint8/float grayscale frames (N, S, S, 1) with raw pixel values 0..255.
     """
     from semhinet_tf.model.io import load_model as _load
 
-    return _load(path)
+    return _load(path, trust_code=trust_code)
 
 
 def decode_predictions(outputs, taxonomy=None, review_threshold: float | None = None, run=None,

@@ -15,6 +15,7 @@ import click
 from semhinet_tf import __version__
 from semhinet_tf.artifacts.contract import ModelRefusedError
 from semhinet_tf.artifacts.files import check_outputs
+from semhinet_tf.safe_load import UnsafeFileError, set_trust_model_code
 
 # Exit codes, as the board's: 1 the work failed (or some images could not be read); 2 refused before any work
 # (usage, an output that would be clobbered, a model that may not be loaded: damaged, modified, malformed or
@@ -60,7 +61,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (OutputError, RunDirError, ModelRefusedError) as exc:
+        except (OutputError, RunDirError, ModelRefusedError, UnsafeFileError) as exc:
             raise RefusedError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc
@@ -195,10 +196,13 @@ class WorkflowGroup(click.Group):
 @click.version_option(__version__, prog_name="semhinet")
 @click.option("--verbose", is_flag=True,
               help="show TensorFlow's own C++ log lines (kept off the terminal by default)")
+@click.option("--trust-model-code", is_flag=True,
+              help="load .keras/.h5 models holding Lambda or custom layers, whose Python code runs on load "
+                   "(refused otherwise); only for models you wrote")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="largest image (width x height) any command decodes; larger files are skipped with their "
                    "reason [default: 100000000]. This machine's memory budget: model files never set it")
-def main(verbose: bool, max_pixels: int | None) -> None:
+def main(verbose: bool, trust_model_code: bool, max_pixels: int | None) -> None:
     """SEM-HiNet-TF: train a hierarchical SEM defect classifier and deploy it as int8 TFLite.
 
     The usual order: synth (or your own folders) -> train -> eval -> convert -> compare -> predict."""
@@ -210,6 +214,9 @@ def main(verbose: bool, max_pixels: int | None) -> None:
         from semhinet_tf.console import quiet_native_logs
 
         quiet_native_logs()
+    set_trust_model_code(trust_model_code)  # every command loads models through semhinet_tf.model.io
+    if trust_model_code:
+        click.echo("warning: --trust-model-code: model files may run their own Python code as they load", err=True)
     if max_pixels is not None:
         from semhinet_tf.data.decode import set_max_pixels
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from semhinet_tf.safe_load import UnsafeFileError
+
 # The seed's hierarchy. `parent` is "head.class" of the head that gates this one.
 DEFAULT_SPEC: dict[str, Any] = {
     "name": "sem-default",
@@ -47,6 +49,22 @@ IGNORE = -1  # label value of a head that does not apply to an image
 
 class TaxonomyError(ValueError):
     """A taxonomy file that does not describe a valid tree."""
+
+
+class UnsafeTaxonomyError(TaxonomyError, UnsafeFileError):
+    """A YAML taxonomy with a tag asking for a Python object (`!!python/...`): refused, never constructed."""
+
+
+def _refuse_tags(path: Path, exc: Exception) -> None:
+    """yaml.safe_load constructs no tagged object; say so in one line instead of quoting the parser."""
+    if type(exc).__module__.startswith("yaml"):
+        import yaml
+
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            mark = exc.problem_mark
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise UnsafeTaxonomyError(f"{path}: refused: {exc.problem}{where}; a taxonomy is plain data, tagged "
+                                      f"objects are never built (a Python tag would run code)") from exc
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,7 @@ class Taxonomy:
             else:
                 spec = json.loads(text)
         except Exception as exc:  # noqa: BLE001 - any parser error becomes one clear line
+            _refuse_tags(path, exc)
             raise TaxonomyError(f"{path}: not valid {path.suffix[1:].upper() or 'JSON'}: {exc}") from exc
         if not isinstance(spec, dict):
             raise TaxonomyError(f"{path}: expected a mapping with a 'heads' list")

@@ -440,6 +440,7 @@ def initial_weights(model, cfg: TrainConfig, mcfg) -> str:
     """Load the starting weights; returns a one-line description of what was loaded."""
     from semhinet_tf.model import mobilenet_v3 as mb
     from semhinet_tf.model.pretrained import sem_weights_path
+    from semhinet_tf.safe_load import UnsafeFileError
 
     w = cfg.weights
     if w in ("none", "", None):
@@ -464,6 +465,8 @@ def initial_weights(model, cfg: TrainConfig, mcfg) -> str:
         else:
             n = mb.load_imagenet_weights(model, cfg.img_size, mcfg.backbone, str(path))
             kind = "keras.applications weights"
+    except UnsafeFileError:
+        raise  # already one line naming the file; the CLI exits 2 for it
     except Exception as exc:  # noqa: BLE001 - h5py, numpy and Keras each raise their own types for a bad file
         raise ValueError(f"{path}: not weights this model can load ({expected}): "
                          f"{type(exc).__name__}: {exc}") from exc

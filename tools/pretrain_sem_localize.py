@@ -152,7 +152,7 @@ def main() -> None:
 
     t0 = time.time()
     if args.cache.exists():
-        data = np.load(args.cache)
+        data = np.load(args.cache, allow_pickle=False)
         frames, cells, leaves = data["frames"], data["cells"], data["leaves"]
     else:
         frames, cells, leaves = make_set(args.per_class, args.seed, args.frame_size, args.img_size, args.workers)

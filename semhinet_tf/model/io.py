@@ -28,7 +28,7 @@ def _is_quantized_file(path: Path) -> bool:
     if path.suffix != ".keras" or not zipfile.is_zipfile(path):
         return True  # unknown: load in the quantization scope, which also covers float models
     with zipfile.ZipFile(path) as z:
-        return b"QuantizeWrapper" in z.read("config.json")
+        return "config.json" in z.namelist() and b"QuantizeWrapper" in z.read("config.json")
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -44,21 +44,42 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path) -> keras.Model:
-    """Load a .keras model written by save_model (or a run directory's best model), without compiling."""
+def allowed_classes(objects: dict, quantized: bool) -> set[str]:
+    """Names our model files may contain besides the Keras built-ins: our layers and quantize configs
+    (by class name and by the name they are registered under, which .h5 files store), MaskedAccuracy."""
+    every = dict(objects)
+    if quantized:  # only then: quant imports tensorflow-model-optimization
+        from semhinet_tf.model.quant import scope_objects
+
+        every.update(scope_objects())
+    return set(every) | {keras.utils.get_registered_name(obj) for obj in every.values()}
+
+
+def load_model(path: str | Path, trust_code: bool = False) -> keras.Model:
+    """Load a .keras/.h5 model written by save_model (or a run directory's best model), without compiling.
+
+    Refuses (UnsafeModelError) a file holding a Lambda or any class our models are not built from: Keras
+    would run their code while loading, even for .h5 files in its safe mode. `trust_code=True` (or
+    `semhinet --trust-model-code`) loads such a file anyway, for models whose code you wrote yourself.
+    """
     from semhinet_tf.losses import MaskedAccuracy
     from semhinet_tf.model.layers import CUSTOM_OBJECTS
+    from semhinet_tf.safe_load import check_model_file, trust_model_code
 
     path = resolve_model_file(path)
     objects = {**CUSTOM_OBJECTS, "MaskedAccuracy": MaskedAccuracy}
+    trusted = trust_code or trust_model_code()
+    quantized = _is_quantized_file(path)
+    if not trusted:
+        check_model_file(path, allowed_classes(objects, quantized))  # before Keras reads anything of it
     try:
-        if _is_quantized_file(path):
+        if quantized:
             from semhinet_tf.model.quant import quant_scope
 
             with quant_scope(), keras.utils.custom_object_scope(objects):
-                return keras.models.load_model(path, compile=False)
+                return keras.models.load_model(path, compile=False, safe_mode=not trusted)
         with keras.utils.custom_object_scope(objects):
-            return keras.models.load_model(path, compile=False)
+            return keras.models.load_model(path, compile=False, safe_mode=not trusted)
     except Exception as exc:  # noqa: BLE001 - h5py, zipfile and Keras deserialization each raise their own types
         # Keras' messages quote the whole model config: keep the first sentence
         reason = " ".join(str(exc).split()).split(". ")[0][:200]

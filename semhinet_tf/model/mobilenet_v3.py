@@ -242,13 +242,31 @@ def load_imagenet_weights(model: keras.Model, img_size: int, cfg: BackboneConfig
     return transfer_from_keras_app(model, source)
 
 
+def _plain_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a .npz, never unpickled: a pickle runs code as it loads, so one is refused by name."""
+    from semhinet_tf.safe_load import UnsafeFileError
+
+    key = None
+    try:
+        with np.load(str(path), allow_pickle=False) as data:
+            out = {}
+            for key in data.files:
+                out[key] = data[key]
+            return out
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):  # numpy's refusal of pickled data; anything else is a bad file
+            raise
+        what = f"array {key!r}" if key is not None else "it"
+        raise UnsafeFileError(f"{path}: refused: {what} holds pickled Python objects, which would run code as "
+                              f"they load; backbone weights are plain numbers") from exc
+
+
 def load_backbone_weights(model: keras.Model, path: str | Path) -> int:
     """Load backbone weights saved by `save_backbone_weights` (a .npz of layer name -> arrays)."""
-    data = np.load(str(path), allow_pickle=False)
     grouped: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for key in data.files:
+    for key, array in _plain_arrays(path).items():
         name, _, idx = key.rpartition("::")
-        grouped.setdefault(name, []).append((int(idx), data[key]))
+        grouped.setdefault(name, []).append((int(idx), array))
     copied = 0
     for layer in model.layers:
         name = layer.name.removeprefix("quant_")
