@@ -158,6 +158,18 @@ def test_too_many_pixels_refused_before_decoding(tmp_path, host_limit):
     assert Image.MAX_IMAGE_PIXELS == 50_000  # Pillow's own bound follows the host's, never removed
 
 
+def test_a_one_call_limit_does_not_leak_into_later_reads(tmp_path, host_limit):
+    """A per-call or per-test limit must not stay in Pillow's global bound (it broke the synth photos once)."""
+    p = save(noise_image(200, 300), tmp_path / "big.png")
+    host_limit(1_000_000)
+    with pytest.raises(ImageError):
+        read_grey(p, max_pixels=50_000)
+    assert Image.MAX_IMAGE_PIXELS == 1_000_000
+    assert read_grey(p).shape == (200, 300)
+    host_limit(decode.DEFAULT_MAX_PIXELS)
+    assert Image.MAX_IMAGE_PIXELS == decode.DEFAULT_MAX_PIXELS
+
+
 def test_host_limit_must_be_positive(host_limit):
     for bad in (0, -5, 1.5, True, "100"):
         with pytest.raises(ValueError, match="max_pixels must be a positive integer"):

@@ -115,7 +115,8 @@ def test_classes_our_models_never_contain_are_refused(tmp_path, marker):
     keras.Model(inputs, {"h1": keras.layers.Dense(3, name="h1")(x)}).save(path)
     with pytest.raises(UnsafeModelError, match=r"\(TFOpLambda\)"):
         semhinet_tf.load_model(path)
-    foreign = keras.Model(inputs, {"h1": keras.layers.Dense(3, name="h1")(keras.layers.Flatten()(inputs))})
+    flat = keras.layers.Flatten(name="flatten")(inputs)  # named: Keras numbers unnamed layers per process
+    foreign = keras.Model(inputs, {"h1": keras.layers.Dense(3, name="h1")(flat)})
     foreign.save(tmp_path / "flatten.keras")
     with pytest.raises(UnsafeModelError, match=r"not a SEM-HiNet model: layer 'flatten' \(Flatten\) is no class"):
         semhinet_tf.load_model(tmp_path / "flatten.keras")

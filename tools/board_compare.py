@@ -227,7 +227,8 @@ def _run_frames(args) -> int:
 def _run_compare(args) -> int:
     host_out = Path(args.host_out) if args.host_out else Path(args.board_jsonl).with_name("host.jsonl")
     board_rows = read_rows(args.board_jsonl)
-    rc = board_main([args.model, args.images, "--format", "jsonl", "--out", str(host_out), "--overwrite", "--views", args.views])
+    rc = board_main([args.model, args.images, "--format", "jsonl", "--out", str(host_out), "--overwrite",
+                     "--views", args.views])
     if rc not in (0, 1):
         print(f"error: the board module failed on the host (exit {rc})", file=sys.stderr)
         return EXIT_USAGE

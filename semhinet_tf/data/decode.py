@@ -135,6 +135,7 @@ def set_max_pixels(limit: int) -> None:
     """Set this process's pixel limit (width x height) for every decode; the host decides, never a model."""
     global _max_pixels
     _max_pixels = _positive_limit(limit)
+    Image.MAX_IMAGE_PIXELS = _max_pixels  # Pillow's bomb bound follows the host's
 
 
 def host_max_pixels() -> int:
@@ -149,10 +150,18 @@ def _positive_limit(limit: Any) -> int:
 
 
 def _limit(max_pixels: int | None) -> int:
-    """The limit for one read: the caller's (host code) or the process-wide one; Pillow's bound follows it."""
+    """The limit for one read: the caller's (host code) or the process-wide one; Pillow's bound follows it.
+
+    The callers put Pillow's bound back to the process-wide limit afterwards (`_restore_pillow_bound`), so a
+    one-call limit never leaks into later reads.
+    """
     limit = _max_pixels if max_pixels is None else _positive_limit(max_pixels)
-    Image.MAX_IMAGE_PIXELS = limit  # never above the host's limit, never removed
+    Image.MAX_IMAGE_PIXELS = limit  # never removed
     return limit
+
+
+def _restore_pillow_bound() -> None:
+    Image.MAX_IMAGE_PIXELS = _max_pixels
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -163,7 +172,13 @@ def read_grey(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndar
     read-only array); the size is checked from the header before any pixel is decoded, so a huge file
     cannot exhaust memory. `max_pixels`: the host's limit for this call (default: `host_max_pixels()`).
     """
-    path = Path(path)
+    try:
+        return _read_grey(Path(path), max_pixels)
+    finally:
+        _restore_pillow_bound()
+
+
+def _read_grey(path: Path, max_pixels: int | None) -> np.ndarray:
     _check_file(path)
     max_pixels = _limit(max_pixels)
     try:
@@ -187,7 +202,13 @@ def read_grey(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndar
 
 def image_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) from the header only, with the same checks as `read_grey` except the decode."""
-    path = Path(path)
+    try:
+        return _image_size(Path(path), max_pixels)
+    finally:
+        _restore_pillow_bound()
+
+
+def _image_size(path: Path, max_pixels: int | None) -> tuple[int, int]:
     _check_file(path)
     max_pixels = _limit(max_pixels)
     try:
