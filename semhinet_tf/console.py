@@ -13,11 +13,15 @@ import re
 import sys
 import threading
 
-# absl/glog line prefix: severity letter, MMDD, time, thread id, file:line]
-NATIVE_LOG_LINE = re.compile(rb"^\s*[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [^\s:]+:\d+\] ")
+# absl/glog line prefix: severity letter, MMDD, time, thread id, file:line]. Before absl's logging is set up
+# the time is "00:00:<seconds since the epoch>" ("I0000 00:00:1796581451.262283   10638 cudart_stub.cc:31] ").
+NATIVE_LOG_LINE = re.compile(rb"^\s*[IWEF]\d{4} \d\d:\d\d:\d+(?:\.\d+)?\s+\d+ [^\s:]+:\d+\] ")
 NATIVE_NOISE = (
     re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
     NATIVE_LOG_LINE,
+    # the second line of cpu_feature_guard's message, which has no prefix of its own
+    re.compile(rb"^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags"),
+    re.compile(rb"^INFO: (Created|Initialized) TensorFlow Lite"),  # TFLite's own logger (XNNPACK delegate)
 )
 
 

@@ -278,7 +278,11 @@ def test_keras_and_tflite_give_identical_metrics_where_their_predictions_agree(w
                  == taxonomy.leaf_probabilities(tflite_probs).argmax(1))  # not implied by equal head argmaxes
     agree = same_leaf & np.all([keras_probs[h].argmax(1) == tflite_probs[h].argmax(1) for h in taxonomy.head_names],
                                axis=0)
-    assert agree.sum() >= len(frames) // 2, f"only {agree.sum()} of {len(frames)} frames agree"
+    # The 4-step model's probabilities move by ~0.006 between frames, so int8 rounding (steps of 1/256) flips
+    # near-ties in some head on more than half of the frames (19 of 48 agree in all five heads and the leaf,
+    # on 933bc67 as now); what the check needs is a subset with several classes in it.
+    assert agree.sum() >= len(frames) // 4, f"only {agree.sum()} of {len(frames)} frames agree"
+    assert len(set(truth[agree].tolist())) >= 3, "the frames that agree hold fewer than 3 classes"
     results = [evaluate(truth[agree], {h: p[h][agree] for h in taxonomy.head_names}, taxonomy, model_name="m",
                         fmt=fmt) for p, fmt in ((keras_probs, "keras"), (tflite_probs, "tflite"))]
     for key in ("leaf", "heads", "summary", "per_class", "missing_classes"):

@@ -58,6 +58,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     from semhinet_tf.export.tflite import convert_int8
     from semhinet_tf.export.tflite_meta import read_contract
     from semhinet_tf.model.io import load_model
+    from semhinet_tf.progress import step
     from semhinet_tf.taxonomy import Taxonomy
 
     run_dir = Path(run_dir)
@@ -89,7 +90,8 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     frames, leaf_ids = load_split_frames(run_dir, "train", progress=progress)
     calib = calibration_frames(frames, leaf_ids, calib_samples, int(config["train"]["seed"]))
     tflite = convert_int8(model, img_size, taxonomy.head_names, lambda: iter(calib), io_type=io_type,
-                          per_tensor=granularity == "per-tensor", float_heads=float_heads)
+                          per_tensor=granularity == "per-tensor", float_heads=float_heads, progress=progress,
+                          calibration_size=len(calib))
     if review_threshold is None:
         review_threshold = _validation_threshold(run_dir)
     quantization = {"source": source, "granularity": granularity, "io": io_type, "float_heads": float_heads}
@@ -100,7 +102,8 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     atomic_write_bytes(out, tflite)
     _, contract_path, npu_path = conversion_outputs(out)
     write_json(contract, contract_path)
-    report = check_npu(out, allow_float_tail=float_heads)
+    with step("checking the operators for the NPU", enabled=progress):
+        report = check_npu(out, allow_float_tail=float_heads)
     write_json(report.to_dict(), npu_path)
     return {"path": str(out), "bytes": len(tflite), "contract_path": str(contract_path),
             "npu_ok": report.ok, "npu_report": report.format(limit=40)}

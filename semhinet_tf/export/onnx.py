@@ -37,7 +37,7 @@ _NP_OF_ORT = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(float)
 
 # ---------------------------------------------------------------- export
 def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwrite: bool = False,
-                tflite_tables: bool = True) -> dict:
+                tflite_tables: bool = True, progress: bool = True) -> dict:
     """A .tflite (int8 QDQ graph) or a run directory / .keras / .h5 (float or QAT) -> .onnx, written atomically.
 
     From a .tflite, `tflite_tables` holds int8 activations as uint8 and replaces the int8 hard-swish and add
@@ -45,8 +45,11 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
     onnxruntime gives TFLite's answers; False keeps tf2onnx's graph as it is, for ONNX toolchains that fuse
     its QDQ patterns themselves.
     Returns what was written: path, bytes, source ("tflite" | "keras"), model file, opset, input, outputs,
-    whether a contract was embedded, and (from a .tflite) what was tabulated.
+    whether a contract was embedded, and (from a .tflite) what was tabulated. `progress`: the elapsed time of
+    each step on stderr (tf2onnx reports nothing while it converts).
     """
+    from semhinet_tf.progress import step
+
     model_path, out = Path(model_path), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists (use overwrite=True / --overwrite)")
@@ -56,14 +59,17 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
     if model_path.suffix == ".tflite":
         checked = load_tflite_contract(model_path.read_bytes(), model_path, allow_missing=True)
         contract = checked.raw if checked.present else None
-        proto, source = _from_tflite(model_path, opset), "tflite"
+        with step("converting to ONNX (tf2onnx)", enabled=progress):
+            proto, source = _from_tflite(model_path, opset), "tflite"
         model_file = model_path
         if tflite_tables:
             from semhinet_tf.export.onnx_tables import match_tflite
 
-            tables = match_tflite(proto, model_path).as_dict()
+            with step("matching TFLite's rounding (tables)", enabled=progress):
+                tables = match_tflite(proto, model_path).as_dict()
     elif model_path.is_dir() or model_path.suffix in (".keras", ".h5"):
-        proto, contract, model_file = _from_keras(model_path, opset)
+        with step("converting to ONNX (tf2onnx)", enabled=progress):
+            proto, contract, model_file = _from_keras(model_path, opset)
         source = "keras"
     else:
         raise ValueError(f"{model_path}: cannot export to ONNX (expected a .tflite, .keras, .h5 or run directory)")

@@ -44,21 +44,30 @@ def _converter(fn, model: keras.Model) -> tf.lite.TFLiteConverter:
     return tf.lite.TFLiteConverter.from_concrete_functions([fn], holder)
 
 
-def representative_dataset(frames: Callable[[], Iterator[np.ndarray]]) -> Callable[[], Iterator[list]]:
-    """Wrap a generator of uint8 (S,S) frames as the converter's representative dataset."""
+def representative_dataset(frames: Callable[[], Iterator[np.ndarray]], progress: bool = False,
+                           total: int | None = None) -> Callable[[], Iterator[list]]:
+    """Wrap a generator of uint8 (S,S) frames as the converter's representative dataset.
+
+    `progress`: a bar on stderr counting the frames the converter calibrates on (`total` of them)."""
+    from semhinet_tf.progress import bar
 
     def gen():
-        for frame in frames():
-            yield [np.asarray(frame, np.float32).reshape(1, *frame.shape[:2], 1)]
+        with bar(total=total, desc="calibrating", unit="frame", enabled=progress) as counter:
+            for frame in frames():
+                yield [np.asarray(frame, np.float32).reshape(1, *frame.shape[:2], 1)]
+                counter.update()
 
     return gen
 
 
 def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
                  calibration: Callable[[], Iterator[np.ndarray]] | None, io_type: str = "uint8",
-                 per_tensor: bool = False, float_heads: bool = False) -> bytes:
+                 per_tensor: bool = False, float_heads: bool = False, progress: bool = False,
+                 calibration_size: int | None = None) -> bytes:
     """Full-integer conversion. A QAT model carries its own ranges; calibration still sets any the
     fake-quant nodes do not cover (and is required for a float model: post-training quantization).
+
+    `progress`: a bar for the calibration frames (`calibration_size` of them), then the converter's own time.
 
     `float_heads`: everything up to the pooled features in int8 (the NPU's part), then a DEQUANTIZE and the
     heads in float32 on the CPU, with float32 outputs (see `_quantize_all_but_heads`)."""
@@ -68,7 +77,7 @@ def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
     if per_tensor:  # one scale per weight tensor: PTQ, or a per-tensor QAT model (its kernels are BN-folded)
         converter._experimental_disable_per_channel = True
     if calibration is not None:
-        converter.representative_dataset = representative_dataset(calibration)
+        converter.representative_dataset = representative_dataset(calibration, progress, calibration_size)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = IO_TYPES[io_type]
     converter.inference_output_type = IO_TYPES[io_type]
@@ -76,7 +85,10 @@ def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
         if calibration is None:
             raise ValueError("float heads need calibration frames")
         return _quantize_all_but_heads(converter, io_type, per_tensor)
-    return converter.convert()
+    from semhinet_tf.progress import step
+
+    with step("converting to int8 TFLite", enabled=progress):
+        return converter.convert()
 
 
 def _quantize_all_but_heads(converter, io_type: str, per_tensor: bool) -> bytes:

@@ -1,0 +1,49 @@
+"""Progress on stderr for every step that takes more than a few seconds, so stdout stays for results.
+
+`bar` counts things (frames decoded, calibrated, classified); `step` shows a ticking clock for one call that
+reports nothing while it runs (the TFLite converter, tf2onnx), so a person can tell a slow step from a hang.
+Both stay silent when disabled (`--quiet`, tests) and draw nothing but a final line when stderr is not a
+terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+TICK_SECONDS = 0.5
+
+
+def bar(total: int | None = None, desc: str = "", unit: str = "img", enabled: bool = True, leave: bool = False) -> Any:
+    """A tqdm bar on stderr (a no-op bar when disabled)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+@contextmanager
+def step(desc: str, enabled: bool = True) -> Iterator[None]:
+    """Show `desc` with the elapsed time while the body runs; one line with its duration when it ends."""
+    if not enabled:
+        yield
+        return
+    ticker = bar(desc=desc, unit="s", enabled=True, leave=True)
+    ticker.bar_format = "{desc}: {elapsed}"
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(TICK_SECONDS):
+            ticker.refresh()
+
+    thread = threading.Thread(target=tick, name="semhinet-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        ticker.close()
