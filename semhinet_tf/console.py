@@ -22,12 +22,24 @@ NATIVE_NOISE = (
     # the second line of cpu_feature_guard's message, which has no prefix of its own
     re.compile(rb"^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags"),
     re.compile(rb"^INFO: (Created|Initialized) TensorFlow Lite"),  # TFLite's own logger (XNNPACK delegate)
+    re.compile(rb"^fully_quantize: \d+, inference_type: \d+, "),  # the converter's quantizer, unprefixed
 )
+
+_NATIVE_ANYWHERE = tuple(re.compile(p.pattern.removeprefix(b"^")) for p in NATIVE_NOISE)
 
 
 def is_native_log(line: bytes) -> bool:
     """A line TensorFlow's C++ runtime wrote (not ours, not a progress bar)."""
     return any(p.match(line) for p in NATIVE_NOISE)
+
+
+def without_native_log(piece: bytes) -> bytes:
+    """What to forward of one piece of descriptor 2: nothing of a native log line, even one that was written
+    right after a progress bar's unfinished redraw (the bar's part is kept)."""
+    if is_native_log(piece):
+        return b""
+    starts = [m.start() for p in _NATIVE_ANYWHERE if (m := p.search(piece))]
+    return piece[:min(starts)] if starts else piece
 
 
 class _Filter:
@@ -56,11 +68,11 @@ class _Filter:
             # a progress bar redraws with \r, a line ends with \n: forward each piece as soon as it is whole
             pieces = re.split(rb"(?<=[\r\n])", pending)
             pending = pieces.pop()
-            out = b"".join(p for p in pieces if not is_native_log(p))
+            out = b"".join(without_native_log(p) for p in pieces)
             if out:
                 os.write(self.saved, out)
-        if pending and not is_native_log(pending):
-            os.write(self.saved, pending)
+        if pending and (rest := without_native_log(pending)):
+            os.write(self.saved, rest)
 
     def close(self) -> None:
         try:

@@ -17,22 +17,33 @@ from typing import Any
 TICK_SECONDS = 0.5
 
 
-def bar(total: int | None = None, desc: str = "", unit: str = "img", enabled: bool = True, leave: bool = False) -> Any:
-    """A tqdm bar on stderr (a no-op bar when disabled)."""
+def bar(total: int | None = None, desc: str = "", unit: str = "img", enabled: bool = True, leave: bool = False,
+        **options: Any) -> Any:
+    """A tqdm bar on stderr (a no-op bar when disabled); `options` go to tqdm."""
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, file=sys.stderr,
-                dynamic_ncols=True)
+                dynamic_ncols=True, **options)
+
+
+class Step:
+    """The handle `step` yields: `note("12/16 frames calibrated")` shows progress inside an opaque call."""
+
+    def __init__(self, ticker: Any = None) -> None:
+        self._ticker = ticker
+
+    def note(self, text: str) -> None:
+        if self._ticker is not None:
+            self._ticker.set_postfix_str(text, refresh=False)
 
 
 @contextmanager
-def step(desc: str, enabled: bool = True) -> Iterator[None]:
+def step(desc: str, enabled: bool = True) -> Iterator[Step]:
     """Show `desc` with the elapsed time while the body runs; one line with its duration when it ends."""
     if not enabled:
-        yield
+        yield Step()
         return
-    ticker = bar(desc=desc, unit="s", enabled=True, leave=True)
-    ticker.bar_format = "{desc}: {elapsed}"
+    ticker = bar(desc=desc, unit="s", enabled=True, leave=True, bar_format="{desc}: {elapsed}{postfix}")
     done = threading.Event()
 
     def tick() -> None:
@@ -42,7 +53,7 @@ def step(desc: str, enabled: bool = True) -> Iterator[None]:
     thread = threading.Thread(target=tick, name="semhinet-progress", daemon=True)
     thread.start()
     try:
-        yield
+        yield Step(ticker)
     finally:
         done.set()
         thread.join()

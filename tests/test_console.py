@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from semhinet_tf.console import is_native_log
+from semhinet_tf.console import is_native_log, without_native_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,7 @@ NATIVE = [  # lines seen on this CPU machine from TensorFlow 2.21 and its conver
     b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the "
     b"appropriate compiler flags.\n",
     b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n",
+    b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: UINT8\n",
 ]
 OURS = [
     b"error: data/bridge/x.png: image is 300x200 px\n",
@@ -38,6 +39,14 @@ def test_native_log_lines_are_recognised(line):
 @pytest.mark.parametrize("line", OURS)
 def test_our_lines_and_progress_bars_are_not(line):
     assert not is_native_log(line)
+
+
+def test_a_native_line_written_after_an_unfinished_bar_is_dropped_and_the_bar_kept():
+    bar = b"converting to int8 TFLite: 00:30"
+    assert without_native_log(bar + NATIVE[-1]) == bar
+    assert without_native_log(bar + b" " + NATIVE[0]).rstrip() == bar
+    assert without_native_log(OURS[0]) == OURS[0]
+    assert without_native_log(NATIVE[2]) == b""
 
 
 def _stderr_of(code: str, env_extra: dict | None = None) -> str:

@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from semhinet_tf.model import keras
+from semhinet_tf.progress import Step
+from semhinet_tf.progress import step as progress_step
 
 IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
 
@@ -44,18 +46,18 @@ def _converter(fn, model: keras.Model) -> tf.lite.TFLiteConverter:
     return tf.lite.TFLiteConverter.from_concrete_functions([fn], holder)
 
 
-def representative_dataset(frames: Callable[[], Iterator[np.ndarray]], progress: bool = False,
+def representative_dataset(frames: Callable[[], Iterator[np.ndarray]], step: Step | None = None,
                            total: int | None = None) -> Callable[[], Iterator[list]]:
     """Wrap a generator of uint8 (S,S) frames as the converter's representative dataset.
 
-    `progress`: a bar on stderr counting the frames the converter calibrates on (`total` of them)."""
-    from semhinet_tf.progress import bar
+    `step`: the conversion's progress line, told how many of the `total` frames were calibrated on (the
+    converter pulls them inside its own call)."""
 
     def gen():
-        with bar(total=total, desc="calibrating", unit="frame", enabled=progress) as counter:
-            for frame in frames():
-                yield [np.asarray(frame, np.float32).reshape(1, *frame.shape[:2], 1)]
-                counter.update()
+        for done, frame in enumerate(frames(), 1):
+            yield [np.asarray(frame, np.float32).reshape(1, *frame.shape[:2], 1)]
+            if step is not None:
+                step.note(f"calibrated {done}/{total or '?'} frames")
 
     return gen
 
@@ -71,13 +73,21 @@ def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
 
     `float_heads`: everything up to the pooled features in int8 (the NPU's part), then a DEQUANTIZE and the
     heads in float32 on the CPU, with float32 outputs (see `_quantize_all_but_heads`)."""
+    with progress_step("converting to int8 TFLite", enabled=progress) as step:
+        return _convert_int8(model, img_size, output_names, calibration, io_type, per_tensor, float_heads, step,
+                             calibration_size)
+
+
+def _convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
+                  calibration: Callable[[], Iterator[np.ndarray]] | None, io_type: str, per_tensor: bool,
+                  float_heads: bool, step: Step, calibration_size: int | None) -> bytes:
     fn = serving_function(model, img_size, output_names)
     converter = _converter(fn, model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if per_tensor:  # one scale per weight tensor: PTQ, or a per-tensor QAT model (its kernels are BN-folded)
         converter._experimental_disable_per_channel = True
     if calibration is not None:
-        converter.representative_dataset = representative_dataset(calibration, progress, calibration_size)
+        converter.representative_dataset = representative_dataset(calibration, step, calibration_size)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = IO_TYPES[io_type]
     converter.inference_output_type = IO_TYPES[io_type]
@@ -85,10 +95,7 @@ def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
         if calibration is None:
             raise ValueError("float heads need calibration frames")
         return _quantize_all_but_heads(converter, io_type, per_tensor)
-    from semhinet_tf.progress import step
-
-    with step("converting to int8 TFLite", enabled=progress):
-        return converter.convert()
+    return converter.convert()
 
 
 def _quantize_all_but_heads(converter, io_type: str, per_tensor: bool) -> bytes:
