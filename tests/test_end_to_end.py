@@ -209,7 +209,7 @@ def test_each_tflite_output_is_the_right_head(workspace):
     from semhinet_tf.board.runtime import BoardModel
     from semhinet_tf.data.dataset import load_split_frames
     from semhinet_tf.model.io import load_model
-    from semhinet_tf.predict import predict_keras
+    from semhinet_tf.engines.keras import predict_keras
 
     frames, _ = load_split_frames(workspace["run"], "val", progress=False)
     keras_probs = predict_keras(load_model(workspace["run"] / "qat.h5"), frames)
@@ -234,7 +234,7 @@ def test_float_heads_keep_the_backbone_on_the_npu_and_the_heads_in_float(workspa
     from semhinet_tf.export.npu import check_npu
     from semhinet_tf.export.tflite_meta import read_contract, read_model
     from semhinet_tf.model.io import load_model
-    from semhinet_tf.predict import predict_keras
+    from semhinet_tf.engines.keras import predict_keras
 
     run_cli("convert", str(workspace["run"]), "--calib-samples", "16", "--float-heads")
     path = workspace["run"] / "model_int8_float_heads.tflite"
