@@ -82,7 +82,7 @@ def engines(run):
 def test_every_kind_of_model_path_loads_with_its_run_settings(engines, kind):
     engine = engines[kind]
     assert engine.format == KINDS[kind][1]
-    assert engine.input_size == SIZE and engine.taxonomy.head_names == list(HEAD_WIDTHS)
+    assert engine.input_size == SIZE and list(engine.taxonomy.head_names) == list(HEAD_WIDTHS)
     assert engine.preprocess.size == SIZE
     assert engine.review_threshold == pytest.approx(0.4)  # the run's (Keras, contract-less ONNX) or the contract's
     engine.use_views(8)
@@ -96,7 +96,7 @@ def test_predict_gives_the_same_head_dict_from_every_engine(engines):
     for kind, out in outputs.items():
         assert {h: v.shape for h, v in out.items()} == {h: (5, k) for h, k in HEAD_WIDTHS.items()}, kind
         assert all(v.dtype == np.float32 for v in out.values())
-        np.testing.assert_allclose(out["h1"].sum(axis=1), 1.0, atol=1e-3)
+        np.testing.assert_allclose(out["h1"].sum(axis=1), 1.0, atol=0.01)  # int8: one output step off at most
     for kind in ("run", "h5", "onnx"):  # one float model under three paths: the same answers
         for head in HEAD_WIDTHS:
             np.testing.assert_allclose(outputs[kind][head], outputs["keras"][head], atol=1e-4, err_msg=kind)
@@ -127,10 +127,11 @@ def test_classify_reports_an_unreadable_file_in_its_place(engines, images, kind)
 
 def test_classify_batches_give_the_rows_of_one_image_at_a_time(engines, images):
     engine = engines["onnx"]
-    drop = ("decode_ms", "infer_ms")
-    one = [{k: v for k, v in r.items() if k not in drop} for r in engine.classify([images], batch_size=1)]
-    two = [{k: v for k, v in r.items() if k not in drop} for r in engine.classify([images], batch_size=2)]
-    assert one == two
+    one, two = (list(engine.classify([images], batch_size=n)) for n in (1, 2))
+    assert [(r["path"], r.get("class"), r.get("error")) for r in one] == \
+        [(r["path"], r.get("class"), r.get("error")) for r in two]
+    for a, b in zip(one, two, strict=True):  # batched float kernels may differ in the last digits
+        assert a.get("probability", 0) == pytest.approx(b.get("probability", 0), abs=1e-5)
 
 
 def _readme_python_blocks() -> list[str]:

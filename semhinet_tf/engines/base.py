@@ -134,31 +134,40 @@ class Engine:
         batch_size = batch_size or self.classify_batch
         if self.warmup_ms is None:
             self.warm_up()
-        batch: list[tuple[Path, np.ndarray, float]] = []
+        pending: list[dict | tuple[Path, np.ndarray, float]] = []  # error rows wait with the frames: paths' order
+        frames = 0
         for path in iter_image_paths(paths, on_missing=on_missing):
             if isinstance(path, Unreadable):
-                yield {"path": str(path.path), "error": path.reason}
-                continue
-            t0 = time.perf_counter()
-            try:
-                frame = load_frame(path, self.preprocess)
-            except ImageError as exc:
-                yield {"path": str(path), "error": exc.reason}
-                continue
-            batch.append((path, frame, (time.perf_counter() - t0) * 1000))
-            if len(batch) >= batch_size:
-                yield from self._verdicts(batch)
-        if batch:
-            yield from self._verdicts(batch)
+                pending.append({"path": str(path.path), "error": path.reason})
+            else:
+                t0 = time.perf_counter()
+                try:
+                    pending.append((path, load_frame(path, self.preprocess), (time.perf_counter() - t0) * 1000))
+                    frames += 1
+                except ImageError as exc:
+                    pending.append({"path": str(path), "error": exc.reason})
+            if frames >= batch_size or (not frames and pending):
+                yield from self._verdicts(pending)
+                frames = 0
+        yield from self._verdicts(pending)
 
-    def _verdicts(self, batch: list[tuple[Path, np.ndarray, float]]) -> Iterator[dict]:
-        t = time.perf_counter()
-        probs = self.predict(np.stack([frame for _, frame, _ in batch]), verbose=0)
-        infer_ms = (time.perf_counter() - t) * 1000 / len(batch)
-        rows = self.taxonomy.decode(probs, self.review_threshold)
-        items = list(batch)
-        batch.clear()
-        for (path, _, decode_ms), row in zip(items, rows, strict=True):
+    def _verdicts(self, pending: list[dict | tuple[Path, np.ndarray, float]]) -> Iterator[dict]:
+        """The rows of `pending` in order (emptying it): error rows as they are, frames run as one batch."""
+        batch = [item for item in pending if not isinstance(item, dict)]
+        rows: list[dict] = []
+        if batch:
+            t = time.perf_counter()
+            probs = self.predict(np.stack([frame for _, frame, _ in batch]), verbose=0)
+            infer_ms = (time.perf_counter() - t) * 1000 / len(batch)
+            rows = self.taxonomy.decode(probs, self.review_threshold)
+        verdicts = iter(zip(batch, rows, strict=True))
+        items = list(pending)
+        pending.clear()
+        for item in items:
+            if isinstance(item, dict):
+                yield item
+                continue
+            (path, _, decode_ms), row = next(verdicts)
             yield {"path": str(path), **row, "decode_ms": round(decode_ms, 2), "infer_ms": round(infer_ms, 2)}
 
 
