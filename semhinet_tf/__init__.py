@@ -52,6 +52,7 @@ def decode_predictions(outputs, taxonomy=None, review_threshold: float | None = 
     import json
     from pathlib import Path
 
+    from semhinet_tf.artifacts.run import TAXONOMY
     from semhinet_tf.taxonomy import Taxonomy as TaxonomyClass
 
     if run is not None:
@@ -59,7 +60,7 @@ def decode_predictions(outputs, taxonomy=None, review_threshold: float | None = 
 
         run = Path(run)
         if taxonomy is None:
-            taxonomy = TaxonomyClass.from_spec(json.loads((run / "taxonomy.json").read_text()))
+            taxonomy = TaxonomyClass.from_spec(json.loads((run / TAXONOMY).read_text()))
         if review_threshold is None:
             review_threshold = run_threshold(None, run, views)
     tax = taxonomy if taxonomy is not None else TaxonomyClass.default()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.artifacts.files import check_outputs
+from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, HISTORY, QAT_MODEL
 from semhinet_tf.data.decode import Preprocess
 from semhinet_tf.taxonomy import Taxonomy
 
@@ -20,7 +21,7 @@ def run_views(run_dir: str | Path) -> list[str]:
     ignore), for scripts that call `model.predict` themselves."""
     from semhinet_tf.data.views import invariant_views
 
-    config = json.loads((Path(run_dir) / "config.json").read_text())
+    config = json.loads((Path(run_dir) / CONFIG).read_text())
     return invariant_views(config.get("train", {}).get("augment"))
 
 
@@ -79,7 +80,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     if report_dir:
         from semhinet_tf.report import write_report
 
-        history = run_dir / "history.csv" if run_dir and (run_dir / "history.csv").exists() else None
+        history = run_dir / HISTORY if run_dir and (run_dir / HISTORY).exists() else None
         index = write_report(report_dir, result, paths, leaf_ids, probs, taxonomy, history_csv=history,
                              title=f"SEM-HiNet-TF evaluation: {model.name} ({engine.format}, {split_used} split"
                                    f"{f', {views} test-time views' if views > 1 else ''})")
@@ -151,7 +152,7 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
     conv = convert_run(run)
     print(conv["npu_report"].splitlines()[-1], flush=True)
     print("[4/5] evaluating float and int8 models on the held-out split", flush=True)
-    float_eval = eval_model(run / "float.keras", data, split="val", json_out=run / "eval_float.json")
+    float_eval = eval_model(run / FLOAT_MODEL, data, split="val", json_out=run / "eval_float.json")
     int8_eval = eval_model(Path(conv["path"]), data, split="val", json_out=run / "eval_int8.json",
                            report_dir=run / "report")
     results = {"float (Keras)": float_eval["result"], "int8 (TFLite)": int8_eval["result"]}
@@ -179,14 +180,13 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     result fail when the int8 model falls further below float than that. `views` > 1 scores every
     model on that many test-time flips/rotations (a model that does not offer them is skipped with a note).
     """
-    from semhinet_tf.artifacts.run import FLOAT_MODEL
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.engines import load_model
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
 
     check_outputs([json_out], overwrite)
     run_dir = Path(run_dir)
-    candidates = [run_dir / FLOAT_MODEL, run_dir / "qat.h5", *sorted(run_dir.glob("*.tflite")),
+    candidates = [run_dir / FLOAT_MODEL, run_dir / QAT_MODEL, *sorted(run_dir.glob("*.tflite")),
                   *sorted(run_dir.glob("*.onnx"))]
     models = [p for p in candidates if p.exists() and not p.name.endswith(".backbone.tflite")]
     if not (run_dir / FLOAT_MODEL).exists():

@@ -96,7 +96,11 @@ class Engine:
             return {h.name: np.zeros((0, h.num_classes), np.float32) for h in self.taxonomy.heads}
         views = list(self.views if views is None else views)
         show = self.progress and verbose != 0 and len(frames) * len(views) >= PROGRESS_MIN_FRAMES
-        bar = _bar(len(frames) * len(views), f"inference ({self.format})") if show else None
+        bar = None
+        if show:  # host only: the bar needs tqdm, which the board does not have (its `progress` stays off)
+            from semhinet_tf.progress import bar as progress_bar
+
+            bar = progress_bar(len(frames) * len(views), desc=f"inference ({self.format})", unit="frame")
         parts: dict[str, list[np.ndarray]] = {}
         try:
             for i in range(0, len(frames), batch_size):
@@ -174,13 +178,6 @@ class Engine:
 def warn_stderr(message: str) -> None:
     """Where engines say what the user should know (a missing digest, defaults in use) unless told otherwise."""
     print(message, file=sys.stderr)
-
-
-def _bar(total: int, desc: str):
-    """A tqdm bar on stderr (host only: tqdm is not on the board, where `progress` stays off)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="frame", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 def iter_image_paths(items: Iterable[str | Path], on_missing=None) -> Iterator[Path | Unreadable]:
