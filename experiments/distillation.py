@@ -148,9 +148,9 @@ def main() -> None:
         raise SystemExit(f"error: {args.out}: exists; choose another --out")
 
     from semhinet_tf.data.dataset import eval_items, load_split_frames
+    from semhinet_tf.engines import load_model as load_engine
     from semhinet_tf.losses import head_class_weights
     from semhinet_tf.model.io import load_model
-    from semhinet_tf.predict import Predictor
     from semhinet_tf.train import (
         FLOAT_MODEL,
         QAT_MODEL,
@@ -162,15 +162,14 @@ def main() -> None:
         set_seed,
         write_review_threshold,
     )
-    from semhinet_tf.workflow import decode_items, model_context, model_views
+    from semhinet_tf.workflow import decode_items
 
     t0 = time.time()
     config = json.loads((args.teacher / "config.json").read_text())
     cfg = replace(TrainConfig.from_dict(config["train"]), seed=args.seed)
     set_seed(args.seed)
-    teacher = Predictor(args.teacher / FLOAT_MODEL)
-    taxonomy, pre, _ = model_context(teacher)
-    views = model_views(teacher, args.teacher, args.views)
+    teacher = load_engine(args.teacher / FLOAT_MODEL, views=args.views)
+    taxonomy, pre, views = teacher.taxonomy, teacher.preprocess, teacher.views
     train = load_split_frames(args.teacher, "train")
     val = load_split_frames(args.teacher, "val")
     frames, leaf_ids = train

@@ -56,9 +56,9 @@ def main() -> None:
 
     from semhinet_tf.board.runtime import BoardModel
     from semhinet_tf.data.dataset import eval_items
+    from semhinet_tf.engines import load_model
     from semhinet_tf.export.onnx import export_onnx
-    from semhinet_tf.predict import Predictor
-    from semhinet_tf.workflow import decode_items, model_context
+    from semhinet_tf.workflow import decode_items
 
     int8 = args.run / "model_int8.tflite"
     pairs = [("int8 .tflite -> ONNX (default: uint8 activations, TFLite's tables)", int8, True),
@@ -73,8 +73,8 @@ def main() -> None:
         for name, source, tables in pairs:
             onnx_path = Path(tmp) / f"{source.stem}_{tables}.onnx"
             export_onnx(source, onnx_path, tflite_tables=tables)
-            ref, onnx = Predictor(source), Predictor(onnx_path)
-            taxonomy, pre, run_dir = model_context(ref)
+            ref, onnx = load_model(source), load_model(onnx_path)
+            taxonomy, pre = ref.taxonomy, ref.preprocess
             items, split, notes = eval_items(args.data, taxonomy, args.run, args.split)
             frames, _, truth = decode_items(items, pre, taxonomy, notes, progress=False)
             a, b = ref.predict(frames), onnx.predict(frames)
@@ -93,9 +93,9 @@ def main() -> None:
             stability.append(f"{source.name} keeps {np.mean(ln == la):.2%} of its verdicts under +-1 grey-level noise")
             if source == int8:
                 engines["TFLite default (XNNPACK)"] = a
-                engines["TFLite built-in kernels"] = BoardModel(int8, kernels="builtin").predict_frames(frames)
+                engines["TFLite built-in kernels"] = BoardModel(int8, kernels="builtin").predict(frames)
                 if not args.no_reference:  # not offered to users: these kernels abort on some PTQ models
-                    engines["TFLite reference kernels"] = BoardModel(int8, kernels="reference").predict_frames(frames)
+                    engines["TFLite reference kernels"] = BoardModel(int8, kernels="reference").predict(frames)
                 engines["onnxruntime (as exported)"] = b
                 engines["TFLite default, input +-1 grey level"] = c
                 engine_truth, engine_taxonomy = truth, taxonomy

@@ -99,12 +99,13 @@ def main() -> None:
     from tensorflow.lite.tools import flatbuffer_utils
 
     from semhinet_tf.data.dataset import eval_items
+    from semhinet_tf.engines import load_model
     from semhinet_tf.export.onnx_tables import operator_names, single_operator_model
-    from semhinet_tf.predict import Predictor
-    from semhinet_tf.workflow import decode_items, model_context
+    from semhinet_tf.workflow import decode_items
 
     tflite = args.run / "model_int8.tflite"
-    taxonomy, pre, _ = model_context(Predictor(tflite))
+    engine = load_model(tflite)
+    taxonomy, pre = engine.taxonomy, engine.preprocess
     items, _, notes = eval_items(args.data, taxonomy, args.run, "all")
     step = max(1, len(items) // args.frames)
     frames, _, _ = decode_items(items[::step][:args.frames], pre, taxonomy, notes, progress=False)

@@ -36,16 +36,16 @@ def main() -> None:
         raise SystemExit(f"error: {args.out}: exists; choose another --out")
 
     from semhinet_tf.data.dataset import eval_items
-    from semhinet_tf.predict import Predictor
-    from semhinet_tf.workflow import decode_items, model_context, model_views
+    from semhinet_tf.engines import load_model
+    from semhinet_tf.workflow import decode_items
 
-    teacher = Predictor(args.teacher / "float.keras")
-    taxonomy, pre, _ = model_context(teacher)
+    teacher = load_model(args.teacher / "float.keras", views=args.views)
+    taxonomy, pre = teacher.taxonomy, teacher.preprocess
     items, _, notes = eval_items(args.unlabelled, taxonomy, None, "all")
     pick = np.random.default_rng(args.seed).permutation(len(items))[:args.count]
     items = [items[i] for i in sorted(pick)]
     frames, paths, truth = decode_items(items, pre, taxonomy, notes)
-    leaf_p = taxonomy.leaf_probabilities(teacher.predict(frames, model_views(teacher, args.teacher, args.views)))
+    leaf_p = taxonomy.leaf_probabilities(teacher.predict(frames))
     pseudo, sure = leaf_p.argmax(1), leaf_p.max(1)
     keep = sure >= args.min_probability
 

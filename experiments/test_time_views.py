@@ -80,22 +80,22 @@ def main() -> None:
 
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.data.views import log_average, view_counts
+    from semhinet_tf.engines import load_model
     from semhinet_tf.evaluate import evaluate
-    from semhinet_tf.predict import Predictor
-    from semhinet_tf.workflow import available_views, decode_items, model_context
+    from semhinet_tf.workflow import decode_items
 
     rows = []
     frames = truth = None
     for name in args.models.split(","):
-        predictor = Predictor(args.run / name)
-        taxonomy, pre, _ = model_context(predictor)
+        predictor = load_model(args.run / name)
+        taxonomy, pre = predictor.taxonomy, predictor.preprocess
         if frames is None:
             items, _, notes = eval_items(args.test, taxonomy, None, "all")
             if args.limit:
                 keep = np.random.default_rng(0).permutation(len(items))[:args.limit]
                 items = [items[i] for i in sorted(keep)]
             frames, _, truth = decode_items(items, pre, taxonomy, notes)
-        available = available_views(predictor, args.run)
+        available = predictor.spec.view_names()
         views = available[:max(view_counts(available))]
         per_view, seconds = per_view_predictions(predictor, frames, views)
         right_1 = leaf_right(per_view[0], truth, taxonomy)

@@ -22,17 +22,24 @@ def _tensorflow_already_imported_without_legacy_keras() -> bool:
     return "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1"
 
 
-def load_model(path, trust_code: bool = False):
-    """Load a trained model: a run directory (its best QAT or float model) or a .keras/.h5 file.
+def load_model(path, trust_code: bool = False, **options):
+    """Load any model: a run directory (its best QAT or float model), .keras, .h5, .tflite or .onnx.
 
-    A file holding a Lambda or a layer class our models are not built from is refused (UnsafeModelError, a
-    ValueError): loading it would run its Python code. Pass `trust_code=True` only for a model you wrote.
-    Returns a tf-keras model whose `predict(batch)` gives a dict h1..h5 of probabilities; the batch is
-    uint8/float grayscale frames (N, S, S, 1) with raw pixel values 0..255.
+    Returns an Engine (semhinet_tf.engines): `predict(frames)` gives the dict h1..h5 of head probabilities for
+    uint8 grayscale frames (N, S, S) or (N, S, S, 1) of raw pixel values 0..255, and `classify(paths)` decodes
+    files and folders as the model was trained and yields the verdict rows `semhinet predict` prints (an
+    unreadable file is a row with an 'error', in its place). A Keras model stays a Keras model: its engine
+    answers `predict(batch, verbose=0)` and every other attribute (`inputs`, `summary()`, ...) as tf-keras does,
+    and `keras_model` is the tf-keras model itself.
+
+    A .keras/.h5 file holding a Lambda or a layer class our models are not built from is refused
+    (UnsafeModelError, a ValueError): loading it would run its Python code. Pass `trust_code=True` only for a
+    model you wrote. `options`: threads, views, review_threshold, allow_no_contract, progress (see
+    semhinet_tf.engines.load_model).
     """
-    from semhinet_tf.model.io import load_model as _load
+    from semhinet_tf.engines import load_model as _load
 
-    return _load(path, trust_code=trust_code)
+    return _load(path, trust_code=trust_code, **options)
 
 
 def decode_predictions(outputs, taxonomy=None, review_threshold: float | None = None, run=None,
@@ -45,6 +52,7 @@ def decode_predictions(outputs, taxonomy=None, review_threshold: float | None = 
     import json
     from pathlib import Path
 
+    from semhinet_tf.artifacts.run import TAXONOMY
     from semhinet_tf.taxonomy import Taxonomy as TaxonomyClass
 
     if run is not None:
@@ -52,7 +60,7 @@ def decode_predictions(outputs, taxonomy=None, review_threshold: float | None = 
 
         run = Path(run)
         if taxonomy is None:
-            taxonomy = TaxonomyClass.from_spec(json.loads((run / "taxonomy.json").read_text()))
+            taxonomy = TaxonomyClass.from_spec(json.loads((run / TAXONOMY).read_text()))
         if review_threshold is None:
             review_threshold = run_threshold(None, run, views)
     tax = taxonomy if taxonomy is not None else TaxonomyClass.default()

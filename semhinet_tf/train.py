@@ -142,7 +142,7 @@ def _atomic_json(obj: Any, path: Path) -> None:
 # ---------------------------------------------------------------- validation and history callbacks
 def hierarchical_scores(model, frames: np.ndarray, leaf_ids: np.ndarray, taxonomy) -> dict:
     """Leaf accuracy and balanced accuracy through the hierarchy (or the flat softmax)."""
-    from semhinet_tf.predict import predict_keras
+    from semhinet_tf.engines.keras import predict_keras
 
     probs = predict_keras(model, frames)
     leaf_p = taxonomy.leaf_probabilities(probs)  # a flat model's "leaf" output as it is
@@ -578,8 +578,8 @@ def write_review_threshold(model, val, taxonomy, run_dir: Path, target_purity: f
     Averaging test-time views changes how confident the model is, so the threshold is also chosen for each
     number of views the model offers ("by_views"); the top-level keys are the single-view one."""
     from semhinet_tf.data.views import apply_view, log_average, view_counts
+    from semhinet_tf.engines.keras import predict_keras
     from semhinet_tf.evaluate import coverage_curve, threshold_for_purity
-    from semhinet_tf.predict import predict_keras
 
     counts = view_counts(views)
     per_view = [predict_keras(model, apply_view(val[0], name)) for name in views[:max(counts)]]

@@ -10,71 +10,28 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.artifacts.files import check_outputs
+from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, HISTORY, QAT_MODEL
+from semhinet_tf.data.decode import Preprocess
 from semhinet_tf.taxonomy import Taxonomy
 
 
-# ---------------------------------------------------------------- what a model file knows about itself
-def find_run_dir(model_path: Path, contract: dict | None = None) -> Path | None:
-    """The run directory a model belongs to: itself, its folder, or none."""
-    for cand in (model_path, model_path.parent):
-        if cand.is_dir() and (cand / "config.json").exists() and (cand / "taxonomy.json").exists():
-            return cand
-    return None
-
-
-def model_context(predictor) -> tuple[Taxonomy, dict, Path | None]:
-    """Taxonomy, preprocessing and run directory for any model format."""
-    from semhinet_tf.data.decode import Preprocess
-
-    run_dir = find_run_dir(predictor.path)
-    spec = getattr(predictor, "spec", None)
-    if spec is not None and spec.present:  # validated at load (artifacts.contract)
-        tax, pre = spec.taxonomy(), dict(spec.preprocess)
-    elif run_dir is not None:
-        tax = Taxonomy.from_spec(json.loads((run_dir / "taxonomy.json").read_text()))
-        pre = json.loads((run_dir / "config.json").read_text())["preprocess"]
-    else:
-        tax, pre = Taxonomy.default(), {}
-    tax.check_outputs(predictor.output_names, str(predictor.path))
-    pre["size"] = predictor.input_size
-    return tax, Preprocess.from_dict(pre).to_dict(), run_dir
-
-
-def available_views(predictor, run_dir: Path | None) -> list[str]:
-    """The test-time views the model was trained to ignore: its contract's, else its run's augmentation
-    config's; identity alone for a bare model file whose training is unknown."""
-
-    spec = getattr(predictor, "spec", None)
-    if spec is not None and spec.views is not None:
-        return list(spec.views)
-    if run_dir is not None:
-        return run_views(run_dir)
-    return ["identity"]
-
-
+# ---------------------------------------------------------------- what a run knows about its model
 def run_views(run_dir: str | Path) -> list[str]:
     """The test-time views a run's model may be averaged over (those its training augmentation taught it to
     ignore), for scripts that call `model.predict` themselves."""
     from semhinet_tf.data.views import invariant_views
 
-    config = json.loads((Path(run_dir) / "config.json").read_text())
+    config = json.loads((Path(run_dir) / CONFIG).read_text())
     return invariant_views(config.get("train", {}).get("augment"))
 
 
-def model_views(predictor, run_dir: Path | None, count: int = 1) -> list[str]:
-    """The first `count` of `available_views`; a one-line error when the model does not offer that many."""
-    from semhinet_tf.data.views import select_views
-
-    return select_views(available_views(predictor, run_dir), count, str(predictor.path))
-
-
 # ---------------------------------------------------------------- eval
-def decode_items(items: list, pre: dict, taxonomy: Taxonomy, notes: list[str], progress: bool = True):
-    """Decode (path, leaf) items with the model's preprocessing; unreadable files are noted and dropped."""
-    from semhinet_tf.data.decode import Preprocess
+def decode_items(items: list, pre: Preprocess, taxonomy: Taxonomy, notes: list[str], progress: bool = True):
+    """Decode (path, leaf) items with the model's preprocessing (an engine's `preprocess`); unreadable files are
+    noted and dropped."""
     from semhinet_tf.data.pipeline import decode_frames
 
-    frames, bad = decode_frames([p for p, _ in items], Preprocess.from_dict(pre), progress=progress, desc="decode")
+    frames, bad = decode_frames([p for p, _ in items], pre, progress=progress, desc="decode")
     bad_paths = {p for p, _ in bad}
     keep = np.array([str(p) not in bad_paths for p, _ in items], dtype=bool)
     paths = [str(p) for (p, _), k in zip(items, keep, strict=True) if k]
@@ -96,26 +53,25 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     .tflite without a contract (see BoardModel). The JSON and report files are checked before any work:
     existing ones are refused unless `overwrite`."""
     from semhinet_tf.data.dataset import eval_items
+    from semhinet_tf.engines import find_run_dir, load_model
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
-    from semhinet_tf.predict import Predictor
     from semhinet_tf.report import REPORT_FILES
 
     check_outputs([json_out, *(Path(report_dir) / name for name in REPORT_FILES)] if report_dir else [json_out],
                   overwrite)
     model = Path(model)
-    predictor = Predictor(model, allow_no_contract=allow_no_contract)
-    taxonomy, pre, found_run = model_context(predictor)
-    run_dir = Path(run_dir) if run_dir is not None else found_run
-    view_names = model_views(predictor, found_run, views)
+    engine = load_model(model, views=views, allow_no_contract=allow_no_contract, progress=progress)
+    taxonomy = engine.taxonomy
+    run_dir = Path(run_dir) if run_dir is not None else find_run_dir(model)
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
-    frames, paths, leaf_ids = decode_items(items, pre, taxonomy, notes, progress)
+    frames, paths, leaf_ids = decode_items(items, engine.preprocess, taxonomy, notes, progress)
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
-    probs = predictor.predict(frames, view_names)
-    result = evaluate(leaf_ids, probs, taxonomy, model_name=str(model), fmt=predictor.format,
+    probs = engine.predict(frames)
+    result = evaluate(leaf_ids, probs, taxonomy, model_name=str(model), fmt=engine.format,
                       purity_target=target_purity)
     result["split"] = split_used
-    result["views"] = view_names
+    result["views"] = engine.views
     if result.get("missing_classes"):
         notes.append(f"classes missing from this split: {', '.join(result['missing_classes'])}")
     if json_out:
@@ -124,12 +80,12 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     if report_dir:
         from semhinet_tf.report import write_report
 
-        history = run_dir / "history.csv" if run_dir and (run_dir / "history.csv").exists() else None
+        history = run_dir / HISTORY if run_dir and (run_dir / HISTORY).exists() else None
         index = write_report(report_dir, result, paths, leaf_ids, probs, taxonomy, history_csv=history,
-                             title=f"SEM-HiNet-TF evaluation: {model.name} ({predictor.format}, {split_used} split"
+                             title=f"SEM-HiNet-TF evaluation: {model.name} ({engine.format}, {split_used} split"
                                    f"{f', {views} test-time views' if views > 1 else ''})")
         notes.append(f"report: {index}")
-    label = f"{model.name} ({predictor.format}{f', {views} views' if views > 1 else ''})"
+    label = f"{model.name} ({engine.format}{f', {views} views' if views > 1 else ''})"
     table = format_summary_table({label: result})
     return {"result": result, "table": table, "notes": notes, "paths": paths, "leaf_ids": leaf_ids,
             "probs": probs}
@@ -137,46 +93,19 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
 
 # ---------------------------------------------------------------- predict
 def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: float | None = None,
-                  threads: int | None = None, batch_size: int = 32, views: int = 1,
+                  threads: int | None = None, batch_size: int | None = None, views: int = 1,
                   allow_no_contract: bool = False) -> Iterator[dict]:
-    """Stream per-image verdicts for files and folders, any model format; bad files yield an 'error'.
+    """Stream per-image verdicts for files and folders, any model format (Engine.classify); bad files yield an
+    'error' row in their place, missing paths one at the end.
 
     `views` > 1 averages that many test-time flips/rotations, with the review threshold chosen for them;
     `allow_no_contract` runs a .tflite without a contract (see BoardModel)."""
-    from semhinet_tf.board.runtime import iter_image_paths
-    from semhinet_tf.data.decode import ImageError, Preprocess, load_frame
-    from semhinet_tf.data.scan import Unreadable
-    from semhinet_tf.predict import Predictor
+    from semhinet_tf.engines import load_model
 
-    predictor = Predictor(model, threads=threads, allow_no_contract=allow_no_contract)
-    taxonomy, pre_dict, run_dir = model_context(predictor)
-    view_names = model_views(predictor, run_dir, views)
-    pre = Preprocess.from_dict(pre_dict)
-    if threshold is None:
-        threshold = review_threshold(predictor.spec if predictor.contract else None, run_dir, views)
+    engine = load_model(model, threads=threads, views=views, review_threshold=threshold,
+                        allow_no_contract=allow_no_contract, progress=False)
     missing: list[Path] = []
-    batch: list[tuple[Path, np.ndarray]] = []
-
-    def flush():
-        frames = np.stack([f for _, f in batch])
-        results = taxonomy.decode(predictor.predict(frames, view_names), threshold)
-        for (p, _), r in zip(batch, results, strict=True):
-            yield {"path": str(p), **r}
-        batch.clear()
-
-    for path in iter_image_paths(paths, on_missing=missing.append):
-        if isinstance(path, Unreadable):  # a folder, link or entry the scan could not read
-            yield {"path": str(path.path), "error": path.reason}
-            continue
-        try:
-            batch.append((path, load_frame(path, pre)))
-        except ImageError as exc:
-            yield {"path": str(path), "error": exc.reason}
-            continue
-        if len(batch) >= batch_size:
-            yield from flush()
-    if batch:
-        yield from flush()
+    yield from engine.classify(paths, batch_size=batch_size, on_missing=missing.append)
     for p in missing:
         yield {"path": str(p), "error": "no such file or folder"}
 
@@ -223,7 +152,7 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
     conv = convert_run(run)
     print(conv["npu_report"].splitlines()[-1], flush=True)
     print("[4/5] evaluating float and int8 models on the held-out split", flush=True)
-    float_eval = eval_model(run / "float.keras", data, split="val", json_out=run / "eval_float.json")
+    float_eval = eval_model(run / FLOAT_MODEL, data, split="val", json_out=run / "eval_float.json")
     int8_eval = eval_model(Path(conv["path"]), data, split="val", json_out=run / "eval_int8.json",
                            report_dir=run / "report")
     results = {"float (Keras)": float_eval["result"], "int8 (TFLite)": int8_eval["result"]}
@@ -252,40 +181,39 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     model on that many test-time flips/rotations (a model that does not offer them is skipped with a note).
     """
     from semhinet_tf.data.dataset import eval_items
+    from semhinet_tf.engines import load_model
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
-    from semhinet_tf.predict import Predictor
 
     check_outputs([json_out], overwrite)
     run_dir = Path(run_dir)
-    candidates = [run_dir / "float.keras", run_dir / "qat.h5", *sorted(run_dir.glob("*.tflite")),
+    candidates = [run_dir / FLOAT_MODEL, run_dir / QAT_MODEL, *sorted(run_dir.glob("*.tflite")),
                   *sorted(run_dir.glob("*.onnx"))]
     models = [p for p in candidates if p.exists() and not p.name.endswith(".backbone.tflite")]
-    if not (run_dir / "float.keras").exists():
-        raise FileNotFoundError(f"{run_dir}: no float.keras to compare against")
-    reference = Predictor(run_dir / "float.keras")
-    taxonomy, pre, _ = model_context(reference)
-    model_views(reference, run_dir, views)  # a one-line error before decoding when the run cannot offer them
+    if not (run_dir / FLOAT_MODEL).exists():
+        raise FileNotFoundError(f"{run_dir}: no {FLOAT_MODEL} to compare against")
+    reference = load_model(run_dir / FLOAT_MODEL, progress=progress)
+    taxonomy = reference.taxonomy
+    reference.use_views(views)  # a one-line error before decoding when the run cannot offer them
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
-    frames, paths, truth = decode_items(items, pre, taxonomy, notes, progress)
+    frames, paths, truth = decode_items(items, reference.preprocess, taxonomy, notes, progress)
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
     results, probs = {}, {}
     for path in models:
-        predictor = reference if path == run_dir / "float.keras" else \
-            Predictor(path, allow_no_contract=allow_no_contract)
-        if predictor.input_size != reference.input_size:
-            notes.append(f"{path.name}: input {predictor.input_size}px differs from the float model; skipped")
+        engine = reference if path == run_dir / FLOAT_MODEL else \
+            load_model(path, allow_no_contract=allow_no_contract, progress=progress)
+        if engine.input_size != reference.input_size:
+            notes.append(f"{path.name}: input {engine.input_size}px differs from the float model; skipped")
             continue
         try:
-            view_names = model_views(predictor, run_dir, views)
+            engine.use_views(views)
         except ValueError as exc:
             notes.append(f"{exc}; skipped")
             continue
-        probs[path.name] = predictor.predict(frames, view_names)
-        results[path.name] = evaluate(truth, probs[path.name], taxonomy, model_name=path.name,
-                                      fmt=predictor.format)
-        results[path.name]["views"] = view_names
-    ref_name = "float.keras"
+        probs[path.name] = engine.predict(frames)
+        results[path.name] = evaluate(truth, probs[path.name], taxonomy, model_name=path.name, fmt=engine.format)
+        results[path.name]["views"] = engine.views
+    ref_name = FLOAT_MODEL
     ref_leaf = taxonomy.leaf_probabilities(probs[ref_name])
     rows = []
     for name, res in results.items():

@@ -75,7 +75,6 @@ def test_the_cycle_finder_finds_a_circle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="workflow -> predict -> export.onnx -> workflow: being removed (issue 23)")
 def test_the_package_has_no_import_circle():
     graph = import_graph()
     assert "semhinet_tf.workflow" in graph and graph["semhinet_tf.cli"]  # the walk sees the package

@@ -452,8 +452,8 @@ def test_kernel_choice_selects_the_interpreters_resolver_and_answers_alike(model
     with pytest.raises(ValueError, match="kernels must be one of"):
         op_resolver(module, "fastest")
     frames = np.stack([load_frame(p, BoardModel(model_path).preprocess) for p in iter_image_paths([images])])
-    default = BoardModel(model_path).predict_frames(frames)
-    other = BoardModel(model_path, kernels="builtin").predict_frames(frames)
+    default = BoardModel(model_path).predict(frames)
+    other = BoardModel(model_path, kernels="builtin").predict(frames)
     assert other.keys() == default.keys()
     for head, probs in default.items():  # same model, other rounding: close, not necessarily equal
         assert np.allclose(other[head].sum(1), 1.0, atol=0.02)

@@ -111,7 +111,7 @@ def test_eval_json_has_the_same_keys_for_every_format(workspace, model, tmp_path
 def test_test_time_views_reach_every_format_with_their_own_review_threshold(workspace, tmp_path):
     from semhinet_tf.board.runtime import BoardModel
     from semhinet_tf.data.views import VIEW_TABLE, apply_view
-    from semhinet_tf.predict import Predictor
+    from semhinet_tf.engines import load_model
 
     run, tflite = workspace["run"], workspace["tflite"]
     contract = json.loads((run / "model_int8.json").read_text())
@@ -120,15 +120,15 @@ def test_test_time_views_reach_every_format_with_their_own_review_threshold(work
     assert set(chosen) == set(contract["review_threshold_by_views"]) == {"2", "4", "8"}
     frames = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8)
     for model in (run / "float.keras", tflite):
-        predictor = Predictor(model)
+        predictor = load_model(model)
         eight = predictor.predict(frames, list(VIEW_TABLE))
         turned = predictor.predict(apply_view(frames, "rot90"), list(VIEW_TABLE))
         for head in eight:  # all eight views: the same verdict for a frame and its quarter turn
             np.testing.assert_allclose(eight[head], turned[head], atol=1e-5)
     board = BoardModel(tflite, views=8)
     assert board.review_threshold == pytest.approx(contract["review_threshold_by_views"]["8"])
-    np.testing.assert_allclose(board.predict_frames(frames)["h1"],
-                               Predictor(tflite).predict(frames, list(VIEW_TABLE))["h1"], atol=1e-6)
+    np.testing.assert_allclose(board.predict(frames)["h1"],
+                               load_model(tflite).predict(frames, list(VIEW_TABLE))["h1"], atol=1e-6)
     out = tmp_path / "eval8.json"
     run_cli("eval", str(tflite), "--data", str(workspace["data"]), "--views", "8", "--json", str(out))
     assert json.loads(out.read_text())["views"] == list(VIEW_TABLE)
@@ -208,12 +208,12 @@ def test_each_tflite_output_is_the_right_head(workspace):
     """Outputs are mapped by name: each .tflite head matches the QAT Keras head within quantization error."""
     from semhinet_tf.board.runtime import BoardModel
     from semhinet_tf.data.dataset import load_split_frames
+    from semhinet_tf.engines.keras import predict_keras
     from semhinet_tf.model.io import load_model
-    from semhinet_tf.predict import predict_keras
 
     frames, _ = load_split_frames(workspace["run"], "val", progress=False)
     keras_probs = predict_keras(load_model(workspace["run"] / "qat.h5"), frames)
-    tflite_probs = BoardModel(workspace["tflite"]).predict_frames(frames)
+    tflite_probs = BoardModel(workspace["tflite"]).predict(frames)
     for head in ("h1", "h2", "h3", "h4", "h5"):
         assert tflite_probs[head].shape == keras_probs[head].shape
         diff = np.abs(tflite_probs[head] - keras_probs[head])
@@ -231,10 +231,10 @@ def test_float_heads_keep_the_backbone_on_the_npu_and_the_heads_in_float(workspa
     """--float-heads: integer up to the pooled features, then DEQUANTIZE and float heads with float outputs."""
     from semhinet_tf.board.runtime import BoardModel
     from semhinet_tf.data.dataset import load_split_frames
+    from semhinet_tf.engines.keras import predict_keras
     from semhinet_tf.export.npu import check_npu
     from semhinet_tf.export.tflite_meta import read_contract, read_model
     from semhinet_tf.model.io import load_model
-    from semhinet_tf.predict import predict_keras
 
     run_cli("convert", str(workspace["run"]), "--calib-samples", "16", "--float-heads")
     path = workspace["run"] / "model_int8_float_heads.tflite"
@@ -251,7 +251,7 @@ def test_float_heads_keep_the_backbone_on_the_npu_and_the_heads_in_float(workspa
 
     frames, _ = load_split_frames(workspace["run"], "val", progress=False)
     keras_probs = predict_keras(load_model(workspace["run"] / "qat.h5"), frames)
-    probs = BoardModel(path).predict_frames(frames)
+    probs = BoardModel(path).predict(frames)
     for head in ("h1", "h2", "h3", "h4", "h5"):
         diff = np.abs(probs[head] - keras_probs[head])
         assert diff.mean() < 0.05, (head, diff.mean())  # float heads skip qat.h5's fake-quantized head activations
@@ -266,14 +266,14 @@ def test_keras_and_tflite_give_identical_metrics_where_their_predictions_agree(w
     """Scoring is format-blind: on the frames where the QAT .h5 and the .tflite pick the same class in every
     head, every metric of `evaluate` (confusions, recalls, summary, per-class) is the same."""
     from semhinet_tf.data.dataset import load_split_frames
+    from semhinet_tf.engines import load_model
     from semhinet_tf.evaluate import evaluate
-    from semhinet_tf.predict import Predictor
 
     taxonomy = Taxonomy.default()
     parts = [load_split_frames(workspace["run"], which, progress=False) for which in ("train", "val")]
     frames, truth = np.concatenate([f for f, _ in parts]), np.concatenate([t for _, t in parts])
-    keras_probs = Predictor(workspace["run"] / "qat.h5").predict(frames)
-    tflite_probs = Predictor(workspace["tflite"]).predict(frames)
+    keras_probs = load_model(workspace["run"] / "qat.h5").predict(frames)
+    tflite_probs = load_model(workspace["tflite"]).predict(frames)
     same_leaf = (taxonomy.leaf_probabilities(keras_probs).argmax(1)
                  == taxonomy.leaf_probabilities(tflite_probs).argmax(1))  # not implied by equal head argmaxes
     agree = same_leaf & np.all([keras_probs[h].argmax(1) == tflite_probs[h].argmax(1) for h in taxonomy.head_names],

@@ -15,7 +15,8 @@ pytest.importorskip("tf2onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert.interpreter")
 
-from semhinet_tf.export.onnx import EXPORT_KEY, OnnxModel, export_onnx  # noqa: E402
+from semhinet_tf.engines.onnx import OnnxEngine  # noqa: E402
+from semhinet_tf.export.onnx import EXPORT_KEY, export_onnx  # noqa: E402
 from semhinet_tf.export.tflite_meta import read_contract  # noqa: E402
 from semhinet_tf.taxonomy import Taxonomy  # noqa: E402
 
@@ -105,7 +106,7 @@ def test_names_types_and_contract(run, exported):
         assert info["input"] == {"name": "image", "dtype": "float32", "shape": ["N", SIZE, SIZE, 1]}
     assert exported["qat"]["model"].endswith("qat.h5")
 
-    model = OnnxModel(tfl["path"], threads=1)
+    model = OnnxEngine(tfl["path"], threads=1)
     assert model.input_size == SIZE and model.input_dtype == np.uint8 and not model.dynamic_batch
     assert model.contract == read_contract(run["dir"] / "model_int8.tflite")  # the very same contract
     assert [o.name for o in model.session.get_outputs()] == HEADS
@@ -113,13 +114,13 @@ def test_names_types_and_contract(run, exported):
     meta = model.session.get_modelmeta().custom_metadata_map
     assert json.loads(meta[EXPORT_KEY])["source"] == "tflite"
 
-    qat = OnnxModel(exported["qat"]["path"])
+    qat = OnnxEngine(exported["qat"]["path"])
     assert qat.dynamic_batch and qat.input_dtype == np.float32
     # max_pixels is a host option, not the model's: dropped from contracts
     assert qat.contract["preprocess"] == {k: v for k, v in PREPROCESS.items() if k != "max_pixels"}
     assert qat.contract["outputs"] == HEADS
     assert qat.contract["quantization"]["source"] == "qat" and qat.contract["input"]["dtype"] == "float32"
-    assert OnnxModel(exported["float"]["path"]).contract["quantization"] is None
+    assert OnnxEngine(exported["float"]["path"]).contract["quantization"] is None
     ops = {n.op_type for n in __import__("onnx").load(exported["qat"]["path"]).graph.node}
     assert "QuantizeLinear" in ops  # fake-quant nodes became QDQ pairs
 
@@ -128,8 +129,8 @@ def test_onnx_from_tflite_matches_tflite(run, exported):
     from semhinet_tf.board.runtime import BoardModel
 
     frames = run["frames"]
-    ref = BoardModel(run["dir"] / "model_int8.tflite", threads=1).predict_frames(frames)
-    got = OnnxModel(exported["tflite"]["path"], threads=1).predict_frames(frames)  # batch-1 graph: looped
+    ref = BoardModel(run["dir"] / "model_int8.tflite", threads=1).predict(frames)
+    got = OnnxEngine(exported["tflite"]["path"], threads=1).predict(frames)  # batch-1 graph: looped
     assert sorted(got) == HEADS
     # the two-class heads must tell apart, or a head mix-up (outputs taken by position) would go unseen
     assert min(np.abs(ref[a] - ref[b]).max() for a, b in [("h3", "h4"), ("h3", "h5"), ("h4", "h5")]) > 8 / 256
@@ -145,7 +146,7 @@ def test_onnx_from_tflite_matches_tflite(run, exported):
 def test_onnx_from_float_keras_matches_keras(run, exported):
     frames = run["frames"]
     ref = _keras_probs(run["float"], frames)
-    got = OnnxModel(exported["float"]["path"]).predict_frames(frames)  # dynamic batch: one call
+    got = OnnxEngine(exported["float"]["path"]).predict(frames)  # dynamic batch: one call
     for h in HEADS:
         np.testing.assert_allclose(got[h], ref[h], atol=1e-4)
 
@@ -160,7 +161,7 @@ def test_onnx_from_qat_keras_emulates_fake_quant(run, exported):
     got = dict(zip(HEADS, session.run(HEADS, {"image": frames[..., None].astype(np.float32)}), strict=True))
     same_rows = np.all([np.abs(got[h] - ref[h]).max(1) <= 1e-4 for h in HEADS], axis=0)
     assert same_rows.mean() >= 0.75
-    default = OnnxModel(exported["qat"]["path"]).predict_frames(frames)  # integer kernels: quantization error
+    default = OnnxEngine(exported["qat"]["path"]).predict(frames)  # integer kernels: quantization error
     for h in HEADS:
         assert np.mean(np.abs(default[h] - ref[h]) <= 4 / 256 + 1e-6) >= 0.9
 
@@ -179,16 +180,16 @@ def test_refuses_overwrite_and_bad_input(run, exported, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_predict_frames_edges(exported, tmp_path):
-    model = OnnxModel(exported["tflite"]["path"])
-    empty = model.predict_frames(np.zeros((0, SIZE, SIZE), np.uint8))
+def test_predict_edges(exported, tmp_path):
+    model = OnnxEngine(exported["tflite"]["path"])
+    empty = model.predict(np.zeros((0, SIZE, SIZE), np.uint8))
     assert sorted(empty) == HEADS and empty["h1"].shape == (0, 3)
     with pytest.raises(ValueError, match=r"expected \(N, 32, 32\)"):
-        model.predict_frames(np.zeros((2, SIZE + 1, SIZE + 1), np.uint8))
+        model.predict(np.zeros((2, SIZE + 1, SIZE + 1), np.uint8))
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.onnx: not a loadable ONNX model"):
-        OnnxModel(bad)
+        OnnxEngine(bad)
 
 
 def test_a_changed_weight_is_refused_by_the_graph_digest(exported, tmp_path):
@@ -205,14 +206,14 @@ def test_a_changed_weight_is_refused_by_the_graph_digest(exported, tmp_path):
         damaged = tmp_path / f"{key}_damaged.onnx"
         onnx.save(proto, damaged)
         with pytest.raises(ModelRefusedError, match=f"{key}_damaged.onnx: damaged or modified"):
-            OnnxModel(damaged)
-        OnnxModel(exported[key]["path"])  # the untouched export loads
+            OnnxEngine(damaged)
+        OnnxEngine(exported[key]["path"])  # the untouched export loads
 
 
-def test_predictor_front(exported):
-    from semhinet_tf.predict import Predictor
+def test_load_model_gives_the_onnx_engine(exported):
+    from semhinet_tf.engines import load_model
 
-    pred = Predictor(exported["float"]["path"], threads=1)
+    pred = load_model(exported["float"]["path"], threads=1)
     assert pred.format == "onnx" and pred.input_size == SIZE
     out = pred.predict(np.full((3, SIZE, SIZE), 128, np.uint8))
     assert sorted(out) == HEADS and out["h2"].shape == (3, 3)
@@ -312,9 +313,9 @@ def test_default_export_gives_tflite_outputs(run, exported, tmp_path):
     assert plain["tables"] is None
     assert "HardSwish" in {n.op_type for n in __import__("onnx").load(plain["path"]).graph.node}
     frames = run["frames"]
-    ref = BoardModel(run["dir"] / "model_int8.tflite", threads=1).predict_frames(frames)
-    tabled = OnnxModel(exported["tflite"]["path"], threads=1).predict_frames(frames)
-    qdq = OnnxModel(plain["path"], threads=1).predict_frames(frames)
+    ref = BoardModel(run["dir"] / "model_int8.tflite", threads=1).predict(frames)
+    tabled = OnnxEngine(exported["tflite"]["path"], threads=1).predict(frames)
+    qdq = OnnxEngine(plain["path"], threads=1).predict(frames)
     off_tabled = sum(int(np.sum(np.abs(tabled[h] - ref[h]) > 1e-6)) for h in HEADS)
     off_plain = sum(int(np.sum(np.abs(qdq[h] - ref[h]) > 1e-6)) for h in HEADS)
     assert off_tabled == 0 and off_tabled <= off_plain, (off_tabled, off_plain)

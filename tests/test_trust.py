@@ -289,7 +289,7 @@ class _InterruptedBoardModel:
     def warm_up(self) -> float:
         return 1.0
 
-    def classify_paths(self, paths):
+    def classify(self, paths, on_missing=None):
         yield {"path": "a.png", "verdict": "normal", "review": False, "infer_ms": 1.0}
         raise KeyboardInterrupt
 

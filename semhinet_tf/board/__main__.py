@@ -17,7 +17,7 @@ import numpy as np
 
 from semhinet_tf.artifacts.files import atomic_open, check_outputs
 from semhinet_tf.board.output import CSV_FIELDS, Writer  # noqa: F401 - CSV_FIELDS: the board's columns
-from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel, iter_image_paths
+from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel
 from semhinet_tf.data.decode import DEFAULT_MAX_PIXELS, set_max_pixels
 
 DEFAULT_BUDGET_MS = 50.0  # the product's ceiling per image
@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace, err) -> int:
     try:
         with atomic_open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
             writer = Writer(out, args.format)
-            for row in model.classify_paths(iter_image_paths(args.paths, on_missing=missing.append)):
+            for row in model.classify(args.paths, on_missing=missing.append):
                 n += 1
                 if "error" in row:
                     bad += 1

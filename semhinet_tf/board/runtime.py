@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,7 @@ from semhinet_tf.artifacts.contract import (
     load_tflite_contract,
     threshold_for_views,
 )
-from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, load_frame
-from semhinet_tf.data.scan import MISSING, Unreadable, scan_paths
-from semhinet_tf.data.views import average_views, select_views, view_counts
+from semhinet_tf.engines.base import Engine, iter_image_paths, warn_stderr
 
 __all__ = ["DEFAULT_REVIEW_THRESHOLD", "KERNELS", "BoardModel", "contract_review_threshold", "iter_image_paths"]
 # The interpreter's CPU kernels. "default" is what the interpreter picks (XNNPACK in ai_edge_litert; not
@@ -123,28 +121,38 @@ def contract_review_threshold(contract: Contract | Mapping, views: int = 1) -> f
     return threshold_for_views(contract, views)
 
 
-class BoardModel:
-    """One .tflite model with its contract; `predict_frames` and `classify_paths` do the work."""
+class BoardModel(Engine):
+    """The TFLite engine: one .tflite model with its contract, on the board and on the host (engines.load_model).
+
+    `predict` and `classify` come from Engine; this class runs the interpreter one frame at a time (`run`), as
+    the board does, and streams `classify` one image at a time (latency per image, not throughput)."""
+
+    format = "tflite"
+    classify_batch = 1
+    no_views_hint = ("converted before models recorded their test-time views; convert the run again "
+                     "(`semhinet convert RUN --overwrite`) to use --views")
 
     def __init__(self, path: str | Path, threads: int | None = None, delegate: str | None = None,
                  review_threshold: float | None = None, warn=None, kernels: str = "default", views: int = 1,
-                 classifier: bool = True, require_delegate: bool = False, allow_no_contract: bool = False):
+                 classifier: bool = True, require_delegate: bool = False, allow_no_contract: bool = False,
+                 progress: bool = False):
         """`views` > 1 scores each image as that many flips/rotations of itself (one inference each) and
         averages them (semhinet_tf.data.views); only those the model's training augmentation covered.
         `classifier=False` skips the check that the outputs are the taxonomy's heads and the contract (to time a
         bare backbone); `require_delegate` makes a delegate that cannot be loaded an error instead of a CPU
-        fallback; `allow_no_contract` runs a .tflite without a contract on the defaults (and says which)."""
+        fallback; `allow_no_contract` runs a .tflite without a contract on the defaults (and says which);
+        `progress` shows a bar on stderr for long `predict` calls (host only: it needs tqdm)."""
         self.path = Path(path)
-        warn = warn or (lambda msg: print(msg, file=sys.stderr))
+        self.progress = progress
+        warn = warn or warn_stderr
         try:
             content = self.path.read_bytes()
         except OSError as exc:
             raise ModelRefusedError(f"{self.path}: cannot read model ({exc.strerror})") from None
         if classifier:
-            self.spec = load_tflite_contract(content, self.path, allow_missing=allow_no_contract, warn=warn)
+            spec = load_tflite_contract(content, self.path, allow_missing=allow_no_contract, warn=warn)
         else:
-            self.spec = default_contract()
-        self.contract = self.spec.raw  # the contract as stored ({} when there is none)
+            spec = default_contract()
         module, self.engine = _interpreter_module(for_delegate=bool(delegate))
         self.delegate = load_delegate(module, delegate, warn, required=require_delegate)
         kwargs = {"model_content": content, "num_threads": threads}
@@ -158,28 +166,8 @@ class BoardModel:
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelRefusedError(f"{self.path}: not a loadable TFLite model ({str(exc).splitlines()[0]})") from exc
-        self.taxonomy = self.spec.taxonomy()
-        self._setup_io(classifier)
-        self.preprocess = self.spec.preprocessing(self.input_size)  # the model file decides the size
-        self._warn, self._fixed_threshold = warn, review_threshold
-        self.use_views(views)
-        self.warmup_ms: float | None = None
-
-    def offered_views(self) -> list[int]:
-        """The view counts this model can be scored on (1 for a model converted before views were recorded)."""
-        return view_counts(self.spec.view_names())
-
-    def use_views(self, count: int) -> None:
-        """Score each image on `count` views from now on, with the review threshold chosen for that count."""
-        if count > 1 and self.spec.views is None:
-            raise ValueError(f"{self.path}: converted before models recorded their test-time views; convert the "
-                             f"run again (`semhinet convert RUN --overwrite`) to use --views")
-        self.views = select_views(self.spec.views, count, str(self.path))
-        if self._fixed_threshold is None and count > 1 and str(count) not in self.spec.review_threshold_by_views:
-            self._warn(f"{self.path}: no review threshold was chosen for {count} views (trained before they were); "
-                       f"using the one-view threshold")
-        self.review_threshold = self._fixed_threshold if self._fixed_threshold is not None else \
-            self.spec.threshold(count)
+        self._setup_io(spec, classifier)
+        self._use_contract(spec, review_threshold, views, warn)  # the model file decides the input size
 
     def time_inference(self, repeats: int = 10) -> float:
         """Median milliseconds of one inference (one view) on a mid-grey frame, after a warm-up."""
@@ -201,18 +189,18 @@ class BoardModel:
         self.use_views(count)
         return count, infer_ms
 
-    def _setup_io(self, classifier: bool = True) -> None:
+    def _setup_io(self, spec: Contract, classifier: bool = True) -> None:
         """Inputs and outputs from the interpreter; a damaged model's interpreter error names the file
         (found by tests/test_fuzz.py: an out-of-range tensor index surfaced as a bare ValueError)."""
         try:
-            self._read_io(classifier)
+            self._read_io(spec, classifier)
         except (ValueError, RuntimeError, KeyError, IndexError) as exc:
             text = " ".join(str(exc).split()) or type(exc).__name__
             if isinstance(exc, ValueError) and text.startswith(f"{self.path}: "):
                 raise
             raise ValueError(f"{self.path}: not a loadable TFLite model ({text})") from exc
 
-    def _read_io(self, classifier: bool) -> None:
+    def _read_io(self, spec: Contract, classifier: bool) -> None:
         signatures = self.interpreter.get_signature_list()
         if not signatures:
             raise ValueError(f"{self.path}: model has no signature; convert it with `semhinet convert`")
@@ -230,8 +218,9 @@ class BoardModel:
         self.input_dtype = np.dtype(detail["dtype"])
         self.input_quant = detail.get("quantization", (0.0, 0))
         self.output_details = self.runner.get_output_details()
+        self.output_names = list(self.output_details)
         if classifier:
-            self.taxonomy.check_outputs(list(self.output_details), str(self.path))
+            spec.taxonomy().check_outputs(self.output_names, str(self.path))
 
     # ---------------------------------------------------------------- inference
     def _to_input(self, frame: np.ndarray) -> np.ndarray:
@@ -255,54 +244,7 @@ class BoardModel:
         out = self.runner(**{self.input_name: self._to_input(frame)})
         return {name: self._dequantize(name, v).reshape(-1) for name, v in out.items()}
 
-    def predict_frames(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, S, S) uint8 frames -> dict of (N, k) head probabilities, averaged over the model's views."""
-        if not len(frames):
-            return {h.name: np.zeros((0, h.num_classes), np.float32) for h in self.taxonomy.heads}
-        return average_views(self._run_frames, frames, self.views)
-
-    def _run_frames(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+    def _infer(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """The interpreter takes one frame (batch 1): frames run one after another."""
         rows = [self.run(f) for f in frames]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-    def warm_up(self) -> float:
-        """First inference compiles the graph on an NPU; time it apart from steady-state latency."""
-        t = time.perf_counter()
-        self.run(np.zeros((self.input_size, self.input_size), np.uint8))
-        self.warmup_ms = (time.perf_counter() - t) * 1000
-        return self.warmup_ms
-
-    def classify_paths(self, paths: Iterable[Path | Unreadable]) -> Iterator[dict]:
-        """Stream one result dict per file: the verdict, or an error naming what is wrong (also for the
-        entries a folder scan could not read, see `iter_image_paths`)."""
-        if self.warmup_ms is None:
-            self.warm_up()
-        for path in paths:
-            if isinstance(path, Unreadable):
-                yield {"path": str(path.path), "error": path.reason}
-                continue
-            t0 = time.perf_counter()
-            try:
-                frame = load_frame(path, self.preprocess)
-            except ImageError as exc:
-                yield {"path": str(path), "error": exc.reason}
-                continue
-            t1 = time.perf_counter()
-            probs = self.predict_frames(frame[None])
-            t2 = time.perf_counter()
-            result = self.taxonomy.decode(probs, self.review_threshold)[0]
-            yield {"path": str(path), **result, "decode_ms": round((t1 - t0) * 1000, 2),
-                   "infer_ms": round((t2 - t1) * 1000, 2)}
-
-
-def iter_image_paths(items: Iterable[str | Path], on_missing=None) -> Iterator[Path | Unreadable]:
-    """Files as given, and image files below folders (name order, recursive), streamed.
-
-    What cannot be read (an unreadable folder, a symlink loop, a broken link) is yielded in its place as an
-    `Unreadable` (path, reason): report it, never drop it. A missing item goes to `on_missing(path)` when
-    given, else it is yielded as Unreadable too."""
-    for entry in scan_paths(items, IMAGE_SUFFIXES):
-        if isinstance(entry, Unreadable) and entry.reason == MISSING and on_missing is not None:
-            on_missing(entry.path)
-        else:
-            yield entry

@@ -1,17 +1,17 @@
-"""Secondary export: ONNX (tf2onnx) from the int8 .tflite or from a Keras run, and an onnxruntime runner.
+"""Secondary export: ONNX (tf2onnx) from the int8 .tflite or from a Keras run (run by engines/onnx.py).
 
 Both paths give one input `image` (N or 1, S, S, 1) of raw grey pixels 0..255 and float32 softmax
 outputs named after the heads (h1..h5), so the same frames feed every format. The .tflite path keeps
 the uint8 input (a QDQ graph that onnxruntime runs with integer kernels) and dequantizes the uint8
 outputs inside the graph with the .tflite's own output scales. The model's JSON contract travels in
 the ONNX metadata_props under the same key as in the .tflite, and the graph's own digest (sha256 of the
-serialized graph: weights and nodes, not the metadata) under DIGEST_KEY, checked when OnnxModel loads it.
+serialized graph: weights and nodes, not the metadata) under DIGEST_KEY, checked when the ONNX engine
+(semhinet_tf/engines/onnx.py) loads it.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,11 +19,7 @@ import numpy as np
 
 from semhinet_tf.artifacts.contract import (
     DIGEST_ALGORITHM,
-    Contract,
-    ModelRefusedError,
-    default_contract,
     load_tflite_contract,
-    validate_contract,
 )
 from semhinet_tf.export.tflite_meta import CONTRACT_NAME, contract_json, read_model
 
@@ -32,7 +28,6 @@ DIGEST_KEY = "semhinet_digest"  # metadata: {"algorithm": "sha256", "value": hex
 INPUT_NAME = "image"
 BATCH_DIM = "N"
 _ONNX_INT = {"UINT8": 2, "INT8": 3}  # onnx.TensorProto element types
-_NP_OF_ORT = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(float)": np.float32}
 
 
 # ---------------------------------------------------------------- export
@@ -168,8 +163,8 @@ def _from_keras(path: Path, opset: int):
     import tensorflow as tf
     import tf2onnx
 
+    from semhinet_tf.engines.base import find_run_dir
     from semhinet_tf.model.io import load_model, resolve_model_file
-    from semhinet_tf.workflow import find_run_dir
 
     model_file = resolve_model_file(path)
     model = load_model(model_file)
@@ -277,133 +272,3 @@ def _value_info(v) -> dict:
     dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
     return {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
             "shape": dims}
-
-
-# ---------------------------------------------------------------- runtime
-class OnnxModel:
-    """An .onnx model on onnxruntime (CPU); size, dtype and input quantization come from the graph."""
-
-    def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 64, warn=None):
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        self._warn = warn or (lambda msg: print(msg, file=sys.stderr))
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: model file not found")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common base
-            reason = str(exc).strip().splitlines()[0]
-            raise ModelRefusedError(f"{self.path}: not a loadable ONNX model ({reason})") from exc
-        self.spec = self._read_contract()
-        self.contract = self.spec.raw if self.spec.present else None
-        self._verify_digest()
-        self._setup_io()
-        self.batch_size = batch_size if self.dynamic_batch else self.input_shape[0]
-        self._setup_context()
-
-    def _read_contract(self) -> Contract:
-        """The validated contract (ContractError naming the field otherwise); defaults for a contract-less
-        export (from a bare .keras file, which knows no run)."""
-        text = self.session.get_modelmeta().custom_metadata_map.get(CONTRACT_NAME)
-        if text is None:
-            return default_contract()
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ModelRefusedError(f"{self.path}: metadata '{CONTRACT_NAME}' is not JSON ({exc})") from None
-        return validate_contract(raw, str(self.path))
-
-    def _verify_digest(self) -> None:
-        """Refuse a graph whose weights or nodes changed since export; warn for an export that carries no digest.
-        (The contract's own digest, if any, is the source .tflite's and does not apply to this file.)"""
-        import onnx
-
-        text = self.session.get_modelmeta().custom_metadata_map.get(DIGEST_KEY)
-        if text is None:
-            self._warn(f"warning: {self.path}: no weights digest (exported before models carried one; export again "
-                       f"to detect a damaged file)")
-            return
-        try:
-            want = json.loads(text)["value"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ModelRefusedError(f"{self.path}: metadata '{DIGEST_KEY}' is malformed; export the model "
-                                    f"again") from None
-        if graph_digest(onnx.load(str(self.path), load_external_data=False).graph) != want:
-            raise ModelRefusedError(f"{self.path}: damaged or modified: its weights digest does not match its "
-                                    f"metadata ({DIGEST_ALGORITHM} {str(want)[:12]}...); copy the file again or "
-                                    f"export again")
-
-    def _setup_io(self) -> None:
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise ValueError(f"{self.path}: expected one input image, found {[i.name for i in inputs]}")
-        inp = inputs[0]
-        shape = list(inp.shape)
-        if len(shape) != 4 or not isinstance(shape[1], int) or shape[1] != shape[2] or shape[3] != 1:
-            raise ValueError(f"{self.path}: input '{inp.name}' has shape {shape}, expected (N, S, S, 1)")
-        if inp.type not in _NP_OF_ORT:
-            raise ValueError(f"{self.path}: input '{inp.name}' has type {inp.type}, expected uint8, int8 or float")
-        self.input_name = inp.name
-        self.dynamic_batch = not isinstance(shape[0], int)
-        self.input_shape = (1 if self.dynamic_batch else shape[0], shape[1], shape[2], 1)
-        self.input_size = int(shape[1])
-        self.input_dtype = np.dtype(_NP_OF_ORT[inp.type])
-        self.input_quant = self._input_quantization() if self.input_dtype != np.float32 else (1.0, 0)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def _input_quantization(self) -> tuple[float, int]:
-        """(scale, zero point) of the DequantizeLinear that reads the integer input; identity if there is none."""
-        import onnx
-        from onnx import numpy_helper
-
-        graph = onnx.load(str(self.path), load_external_data=False).graph
-        consts = {t.name: t for t in graph.initializer}
-        for node in graph.node:
-            if node.op_type == "DequantizeLinear" and node.input[0] == self.input_name and node.input[1] in consts:
-                scale = float(numpy_helper.to_array(consts[node.input[1]]).reshape(-1)[0])
-                zero = consts.get(node.input[2]) if len(node.input) > 2 else None
-                return scale, int(numpy_helper.to_array(zero).reshape(-1)[0]) if zero is not None else 0
-        return 1.0, 0
-
-    def _setup_context(self) -> None:
-        """Taxonomy and preprocessing from the contract, as the board runtime does (size from the graph)."""
-        self.taxonomy = self.spec.taxonomy()
-        self.preprocess = self.spec.preprocessing(self.input_size)
-
-    def _to_input(self, frames: np.ndarray) -> np.ndarray:
-        x = frames.reshape(len(frames), self.input_size, self.input_size, 1)
-        if self.input_dtype == np.float32:
-            return x.astype(np.float32)
-        scale, zero = self.input_quant
-        if abs(scale - 1.0) < 0.01 and zero == 0 and self.input_dtype == np.uint8:
-            return x.astype(np.uint8)
-        info = np.iinfo(self.input_dtype)
-        q = np.round(x.astype(np.float32) / scale + zero)
-        return np.clip(q, info.min, info.max).astype(self.input_dtype)
-
-    def predict_frames(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, S, S) uint8 frames -> dict of (N, k) float32 head probabilities (looped for batch-1 graphs)."""
-        frames = np.asarray(frames)
-        if frames.ndim != 3 or frames.shape[1:] != (self.input_size, self.input_size):
-            raise ValueError(f"{self.path}: frames have shape {frames.shape}, "
-                             f"expected (N, {self.input_size}, {self.input_size})")
-        if not len(frames):
-            return {o.name: np.zeros((0, *o.shape[1:]), np.float32) for o in self.session.get_outputs()}
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
-        for i in range(0, len(frames), self.batch_size):
-            for name, value in self._run(frames[i:i + self.batch_size]).items():
-                parts[name].append(value)
-        return {n: np.concatenate(v) for n, v in parts.items()}
-
-    def _run(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
-        batch = self._to_input(chunk)
-        if not self.dynamic_batch and len(batch) < self.batch_size:  # a fixed batch > 1: pad the last one
-            batch = np.concatenate([batch, np.zeros((self.batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-        values = self.session.run(self.output_names, {self.input_name: batch})
-        return {name: np.asarray(v, np.float32).reshape(len(batch), -1)[:len(chunk)]
-                for name, v in zip(self.output_names, values, strict=True)}

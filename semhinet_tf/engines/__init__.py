@@ -1,0 +1,56 @@
+"""One way to run any model: Keras, TFLite and ONNX engines behind the small interface of `base.Engine`.
+
+`load_model(path)` picks the engine from the path (a run directory, .keras, .h5, .tflite or .onnx); eval,
+compare, predict, bench and the board all run models through an Engine, so the same frames, views, review
+thresholds and unreadable-file rows reach every format. Importing this package imports neither TensorFlow
+nor onnxruntime: each engine imports its runtime when it is built (the board's TFLite engine has no TensorFlow).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from semhinet_tf.engines.base import Engine, find_run_dir, iter_image_paths
+
+__all__ = ["FORMATS", "Engine", "find_run_dir", "iter_image_paths", "load_model", "model_format"]
+
+FORMATS = ("keras", "tflite", "onnx")
+
+
+def model_format(path: str | Path) -> str:
+    """"keras" for a run directory, .keras or .h5; "tflite"; "onnx"; a one-line ValueError for anything else."""
+    p = Path(path)
+    if p.is_dir() or p.suffix in (".keras", ".h5"):
+        return "keras"
+    if p.suffix == ".tflite":
+        return "tflite"
+    if p.suffix == ".onnx":
+        return "onnx"
+    raise ValueError(f"{p}: unknown model format (expected a run directory, .keras, .h5, .tflite or .onnx)")
+
+
+def load_model(path: str | Path, *, threads: int | None = None, views: int = 1,
+               review_threshold: float | None = None, allow_no_contract: bool = False, trust_code: bool = False,
+               progress: bool = True, warn=None) -> Engine:
+    """The engine for `path`: KerasEngine, BoardModel (TFLite) or OnnxEngine.
+
+    `views`: test-time views each image is scored on (and the review threshold chosen for them);
+    `review_threshold` overrides the model's; `threads`: CPU threads of the TFLite / ONNX runtime;
+    `allow_no_contract` runs a .tflite without a contract on the defaults; `trust_code` loads a Keras file
+    holding layer code this package does not know (never for a file you did not write); `progress` shows a
+    bar on stderr for long inference."""
+    kind = model_format(path)
+    if kind == "keras":
+        from semhinet_tf.engines.keras import KerasEngine
+
+        return KerasEngine(path, review_threshold=review_threshold, views=views, trust_code=trust_code,
+                           progress=progress, warn=warn)
+    if kind == "tflite":
+        from semhinet_tf.board.runtime import BoardModel
+
+        return BoardModel(path, threads=threads, review_threshold=review_threshold, views=views, warn=warn,
+                          allow_no_contract=allow_no_contract, progress=progress)
+    from semhinet_tf.engines.onnx import OnnxEngine
+
+    return OnnxEngine(path, threads=threads, review_threshold=review_threshold, views=views, progress=progress,
+                      warn=warn)
