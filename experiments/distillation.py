@@ -116,16 +116,15 @@ def make_dataset(frames: np.ndarray, targets: dict[str, np.ndarray], order: np.n
 
 
 def fit(model, phase, taxonomy, ds, steps_per_epoch, epochs, peak_lr, warmup_steps, val, cfg, out, model_path):
-    from semhinet_tf.model import keras
     from semhinet_tf.schedule import WarmupCosine
-    from semhinet_tf.train import _callbacks
+    from semhinet_tf.train import make_optimizer, phase_callbacks
 
     schedule = WarmupCosine(peak_lr, steps_per_epoch * epochs, warmup_steps)
-    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay),
+    model.compile(optimizer=make_optimizer(cfg, schedule, average=phase == "float"),
                   loss={h: soft_crossentropy() for h in taxonomy.head_names},
                   loss_weights=taxonomy.loss_weights(cfg.loss_weights))
-    model.fit(ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=2,
-              callbacks=_callbacks(out, phase, taxonomy, val, cfg, model_path, 0))
+    model.fit(ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0,
+              callbacks=phase_callbacks(out, phase, taxonomy, val, cfg, model_path, epochs, steps_per_epoch))
 
 
 def main() -> None:
@@ -155,8 +154,8 @@ def main() -> None:
         FLOAT_MODEL,
         QAT_MODEL,
         TrainConfig,
-        _calibration_batches,
         build_for_config,
+        calibration_batches,
         hierarchical_scores,
         initial_weights,
         set_seed,
@@ -221,7 +220,7 @@ def main() -> None:
         mcfg = ModelConfig.from_dict(config["model"])
         base = qat_base(best, taxonomy, mcfg, cfg.granularity)
         qat = quantize_model(base, cfg.granularity)
-        calibrate_ranges(qat, base, _calibration_batches(train, taxonomy, cfg))
+        calibrate_ranges(qat, base, calibration_batches(train, taxonomy, cfg))
         order = sample_indices(len(frames), leaf_ids, len(pool), steps * args.qat_epochs * cfg.batch_size,
                                args.seed + 1, share)
         ds = make_dataset(all_frames, targets, order, cfg.batch_size, args.seed + 1, cfg.augment)

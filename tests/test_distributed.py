@@ -53,4 +53,4 @@ def test_two_workers_on_loopback_train_together(tmp_path):
     assert json.loads((run / "train_result.json").read_text())["float_seconds"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"], "a worker's scratch directory was left"
     for out in outputs:
-        assert "Epoch 2/2" in out
+        assert "[float] epoch 2/2" in out

@@ -291,36 +291,3 @@ def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs():
     a, b = trained(x, training=False), folded(x, training=False)
     for head in taxonomy.head_names:
         np.testing.assert_allclose(np.asarray(a[head]), np.asarray(b[head]), atol=1e-4)
-
-
-def test_weight_average_is_validated_and_the_raw_weights_come_back():
-    from semhinet_tf.train import WeightAverage
-
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 3)).astype(np.float32), rng.normal(size=(64, 1)).astype(np.float32)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    decay, seen, expected = 0.8, {}, None
-
-    class Probe(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):  # runs after the average's own update
-            nonlocal expected
-            w = [v.numpy() for v in self.model.trainable_weights]
-            if expected is None:
-                expected = [v.copy() for v in w]  # the first update copies the weights (decay ramps from 1/10)
-                self.t = 1
-            else:
-                self.t += 1
-                d = min(decay, (1.0 + self.t) / (10.0 + self.t))
-                expected = [d * e + (1 - d) * v for e, v in zip(expected, w, strict=True)]
-            seen["raw"] = w
-
-        def on_epoch_end(self, epoch, logs=None):  # between the average's swap-in and its restorer: Validate's place
-            seen["validated"] = [v.numpy() for v in self.model.trainable_weights]
-
-    average = WeightAverage(decay)
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
-              callbacks=[average, Probe(), average.restorer()])
-    assert all(np.allclose(v, e, atol=1e-6) for v, e in zip(seen["validated"], expected, strict=True))
-    assert not np.allclose(seen["validated"][0], seen["raw"][0])  # the average is not the last step
-    assert all(np.array_equal(v.numpy(), r) for v, r in zip(model.trainable_weights, seen["raw"], strict=True))

@@ -1,0 +1,181 @@
+"""Training: float phase (warm-up + cosine), then quantization-aware fine-tuning, best-by-validation.
+
+The kept checkpoint of each phase is the best on the validation split by a hierarchical metric:
+balanced accuracy of the leaf decoded through the whole hierarchy (the number a fab reads), so a
+model that is good head by head but routes wrongly is not preferred.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from semhinet_tf.artifacts import run as run_files
+from semhinet_tf.artifacts.files import write_json
+from semhinet_tf.artifacts.run import CHECKPOINT, FLOAT_MODEL, QAT_MODEL, TRAIN_RESULT
+from semhinet_tf.artifacts.run import CONFIG as CONFIG_FILE
+from semhinet_tf.artifacts.run import TAXONOMY as TAXONOMY_FILE
+from semhinet_tf.data.pipeline import Augment
+from semhinet_tf.data.views import invariant_views
+from semhinet_tf.training.config import TrainConfig, default_lr, weights_file
+from semhinet_tf.training.state import read_state, resumed_config
+from semhinet_tf.training.strategy import make_strategy, set_seed, worker_run_dir
+from semhinet_tf.training.validation import hierarchical_scores, write_review_threshold
+from semhinet_tf.training.weights import build_for_config, initial_weights
+
+
+def fit_phase(phase: str, model: Any, taxonomy: Any, train: tuple, val: tuple, cfg: TrainConfig, run_dir: Path,
+              epochs: int, peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy: Any,
+              progress: bool = True) -> float:
+    """One training phase with its own schedule; returns the training step's images/s."""
+    from semhinet_tf.data.pipeline import make_dataset
+    from semhinet_tf.training.callbacks import StepTimer, phase_callbacks
+    from semhinet_tf.training.compile import compile_phase
+
+    steps = cfg.steps_per_epoch_for(len(train[1]))
+    with strategy.scope():
+        compile_phase(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps), train[1],
+                      average=phase == "float")
+    initial_epoch = 0
+    state = read_state(run_dir).get(phase, {})
+    backup = run_dir / CHECKPOINT / phase
+    if resume and state:
+        if state.get("stopped") or state.get("epoch", 0) >= epochs:
+            print(f"  [{phase}] already finished ({state.get('epoch')} epochs); skipping", flush=True)
+            return 0.0
+        if backup.is_dir():  # BackupAndRestore restores the weights and optimizer from it as fit starts
+            initial_epoch = int(state["epoch"])
+            print(f"  [{phase}] resuming after epoch {initial_epoch}", flush=True)
+    else:  # a backup without saved progress belongs to no run this one continues
+        shutil.rmtree(backup, ignore_errors=True)
+    seed = cfg.seed if phase == "float" else cfg.seed + 1
+    # the data loading call stays here, where a decoded-frame cache may be added
+    ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, steps * epochs, seed, cfg.sampler,
+                      Augment(**cfg.augment), start_step=initial_epoch * steps, flat=cfg.flat)
+    timer = StepTimer()
+    callbacks = phase_callbacks(run_dir, phase, taxonomy, val, cfg, model_path, epochs, steps, progress)
+    model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=[timer, *callbacks],
+              verbose=0)
+    return timer.images_per_second(cfg.batch_size)
+
+
+def pipeline_throughput(train: tuple, taxonomy: Any, cfg: TrainConfig, batches: int = 20) -> float:
+    """Images/s the input pipeline alone delivers (gather + augment + batch), to compare with the step."""
+    from semhinet_tf.data.pipeline import make_dataset
+
+    ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, batches + 2, cfg.seed, cfg.sampler,
+                      Augment(**cfg.augment), flat=cfg.flat)
+    it = iter(ds)
+    next(it)
+    next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return round(batches * cfg.batch_size / (time.perf_counter() - t), 1)
+
+
+def calibration_batches(train: tuple, taxonomy: Any, cfg: TrainConfig, steps: int = 8) -> list:
+    """A few training batches as QAT will see them (balanced, augmented), to start its activation ranges."""
+    from semhinet_tf.data.pipeline import make_dataset
+
+    ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, steps, cfg.seed + 2, cfg.sampler,
+                      Augment(**cfg.augment), flat=cfg.flat)
+    return [images for images, _ in ds]
+
+
+def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy: Any = None,
+          overwrite: bool = False, resume: bool = False, strict: bool = False, progress: bool = True,
+          given: set[str] | None = None, inputs: Sequence[str | Path] = ()) -> dict:
+    """Discover, split, decode, train float, fine-tune QAT; everything lands in run_dir.
+
+    run_dir is never an input's folder (`inputs`: more files the run reads, e.g. a taxonomy file); `overwrite`
+    replaces only a run directory; `resume` continues one, with the options in `given` checked against it.
+    `progress`: bars on stderr (also off with SEMHINET_QUIET=1); the per-epoch lines go to stdout either way."""
+    from semhinet_tf.data.dataset import prepare_dataset
+    from semhinet_tf.taxonomy import Taxonomy
+
+    t0 = time.time()
+    progress = progress and os.environ.get("SEMHINET_QUIET") != "1"
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op of the program.
+    strategy = make_strategy(cfg.strategy)
+    chief_run_dir = Path(run_dir)
+    run_dir = worker_run_dir(chief_run_dir, strategy)
+    if run_dir != chief_run_dir:  # a non-chief worker: same work, files kept apart and removed at the end
+        overwrite, resume = True, False
+    run_files.prepare_run_dir(run_dir, inputs=[data_dir, weights_file(cfg.weights), *inputs], overwrite=overwrite,
+                              resume=resume)
+    if resume:
+        cfg = resumed_config(run_dir, cfg, data_dir, given, taxonomy)
+        taxonomy = Taxonomy.from_spec(json.loads((run_dir / TAXONOMY_FILE).read_text()))
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=default_lr(cfg.weights))
+    taxonomy = taxonomy or Taxonomy.default()
+    set_seed(cfg.seed)
+    data = prepare_dataset(data_dir, run_dir, taxonomy, cfg, strict=strict, progress=progress, reuse_split=resume)
+    train_set, val_set = data["train"], data["val"]
+    steps = cfg.steps_per_epoch_for(len(train_set[1]))
+    with strategy.scope():
+        model, mcfg = build_for_config(taxonomy, cfg, steps * cfg.epochs)
+        start = initial_weights(model, cfg, mcfg)
+    print(f"model: MobileNetV3Small alpha={cfg.alpha} at {cfg.img_size}px, {model.count_params():,} parameters, "
+          f"BN momentum {mcfg.backbone.bn_momentum:.3f}; start: {start}", flush=True)
+    config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
+              "preprocess": data["preprocess"], "start_weights": start, "version": _version()}
+    write_json(config, run_dir / CONFIG_FILE)
+    write_json(taxonomy.to_spec(), run_dir / TAXONOMY_FILE)
+
+    pipe_ips = pipeline_throughput(train_set, taxonomy, cfg)
+    print(f"input pipeline: {pipe_ips:.0f} images/s (decoded frames cached in memory)", flush=True)
+    t_float = time.time()
+    step_ips = fit_phase("float", model, taxonomy, train_set, val_set, cfg, run_dir, cfg.epochs, cfg.lr,
+                         cfg.warmup_epochs, run_dir / FLOAT_MODEL, resume, strategy, progress)
+    t_float = time.time() - t_float
+    from semhinet_tf.model.io import load_model
+
+    best_float = load_model(run_dir / FLOAT_MODEL)
+    result = {"run_dir": str(run_dir), "float_seconds": round(t_float, 1),
+              "float_val": hierarchical_scores(best_float, *val_set, taxonomy)}
+    if cfg.qat_epochs > 0:
+        from semhinet_tf.model.quant import calibrate_ranges, freeze_batchnorm, qat_base, quantize_model
+
+        t_qat = time.time()
+        with strategy.scope():
+            base = qat_base(best_float, taxonomy, mcfg, cfg.granularity)
+            qat = quantize_model(base, cfg.granularity)
+        if cfg.qat_calibrate:
+            batches = calibration_batches(train_set, taxonomy, cfg)
+            n = calibrate_ranges(qat, base, batches)
+            print(f"  [qat] {n} activation ranges started from the float model's on {len(batches)} training batches",
+                  flush=True)
+        if cfg.qat_freeze_bn:
+            print(f"  [qat] {freeze_batchnorm(qat)} BatchNorm layers keep the float model's statistics", flush=True)
+        fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs, cfg.qat_lr, 0.0,
+                  run_dir / QAT_MODEL, resume, strategy, progress)
+        result["qat_seconds"] = round(time.time() - t_qat, 1)
+        final = load_model(run_dir / QAT_MODEL)  # the best QAT epoch, as saved (rebuilding one costs seconds)
+        result["qat_val"] = hierarchical_scores(final, *val_set, taxonomy)
+    else:
+        final = best_float
+    result["review_threshold"] = write_review_threshold(final, val_set, taxonomy, run_dir,
+                                                        views=invariant_views(cfg.augment))
+    result["seconds"] = round(time.time() - t0, 1)
+    result["pipeline_images_per_second"] = pipe_ips
+    result["train_step_images_per_second"] = step_ips
+    print(f"throughput: input pipeline {pipe_ips:.0f} images/s vs training step {step_ips:.0f} images/s",
+          flush=True)
+    write_json(result, run_dir / TRAIN_RESULT)
+    if run_dir != chief_run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def _version() -> str:
+    from semhinet_tf import __version__
+
+    return __version__
