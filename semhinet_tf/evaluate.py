@@ -42,29 +42,39 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """(k, k) int64 counts, rows = true, columns = predicted; absent classes give all-zero rows."""
+    """(k, k) int64 counts, rows = true, columns = predicted; absent classes give all-zero rows.
+
+    scikit-learn's, except that no image at all (a head no image of the split reaches) gives zeros, not an error."""
+    from sklearn import metrics
+
     true = np.asarray(true, dtype=np.int64)
-    pred = np.asarray(pred, dtype=np.int64)
-    flat = np.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
+    if true.size == 0:
+        return np.zeros((num_classes, num_classes), dtype=np.int64)
+    return metrics.confusion_matrix(true, np.asarray(pred, dtype=np.int64), labels=np.arange(num_classes)
+                                    ).astype(np.int64)
 
 
-def per_class_scores(cm: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
-    """Precision, recall, F1 and support per class from a confusion matrix.
+def per_class_scores(true: np.ndarray, pred: np.ndarray, labels: Sequence[str]
+                     ) -> dict[str, dict[str, float | int | None]]:
+    """Precision, recall, F1 and support per class (scikit-learn's precision_recall_fscore_support).
 
-    F1 = 2TP / (2TP + FP + FN), so it is 0 for a present class never predicted and None only when the
-    class is neither present nor predicted.
+    F1 = 2TP / (2TP + FP + FN), so it is 0 for a present class never predicted; a ratio with nothing to count
+    (a class neither present nor predicted, or no image at all) is None.
     """
-    cm = np.asarray(cm, dtype=np.int64)
-    tp = np.diag(cm)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    out: dict[str, dict[str, float | int | None]] = {}
-    for i, label in enumerate(labels):
-        fp, fn = predicted[i] - tp[i], support[i] - tp[i]
-        out[label] = {"precision": _ratio(tp[i], predicted[i]), "recall": _ratio(tp[i], support[i]),
-                      "f1": _ratio(2 * tp[i], 2 * tp[i] + fp + fn), "support": int(support[i])}
-    return out
+    from sklearn import metrics
+
+    true = np.asarray(true, dtype=np.int64)
+    if true.size == 0:
+        return {label: {"precision": None, "recall": None, "f1": None, "support": 0} for label in labels}
+    scores = metrics.precision_recall_fscore_support(true, np.asarray(pred, dtype=np.int64),
+                                                     labels=np.arange(len(labels)), zero_division=np.nan)
+    precision, recall, f1, support = (np.asarray(a) for a in scores)
+    return {label: {"precision": _nan_to_none(precision[i]), "recall": _nan_to_none(recall[i]),
+                    "f1": _nan_to_none(f1[i]), "support": int(support[i])} for i, label in enumerate(labels)}
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def head_metrics(true: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
@@ -76,7 +86,7 @@ def head_metrics(true: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> d
     keep = true != IGNORE
     true, pred = true[keep], np.asarray(pred, dtype=np.int64)[keep]
     cm = confusion_matrix(true, pred, len(labels))
-    scores = per_class_scores(cm, labels)
+    scores = per_class_scores(true, pred, labels)
     return {"labels": list(labels), "n": int(keep.sum()), "accuracy": _ratio(np.trace(cm), cm.sum()),
             "recall": {c: s["recall"] for c, s in scores.items()},
             "precision": {c: s["precision"] for c, s in scores.items()},
@@ -259,7 +269,7 @@ def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxono
     leaves = list(taxonomy.leaves)
     pred, _, leaf_p = leaf_predictions(probs, taxonomy)
     leaf_cm = confusion_matrix(true, pred, len(leaves))
-    per_class = per_class_scores(leaf_cm, leaves)
+    per_class = per_class_scores(true, pred, leaves)
     labels = taxonomy.head_labels(true)
     preds = {h.name: probs[h.name].argmax(axis=1) for h in taxonomy.heads}
     heads = {h.name: head_metrics(labels[h.name], preds[h.name], h.classes) for h in taxonomy.heads}

@@ -1,10 +1,9 @@
-"""`bench`: latency figures of the int8 model and of its bare backbone, on a tiny model converted here."""
+"""`bench`: latency figures of the int8 model and of its bare backbone, on the session's tiny model."""
 
 from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 
 from semhinet_tf.export import bench as B
@@ -16,28 +15,12 @@ TIMING_KEYS = {"threads", "load_ms", "warmup_ms", "p50_ms", "p90_ms", "p99_ms", 
 
 
 @pytest.fixture(scope="module")
-def tiny_tflite(tmp_path_factory):
-    """The real classifier (MobileNetV3Small + five heads) at 32 px, PTQ on random frames.
-
-    The small minimalistic backbone converts fastest, and checks that the config is read from the weights.
-    It carries a sealed contract, as `semhinet convert` writes it (bench checks it as the board does).
-    """
-    from semhinet_tf.artifacts.contract import build_contract, embed_sealed
-    from semhinet_tf.export.tflite import convert_int8
-    from semhinet_tf.model.heads import ModelConfig, build_model
-    from semhinet_tf.model.mobilenet_v3 import BackboneConfig
-    from semhinet_tf.taxonomy import Taxonomy
-
-    tax = Taxonomy.default()
-    model = build_model(tax, ModelConfig(img_size=SIZE, backbone=BackboneConfig(alpha=ALPHA, minimalistic=True)))
-    frames = np.random.default_rng(1).integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8)
+def tiny_tflite(tiny_run, tmp_path_factory):
+    """The session's tiny classifier (MobileNetV3Small alpha 0.35 + five heads, 32 px, sealed contract), copied
+    into a folder of its own: bench caches the backbone next to the model. bare.tflite is it without a contract."""
     path = tmp_path_factory.mktemp("bench") / "model_int8.tflite"
-    contract = build_contract(run_id="bench", taxonomy_spec=tax.to_spec(), img_size=SIZE, io_type="uint8",
-                              preprocess={}, views=["identity"], review_threshold=0.5, review_threshold_by_views={},
-                              quantization=None, version="test")
-    bare = convert_int8(model, SIZE, tax.head_names, lambda: iter(frames))
-    path.write_bytes(embed_sealed(bare, contract))
-    path.with_name("bare.tflite").write_bytes(bare)  # the same model without a contract
+    shutil.copy(tiny_run.tflite, path)
+    path.with_name("bare.tflite").write_bytes(tiny_run.bare)
     return path
 
 
@@ -79,8 +62,8 @@ def test_backbone_is_cached_next_to_the_model_and_reused(result, tiny_tflite):
     assert cache.name == "model_int8.backbone.tflite" and cache.parent == tiny_tflite.parent
     bb = result["backbone"]
     assert bb["cache"] == "built" and bb["path"] == str(cache)
-    assert (bb["alpha"], bb["minimalistic"], bb["config_source"]) == (ALPHA, True, "inferred from the model")
-    assert read_contract(cache, B.BENCH_TAG) == {"img_size": SIZE, "alpha": ALPHA, "minimalistic": True}
+    assert (bb["alpha"], bb["minimalistic"], bb["config_source"]) == (ALPHA, False, "inferred from the model")
+    assert read_contract(cache, B.BENCH_TAG) == {"img_size": SIZE, "alpha": ALPHA, "minimalistic": False}
     again = B.bench(tiny_tflite, threads=(1,), runs=2, warmup=0)
     assert again["backbone"]["cache"] == "hit" and again["backbone"]["macs"] == bb["macs"]
 
@@ -103,7 +86,7 @@ def test_bench_without_backbone_needs_no_conversion(tiny_tflite):
 
 
 def test_backbone_config_inferred_from_the_weights(tiny_tflite):
-    assert B.infer_backbone_config(tiny_tflite) == (ALPHA, True)
+    assert B.infer_backbone_config(tiny_tflite) == (ALPHA, False)
 
 
 def test_alpha_channel_rule_matches_the_model_code():

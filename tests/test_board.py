@@ -26,8 +26,6 @@ from semhinet_tf.taxonomy import Taxonomy
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 TIMING = ("decode_ms", "infer_ms")
-PREPROCESS = {"size": SIZE, "databar": "auto", "fit": "crop", "bit_depth_rule": "minmax", "max_pixels": 100_000_000}
-QUANTIZATION = {"source": "float", "granularity": "per-channel", "io": "uint8", "float_heads": False}
 
 # Runs the board's main with TensorFlow (and tf-keras) unimportable, and proves both.
 NO_TF = """
@@ -51,26 +49,9 @@ sys.exit(f"imported {leaked}" if leaked else rc)
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    from semhinet_tf.artifacts.contract import embed_sealed
-    from semhinet_tf.data.pipeline import Augment
-    from semhinet_tf.export.convert import run_contract
-    from semhinet_tf.export.tflite import convert_int8
-    from semhinet_tf.model.heads import ModelConfig, build_model
-    from semhinet_tf.model.mobilenet_v3 import BackboneConfig
-
-    tax = Taxonomy.default()
-    model = build_model(tax, ModelConfig(img_size=SIZE, backbone=BackboneConfig(alpha=0.35)))
-    frames = np.random.default_rng(2).integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8)
-    content = convert_int8(model, SIZE, tax.head_names, lambda: iter(frames))
-    root = tmp_path_factory.mktemp("board_model")
-    # trained (as far as the contract says) with the default flips and quarter turns: eight views offered
-    config = {"preprocess": PREPROCESS, "train": {"augment": Augment().to_dict()}}
-    contract = run_contract(root, config, tax.to_spec(), img_size=SIZE, io_type="uint8", review_threshold=0.5,
-                            quantization=QUANTIZATION)
-    path = root / "model_int8.tflite"
-    path.write_bytes(embed_sealed(content, contract))
-    return path
+def model_path(tiny_run) -> Path:
+    """The session's tiny int8 model with its contract (eight views offered); tests only read it."""
+    return tiny_run.tflite
 
 
 def _texture(h: int, w: int, seed: int) -> np.ndarray:
@@ -161,9 +142,8 @@ def test_board_sees_the_pixels_training_saw(model_path, images):
 def test_mixed_inputs_exercise_what_they_claim(images):
     assert read_grey(images / "deep16_wide.tiff").dtype == np.uint16
     assert find_databar(read_grey(images / "databar.png")) == 14
-    no_bar = Preprocess.from_dict({**PREPROCESS, "databar": "off"})
-    assert not np.array_equal(load_frame(images / "databar.png", no_bar),
-                              load_frame(images / "databar.png", Preprocess.from_dict(PREPROCESS)))
+    assert not np.array_equal(load_frame(images / "databar.png", Preprocess(size=SIZE, databar="off")),
+                              load_frame(images / "databar.png", Preprocess(size=SIZE, databar="auto")))
 
 
 # ---------------------------------------------------------------- (3) bad files

@@ -50,16 +50,9 @@ def _contract(**changes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bare(tmp_path_factory) -> bytes:
+def bare(tiny_run) -> bytes:
     """The tiny int8 model's bytes, without a contract."""
-    from semhinet_tf.export.tflite import convert_int8
-    from semhinet_tf.model.heads import ModelConfig, build_model
-    from semhinet_tf.model.mobilenet_v3 import BackboneConfig
-
-    tax = Taxonomy.default()
-    model = build_model(tax, ModelConfig(img_size=SIZE, backbone=BackboneConfig(alpha=0.35, minimalistic=True)))
-    frames = np.random.default_rng(3).integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8)
-    return convert_int8(model, SIZE, tax.head_names, lambda: iter(frames))
+    return tiny_run.bare
 
 
 @pytest.fixture(scope="module")

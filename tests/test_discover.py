@@ -234,6 +234,23 @@ def test_duplicates_land_on_one_side(tmp_path):
             assert len(sides) == 1, (seed, group)
 
 
+def test_duplicates_count_once_toward_the_share(tmp_path):
+    m = make_manifest(tmp_path, {"bridge": 10}, dup_of={"bridge": 5})  # 15 files, 10 distinct images
+    for seed in range(5):
+        s = stratified_split(m, val_fraction=0.2, seed=seed)
+        val_groups = {e.sha256 for e in m.select(s["val"])}
+        assert len(val_groups) == 2, seed  # 20% of the distinct images, whichever groups were drawn
+        assert s["counts"]["bridge"]["val"] == (7 if "bridge/000.png" in s["val"] else 2)
+
+
+def test_split_ignores_the_order_files_were_found_in(tmp_path):
+    import dataclasses
+
+    m = make_manifest(tmp_path, {"bridge": 12, "open": 9}, dup_of={"open": 2})
+    shuffled = dataclasses.replace(m, entries=list(reversed(m.entries)))
+    assert stratified_split(shuffled, val_fraction=0.3, seed=4) == stratified_split(m, val_fraction=0.3, seed=4)
+
+
 def test_small_class_stays_in_training_with_warning(tmp_path):
     m = make_manifest(tmp_path, {"bridge": 10, "crack": 1}, dup_of={"crack": 2})
     s = stratified_split(m, val_fraction=0.2, seed=0, min_per_class=2)

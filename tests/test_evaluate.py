@@ -302,3 +302,32 @@ def test_absent_but_predicted_class():
     assert r["summary"]["specialist_precision"]["cmp"] == 1.0
     assert r["per_class"]["cmp"]["recall"] == 0.5
     assert "crack" in r["missing_classes"]
+
+
+# ---------------------------------------------------------------- scikit-learn's metrics, our numbers
+def _counted_by_hand(true: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, list[dict]]:
+    """The formulas evaluate.py used before scikit-learn took over: bincount and ratios of counts."""
+    cm = np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
+    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    ratio = lambda a, b: None if b == 0 else float(a) / float(b)  # noqa: E731
+    scores = [{"precision": ratio(tp[i], predicted[i]), "recall": ratio(tp[i], support[i]),
+               "f1": ratio(2 * tp[i], 2 * tp[i] + (predicted[i] - tp[i]) + (support[i] - tp[i])),
+               "support": int(support[i])} for i in range(k)]
+    return cm, scores
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sklearn_metrics_give_the_numbers_counted_by_hand(seed):
+    from semhinet_tf.evaluate import confusion_matrix, per_class_scores
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 9))
+    n = 0 if seed == 0 else int(rng.integers(1, 30))  # seed 0: no image at all
+    # few classes in play, so some are absent, some never predicted, some neither
+    true = rng.choice(rng.choice(k, size=max(1, k // 2), replace=False), size=n)
+    pred = np.where(rng.random(n) < 0.5, true, rng.integers(0, k, n))
+    labels = [f"c{i}" for i in range(k)]
+    cm, scores = _counted_by_hand(true, pred, k)
+    got_cm = confusion_matrix(true, pred, k)
+    assert got_cm.dtype == np.int64 and got_cm.shape == (k, k) and np.array_equal(got_cm, cm)
+    assert per_class_scores(true, pred, labels) == dict(zip(labels, scores, strict=True))  # exactly, not approx

@@ -22,62 +22,24 @@ from semhinet_tf.taxonomy import Taxonomy  # noqa: E402
 
 SIZE = 32
 HEADS = ["h1", "h2", "h3", "h4", "h5"]
-PREPROCESS = {"size": SIZE, "databar": "auto", "fit": "crop", "bit_depth_rule": "minmax", "max_pixels": 100000000}
-QUANTIZATION = {"source": "float", "granularity": "per-channel", "io": "uint8", "float_heads": False}
-
-
-def _frames(n: int, seed: int) -> np.ndarray:
-    """Smooth random uint8 frames (blobs over a gradient), so activations are not all saturated noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    out = []
-    for _ in range(n):
-        img = 80 + 60 * rng.uniform(-1, 1) * xx + 40 * rng.uniform(-1, 1) * yy
-        for _ in range(3):
-            cy, cx, r = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.05, 0.3)]
-            img = img + rng.uniform(-90, 120) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        out.append(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8))
-    return np.stack(out)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny run directory: float.keras, qat.h5 and model_int8.tflite with a contract; converted once.
+def run(tiny_run, tmp_path_factory):
+    """The session's tiny run (float.keras and a PTQ model_int8.tflite with a contract) plus a QAT model.
 
     The .tflite is post-training quantized from the float model: converting the QAT model costs ~50 s
     of CPU here against ~15 s, and tf2onnx sees the same int8 ops either way (the QAT .tflite of a real
     run is measured in the report). QAT ranges come from one training-mode pass (what a fit step sets).
     """
-    from semhinet_tf.artifacts.contract import embed_sealed
-    from semhinet_tf.export.convert import run_contract
-    from semhinet_tf.export.tflite import convert_int8
-    from semhinet_tf.model import keras
-    from semhinet_tf.model.heads import ModelConfig, build_model
     from semhinet_tf.model.io import save_model
-    from semhinet_tf.model.mobilenet_v3 import BackboneConfig
     from semhinet_tf.model.quant import quantize_model
 
-    keras.utils.set_random_seed(0)
-    d = tmp_path_factory.mktemp("run")
-    tax = Taxonomy.default()
-    config = {"model": {"img_size": SIZE}, "preprocess": PREPROCESS, "train": {"granularity": "per-channel"},
-              "created": "test"}
-    (d / "config.json").write_text(json.dumps(config))
-    (d / "taxonomy.json").write_text(json.dumps(tax.to_spec()))
-    model = build_model(tax, ModelConfig(img_size=SIZE, backbone=BackboneConfig(alpha=0.35), head_units=16))
-    rng = np.random.default_rng(5)
-    for h in tax.heads:  # untrained heads all say ~uniform; give each its own leaning so a head mix-up shows
-        kernel, bias = model.get_layer(h.name).get_weights()
-        model.get_layer(h.name).set_weights([kernel * 4, rng.normal(0, 1.5, bias.shape)])
-    save_model(model, d / "float.keras")
-    tflite = convert_int8(model, SIZE, tax.head_names, lambda: iter(_frames(8, 3)))
-    contract = run_contract(d, config, tax.to_spec(), img_size=SIZE, io_type="uint8", review_threshold=0.5,
-                            quantization=QUANTIZATION)
-    (d / "model_int8.tflite").write_bytes(embed_sealed(tflite, contract))
-    qat = quantize_model(model)
-    qat(_frames(16, 1)[..., None].astype(np.float32), training=True)  # moving-average ranges from real frames
+    d = tiny_run.copy_to(tmp_path_factory.mktemp("onnx_run") / "run")
+    qat = quantize_model(tiny_run.float_model)
+    qat(tiny_run.frames(16, 1)[..., None].astype(np.float32), training=True)  # moving-average ranges from frames
     save_model(qat, d / "qat.h5", quantized=True)
-    return {"dir": d, "float": model, "qat": qat, "frames": _frames(12, 4)}
+    return {"dir": d, "float": tiny_run.float_model, "qat": qat, "frames": tiny_run.frames(12, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +79,9 @@ def test_names_types_and_contract(run, exported):
     qat = OnnxEngine(exported["qat"]["path"])
     assert qat.dynamic_batch and qat.input_dtype == np.float32
     # max_pixels is a host option, not the model's: dropped from contracts
-    assert qat.contract["preprocess"] == {k: v for k, v in PREPROCESS.items() if k != "max_pixels"}
+    preprocess = json.loads((run["dir"] / "config.json").read_text())["preprocess"]
+    assert "max_pixels" in preprocess and qat.contract["preprocess"] == {
+        k: v for k, v in preprocess.items() if k != "max_pixels"}
     assert qat.contract["outputs"] == HEADS
     assert qat.contract["quantization"]["source"] == "qat" and qat.contract["input"]["dtype"] == "float32"
     assert OnnxEngine(exported["float"]["path"]).contract["quantization"] is None

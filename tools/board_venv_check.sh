@@ -3,9 +3,10 @@
 #
 #   tools/board_venv_check.sh MODEL.tflite IMAGES_DIR OUT_DIR
 #
-# 1. a venv at ${BOARD_VENV:-/tmp/semhinet-board-venv} with requirements-board.txt only (numpy<2, pillow,
-#    tflite-runtime==2.14.0; reused when it already holds exactly that), and proof that TensorFlow is absent;
-# 2. in it, with the checkout on PYTHONPATH (the package is not installed there):
+# 1. a venv at ${BOARD_VENV:-/tmp/semhinet-board-venv} made the board's way, `pip install "numpy<2" .[board]` (the
+#    package with its board extra and every dependency it pulls: numpy<2, Pillow, tflite-runtime==2.14.0; reused
+#    when it already holds exactly that), and proof that TensorFlow is absent;
+# 2. in it, with the checkout on PYTHONPATH (so a reused venv runs this checkout's code):
 #    python -m semhinet_tf.board MODEL IMAGES_DIR --format jsonl --out OUT_DIR/board.jsonl
 #    and the hash of every decoded frame (tools/board_compare.py frames);
 #    and the same with --views 8 (test-time views); a delegate that is not a library, with and without
@@ -29,7 +30,6 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${BOARD_VENV:-/tmp/semhinet-board-venv}
 BOARD_PY=$VENV/bin/python
 HOST_PY=${HOST_PYTHON:-python}
-REQS=$REPO/requirements-board.txt
 mkdir -p "$OUT"
 start=$(date +%s)
 
@@ -40,7 +40,7 @@ venv_ok() {
 import sys
 from importlib import metadata
 names = sorted({d.metadata["Name"].lower().replace("_", "-") for d in metadata.distributions()} - {"pip", "setuptools", "wheel"})
-ok = names == ["numpy", "pillow", "tflite-runtime"]
+ok = names == ["numpy", "pillow", "semhinet-tf", "tflite-runtime"]
 ok = ok and metadata.version("tflite-runtime") == "2.14.0" and int(metadata.version("numpy").split(".")[0]) < 2
 sys.exit(0 if ok else 1)
 EOF
@@ -57,13 +57,14 @@ else
     "${BOARD_PYTHON:-python3}" -c 'import sys; sys.exit(sys.version_info[:2] > (3, 11))' \
         || fail "tflite-runtime 2.14.0 has wheels for Python <= 3.11 only; set BOARD_PYTHON to such a python"
     "${BOARD_PYTHON:-python3}" -m venv "$VENV"
-    "$BOARD_PY" -m pip install -q --disable-pip-version-check -r "$REQS"
-    venv_ok || fail "the venv at $VENV does not hold exactly numpy<2, pillow, tflite-runtime==2.14.0"
+    "$BOARD_PY" -m pip install -q --disable-pip-version-check "numpy<2" "$REPO[board]"
+    venv_ok || fail "pip install .[board] gave more or other than semhinet-tf, numpy<2, pillow, tflite-runtime==2.14.0"
     echo "board venv: created $VENV in $(( $(date +%s) - t0 )) s"
 fi
 "$BOARD_PY" -c "import tensorflow" 2>/dev/null && fail "tensorflow is importable in the board venv"
 "$BOARD_PY" -c "import tf_keras" 2>/dev/null && fail "tf_keras is importable in the board venv"
 "$BOARD_PY" -c "import ai_edge_litert" 2>/dev/null && fail "ai_edge_litert is importable in the board venv"
+"$BOARD_PY" -I -c "import semhinet_tf.board.__main__" || fail "the package pip installed does not import in the board venv"
 echo "board venv: $("$BOARD_PY" -c 'import sys, numpy, PIL, tflite_runtime
 print(f"python {sys.version.split()[0]}, numpy {numpy.__version__}, pillow {PIL.__version__}, "
       f"tflite-runtime {tflite_runtime.__version__}; import tensorflow fails")')"

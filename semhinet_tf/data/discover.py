@@ -350,10 +350,12 @@ def stratified_split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 
                      min_per_class: int = 2) -> dict[str, Any]:
     """Seeded per-class train/val split that keeps byte-identical files on the same side.
 
-    Each class's distinct images (duplicate groups count once) are ordered by a hash of (seed, content
-    hash), which makes the split deterministic, independent of folder order and library versions, and
-    stable when other classes change; the first ones go to validation until the class reaches its
-    share. A class with fewer than `min_per_class` distinct images stays in training, with a warning.
+    Within each class, scikit-learn's GroupShuffleSplit (groups = content hash, random_state = seed) draws
+    whole duplicate groups for validation: `val_fraction` of the class's distinct images, at least one, and
+    at least one left for training. Stratified because each class is split on its own, which also keeps a
+    class's split unchanged when other classes change; the same manifest and seed give the same split
+    whatever the folder order, and the split is saved, so a run never depends on the library drawing again.
+    A class with fewer than `min_per_class` distinct images stays in training, with a warning.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -365,17 +367,17 @@ def stratified_split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 
     counts: dict[str, dict[str, int]] = {}
     for leaf in sorted(groups):
         members = groups[leaf]
-        n_images = sum(len(g) for g in members.values())
+        paths = sorted(p for g in members.values() for p in g)
         to_val: list[str] = []
         if val_fraction > 0 and len(members) < min_per_class:
             warnings.append(f"class {leaf} has only {len(members)} distinct image(s), fewer than "
                             f"{min_per_class}: all kept in training, none in validation")
         elif val_fraction > 0:
-            to_val = _pick_val(members, max(1, round(val_fraction * n_images)), seed)
+            to_val = _pick_val(members, val_fraction, seed)
         chosen = set(to_val)
         val.extend(to_val)
-        train.extend(p for g in members.values() for p in g if p not in chosen)
-        counts[leaf] = {"train": n_images - len(to_val), "val": len(to_val)}
+        train.extend(p for p in paths if p not in chosen)
+        counts[leaf] = {"train": len(paths) - len(to_val), "val": len(to_val)}
     return {"root": manifest.root, "seed": int(seed), "val_fraction": float(val_fraction),
             "min_per_class": int(min_per_class), "train": sorted(train), "val": sorted(val),
             "counts": counts, "warnings": warnings}
@@ -398,15 +400,17 @@ def _class_groups(manifest: Manifest) -> tuple[dict[str, dict[str, list[str]]], 
     return groups, warnings
 
 
-def _pick_val(members: dict[str, list[str]], target: int, seed: int) -> list[str]:
-    """Whole duplicate groups, in seeded hash order, until `target` images; one group always stays in train."""
-    order = sorted(members, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).hexdigest())
-    picked: list[str] = []
-    for digest in order[:-1]:
-        if len(picked) >= target:
-            break
-        picked.extend(members[digest])
-    return picked
+def _pick_val(members: dict[str, list[str]], val_fraction: float, seed: int) -> list[str]:
+    """One class's validation images: whole duplicate groups drawn by GroupShuffleSplit, at least one group on
+    each side."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    paths = sorted(p for g in members.values() for p in g)
+    digest_of = {p: d for d, g in members.items() for p in g}
+    n_val = min(max(1, round(val_fraction * len(members))), len(members) - 1)
+    splitter = GroupShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+    _, val_idx = next(splitter.split(paths, groups=[digest_of[p] for p in paths]))
+    return [paths[i] for i in sorted(val_idx)]
 
 
 def save_split(split: dict[str, Any], run_dir: str | os.PathLike) -> Path:
