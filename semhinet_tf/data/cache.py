@@ -114,9 +114,10 @@ class FrameCache:
             _remove(path)
             return None
 
-    def _known_rows(self, folder: Path, wanted: set[str], size: int) -> dict[str, tuple[np.ndarray, int]]:
-        """digest -> (frames, row) for wanted files already decoded in another entry of the same preprocessing."""
-        known: dict[str, tuple[np.ndarray, int]] = {}
+    def _known_rows(self, folder: Path, wanted: set[str], size: int) -> dict[str, tuple[np.ndarray, int] | str]:
+        """digest -> (frames, row), or the reason it could not be decoded, for wanted files already decoded in
+        another entry of the same preprocessing (which includes the pixel limit, so refusals still hold)."""
+        known: dict[str, tuple[np.ndarray, int] | str] = {}
         if not folder.is_dir():
             return known
         for other in sorted(folder.iterdir()):
@@ -127,8 +128,8 @@ class FrameCache:
             except (CacheDamagedError, OSError, ValueError):
                 continue  # another run may be removing it; never fatal for this one
             for row, d in enumerate(entry.digests):
-                if d in wanted and row not in entry.bad:
-                    known.setdefault(d, (entry.frames, row))
+                if d in wanted:
+                    known.setdefault(d, entry.bad.get(row) or (entry.frames, row))
         return known
 
     # ------------------------------------------------------------------------------------------ writing
@@ -224,8 +225,8 @@ def _rows(n: int, todo: list[int], decoded: Iterator, known: dict, digests: list
             frame, reason = next(decoded)
             yield i, frame if frame is not None else (reason or "unreadable")
         else:
-            frames, row = known[digests[i]]
-            yield i, frames[row]
+            found = known[digests[i]]
+            yield i, found if isinstance(found, str) else found[0][found[1]]
 
 
 def _crc(path: Path, offset: int) -> int:
