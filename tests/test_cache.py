@@ -136,6 +136,14 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, files, decodes, damage,
     assert decodes == []  # the rebuilt entry is a valid hit
 
 
+def test_an_unwritable_cache_falls_back_to_memory(tmp_path, files, capsys):
+    (tmp_path / "not-a-folder").write_text("a file where the cache should be")
+    frames, bad = _load(FrameCache(tmp_path / "not-a-folder"), files)
+    expected, bad_expected = decode_frames([str(p) for p in files], PRE, progress=False)
+    assert np.array_equal(frames, expected) and bad == bad_expected
+    assert "decoding into memory" in capsys.readouterr().err
+
+
 def test_racing_writers_leave_one_valid_entry(tmp_path, files, monkeypatch):
     """Two builders of the same entry, both held inside their decode until the other is there too."""
     barrier = threading.Barrier(2, timeout=30)

@@ -100,7 +100,14 @@ class FrameCache:
         key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
         entry = self._open_or_drop(folder / key, digests, pre.size)
         if entry is None:
-            entry = self._build(folder, key, list(map(str, paths)), list(digests), pre, progress, desc)
+            try:
+                entry = self._build(folder, key, list(map(str, paths)), list(digests), pre, progress, desc)
+            except OSError as exc:  # read-only home, disk full, ...: the run goes on as without a cache
+                from semhinet_tf.data.pipeline import decode_frames
+
+                print(f"semhinet: frame cache {self.root} unusable ({_one_line(exc)}); decoding into memory",
+                      file=sys.stderr)
+                return decode_frames(paths, pre, progress=progress, desc=desc)
         return entry.frames, [(str(paths[row]), reason) for row, reason in sorted(entry.bad.items())]
 
     # ------------------------------------------------------------------------------------------ reading
