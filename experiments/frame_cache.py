@@ -62,12 +62,13 @@ def decode(args) -> list[str]:
     return lines
 
 
-def _peak_memory(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run `cmd`; its wall time, ru_maxrss and the sampled peaks of RssAnon and RssFile (MB)."""
+def _peak_memory(cmd: list[str], env: dict, log: Path, cwd: Path) -> dict:
+    """Run `cmd` in `cwd` (`python -m` puts the working folder first on sys.path, before PYTHONPATH: run it where
+    no checkout is); its wall time, ru_maxrss and the sampled peaks of RssAnon and RssFile (MB)."""
     peaks = {"RssAnon": 0, "RssFile": 0}
     t = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         done = threading.Event()
 
         def sample():
@@ -103,11 +104,13 @@ def train(args) -> list[str]:
             ("memory-mapped cache, second run", ROOT, ["--cache-dir", str(work / "cache")])]
     rows = []
     for i, (name, code, extra) in enumerate(runs):
-        env = {**os.environ, "PYTHONPATH": str(code), "SEMHINET_QUIET": "1"}
+        # the old checkout must not write a cache into the user's home either
+        env = {**os.environ, "PYTHONPATH": str(code), "SEMHINET_QUIET": "1",
+               "SEMHINET_CACHE": str(work / "default-cache")}
         cmd = [sys.executable, "-m", "semhinet_tf", "train", str(args.data), "--out", str(work / f"run{i}"),
                "--overwrite", *options, *extra]
         print(f"{name}: {' '.join(cmd)}", flush=True)
-        rows.append((name, _peak_memory(cmd, env, work / f"run{i}.log")))
+        rows.append((name, _peak_memory(cmd, env, work / f"run{i}.log", cwd=work)))
     n = sum(1 for _ in Path(args.data).rglob("*.png"))
     lines = [f"## Peak memory, `semhinet train` on {n:,} frames at 160 px ({args.data})", "",
              f"Options: `{' '.join(options)}`", "",
