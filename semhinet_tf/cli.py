@@ -314,8 +314,13 @@ def synth(out_arg, out, per_class, size, seed, workers, mixed_formats, overwrite
 @click.option("--resume", is_flag=True, help="continue an interrupted run in --out")
 @click.option("--overwrite", is_flag=True,
               help="replace an existing run directory (only one this project made; never an input's folder)")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where decoded frames are cached (default $SEMHINET_CACHE, else $XDG_CACHE_HOME/semhinet, "
+                   "else ~/.cache/semhinet)")
+@click.option("--no-cache", is_flag=True, help="decode into memory and leave the frame cache alone")
 @friendly
-def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, augment_spec, loss_weights, **opts):
+def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, augment_spec, loss_weights,
+          cache_dir, no_cache, **opts):
     """Train the five-head model on DATA (class folders), then fine-tune it with QAT."""
     from semhinet_tf.data.pipeline import Augment
     from semhinet_tf.taxonomy import load_taxonomy
@@ -334,8 +339,11 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
     given = _given_options(click.get_current_context(), opts)
     given |= {"augment"} if no_augment or augment_spec else set()
     given |= {"loss_weights"} if loss_weights else set()
+    if cache_dir is not None and no_cache:
+        raise click.UsageError("--cache-dir names the frame cache and --no-cache switches it off: give one of them")
     result = run_train(data, run_dir, cfg, taxonomy if taxonomy_file or not resume else None, overwrite=overwrite,
-                       resume=resume, strict=strict, given=given, inputs=[taxonomy_file] if taxonomy_file else [])
+                       resume=resume, strict=strict, given=given, inputs=[taxonomy_file] if taxonomy_file else [],
+                       cache_dir=cache_dir, use_cache=not no_cache)
     click.echo(_train_summary(result))
     click.echo(f"run directory: {run_dir} (all figures: {Path(run_dir) / 'train_result.json'})")
 

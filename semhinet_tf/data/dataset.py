@@ -1,7 +1,9 @@
-"""From a data folder to decoded training/validation arrays, with the manifest and split saved in the run.
+"""From a data folder to decoded training/validation frames, with the manifest and split saved in the run.
 
 Discovery reads headers and hashes; the one full decode (shared decoder, parallel) happens here, and
-a file that fails it is moved to the skipped list with its reason, so no image is decoded twice.
+a file that fails it is moved to the skipped list with its reason, so no image is decoded twice. With a
+frame cache (the default for `train`) the decoded frames live in a memory-mapped file keyed by the files'
+hashes and the preprocessing, so a second run decodes nothing; the splits are row lists into it (FrameRows).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from semhinet_tf.data.cache import FrameCache, FrameRows
 from semhinet_tf.data.decode import Preprocess
 from semhinet_tf.data.discover import (
     DatasetError,
@@ -25,38 +28,46 @@ from semhinet_tf.data.pipeline import decode_frames
 from semhinet_tf.taxonomy import Taxonomy
 
 
-def _decode_manifest(manifest: Manifest, pre: Preprocess, progress: bool) -> dict[str, np.ndarray]:
-    """Decode every entry once; failures join manifest.skipped. Returns path -> frame."""
-    paths = [e.path for e in manifest.entries]
-    frames, bad = decode_frames([str(manifest.file(p)) for p in paths], pre, progress=progress, desc="decode")
+def _decode_manifest(manifest: Manifest, pre: Preprocess, progress: bool,
+                     cache: FrameCache | None) -> tuple[np.ndarray, dict[str, int]]:
+    """Decode every entry once (or read it from `cache`); failures join manifest.skipped.
+
+    Returns the frames (in memory, or memory-mapped from the cache) and the row of each kept path."""
+    files = [str(manifest.file(e.path)) for e in manifest.entries]
+    if cache is None:
+        frames, bad = decode_frames(files, pre, progress=progress, desc="decode")
+    else:
+        frames, bad = cache.frames(files, [e.sha256 for e in manifest.entries], pre, progress=progress)
     bad_reason = {Path(p).resolve(): r for p, r in bad}
-    good: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
     kept = []
     for i, e in enumerate(manifest.entries):
         reason = bad_reason.get(manifest.file(e.path).resolve())
         if reason is None:
-            good[e.path] = frames[i]
+            rows[e.path] = i
             kept.append(e)
         else:
             manifest.skipped.append((e.path, reason))
     manifest.entries = kept
-    return good
+    return frames, rows
 
 
-def _arrays(paths: list[str], frames: dict[str, np.ndarray], leaf_of: dict[str, str], taxonomy: Taxonomy):
-    paths = [p for p in paths if p in frames]
-    x = np.stack([frames[p] for p in paths]) if paths else np.zeros((0, 1, 1), np.uint8)
+def _arrays(paths: list[str], frames: np.ndarray, rows: dict[str, int], leaf_of: dict[str, str],
+            taxonomy: Taxonomy) -> tuple[FrameRows, np.ndarray]:
+    paths = [p for p in paths if p in rows]
+    x = FrameRows(frames, [rows[p] for p in paths])
     y = np.array([taxonomy.leaf_index(leaf_of[p]) for p in paths], dtype=np.int64)
     return x, y
 
 
 def prepare_dataset(data_dir: str | Path, run_dir: str | Path, taxonomy: Taxonomy, cfg, strict: bool = False,
-                    progress: bool = True, reuse_split: bool = False) -> dict:
-    """Discover, decode, split (or reuse the saved split); write manifest, skipped list and split to run_dir."""
+                    progress: bool = True, reuse_split: bool = False, cache: FrameCache | None = None) -> dict:
+    """Discover, decode (or read `cache`), split (or reuse the saved split); write manifest, skipped list and
+    split to run_dir. The splits are (FrameRows, leaf ids): rows of the decoded frames, not copies."""
     run_dir = Path(run_dir)
     pre = Preprocess(size=cfg.img_size, databar=cfg.databar, fit=cfg.fit)
     manifest = discover(data_dir, taxonomy, strict=strict, check_images=False, pre=pre, progress=progress)
-    frames = _decode_manifest(manifest, pre, progress)
+    frames, rows = _decode_manifest(manifest, pre, progress, cache)
     manifest.save(run_dir)
     print(f"data: {manifest.summary()}", flush=True)
     if manifest.skipped:
@@ -70,8 +81,8 @@ def prepare_dataset(data_dir: str | Path, run_dir: str | Path, taxonomy: Taxonom
     for w in split.get("warnings", []):
         print(f"  warning: {w}", flush=True)
     leaf_of = {e.path: e.leaf for e in manifest.entries}
-    train = _arrays(split["train"], frames, leaf_of, taxonomy)
-    val = _arrays(split["val"], frames, leaf_of, taxonomy)
+    train = _arrays(split["train"], frames, rows, leaf_of, taxonomy)
+    val = _arrays(split["val"], frames, rows, leaf_of, taxonomy)
     if not len(val[1]):
         raise DatasetError(f"{data_dir}: the validation split is empty (more images per class or a larger --val-split)")
     missing = [taxonomy.leaves[c] for c in range(len(taxonomy.leaves)) if c not in set(train[1].tolist())]

@@ -1,7 +1,8 @@
-"""tf.data input pipeline: decoded-frame cache, class-balanced sampling, SEM augmentations, head labels.
+"""tf.data input pipeline: decoded frames, class-balanced sampling, SEM augmentations, head labels.
 
-Frames are decoded once (in parallel, by the shared decoder) into a uint8 array and kept in memory;
-every epoch then only gathers, augments and batches, so 2 CPU cores never wait for JPEG/TIFF decoding.
+Frames are decoded once (in parallel, by the shared decoder) into a uint8 array, in memory or memory-mapped
+from the on-disk cache (data/cache.py); every epoch then only gathers, augments and batches, so 2 CPU cores
+never wait for JPEG/TIFF decoding, and the gather reads just the rows of each batch.
 Sampling order and augmentation noise are derived from the seed and the step number (stateless RNG),
 so a run is reproducible and a resumed run continues the same stream.
 """
@@ -9,7 +10,7 @@ so a run is reproducible and a resumed run continues the same stream.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -56,37 +57,43 @@ def _decode_one(args: tuple[str, dict]) -> tuple[np.ndarray | None, str | None]:
         return None, exc.reason
 
 
-def decode_frames(paths: Sequence[str], pre: Preprocess, workers: int | None = None,
-                  progress: bool = True, desc: str = "decode") -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode every file to a (N, S, S) uint8 array; bad files are returned as (path, reason), not raised."""
+def iter_decoded(paths: Sequence[str], pre: Preprocess, workers: int | None = None, progress: bool = True,
+                 desc: str = "decode") -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """(frame, None) or (None, reason) per file, in order, decoded in parallel: a stream, so a caller that
+    writes frames out (the on-disk cache) never holds them all."""
     from tqdm import tqdm
 
     workers = workers or min(os.cpu_count() or 1, 8)
-    frames = np.zeros((len(paths), pre.size, pre.size), np.uint8)
-    bad: list[tuple[str, str]] = []
     jobs = [(str(p), pre.to_dict()) for p in paths]
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, leave=False)
-    if workers > 1 and len(jobs) > 64:
-        # threads, not processes: TensorFlow is usually loaded (fork is unsafe then, and spawn would re-run an
-        # unguarded user script); Pillow releases the GIL while decoding and resizing.
-        with ThreadPoolExecutor(workers) as pool:
-            results = pool.map(_decode_one, jobs, chunksize=32)
-            for i, (frame, err) in enumerate(results):
-                _store(frames, bad, i, jobs[i][0], frame, err)
+    try:
+        if workers > 1 and len(jobs) > 64:
+            # threads, not processes: TensorFlow is usually loaded (fork is unsafe then, and spawn would re-run
+            # an unguarded user script); Pillow releases the GIL while decoding and resizing.
+            with ThreadPoolExecutor(workers) as pool:
+                for result in pool.map(_decode_one, jobs, chunksize=32):
+                    bar.update()
+                    yield result
+        else:
+            for job in jobs:
+                result = _decode_one(job)
                 bar.update()
-    else:
-        for i, job in enumerate(jobs):
-            _store(frames, bad, i, job[0], *_decode_one(job))
-            bar.update()
-    bar.close()
+                yield result
+    finally:
+        bar.close()
+
+
+def decode_frames(paths: Sequence[str], pre: Preprocess, workers: int | None = None,
+                  progress: bool = True, desc: str = "decode") -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Decode every file to a (N, S, S) uint8 array in memory; bad files are returned as (path, reason)."""
+    frames = np.zeros((len(paths), pre.size, pre.size), np.uint8)
+    bad: list[tuple[str, str]] = []
+    for i, (frame, err) in enumerate(iter_decoded(paths, pre, workers, progress, desc)):
+        if frame is None:
+            bad.append((str(paths[i]), err or "unreadable"))
+        else:
+            frames[i] = frame
     return frames, bad
-
-
-def _store(frames, bad, i, path, frame, err):
-    if frame is None:
-        bad.append((path, err or "unreadable"))
-    else:
-        frames[i] = frame
 
 
 def sample_order(leaf_ids: np.ndarray, steps: int, batch_size: int, sampler: str, seed: int,
@@ -163,12 +170,17 @@ def make_dataset(frames: np.ndarray, leaf_ids: np.ndarray, taxonomy: Taxonomy, b
     order = sample_order(leaf_ids, steps, batch_size, sampler, seed, len(taxonomy.leaves))
     order = order.reshape(steps, batch_size)[start_step:]
     label_table = tf.constant(taxonomy.label_matrix())
-    frames_t = tf.constant(frames)
+    size = frames.shape[1]
     leaf_t = tf.constant(leaf_ids.astype(np.int32))
     heads = taxonomy.head_names
 
+    def gather(idx):  # numpy, not a tf.constant of all frames: a memory-mapped dataset stays on disk
+        return np.asarray(frames.take(idx, axis=0), np.uint8)
+
     def batch_fn(step, idx):
-        images = tf.cast(tf.gather(frames_t, idx), tf.float32)[..., None]
+        rows = tf.numpy_function(gather, [idx], tf.uint8, stateful=False)
+        rows.set_shape([None, size, size])
+        images = tf.cast(rows, tf.float32)[..., None]
         images = augment_batch(images, step, seed, aug)
         leaves = tf.gather(leaf_t, idx)
         if flat:

@@ -91,12 +91,17 @@ def calibration_batches(train: tuple, taxonomy: Any, cfg: TrainConfig, steps: in
 
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy: Any = None,
           overwrite: bool = False, resume: bool = False, strict: bool = False, progress: bool = True,
-          given: set[str] | None = None, inputs: Sequence[str | Path] = ()) -> dict:
+          given: set[str] | None = None, inputs: Sequence[str | Path] = (), cache_dir: str | Path | None = None,
+          use_cache: bool = True) -> dict:
     """Discover, split, decode, train float, fine-tune QAT; everything lands in run_dir.
+
+    Decoded frames go through the on-disk frame cache (data/cache.py; `cache_dir` or the default location)
+    unless `use_cache` is False, in which case they are held in memory.
 
     run_dir is never an input's folder (`inputs`: more files the run reads, e.g. a taxonomy file); `overwrite`
     replaces only a run directory; `resume` continues one, with the options in `given` checked against it.
     `progress`: bars on stderr (also off with SEMHINET_QUIET=1); the per-epoch lines go to stdout either way."""
+    from semhinet_tf.data.cache import open_cache
     from semhinet_tf.data.dataset import prepare_dataset
     from semhinet_tf.taxonomy import Taxonomy
 
@@ -117,7 +122,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
         cfg = replace(cfg, lr=default_lr(cfg.weights))
     taxonomy = taxonomy or Taxonomy.default()
     set_seed(cfg.seed)
-    data = prepare_dataset(data_dir, run_dir, taxonomy, cfg, strict=strict, progress=progress, reuse_split=resume)
+    cache = open_cache(cache_dir, use_cache)
+    data = prepare_dataset(data_dir, run_dir, taxonomy, cfg, strict=strict, progress=progress, reuse_split=resume,
+                           cache=cache)
     train_set, val_set = data["train"], data["val"]
     steps = cfg.steps_per_epoch_for(len(train_set[1]))
     with strategy.scope():
@@ -131,7 +138,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
     write_json(taxonomy.to_spec(), run_dir / TAXONOMY_FILE)
 
     pipe_ips = pipeline_throughput(train_set, taxonomy, cfg)
-    print(f"input pipeline: {pipe_ips:.0f} images/s (decoded frames cached in memory)", flush=True)
+    where = f"memory-mapped from {cache.root}" if cache else "held in memory"
+    print(f"input pipeline: {pipe_ips:.0f} images/s (decoded frames {where})", flush=True)
     t_float = time.time()
     step_ips = fit_phase("float", model, taxonomy, train_set, val_set, cfg, run_dir, cfg.epochs, cfg.lr,
                          cfg.warmup_epochs, run_dir / FLOAT_MODEL, resume, strategy, progress)
