@@ -90,3 +90,17 @@ def tiny_run(tmp_path_factory) -> TinyRun:
                             quantization=QUANTIZATION)
     (d / "model_int8.tflite").write_bytes(embed_sealed(bare, contract))
     return TinyRun(dir=d, float_model=model, bare=bare)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _frame_cache_in_a_temporary_folder(tmp_path_factory):
+    """Training caches decoded frames under ~/.cache/semhinet by default: the suite must never write there."""
+    import os
+
+    before = os.environ.get("SEMHINET_CACHE")
+    os.environ["SEMHINET_CACHE"] = str(tmp_path_factory.mktemp("frame-cache"))
+    yield
+    if before is None:
+        os.environ.pop("SEMHINET_CACHE", None)
+    else:
+        os.environ["SEMHINET_CACHE"] = before
