@@ -101,9 +101,7 @@ fi
 build_numpy() {  # SYSROOT WHEEL_DIR
     local sr=$1 dest=$2 work
     work=$(mktemp -d)
-    retry python3 -m pip download -q --no-deps --no-binary=:all: --no-build-isolation -d "$work" \
-        "numpy==$NUMPY_ARMV7" >/dev/null 2>&1 \
-        || retry python3 -m pip download -q --no-deps --no-binary=:all: -d "$work" "numpy==$NUMPY_ARMV7" \
+    retry python3 -m pip download -q --no-deps --no-binary=:all: -d "$work" "numpy==$NUMPY_ARMV7" \
         || fail "pip download numpy $NUMPY_ARMV7 sdist"
     tar xzf "$work/numpy-$NUMPY_ARMV7.tar.gz" -C "$work"
     python3 -m venv "$work/cy"
@@ -168,7 +166,7 @@ for cpu in arm64 armv7; do
     echo "$cpu: $(arm "$cpu" -c 'import sys, platform, numpy, PIL, tflite_runtime
 print(f"{platform.machine()}, python {sys.version.split()[0]}, numpy {numpy.__version__}, pillow {PIL.__version__}, "
       f"tflite-runtime {tflite_runtime.__version__}")')" || fail "the $cpu Python cannot import numpy, PIL, tflite_runtime"
-    [ "$cpu" = armv7 ] && export A9_TRACE="$OUT/armv7_in_asm.log"
+    if [ "$cpu" = armv7 ]; then export A9_TRACE="$OUT/armv7_in_asm.log"; fi  # every instruction the A9 runs
     rc=0
     t0=$(date +%s%N)
     arm "$cpu" -m semhinet_tf.board "$MODEL" "$IMAGES" --format jsonl --out "$OUT/$cpu.jsonl" --overwrite \
@@ -180,8 +178,8 @@ print(f"{platform.machine()}, python {sys.version.split()[0]}, numpy {numpy.__ve
     [ "$(wc -l < "$OUT/$cpu.jsonl")" -eq "$n_images" ] || fail "$cpu wrote $(wc -l < "$OUT/$cpu.jsonl") rows for $n_images images"
     echo "$cpu: $n_images images in $ms ms under emulation ($(( ms / n_images )) ms an image, start-up included;" \
          "an emulator's figure, not the board's)"
-    arm "$cpu" "$REPO/tools/board_compare.py" frames "$MODEL" "$IMAGES" "$OUT/${cpu}_frames.json" 2>/dev/null \
-        || fail "decoding frames on $cpu"
+    arm "$cpu" "$REPO/tools/board_compare.py" frames "$MODEL" "$IMAGES" "$OUT/${cpu}_frames.json" \
+        2> "$OUT/${cpu}_frames.log" || fail "decoding frames on $cpu ($OUT/${cpu}_frames.log)"
     "$HOST_PY" "$REPO/tools/board_compare.py" compare "$MODEL" "$IMAGES" "$OUT/$cpu.jsonl" \
         --frames "$OUT/${cpu}_frames.json" --host-out "$OUT/host.jsonl" || fail "host vs $cpu (above)"
 done
@@ -191,8 +189,9 @@ done
 rm -f "$OUT/armv7_in_asm.log"  # hundreds of MB
 
 # A float model dies on the A9: the armv7 wheel's float kernels use VFPv4's fused multiply-add.
-"$HOST_PY" "$REPO/tools/arm_board_check.py" float-model "$OUT/float.tflite" 2>/dev/null || fail "making the float model"
-"$HOST_PY" -m semhinet_tf.cli npu-check --target cora-z7 "$OUT/float.tflite" > "$OUT/float_npu_check.txt" \
+"$HOST_PY" "$REPO/tools/arm_board_check.py" float-model "$OUT/float.tflite" 2> "$OUT/float_model.log" \
+    || fail "making the float model ($OUT/float_model.log)"
+"$HOST_PY" -m semhinet_tf npu-check --target cora-z7 "$OUT/float.tflite" > "$OUT/float_npu_check.txt" \
     && fail "npu-check --target cora-z7 passed a float model"
 rc=0
 arm armv7 -c 'import sys, numpy as np
