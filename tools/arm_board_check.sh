@@ -33,8 +33,14 @@ HOST_PY=${HOST_PYTHON:-python}
 CACHE=${SEMHINET_ARM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/semhinet-arm}
 MIRROR=http://deb.debian.org/debian
 NUMPY_ARMV7=1.24.4  # the last numpy built with setup.py (1.25 on needs meson) that supports Python 3.9
-ARM64=$CACHE/arm64-bookworm-py311-tflite2.14.0-v1
-ARMV7=$CACHE/armhf-bullseye-py39-tflite2.13.0-numpy$NUMPY_ARMV7-v1
+ARM64_DEBS="python3.11 libstdc++6"
+ARM64_WHEELS="numpy<2 pillow tflite-runtime==2.14.0"
+# python3-setuptools, -wheel, libpython3.9-dev, libc6-dev and libstdc++-10-dev only build numpy
+ARMV7_DEBS="python3.9 python3-pil libstdc++6 python3-setuptools python3-wheel libpython3.9-dev libc6-dev libstdc++-10-dev"
+ARMV7_WHEELS="tflite-runtime==2.13.0"
+recipe() { echo "$*" | sha1sum | cut -c1-8; }  # a changed recipe gets a new folder, never a stale one
+ARM64=$CACHE/arm64-bookworm-$(recipe "$ARM64_DEBS" "$ARM64_WHEELS")
+ARMV7=$CACHE/armhf-bullseye-$(recipe "$ARMV7_DEBS" "$ARMV7_WHEELS" "$NUMPY_ARMV7")
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 mkdir -p "$CACHE"
 start=$(date +%s)
@@ -88,9 +94,10 @@ wheels() {  # SITE PYVER PLATFORMS(comma) REQUIREMENTS...
 
 if [ ! -f "$ARM64/.ready" ]; then
     t0=$(date +%s)
-    sysroot arm64 bookworm "$ARM64" python3.11
-    wheels "$ARM64/opt/site" 3.11 manylinux_2_34_aarch64,manylinux_2_28_aarch64,manylinux2014_aarch64 \
-        "numpy<2" pillow tflite-runtime==2.14.0
+    # shellcheck disable=SC2086  # word lists
+    sysroot arm64 bookworm "$ARM64" $ARM64_DEBS
+    # shellcheck disable=SC2086
+    wheels "$ARM64/opt/site" 3.11 manylinux_2_34_aarch64,manylinux_2_28_aarch64,manylinux2014_aarch64 $ARM64_WHEELS
     touch "$ARM64/.ready"
     echo "arm64 sysroot: made in $(( $(date +%s) - t0 )) s"
 fi
@@ -132,10 +139,10 @@ build_numpy() {  # SYSROOT WHEEL_DIR
 
 if [ ! -f "$ARMV7/.ready" ]; then
     t0=$(date +%s)
-    # python3-setuptools, -wheel, libpython3.9-dev, libc6-dev and libstdc++-10-dev only build numpy
-    sysroot armhf bullseye "$ARMV7" python3.9 python3-pil python3-setuptools python3-wheel libpython3.9-dev \
-        libc6-dev libstdc++-10-dev
-    wheels "$ARMV7/opt/site" 3.9 manylinux2014_armv7l tflite-runtime==2.13.0
+    # shellcheck disable=SC2086
+    sysroot armhf bullseye "$ARMV7" $ARMV7_DEBS
+    # shellcheck disable=SC2086
+    wheels "$ARMV7/opt/site" 3.9 manylinux2014_armv7l $ARMV7_WHEELS
     whl=$CACHE/wheels/numpy-$NUMPY_ARMV7-cp39-cp39-linux_armv7l.whl
     if [ ! -f "$whl" ]; then  # kept apart from the sysroot: building it is the slow part (minutes)
         t1=$(date +%s)
