@@ -11,9 +11,9 @@
 #   cross-compiled by the host's arm-linux-gnueabihf gcc against the sysroot, Debian's armhf flags (VFPv3-D16, no
 #   FMA), no SIMD dispatch.
 # Then: host vs arm64 vs armv7 compared (tools/board_compare.py's rules for the host, bit for bit between the ARM
-# runs), every instruction the A9 run executed scanned for ones the A9 lacks, and a float model must die with
-# SIGILL on the A9 (the armv7 wheel's float kernels use VFPv4 fused multiply-add: why npu-check --target cora-z7
-# refuses float operators).
+# runs), every instruction the A9 run executed scanned for ones the A9 lacks, and a float model must run on a
+# Cortex-A15 (VFPv4; the scan must find its FMA there: the scan's negative control) and die with SIGILL on the A9
+# (the armv7 wheel's float kernels use VFPv4 fused multiply-add: why npu-check --target cora-z7 refuses floats).
 # No binfmt: the qemu binaries are called directly with -L SYSROOT. Sysroots and wheels are cached in
 # ${SEMHINET_ARM_CACHE:-${XDG_CACHE_HOME:-~/.cache}/semhinet-arm}, one folder per recipe version.
 # Env: HOST_PYTHON (default python) runs the host side and must have the package and TensorFlow.
@@ -164,7 +164,7 @@ arm() {  # arm64|armv7 ARGS...
         arm64) env PYTHONPATH="$ARM64/opt/site:$REPO" PYTHONNOUSERSITE=1 \
                    qemu-aarch64-static -cpu cortex-a53 -L "$ARM64" "$ARM64/usr/bin/python3.11" "$@" ;;
         armv7) env PYTHONPATH="$ARMV7/opt/site:$REPO" PYTHONNOUSERSITE=1 \
-                   qemu-arm-static -cpu "${ARMV7_CPU:-cortex-a9}" ${A9_TRACE:+-d in_asm -D "$A9_TRACE"} -L "$ARMV7" \
+                   qemu-arm-static -cpu "${ARMV7_CPU:-cortex-a9}" ${ARMV7_TRACE:+-d in_asm -D "$ARMV7_TRACE"} -L "$ARMV7" \
                    "$ARMV7/usr/bin/python3.9" "$@" ;;
     esac
 }
@@ -173,13 +173,13 @@ for cpu in arm64 armv7; do
     echo "$cpu: $(arm "$cpu" -c 'import sys, platform, numpy, PIL, tflite_runtime
 print(f"{platform.machine()}, python {sys.version.split()[0]}, numpy {numpy.__version__}, pillow {PIL.__version__}, "
       f"tflite-runtime {tflite_runtime.__version__}")')" || fail "the $cpu Python cannot import numpy, PIL, tflite_runtime"
-    if [ "$cpu" = armv7 ]; then export A9_TRACE="$OUT/armv7_in_asm.log"; fi  # every instruction the A9 runs
+    if [ "$cpu" = armv7 ]; then export ARMV7_TRACE="$OUT/armv7_in_asm.log"; fi  # every instruction the A9 runs
     rc=0
     t0=$(date +%s%N)
     arm "$cpu" -m semhinet_tf.board "$MODEL" "$IMAGES" --format jsonl --out "$OUT/$cpu.jsonl" --overwrite \
         --threads 1 2> "$OUT/$cpu.log" || rc=$?
     ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-    unset A9_TRACE
+    unset ARMV7_TRACE
     [ "$rc" -le 1 ] || { cat "$OUT/$cpu.log" >&2; fail "python -m semhinet_tf.board exited $rc on $cpu"; }
     grep -q "engine tflite_runtime" "$OUT/$cpu.log" || fail "the $cpu run did not use tflite_runtime ($OUT/$cpu.log)"
     n_images=$(wc -l < "$OUT/$cpu.jsonl")  # one row per file; board_compare.py fails a file on one side only
@@ -208,10 +208,16 @@ it = Interpreter(sys.argv[1]); it.allocate_tensors()
 d = it.get_input_details()[0]; it.set_tensor(d["index"], np.ones(d["shape"], np.float32)); it.invoke()' \
         "$OUT/float.tflite" 2> "$OUT/armv7_float_$1.log"
 }
-run_float cortex-a15 || fail "the float model fails on a Cortex-A15 (VFPv4) too: not the A9's missing FMA ($OUT/armv7_float_cortex-a15.log)"
+ARMV7_TRACE=$OUT/a15_in_asm.log run_float cortex-a15 \
+    || fail "the float model fails on a Cortex-A15 (VFPv4) too: not the A9's missing FMA ($OUT/armv7_float_cortex-a15.log)"
+# the scan's negative control: the float kernels' FMA on the A15 must be found
+"$HOST_PY" "$REPO/tools/arm_board_check.py" scan "$OUT/a15_in_asm.log" > "$OUT/a15_scan.txt" \
+    && fail "the instruction scan found no FMA in the float model's run on a Cortex-A15 ($OUT/a15_scan.txt)"
+rm -f "$OUT/a15_in_asm.log"
 rc=0
 run_float cortex-a9 || rc=$?
 [ "$rc" -eq 132 ] || fail "a float model on the A9: want SIGILL (exit 132), got $rc ($OUT/armv7_float_cortex-a9.log)"
-echo "armv7: a float model runs on a Cortex-A15 and dies with SIGILL on the Cortex-A9 (exit $rc); npu-check --target cora-z7 refuses it:" \
+echo "armv7: a float model runs on a Cortex-A15 (where the scan finds its FMA: $(grep -o "executed {[^}]*}" "$OUT/a15_scan.txt"))" \
+     "and dies with SIGILL on the Cortex-A9 (exit $rc); npu-check --target cora-z7 refuses it:" \
      "$(tail -1 "$OUT/float_npu_check.txt")"
 echo "arm board check: PASS in $(( $(date +%s) - start )) s"
