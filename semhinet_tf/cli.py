@@ -385,17 +385,20 @@ def convert(run_dir, out, io_type, calib_samples, source, granularity, review_th
 @main.command("npu-check")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--allow-float-tail", is_flag=True, help="accept float heads downstream of a DEQUANTIZE (CPU)")
+@click.option("--target", type=click.Choice(["imx8mp", "cora-z7"]), default="imx8mp", show_default=True,
+              help="imx8mp: the i.MX 8M Plus NPU (VX delegate); cora-z7: the Cora Z7's Cortex-A9 CPU, whose "
+                   "tflite_runtime (armv7, VFPv4 build) crashes on any float operator")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the report as JSON to this file")
 @overwrite_option
 @friendly
-def npu_check(model, allow_float_tail, json_out, overwrite):
-    """Check that every operator of MODEL would run on the VX delegate (i.MX 8M Plus NPU)."""
+def npu_check(model, allow_float_tail, target, json_out, overwrite):
+    """Check that every operator of MODEL would run on the VX delegate (i.MX 8M Plus NPU), or on the Cora Z7."""
     from semhinet_tf.evaluate import write_json
-    from semhinet_tf.export.npu import check_npu
+    from semhinet_tf.export.npu import check_target
 
     check_outputs([json_out], overwrite)
-    report = check_npu(model, allow_float_tail=allow_float_tail)
+    report = check_target(model, target=target, allow_float_tail=allow_float_tail)
     click.echo(report.format())
     if json_out:
         write_json(report.to_dict(), json_out)

@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 
-from semhinet_tf.export.npu import check_npu, count_macs
+from semhinet_tf.export.npu import check_cora_z7, check_npu, check_target, count_macs
 from semhinet_tf.export.tflite_meta import Operator, Quantization, SubGraph, Tensor, TFLiteModel, read_model
 
 # MACs of the Keras model below: conv 8x8x8 outputs x 3x3x1, depthwise 8x8x8 x 3x3, dense 512->32, heads 32->3, 32->2.
@@ -206,3 +206,32 @@ def test_boundary_quantize_and_dequantize_are_fine():
     report = check_npu(_model(tensors, ops, [0], [3]))
     assert report.ok, report.format()
     assert report.verdict.endswith("integer inside, float I/O converted at the boundary")
+
+
+# --- Cora Z7 (Cortex-A9: no VFPv4 FMA, which the armv7 tflite_runtime's float kernels use) ------------------------
+
+
+def test_cora_z7_refuses_every_float_operator_and_passes_the_int8_model(models):
+    float_report = check_target(models["float"], target="cora-z7")
+    assert not float_report.ok and _kinds(float_report) == {"float_op"}
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "SOFTMAX"} <= {i.op_name for i in float_report.issues}
+    assert float_report.verdict.startswith("Cora Z7 check: FAIL")
+    assert "VFPv4 FMA" in float_report.issues[0].message
+    int8 = check_cora_z7(models["int8"])
+    assert int8.ok, int8.format()
+    assert int8.verdict.startswith("Cora Z7 check: PASS") and int8.to_dict()["target"] == "cora-z7"
+    # the float head of a --float-heads export is refused too: there is no CPU tail to fall back to
+    tail = check_cora_z7(models["tail"])
+    assert {i.op_name for i in tail.issues} >= {"DEQUANTIZE", "FULLY_CONNECTED", "SOFTMAX"}
+    # the NPU's own rules are not the A9's: a dynamic batch runs on the CPU
+    assert check_cora_z7(models["dynamic"]).ok
+    with pytest.raises(ValueError, match="no meaning for cora-z7"):
+        check_target(models["int8"], target="cora-z7", allow_float_tail=True)
+
+
+def test_cora_z7_refuses_float_boundary_converters():
+    tensors = [_t(0, "FLOAT32", scale=()), _t(1, "INT8"), _t(2, "INT8"), _t(3, "FLOAT32", scale=())]
+    ops = [("QUANTIZE", [0], [1]), ("HARD_SWISH", [1], [2]), ("DEQUANTIZE", [2], [3])]
+    report = check_cora_z7(_model(tensors, ops, [0], [3]))
+    assert [i.op_name for i in report.issues] == ["QUANTIZE", "DEQUANTIZE"]
+    assert check_npu(_model(tensors, ops, [0], [3])).ok  # the NPU takes them

@@ -12,7 +12,11 @@ from dataclasses import asdict, dataclass, field
 
 from semhinet_tf.export.tflite_meta import Operator, SubGraph, Tensor, TFLiteModel, read_model
 
-__all__ = ["VX_DELEGATE_OPS", "NpuIssue", "NpuReport", "check_npu", "count_macs", "op_macs"]
+__all__ = ["TARGETS", "VX_DELEGATE_OPS", "NpuIssue", "NpuReport", "check_cora_z7", "check_npu", "check_target",
+           "count_macs", "op_macs"]
+
+# `npu-check --target`: the i.MX 8M Plus NPU (the default), or the Cora Z7's Cortex-A9 CPU (see check_cora_z7).
+TARGETS = ("imx8mp", "cora-z7")
 
 # Builtin ops the VX delegate registers (its op map, as listed in the project's NPU notes; "comparison and
 # logical ops" and "RNN/LSTM variants" spelled out).
@@ -68,6 +72,7 @@ class NpuReport:
     allow_float_tail: bool = False
     float_io: bool = False
     hint: str = ""
+    target: str = "imx8mp"
 
     @property
     def ok(self) -> bool:
@@ -83,11 +88,14 @@ class NpuReport:
 
     @property
     def verdict(self) -> str:
+        name = "Cora Z7 check" if self.target == "cora-z7" else "NPU check"
         if not self.ok:
             kinds = Counter(i.kind for i in self.issues)
             detail = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
-            text = f"NPU check: FAIL - {len(self.issues)} issue{'s' if len(self.issues) != 1 else ''} ({detail})"
+            text = f"{name}: FAIL - {len(self.issues)} issue{'s' if len(self.issues) != 1 else ''} ({detail})"
             return f"{text}; {self.hint}" if self.hint else text
+        if self.target == "cora-z7":
+            return f"{name}: PASS - {self.n_ops} ops, every one on int8/uint8/int32 tensors (no float kernel)"
         if self.cpu_ops:
             npu = self.n_ops - len(self.cpu_ops)
             return (
@@ -112,6 +120,7 @@ class NpuReport:
             "cpu_mac_share": self.cpu_mac_share,
             "cpu_op_share": self.cpu_op_share,
             "allow_float_tail": self.allow_float_tail,
+            "target": self.target,
         }
 
     def format(self, limit: int | None = None) -> str:
@@ -332,3 +341,49 @@ def check_npu(path_or_bytes, allow_float_tail: bool = False) -> NpuReport:
         report.hint = ("all of them downstream of a DEQUANTIZE (a --float-heads export? check with "
                        "allow_float_tail=True)")
     return report
+
+
+def check_cora_z7(path_or_bytes) -> NpuReport:
+    """Can the Cora Z7's Cortex-A9 run this .tflite with tflite_runtime? Only if no operator computes in float.
+
+    The only tflite_runtime wheel for 32-bit ARM (2.13.0, manylinux2014_armv7l) is built for VFPv4: its float
+    kernels contain fused multiply-add instructions, which the A9 (VFPv3 + NEON) does not have, and a float model
+    dies with SIGILL there (tools/arm_board_check.sh shows it under qemu's cortex-a9). Its int8 kernels run: an
+    instruction trace of the int8 model executed no FMA. So every operator whose tensors include a float one
+    fails, the boundary QUANTIZE / DEQUANTIZE of a float-I/O model too (they compute x / scale + zero point in
+    float, with the same compiler flags), and so do custom ops (tflite_runtime has none). The NPU's rules (its op
+    list, per-channel I/O, dynamic shapes) do not apply: the CPU's built-in kernels take them.
+    """
+    model = _as_model(path_or_bytes)
+    g = _Graph(model.main)
+    ops = g.sg.operators
+    issues = []
+    for op in ops:
+        if op.is_custom:
+            issues.append(_issue("custom_op", op, None, f"custom op '{op.name}': tflite_runtime has no such kernel"))
+            continue
+        floats = [g.tensor(t) for t in g.op_tensors(op) if g.tensor(t).is_float]
+        if floats:
+            names = ", ".join(f"'{t.name}'" for t in floats[:3]) + (" ..." if len(floats) > 3 else "")
+            issues.append(_issue("float_op", op, floats[0], f"{op.name} computes in {floats[0].dtype} ({names}): "
+                                 "float kernels of the armv7 wheel use VFPv4 FMA, which the Cortex-A9 lacks"))
+    return NpuReport(
+        source=model.source,
+        n_ops=len(ops),
+        op_histogram=dict(Counter(op.name for op in ops).most_common()),
+        issues=issues,
+        macs=sum(op_macs(g.sg, op) for op in ops),
+        float_io=any(g.tensor(i).is_float for i in (*g.sg.inputs, *g.sg.outputs)),
+        target="cora-z7",
+    )
+
+
+def check_target(path_or_bytes, target: str = "imx8mp", allow_float_tail: bool = False) -> NpuReport:
+    """`check_npu` for the i.MX 8M Plus NPU, `check_cora_z7` for the Cora Z7 (no float tail can be allowed there)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}: one of {', '.join(TARGETS)}")
+    if target == "cora-z7":
+        if allow_float_tail:
+            raise ValueError("--allow-float-tail has no meaning for cora-z7: a float operator crashes the Cortex-A9")
+        return check_cora_z7(path_or_bytes)
+    return check_npu(path_or_bytes, allow_float_tail=allow_float_tail)
