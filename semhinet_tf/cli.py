@@ -15,6 +15,7 @@ import click
 from semhinet_tf import __version__
 from semhinet_tf.artifacts.contract import ModelRefusedError
 from semhinet_tf.artifacts.files import check_outputs
+from semhinet_tf.artifacts.run import TRAIN_RESULT
 from semhinet_tf.safe_load import UnsafeFileError, set_trust_model_code
 
 # Exit codes, as the board's: 1 the work failed (or some images could not be read); 2 refused before any work
@@ -345,7 +346,7 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
                        resume=resume, strict=strict, given=given, inputs=[taxonomy_file] if taxonomy_file else [],
                        cache_dir=cache_dir, use_cache=not no_cache)
     click.echo(_train_summary(result))
-    click.echo(f"run directory: {run_dir} (all figures: {Path(run_dir) / 'train_result.json'})")
+    click.echo(f"run directory: {run_dir} (all figures: {Path(run_dir) / TRAIN_RESULT})")
 
 
 # ---------------------------------------------------------------- convert

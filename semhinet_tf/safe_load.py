@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+KERAS_ARCHIVE_CONFIG = "config.json"  # the model config inside a .keras zip: Keras' name, not a run-directory file
 TRUST_HINT = "load it with --trust-model-code (Python: trust_code=True) only if you wrote it"
 
 # Every class found in the configs of our float and QAT models as save_model writes them (.keras and .h5;
@@ -74,9 +75,9 @@ def read_model_config(path: Path) -> dict:
 
     if model_file_format(path) == "keras":
         with zipfile.ZipFile(path) as z:
-            if "config.json" not in z.namelist():
+            if KERAS_ARCHIVE_CONFIG not in z.namelist():
                 raise ValueError(f"{path}: no config.json in this .keras archive")
-            text = z.read("config.json")
+            text = z.read(KERAS_ARCHIVE_CONFIG)
         config = _parse(path, text)
         config.pop("compile_config", None)  # not read: models are loaded with compile=False
         return config

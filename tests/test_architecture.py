@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "semhinet_tf"
 RUN_DIR_HOME = PACKAGE / "artifacts" / "run.py"
 
@@ -91,14 +89,15 @@ def _string_literals(path: Path) -> set[str]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings}
 
 
-@pytest.mark.xfail(strict=True, reason="names still retyped in workflow, convert, dataset ...: being moved (issue 23)")
 def test_run_directory_file_names_are_written_down_once():
     """config.json, split.json, qat.h5 ...: spelled in artifacts/run.py only; everything else uses its names."""
     from semhinet_tf.artifacts import run
 
     names = {v for k, v in vars(run).items() if k.isupper() and isinstance(v, str) and "." in v}
     assert {"config.json", "split.json", "qat.h5", "float.keras", "model_int8.tflite"} <= names
-    offenders = {str(p.relative_to(PACKAGE)): sorted(names & _string_literals(p))
+    keras_own = {"safe_load.py": {"config.json"}}  # KERAS_ARCHIVE_CONFIG: the config inside a .keras zip
+    offenders = {str(p.relative_to(PACKAGE)): sorted(names & _string_literals(p)
+                                                     - keras_own.get(str(p.relative_to(PACKAGE)), set()))
                  for p in PACKAGE.rglob("*.py") if p != RUN_DIR_HOME}
     offenders = {k: v for k, v in offenders.items() if v}
     assert not offenders, offenders

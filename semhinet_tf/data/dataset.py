@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from semhinet_tf.artifacts.run import CONFIG, SKIPPED_CSV, SPLIT, TAXONOMY
 from semhinet_tf.data.cache import FrameCache, FrameRows
 from semhinet_tf.data.decode import Preprocess
 from semhinet_tf.data.discover import (
@@ -71,9 +72,9 @@ def prepare_dataset(data_dir: str | Path, run_dir: str | Path, taxonomy: Taxonom
     manifest.save(run_dir)
     print(f"data: {manifest.summary()}", flush=True)
     if manifest.skipped:
-        print(f"  skipped {len(manifest.skipped)} file(s); reasons in {run_dir / 'skipped.csv'}", flush=True)
+        print(f"  skipped {len(manifest.skipped)} file(s); reasons in {run_dir / SKIPPED_CSV}", flush=True)
     require_all_classes(manifest, taxonomy)
-    if reuse_split and (run_dir / "split.json").exists():
+    if reuse_split and (run_dir / SPLIT).exists():
         split = load_split(run_dir)
     else:
         split = stratified_split(manifest, cfg.val_split, cfg.seed)
@@ -95,8 +96,8 @@ def prepare_dataset(data_dir: str | Path, run_dir: str | Path, taxonomy: Taxonom
 def load_split_frames(run_dir: str | Path, which: str = "train", progress: bool = True):
     """Decode one side of a run's saved split (e.g. calibration frames for conversion)."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    taxonomy = Taxonomy.from_spec(json.loads((run_dir / "taxonomy.json").read_text()))
+    config = json.loads((run_dir / CONFIG).read_text())
+    taxonomy = Taxonomy.from_spec(json.loads((run_dir / TAXONOMY).read_text()))
     split = load_split(run_dir)
     manifest = Manifest.load(run_dir)
     leaf_of = {e.path: e.leaf for e in manifest.entries}
@@ -129,7 +130,7 @@ def eval_items(data_dir: str | Path, taxonomy: Taxonomy, run_dir: Path | None, s
         notes.append(f"folders that are not classes of this model were left out: {', '.join(manifest.unknown_folders)}")
     notes.extend(f"skipped {manifest.file(path)}: {reason}" for path, reason in manifest.skipped)
     saved = None
-    if run_dir is not None and (run_dir / "split.json").exists():
+    if run_dir is not None and (run_dir / SPLIT).exists():
         saved = load_split(run_dir)
         if Path(saved["root"]).resolve() != Path(manifest.root).resolve():
             saved = None

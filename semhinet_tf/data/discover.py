@@ -24,14 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from semhinet_tf.artifacts.run import MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT
 from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, Preprocess, frame_from_array, image_size, read_grey
 from semhinet_tf.data.scan import Folder, Unreadable, walk
 from semhinet_tf.taxonomy import Taxonomy
 
-MANIFEST_CSV = "manifest.csv"
-MANIFEST_JSON = "manifest.json"
-SKIPPED_CSV = "skipped.csv"
-SPLIT_JSON = "split.json"
+SPLIT_JSON = SPLIT  # the name this module's callers know
 _POOL_MIN_FILES = 64  # below this a process pool costs more than it saves
 
 

@@ -9,7 +9,15 @@ import numpy as np
 
 from semhinet_tf.artifacts.contract import CONTRACT_FORMAT, build_contract, embed_sealed
 from semhinet_tf.artifacts.files import atomic_write_bytes, check_outputs, write_json
-from semhinet_tf.artifacts.run import INT8_FLOAT_HEADS_MODEL, INT8_MODEL
+from semhinet_tf.artifacts.run import (
+    CONFIG,
+    FLOAT_MODEL,
+    INT8_FLOAT_HEADS_MODEL,
+    INT8_MODEL,
+    QAT_MODEL,
+    REVIEW_THRESHOLD,
+    TAXONOMY,
+)
 from semhinet_tf.data.views import invariant_views
 
 __all__ = ["CONTRACT_FORMAT", "calibration_frames", "convert_run", "run_contract"]
@@ -62,11 +70,11 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     from semhinet_tf.taxonomy import Taxonomy
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
+    if not (run_dir / CONFIG).exists():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json); make one with `semhinet train`")
-    config = json.loads((run_dir / "config.json").read_text())
-    taxonomy = Taxonomy.from_spec(json.loads((run_dir / "taxonomy.json").read_text()))
-    model_file = run_dir / ("qat.h5" if source == "qat" else "float.keras")
+    config = json.loads((run_dir / CONFIG).read_text())
+    taxonomy = Taxonomy.from_spec(json.loads((run_dir / TAXONOMY).read_text()))
+    model_file = run_dir / (QAT_MODEL if source == "qat" else FLOAT_MODEL)
     if not model_file.exists():
         raise FileNotFoundError(f"{model_file}: not found (train with --qat-epochs > 0, or convert --source float)")
     out = Path(out) if out else run_dir / (INT8_FLOAT_HEADS_MODEL if float_heads else INT8_MODEL)
@@ -84,7 +92,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
         from semhinet_tf.model.heads import ModelConfig
         from semhinet_tf.model.quant import qat_base, with_float_heads
 
-        template = qat_base(load_model(run_dir / "float.keras"), taxonomy, ModelConfig.from_dict(config["model"]),
+        template = qat_base(load_model(run_dir / FLOAT_MODEL), taxonomy, ModelConfig.from_dict(config["model"]),
                             granularity)
         model = with_float_heads(model, template, granularity)
     frames, leaf_ids = load_split_frames(run_dir, "train", progress=progress)
@@ -112,7 +120,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
 def _validation_thresholds_by_views(run_dir: Path, default: float = 0.5) -> dict[str, float]:
     """{"2": t, "4": t, "8": t}: the review thresholds chosen on validation for test-time views, if written; a
     count whose threshold never reached the purity target gets `default`, as the one-view threshold does."""
-    p = run_dir / "review_threshold.json"
+    p = run_dir / REVIEW_THRESHOLD
     if not p.exists():
         return {}
     try:
@@ -125,7 +133,7 @@ def _validation_thresholds_by_views(run_dir: Path, default: float = 0.5) -> dict
 
 def _validation_threshold(run_dir: Path, default: float = 0.5) -> float:
     """The review threshold chosen on validation by `eval` (target purity), if one was written."""
-    p = run_dir / "review_threshold.json"
+    p = run_dir / REVIEW_THRESHOLD
     if p.exists():
         try:
             return float(json.loads(p.read_text())["threshold"])

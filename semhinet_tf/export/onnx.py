@@ -21,6 +21,7 @@ from semhinet_tf.artifacts.contract import (
     DIGEST_ALGORITHM,
     load_tflite_contract,
 )
+from semhinet_tf.artifacts.run import CONFIG, TAXONOMY
 from semhinet_tf.export.tflite_meta import CONTRACT_NAME, contract_json, read_model
 
 EXPORT_KEY = "semhinet_export"  # metadata: where the graph came from (the contract stays byte-for-byte the .tflite's)
@@ -210,8 +211,8 @@ def _keras_contract(run_dir: Path, img_size: int, quantized: bool) -> dict:
     """The contract `semhinet convert` would embed, adjusted for a float32-input, dynamic-batch graph."""
     from semhinet_tf.export.convert import _validation_threshold, run_contract
 
-    config = json.loads((run_dir / "config.json").read_text())
-    taxonomy = json.loads((run_dir / "taxonomy.json").read_text())
+    config = json.loads((run_dir / CONFIG).read_text())
+    taxonomy = json.loads((run_dir / TAXONOMY).read_text())
     granularity = config.get("train", {}).get("granularity", "per-channel")
     quantization = {"source": "qat", "granularity": granularity, "io": "float32", "float_heads": False} \
         if quantized else None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from semhinet_tf.artifacts.run import FLOAT_MODEL, QAT_MODEL
 from semhinet_tf.model import keras
+from semhinet_tf.safe_load import KERAS_ARCHIVE_CONFIG
 
 
 def save_model(model: keras.Model, path: str | Path, quantized: bool = False) -> Path:
@@ -28,14 +30,14 @@ def _is_quantized_file(path: Path) -> bool:
     if path.suffix != ".keras" or not zipfile.is_zipfile(path):
         return True  # unknown: load in the quantization scope, which also covers float models
     with zipfile.ZipFile(path) as z:
-        return "config.json" in z.namelist() and b"QuantizeWrapper" in z.read("config.json")
+        return KERAS_ARCHIVE_CONFIG in z.namelist() and b"QuantizeWrapper" in z.read(KERAS_ARCHIVE_CONFIG)
 
 
 def resolve_model_file(path: str | Path) -> Path:
     """A run directory resolves to its QAT model (what gets deployed), else its float model."""
     path = Path(path)
     if path.is_dir():
-        for name in ("qat.h5", "float.keras"):
+        for name in (QAT_MODEL, FLOAT_MODEL):
             if (path / name).exists():
                 return path / name
         raise FileNotFoundError(f"{path}: no qat.h5 or float.keras in this run directory")

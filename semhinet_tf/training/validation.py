@@ -32,8 +32,8 @@ def write_review_threshold(model: Any, val: tuple, taxonomy: Any, run_dir: Path,
     Averaging test-time views changes how confident the model is, so the threshold is also chosen for each
     number of views the model offers ("by_views"); the top-level keys are the single-view one."""
     from semhinet_tf.data.views import apply_view, log_average, view_counts
-    from semhinet_tf.evaluate import coverage_curve, threshold_for_purity
     from semhinet_tf.engines.keras import predict_keras
+    from semhinet_tf.evaluate import coverage_curve, threshold_for_purity
 
     counts = view_counts(views)
     per_view = [predict_keras(model, apply_view(val[0], name)) for name in views[:max(counts)]]
