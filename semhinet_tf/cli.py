@@ -16,6 +16,7 @@ from semhinet_tf import __version__
 from semhinet_tf.artifacts.contract import ModelRefusedError
 from semhinet_tf.artifacts.files import check_outputs
 from semhinet_tf.artifacts.run import TRAIN_RESULT
+from semhinet_tf.data.decode import DEFAULT_IMG_SIZE
 from semhinet_tf.safe_load import UnsafeFileError, set_trust_model_code
 
 # Exit codes, as the board's: 1 the work failed (or some images could not be read); 2 refused before any work
@@ -256,7 +257,7 @@ def synth(out_arg, out, per_class, size, seed, workers, mixed_formats, overwrite
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="run directory to create")
-@click.option("--img-size", default=160, show_default=True, type=click.IntRange(min=32),
+@click.option("--img-size", default=DEFAULT_IMG_SIZE, show_default=True, type=click.IntRange(min=32),
               help="the model's input size: frames are decoded and resized to this square")
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1), help="float epochs")
 @click.option("--qat-epochs", default=6, show_default=True, type=click.IntRange(min=0),

@@ -590,3 +590,31 @@ def test_outputs_that_exist_are_refused_before_the_work_and_replaced_with_overwr
     result = CliRunner().invoke(main, ["convert", str(workspace["run"]), "--out", str(deploy / "model.tflite")])
     assert result.exit_code == 2 and "model.json" in result.output
     assert (deploy / "model.json").read_text() == "the user's file" and not (deploy / "model.tflite").exists()
+
+
+def test_no_tensorflow_command_prints_tensorflow_c_log_lines(workspace, tmp_path):
+    """Issue 23.4: every command that loads TensorFlow, run as a user runs it (a child process, stderr a pipe),
+    prints none of TensorFlow's C++ log lines (cuInit, cudart, converter internals); our own lines get through."""
+    from semhinet_tf.console import is_native_log
+
+    run, data, tflite = workspace["run"], workspace["data"], workspace["tflite"]
+    commands = {
+        "train": ["train", str(data), "--out", str(tmp_path / "run2"), "--img-size", str(SIZE), "--epochs", "1",
+                  "--qat-epochs", "0", "--batch-size", "8", "--weights", "none", "--steps-per-epoch", "1",
+                  "--no-cache"],
+        "eval": ["eval", str(run), "--data", str(data), "--json", str(tmp_path / "eval.json")],
+        "convert": ["convert", str(run), "--out", str(tmp_path / "m.tflite"), "--calib-samples", "4"],
+        "compare": ["compare", str(run), "--data", str(data)],
+        "predict": ["predict", str(run / "float.keras"), str(data / "bridge")],
+        "export-onnx": ["export-onnx", str(tflite), "--out", str(tmp_path / "m.onnx")],
+        "npu-check": ["npu-check", str(tflite)],
+        "bench": ["bench", str(tflite), "--threads", "1", "--runs", "3", "--no-backbone"],
+    }
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as on a user's shell: the package must quiet TensorFlow itself
+    for name, args in commands.items():
+        out = subprocess.run([sys.executable, "-m", "semhinet_tf", *args], capture_output=True, env=env, timeout=600)
+        lines = out.stderr.replace(b"\r", b"\n").splitlines()
+        assert out.returncode in (0, 1), f"{name}: exit {out.returncode}: {out.stderr.decode(errors='replace')[-800:]}"
+        leaked = [line.decode(errors="replace") for line in lines if is_native_log(line + b"\n")]
+        assert not leaked, f"{name}: {leaked[:3]}"

@@ -49,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 MIN_SIDE = 8  # smaller images are refused: nothing to classify, and the resize would invent the pixels
+DEFAULT_IMG_SIZE = 160  # the model's input side unless told otherwise: the one default for train, model, decoder
 DEFAULT_MAX_PIXELS = 100_000_000  # the host's default limit; a 100 Mpx 8-bit frame is 100 MB
 BLOCK_PIXELS = 1 << 20  # elements per block in the row-block loops (a few MB of temporaries)
 _COPY_BLOCK = 1 << 21  # pixels per block when copying out of Pillow (bigger: each block costs a crop)
@@ -86,7 +87,7 @@ class Preprocess:
     bit_depth_rule: "minmax" (default, see module doc) or "bitdepth".
     """
 
-    size: int = 160  # the default training input size (TrainConfig.img_size)
+    size: int = DEFAULT_IMG_SIZE
     databar: str | int = "auto"
     fit: str = "crop"
     bit_depth_rule: str = "minmax"

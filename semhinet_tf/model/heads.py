@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from semhinet_tf.data.decode import DEFAULT_IMG_SIZE
 from semhinet_tf.model import keras
 from semhinet_tf.model.layers import HardSwish
 from semhinet_tf.model.mobilenet_v3 import BackboneConfig, backbone_features
@@ -14,7 +15,7 @@ layers = keras.layers
 
 @dataclass(frozen=True)
 class ModelConfig:
-    img_size: int = 160
+    img_size: int = DEFAULT_IMG_SIZE
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head_units: int = 128  # hidden width of each head; 0 = a linear head straight on the pooled features
     dropout: float = 0.2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from semhinet_tf.data.decode import DEFAULT_IMG_SIZE
 from semhinet_tf.data.pipeline import Augment
 
 # What a resumed run may change: how long each phase runs. Anything else would make a different run.
@@ -16,7 +17,7 @@ SCRATCH_LR = 1e-3
 
 @dataclass
 class TrainConfig:
-    img_size: int = 160
+    img_size: int = DEFAULT_IMG_SIZE
     epochs: int = 30
     qat_epochs: int = 6
     batch_size: int = 32
