@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,9 +40,17 @@ class Step:
 
 @contextmanager
 def step(desc: str, enabled: bool = True) -> Iterator[Step]:
-    """Show `desc` with the elapsed time while the body runs; one line with its duration when it ends."""
+    """Show `desc` with the elapsed time while the body runs; one line with its duration when it succeeds.
+
+    On a terminal the clock ticks in place; into a file or pipe only the final line is written. A step that
+    fails leaves no line, so the error stays the one line a person reads."""
     if not enabled:
         yield Step()
+        return
+    if not _is_terminal():
+        started = time.monotonic()
+        yield Step()
+        print(f"{desc}: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
         return
     ticker = bar(desc=desc, unit="s", enabled=True, leave=True, bar_format="{desc}: {elapsed}{postfix}")
     done = threading.Event()
@@ -52,9 +61,19 @@ def step(desc: str, enabled: bool = True) -> Iterator[Step]:
 
     thread = threading.Thread(target=tick, name="semhinet-progress", daemon=True)
     thread.start()
+    ok = False
     try:
         yield Step(ticker)
+        ok = True
     finally:
         done.set()
         thread.join()
+        ticker.leave = ok
         ticker.close()
+
+
+def _is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
