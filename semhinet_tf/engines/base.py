@@ -164,7 +164,9 @@ class Engine:
             probs = self.predict(np.stack([frame for _, frame, _ in batch]), verbose=0)
             infer_ms = (time.perf_counter() - t) * 1000 / len(batch)
             rows = self.taxonomy.decode(probs, self.review_threshold)
-        verdicts = iter(zip(batch, rows, strict=True))
+        if len(rows) != len(batch):  # zip(strict=True) is Python 3.10+; the armv7 board runs 3.9
+            raise RuntimeError(f"{self.path}: {len(rows)} verdicts for {len(batch)} frames")
+        verdicts = iter(zip(batch, rows))  # noqa: B905 (lengths checked above)
         items = list(pending)
         pending.clear()
         for item in items:
