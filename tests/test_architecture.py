@@ -101,3 +101,22 @@ def test_run_directory_file_names_are_written_down_once():
                  for p in PACKAGE.rglob("*.py") if p != RUN_DIR_HOME}
     offenders = {k: v for k, v in offenders.items() if v}
     assert not offenders, offenders
+
+
+def test_every_cli_option_has_a_help_text():
+    """Issue 23.4: walk the click tree; an option without help is one a person has to guess."""
+    import click
+
+    from semhinet_tf.cli import main
+
+    def walk(command: click.Command, path: str):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    missing = [f"{path} {param.opts[0]}" for path, command in walk(main, "semhinet") for param in command.params
+               if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip()
+               and param.opts[0] not in ("--help", "--version")]
+    commands = [path for path, _ in walk(main, "semhinet")]
+    assert len(commands) >= 10, commands
+    assert not missing, missing
