@@ -1,0 +1,1 @@
+"""The review loop: doubtful frames to an engineer, answers back into training (issue 24)."""

@@ -1,0 +1,39 @@
+"""The answers log: replay order, undo, overrides, torn lines."""
+
+from semhinet_tf.review.labels import Answer, append_answer, replay
+
+
+def _label(path, label):
+    return Answer(action="label", path=path, sha256="ab", label=label, verdict="normal", time="t")
+
+
+def test_replay_applies_labels_skips_overrides_and_undo(tmp_path):
+    log = tmp_path / "labels.jsonl"
+    append_answer(log, _label("a.png", "bridge"))
+    append_answer(log, _label("b.png", "open"))
+    append_answer(log, Answer(action="skip", path="c.png", sha256="cd"))
+    append_answer(log, _label("a.png", "crack"))  # a later answer on a frame wins
+    append_answer(log, Answer(action="undo", path="", sha256=""))  # withdraws a.png=crack ...
+    r = replay(log)
+    assert r.labels["a.png"].label == "bridge"  # ... so the earlier answer stands again
+    assert r.labels["b.png"].label == "open"
+    assert r.skipped == {"c.png"}
+    assert r.answered == {"a.png", "b.png", "c.png"}
+    append_answer(log, Answer(action="undo", path="", sha256=""))
+    append_answer(log, Answer(action="undo", path="", sha256=""))
+    r = replay(log)
+    assert set(r.labels) == {"a.png"} and not r.skipped
+
+
+def test_torn_or_foreign_lines_are_reported_not_fatal(tmp_path):
+    log = tmp_path / "labels.jsonl"
+    append_answer(log, _label("a.png", "bridge"))
+    with open(log, "a") as f:
+        f.write('{"action": "label", "path": "b.png"}\n[1, 2]\n{"action": "lab')
+    r = replay(log)
+    assert set(r.labels) == {"a.png"}
+    assert [n for n, _ in r.bad_lines] == [2, 3, 4]
+
+
+def test_missing_log_is_empty(tmp_path):
+    assert not replay(tmp_path / "none.jsonl").labels
