@@ -104,3 +104,17 @@ def _frame_cache_in_a_temporary_folder(tmp_path_factory):
         os.environ.pop("SEMHINET_CACHE", None)
     else:
         os.environ["SEMHINET_CACHE"] = before
+
+
+# Modules that take minutes, slowest first. The suite runs on two pytest-xdist workers, one module per worker at a
+# time (--dist loadfile, so a module's fixtures are built once); starting the long ones first keeps one worker
+# from ending with an end-to-end module while the other sits idle.
+LONG_MODULES = ("test_end_to_end.py", "test_model.py", "test_onnx.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: the order within a module and among the others is kept

@@ -42,18 +42,38 @@ def run_cli(*args: str) -> str:
     return result.output
 
 
+def run_as_user(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """A command in a child process with stderr a pipe, as a user runs it: TensorFlow's C++ logging goes to the
+    process's own file descriptor 2, which CliRunner cannot see, so the log-line check needs a real process."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as on a user's shell: the package must quiet TensorFlow itself
+    return subprocess.run([sys.executable, "-m", "semhinet_tf", *args], capture_output=True, env=env, timeout=timeout)
+
+
+def _ran(name: str, out: subprocess.CompletedProcess) -> bytes:
+    assert out.returncode == 0, f"{name}: exit {out.returncode}: {out.stderr.decode(errors='replace')[-1500:]}"
+    return out.stderr
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    """synth, then train and convert (plain and --float-heads) in child processes: the run every test here reads,
+    and the stderr of three TensorFlow commands for the C++-log check, at the price of one training."""
     root = tmp_path_factory.mktemp("e2e")
     data, run = root / "data", root / "run"
     run_cli("synth", str(data), "--per-class", "6", "--size", "48", "--seed", "3", "--workers", "1")
-    run_cli("train", str(data), "--out", str(run), "--img-size", str(SIZE), "--epochs", "1", "--qat-epochs", "1",
+    stderr = {
+        "train": _ran("train", run_as_user(
+            "train", str(data), "--out", str(run), "--img-size", str(SIZE), "--epochs", "1", "--qat-epochs", "1",
             "--batch-size", "8", "--weights", "none", "--seed", "1", "--val-split", "0.34", "--patience", "3",
-            "--bn-momentum", "0.5")  # 4 training steps: BatchNorm's moving statistics must catch up, or the
-    # untrained model's outputs do not depend on the input and Keras vs int8 comparisons become coin flips on ties
-    run_cli("convert", str(run), "--calib-samples", "16")
+            "--bn-momentum", "0.5")),  # 4 training steps: BatchNorm's moving statistics must catch up, or the
+        # untrained model's outputs do not depend on the input and Keras vs int8 comparisons become coin flips on ties
+        "convert": _ran("convert", run_as_user("convert", str(run), "--calib-samples", "16")),
+        "convert --float-heads": _ran("convert --float-heads", run_as_user(
+            "convert", str(run), "--calib-samples", "16", "--float-heads")),
+    }
     _export_for_board_ci(run / "model_int8.tflite", data)
-    return {"root": root, "data": data, "run": run, "tflite": run / "model_int8.tflite"}
+    return {"root": root, "data": data, "run": run, "tflite": run / "model_int8.tflite", "stderr": stderr}
 
 
 def _export_for_board_ci(tflite: Path, data: Path) -> None:
@@ -236,8 +256,7 @@ def test_float_heads_keep_the_backbone_on_the_npu_and_the_heads_in_float(workspa
     from semhinet_tf.export.tflite_meta import read_contract, read_model
     from semhinet_tf.model.io import load_model
 
-    run_cli("convert", str(workspace["run"]), "--calib-samples", "16", "--float-heads")
-    path = workspace["run"] / "model_int8_float_heads.tflite"
+    path = workspace["run"] / "model_int8_float_heads.tflite"  # made by the workspace (convert --float-heads)
     assert not check_npu(path).ok  # the heads do not run on the NPU ...
     tail = check_npu(path, allow_float_tail=True)
     assert tail.ok, tail.format()  # ... but everything before them does
@@ -594,27 +613,26 @@ def test_outputs_that_exist_are_refused_before_the_work_and_replaced_with_overwr
 
 def test_no_tensorflow_command_prints_tensorflow_c_log_lines(workspace, tmp_path):
     """Issue 23.4: every command that loads TensorFlow, run as a user runs it (a child process, stderr a pipe),
-    prints none of TensorFlow's C++ log lines (cuInit, cudart, converter internals); our own lines get through."""
+    prints none of TensorFlow's C++ log lines (cuInit, cudart, converter internals); our own lines get through.
+    train and convert ran so in the workspace; the others run here."""
     from semhinet_tf.console import is_native_log
 
     run, data, tflite = workspace["run"], workspace["data"], workspace["tflite"]
     commands = {
-        "train": ["train", str(data), "--out", str(tmp_path / "run2"), "--img-size", str(SIZE), "--epochs", "1",
-                  "--qat-epochs", "0", "--batch-size", "8", "--weights", "none", "--steps-per-epoch", "1",
-                  "--no-cache"],
         "eval": ["eval", str(run), "--data", str(data), "--json", str(tmp_path / "eval.json")],
-        "convert": ["convert", str(run), "--out", str(tmp_path / "m.tflite"), "--calib-samples", "4"],
         "compare": ["compare", str(run), "--data", str(data)],
         "predict": ["predict", str(run / "float.keras"), str(data / "bridge")],
         "export-onnx": ["export-onnx", str(tflite), "--out", str(tmp_path / "m.onnx")],
         "npu-check": ["npu-check", str(tflite)],
         "bench": ["bench", str(tflite), "--threads", "1", "--runs", "3", "--no-backbone"],
     }
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as on a user's shell: the package must quiet TensorFlow itself
+    stderr = dict(workspace["stderr"])
     for name, args in commands.items():
-        out = subprocess.run([sys.executable, "-m", "semhinet_tf", *args], capture_output=True, env=env, timeout=600)
-        lines = out.stderr.replace(b"\r", b"\n").splitlines()
+        out = run_as_user(*args, timeout=600)
         assert out.returncode in (0, 1), f"{name}: exit {out.returncode}: {out.stderr.decode(errors='replace')[-800:]}"
+        stderr[name] = out.stderr
+    assert {"train", "convert", "eval", "compare", "predict", "export-onnx", "npu-check", "bench"} <= set(stderr)
+    for name, err in stderr.items():
+        lines = err.replace(b"\r", b"\n").splitlines()
         leaked = [line.decode(errors="replace") for line in lines if is_native_log(line + b"\n")]
         assert not leaked, f"{name}: {leaked[:3]}"
