@@ -912,7 +912,7 @@ CALIBRATION_FRAMES = 200  # normal frames whose twin-vs-twin statistic sets the 
 CALIBRATION_SEED = 26_2026  # their seed: a property of the generator, not of a data set's --seed
 ROUGH_WINDOW = 16  # model px of edge over which an observer judges roughness (a tenth of a 160 px frame)
 ROUGH_MIN_LENGTH = 48  # model px of rough edge the rule asks for: three windows, a third of the frame's side
-ROUGH_NULL_EDGES = 256  # normal edges (lines) or holes imaged per frame for the roughness threshold
+ROUGH_NULL_EDGES = 200  # normal frames simulated per ler scene for the roughness threshold
 MAX_DRAWS = 8  # fresh defect draws of the same scene before the severity is raised
 ESCALATION_STEPS = 4  # then the severity's floor rises to 1 in this many draws
 MAX_SCENES = 4  # then a new scene (counted: it biases imaging if common); then the best draw, reported below 1
@@ -1037,9 +1037,9 @@ def _imaged(edges: np.ndarray, scene: Scene, step: float, rng: np.random.Generat
     blur, noise = _edge_imaging(scene)
     box = max(step, 1.0)
     smooth = math.sqrt(blur ** 2 + box ** 2 / 12.0)
-    out = ndimage.gaussian_filter1d(edges.astype(np.float64), smooth, axis=-1, mode="wrap" if wrap else "nearest")
-    out += rng.normal(0.0, noise / math.sqrt(box), out.shape)
-    return out / step
+    out = ndimage.gaussian_filter1d(edges.astype(np.float32), smooth, axis=-1, mode="wrap" if wrap else "nearest")
+    out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(noise / math.sqrt(box))
+    return out / np.float32(step)
 
 
 def _window_rms(x: np.ndarray, w: int) -> np.ndarray:
@@ -1051,18 +1051,23 @@ def _window_rms(x: np.ndarray, w: int) -> np.ndarray:
     return win.std(axis=-1)
 
 
-def _natural_roughness(rng: np.random.Generator, m: int, length: int, size: int) -> np.ndarray:
-    """m normal line edges, each with its own natural roughness drawn as `_sample_scene` draws it."""
+def _natural_roughness(rng: np.random.Generator, rows: int, length: int, size: int,
+                       per_row: np.ndarray | None = None) -> np.ndarray:
+    """Normal line edges with natural roughness drawn as `_sample_scene` draws it: one (sigma, correlation)
+    per group of rows (`per_row` gives each row's group; default one per row)."""
     sc = size / 256.0
-    sigma = rng.uniform(0.15, 0.6, m) * sc
-    corr = np.maximum(rng.uniform(3.0, 14.0, m) * sc, 0.5)
-    spec = np.fft.rfft(rng.standard_normal((m, length)), axis=1)
+    group = np.arange(rows) if per_row is None else np.asarray(per_row)
+    groups = int(group.max()) + 1
+    sigma = rng.uniform(0.15, 0.6, groups) * sc
+    corr = np.maximum(rng.uniform(3.0, 14.0, groups) * sc, 0.5)
+    spec = np.fft.rfft(rng.standard_normal((rows, length), dtype=np.float32), axis=1)
     f2 = np.fft.rfftfreq(length)[None, :] ** 2
-    transfer = np.zeros((m, f2.shape[1]))
+    transfer = np.zeros((groups, f2.shape[1]))
     for c, wgt in ((corr, 0.75 * sigma), (np.maximum(corr / 4, 0.5), 0.45 * sigma)):
         transfer += (wgt * np.sqrt(2.0 * math.sqrt(math.pi) * c))[:, None] * np.exp(
             -2.0 * math.pi ** 2 * f2 * (c ** 2)[:, None])
-    return np.fft.irfft(spec * transfer, n=length, axis=1)
+    spec *= transfer.astype(np.float32)[group]
+    return np.fft.irfft(spec, n=length, axis=1)
 
 
 def _hole_deviation(coef: np.ndarray, samples: int) -> np.ndarray:
@@ -1072,65 +1077,87 @@ def _hole_deviation(coef: np.ndarray, samples: int) -> np.ndarray:
     return coef.real @ np.cos(np.outer(k, phi)) + coef.imag @ np.sin(np.outer(k, phi))
 
 
-def _area_score(ratios: np.ndarray, lengths: np.ndarray) -> float:
-    """The largest r such that edges with roughness >= r times the threshold cover ROUGH_MIN_LENGTH model px."""
-    if ratios.size == 0:
-        return 0.0
-    order = np.argsort(-ratios)
-    reached = np.nonzero(np.cumsum(lengths[order]) >= ROUGH_MIN_LENGTH - 1e-9)[0]
-    return float(ratios[order][reached[0]]) if reached.size else 0.0
+def _kth_largest(x: np.ndarray, k: int) -> np.ndarray:
+    """The k-th largest value along the last axis (k >= 1; 0 where there are fewer than k values)."""
+    if x.shape[-1] < k:
+        return np.zeros(x.shape[:-1])
+    return np.partition(x, x.shape[-1] - k, axis=-1)[..., x.shape[-1] - k]
 
 
-def _ler_visibility(pat: Pattern, noise_seed: int, vis: int) -> float:
-    """Imaged roughness of the edges the ler draw roughened, against the 99.5th percentile of normal edges'
-    roughness under the same imaging, over at least ROUGH_MIN_LENGTH px of edge (score 1 = the rule)."""
+def _ler_visibility(pat: Pattern, noise_seed: int, vis: int, cache: dict | None = None) -> float:
+    """Imaged roughness of the edges the ler draw roughened over at least ROUGH_MIN_LENGTH px of edge, against the
+    99.5th percentile of the same statistic on normal frames under the same imaging (score 1 = the rule).
+
+    The statistic is the k-th roughest of the affected edge windows (lines) or holes, k the number that covers
+    ROUGH_MIN_LENGTH model px. Its null: the same windows (or holes) with only natural roughness, each null frame
+    with its own roughness drawn as `_sample_scene` draws it, imaged with this frame's blur and noise. `cache`
+    keeps the null (it depends on the scene only) across the draws of one scene.
+    """
+    cache = {} if cache is None else cache
     scene, g = pat.scene, pat.geo
     size = scene.size
     step = size / vis
     rng = np.random.default_rng([noise_seed, 2])
     null_rng = np.random.default_rng([noise_seed, 3])
+    m = ROUGH_NULL_EDGES
     if "ler_holes" in g:
         coef, weight = g["ler_holes"]
         r0 = float(np.median(g["r0"]))
         samples = max(8, int(round(2 * math.pi * r0)))
-        k = np.arange(2, 6)
-        rough = null_rng.uniform(0.15, 0.6, ROUGH_NULL_EDGES) * (size / 256.0)
-        amp = rough[:, None] * 0.6 / np.sqrt(k - 1)
-        null_coef = (null_rng.normal(0, 1, amp.shape) + 1j * null_rng.normal(0, 1, amp.shape)) * amp / math.sqrt(2)
-        null = _imaged(_hole_deviation(null_coef, samples), scene, step, null_rng, wrap=True).std(axis=1)
-        threshold = max(float(np.quantile(null, VISIBILITY_QUANTILE)), 1e-9)
         centres = np.array([pat.to_xy(*_hole_center(pat, h)) for h in range(len(weight))])
-        inside = np.all((centres >= 0) & (centres < size), axis=1) & (weight >= 0.5)
-        if not inside.any():
+        affected = np.all((centres >= 0) & (centres < size), axis=1) & (weight >= 0.5)
+        n = int(affected.sum())
+        k = max(1, math.ceil(ROUGH_MIN_LENGTH / (samples / step)))
+        if n < k:
             return 0.0
-        seen = _imaged(_hole_deviation(coef[inside], samples), scene, step, rng, wrap=True).std(axis=1)
-        return _area_score(seen / threshold, np.full(seen.size, samples / step))
+        seen = _imaged(_hole_deviation(coef[affected], samples), scene, step, rng, wrap=True).std(axis=1)
+        if "holes" not in cache:  # null frames with as many holes as the frame shows
+            n_all = int(np.all((centres >= 0) & (centres < size), axis=1).sum())
+            kk = np.arange(2, 6)
+            rough = null_rng.uniform(0.15, 0.6, (m, 1, 1)) * (size / 256.0)  # one natural roughness per null frame
+            amp = rough * 0.6 / np.sqrt(kk - 1)
+            shape = (m, n_all, kk.size)
+            null_coef = (null_rng.normal(0, 1, shape) + 1j * null_rng.normal(0, 1, shape)) * amp / math.sqrt(2)
+            cache["holes"] = _imaged(_hole_deviation(null_coef.reshape(m * n_all, -1), samples), scene, step,
+                                     null_rng, wrap=True).std(axis=1).reshape(m, n_all)
+        null = cache["holes"][:, :n]
+        threshold = float(np.quantile(_kth_largest(null, k), VISIBILITY_QUANTILE))
+        return float(_kth_largest(seen, k)) / max(threshold, 1e-9)
     rl, rr, w = g["ler_lines"]
     n, nv = rl.shape
     win = max(2, int(round(ROUGH_WINDOW * step)))  # frame px samples per window
-    null = _window_rms(_imaged(_natural_roughness(null_rng, ROUGH_NULL_EDGES, max(size, 4 * win), size), scene,
-                               step, null_rng), win)
-    threshold = max(float(np.quantile(null, VISIBILITY_QUANTILE)), 1e-9)
+    k = max(1, math.ceil(ROUGH_MIN_LENGTH / ROUGH_WINDOW))
     hw = g["hw"][:, None]
     out_lim = np.maximum(0.5 * (scene.pitch / 2 - hw), 0.3)
     in_lim = np.maximum(0.34 * hw, 0.3)
     edges = np.concatenate([_soft_limit(rl, out_lim, in_lim), _soft_limit(rr, out_lim, in_lim)])
     weights = np.concatenate([w, w])
-    seen_idx = np.unique(g["flat"])
-    lines, pos = np.divmod(seen_idx, nv)
-    ratios = []
-    for i in np.unique(lines):
-        at = pos[lines == i]
-        a, b = int(at.min()), int(at.max()) + 1
-        if b - a < win:
-            continue
+    if "spans" not in cache:  # each line's stretch inside the frame
+        lines, pos = np.divmod(np.unique(g["flat"]), nv)
+        cache["spans"] = [(int(i), int(pos[lines == i].min()), int(pos[lines == i].max()) + 1)
+                          for i in np.unique(lines)]
+    rms = []
+    seen_edges = _imaged(edges, scene, step, rng)  # whole profiles: the blur at a span's ends sees real edge
+    for i, a, b in cache["spans"]:
         for row in (i, n + i):
-            if weights[row, a:b].max() < 0.5:
+            if b - a < win or weights[row, a:b].max() < 0.5:
                 continue
-            rms = _window_rms(_imaged(edges[row, a:b][None, :], scene, step, rng), win)[0]
-            affected = weights[row, a:a + rms.size * win].reshape(rms.size, win).mean(axis=1)
-            ratios += list(rms[affected >= 0.5] / threshold)
-    return _area_score(np.asarray(ratios), np.full(len(ratios), float(ROUGH_WINDOW)))
+            r = _window_rms(seen_edges[row:row + 1, a:b], win)[0]
+            affected = weights[row, a:a + r.size * win].reshape(r.size, win).mean(axis=1) >= 0.5
+            rms.append(r[affected])
+    seen = np.concatenate(rms) if rms else np.zeros(0)
+    if seen.size < k:
+        return 0.0
+    if "lines" not in cache:  # null frames with as many windows as the frame shows, one natural roughness each
+        windows = sum(2 * ((b - a) // win) for _, a, b in cache["spans"])
+        per_edge = max(1, size // win)
+        pieces = math.ceil(windows / per_edge)
+        natural = _natural_roughness(null_rng, m * pieces, per_edge * win + 2 * win, size,
+                                     per_row=np.repeat(np.arange(m), pieces))
+        cache["lines"] = _window_rms(_imaged(natural, scene, step, null_rng)[:, win:-win], win).reshape(m, -1)
+    null = cache["lines"][:, :seen.size]
+    threshold = float(np.quantile(_kth_largest(null, k), VISIBILITY_QUANTILE))
+    return float(_kth_largest(seen, k)) / max(threshold, 1e-9)
 
 
 def _severity_floor(draw: int) -> float:
@@ -1200,7 +1227,7 @@ def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float, t
         if leaf == "normal":
             img = _to_uint8(_image(base.height, base.yield_map, scene, np.random.default_rng(noise_seed)))
             return Frame(img, img.copy() if twin else None)
-        clean, null = None, None
+        clean, null, ler_cache = None, None, {}
         if twin or (rule is not None and leaf != "ler"):
             clean = _to_uint8(_image(base.height, base.yield_map, scene, np.random.default_rng(noise_seed)))
         draws = [draw] if draw is not None else range(MAX_DRAWS + ESCALATION_STEPS if rule is not None
@@ -1216,7 +1243,7 @@ def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float, t
             if rule is not None:
                 vis = min(rule.size, size)  # a frame smaller than the model's input holds no more when enlarged
                 if leaf == "ler":
-                    visibility = _ler_visibility(pat, noise_seed, vis)
+                    visibility = _ler_visibility(pat, noise_seed, vis, ler_cache)
                 else:
                     if null is None:
                         null = _NullField(clean, _twin2(base.height, base.yield_map, scene, noise_seed), vis)
