@@ -1524,7 +1524,7 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
             "size": int(size), "per_class": int(per_class), "mixed_formats": bool(mixed_formats),
             "difficulty": float(difficulty), "classes": leaves, "counts": counts, "label_rule": rule.to_json(),
             "labels_summary": summary,
-            "frames": [{k: v for k, v in r.items() if k not in ("class", "index")} for r in results]}
+            "frames": results}
     _write_json(out / "dataset.json", meta)
     return {"out_dir": str(out), "counts": counts, "total": len(results),
             "formats": dict(sorted(Counter(r["format"] for r in results).items())), "seconds": round(seconds, 3),
@@ -1539,7 +1539,7 @@ def label_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, floa
     median visibility score and the share that needed a new scene."""
     out = {}
     for leaf in DEFECTS:
-        rows = [r for r in records if r.get("class", r["path"].split("/")[0]) == leaf and "visibility" in r]
+        rows = [r for r in records if r["class"] == leaf and "visibility" in r]
         if rows:
             vis = np.asarray([r["visibility"] for r in rows])
             out[leaf] = {"frames": len(rows), "redrawn": round(float(np.mean([r["draw"] > 0 for r in rows])), 4),
