@@ -137,7 +137,7 @@ def borderline_frames(data_dir: str | os.PathLike, n: int) -> list[tuple[str, np
     above = [(r["class"], root / r["path"], r["visibility"]) for r in _closest(
         [r for r in frames if r["visibility"] >= 1.0], n)]
     written_below = [r for r in frames if r["visibility"] < 1.0]
-    if written_below:  # a cause set: the frames below the rule are on disk
+    if rule.get("labels") == "cause":  # the frames below the rule are on disk
         below = [(r["class"], root / r["path"], r["visibility"]) for r in _closest(written_below, n)]
     else:  # a visible set: render the draws it turned down again, from their seed
         from semhinet_tf.data import synth
