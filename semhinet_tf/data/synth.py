@@ -18,9 +18,22 @@ Rules the generator keeps so a classifier cannot cheat:
 - Shot noise is Poisson statistics in the normal approximation (variance = mean, rounded to whole
   electrons), so the noise draw of a pixel does not depend on its signal and twins stay aligned.
 
+Labels (generator 1.1): with `labels="visible"` (the default) a defect draw is labelled only if an expert
+could see it at the model's input size: each draw is scored against what only the generator knows (the
+frame's defect-free twin, a second noise draw of that twin, its edges) and a draw scoring below 1 is redrawn,
+the defect only (scene and noise stay). Point defects: the largest Gaussian-smoothed defect-minus-twin
+difference over positions and scales, over the noise sigma, against the 99.5th percentile of the same
+statistic on twin-vs-twin pairs of normal frames (calibrated per frame size, difficulty and model size).
+ler: the imaged roughness of the roughened edges (blur, an ideal edge locator's noise, the model's pixels)
+over at least ROUGH_MIN_LENGTH px of edge, against the 99.5th percentile of normal frames under the same
+imaging. After MAX_DRAWS failed draws the severity's floor rises to 1, then a new scene is drawn; if no draw
+of MAX_SCENES scenes passes, the most visible one is written with its score below 1 (counted). With
+`labels="cause"` every draw is labelled: the frames of generator 1.0, byte for byte (kept for old
+benchmarks and as a stress set); they are scored all the same.
+
 Determinism: image k of class c is rendered from SeedSequence(seed, spawn_key=(c, k)) with c the index in
 `LEAVES`, so the output does not depend on the number of workers, on the chunking, or on which other
-classes are generated.
+classes are generated. Redraw j of a frame's defect uses the stream [defect seed, j]; draw 0 is 1.0's.
 """
 
 from __future__ import annotations
