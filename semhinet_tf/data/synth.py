@@ -1501,9 +1501,12 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
     if not 0.0 <= difficulty <= 1.0:
         raise ValueError(f"difficulty must be within 0..1 (got {difficulty})")
     leaves = _check_classes(classes)
-    rule = label_rule(labels, size, difficulty, visibility_size)  # checked and calibrated before any file
+    _check_labels(labels)
+    if visibility_size is not None and visibility_size < 16:
+        raise ValueError(f"visibility size {visibility_size} is too small: use at least 16 px")
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
+    _prepare_out_dir(out, overwrite)  # refusals first: the calibration below takes seconds
+    rule = label_rule(labels, size, difficulty, visibility_size)
     workers = max(1, int(workers or os.cpu_count() or 1))
     jobs = [(leaf, k) for leaf in leaves for k in range(per_class)]
     chunk = max(1, min(32, len(jobs) // (workers * 6) or 1))
