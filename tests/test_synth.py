@@ -347,7 +347,12 @@ def test_dataset_json_records_version_rule_severity_and_visibility(tmp_path):
         with Image.open(tmp_path / "v" / path) as im:
             assert np.array_equal(np.asarray(im), again.image)
     assert set(stats["labels_summary"]) == {"bridge", "ler"} and stats["labels"] == "visible"
-    assert meta["labels_summary"] == stats["labels_summary"]
+    assert meta["labels_summary"] == stats["labels_summary"] and rule["judged_at_px"] == 80
+    for leaf in ("bridge", "ler"):  # a frame counts as redrawn when its first draw of its first scene was not kept
+        rows = [f for f in meta["frames"] if f["class"] == leaf]
+        redrawn = np.mean([f["draw"] > 0 or f["scenes"] > 1 for f in rows])
+        assert stats["labels_summary"][leaf]["redrawn"] == pytest.approx(redrawn, abs=1e-4)
+        assert all(("rejected" in f) == (f["draw"] > 0) for f in rows)
 
 
 def test_cause_rule_records_frames_below_the_rule(tmp_path):

@@ -1538,7 +1538,8 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
     summary = label_summary(results)
     meta = {"generator": "semhinet_tf.data.synth", "version": GENERATOR_VERSION, "seed": int(seed),
             "size": int(size), "per_class": int(per_class), "mixed_formats": bool(mixed_formats),
-            "difficulty": float(difficulty), "classes": leaves, "counts": counts, "label_rule": rule.to_json(),
+            "difficulty": float(difficulty), "classes": leaves, "counts": counts,
+            "label_rule": {**rule.to_json(), "judged_at_px": min(rule.size, int(size))},
             "labels_summary": summary,
             "frames": results}
     _write_json(out / "dataset.json", meta)
@@ -1558,7 +1559,8 @@ def label_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, floa
         rows = [r for r in records if r["class"] == leaf and "visibility" in r]
         if rows:
             vis = np.asarray([r["visibility"] for r in rows])
-            out[leaf] = {"frames": len(rows), "redrawn": round(float(np.mean([r["draw"] > 0 for r in rows])), 4),
+            redrawn = np.mean([r["draw"] > 0 or r["scenes"] > 1 for r in rows])
+            out[leaf] = {"frames": len(rows), "redrawn": round(float(redrawn), 4),
                          "below_rule": round(float(np.mean(vis < 1.0)), 4),
                          "median_visibility": round(float(np.median(vis)), 3),
                          "new_scene": round(float(np.mean([r["scenes"] > 1 for r in rows])), 4)}
