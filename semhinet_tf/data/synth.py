@@ -1211,18 +1211,18 @@ def _check_leaf(leaf: str) -> None:
 
 
 def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float, twin: bool = False,
-            locate: bool = False, rule: LabelRule | None = None, draw: int | None = None, scene: int = 1) -> Frame:
+            locate: bool = False, rule: LabelRule | None = None, draw: int | None = None, scene_no: int = 1) -> Frame:
     """Render one frame; with a rule, score each defect draw and (rule `visible`) redraw those below 1.
 
     Only the defect stream is redrawn: the scene (pattern and imaging) and the noise stay, so the twin is still
     the normal frame of the same seed and the imaging difficulty is untouched. `draw` renders that one draw as
-    drawn, whatever its score, in the frame's `scene`-th scene (the contact sheet's frames just below the rule).
+    drawn, whatever its score, in the frame's `scene_no`-th scene (the contact sheet's frames just below the rule).
     """
     _check_leaf(leaf)
     if size < 16:
         raise ValueError(f"image size {size} is too small: use at least 16 px")
     best: Frame | None = None
-    scenes = scene if draw is not None else (MAX_SCENES if rule is not None and rule.labels == "visible" else 1)
+    scenes = scene_no if draw is not None else (MAX_SCENES if rule is not None and rule.labels == "visible" else 1)
     for scene_try in range(scenes):
         scene_seed, defect_seed, noise_seed = _streams(rng)  # a further scene continues the image's stream
         if scene_try + 1 < scenes and draw is not None:
@@ -1319,7 +1319,7 @@ def render_frame(leaf: str, seed: int, k: int, size: int, difficulty: float = DE
     """
     rule = label_rule(labels, size, difficulty, visibility_size)
     return _render(leaf, np.random.default_rng(image_seed(seed, leaf, k)), size, difficulty, twin=True, rule=rule,
-                   draw=draw, scene=scene)
+                   draw=draw, scene_no=scene)
 
 
 def image_seed(seed: int, leaf: str, k: int) -> np.random.SeedSequence:
