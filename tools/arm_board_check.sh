@@ -5,11 +5,10 @@
 #
 # arm64 (i.MX 8M Plus): qemu-aarch64-static -cpu cortex-a53, Debian bookworm sysroot (python 3.11), numpy<2, Pillow
 #   and tflite-runtime 2.14.0 wheels from PyPI (manylinux aarch64).
-# armv7 (Cora Z7): qemu-arm-static -cpu cortex-a9, Debian bullseye armhf sysroot (python 3.9, Debian's Pillow 8.1:
-#   PyPI has no armv7 Pillow), tflite-runtime 2.13.0 cp39 manylinux2014_armv7l (the last armv7 wheel) and numpy
-#   1.24.4 built here from its sdist (the wheel needs numpy >= 1.20, bullseye has 1.19, PyPI has no armv7 numpy):
-#   cross-compiled by the host's arm-linux-gnueabihf gcc against the sysroot, Debian's armhf flags (VFPv3-D16, no
-#   FMA), no SIMD dispatch.
+# armv7 (Cora Z7): qemu-arm-static -cpu cortex-a9, Debian bookworm armhf sysroot (python 3.11) with Debian's own numpy
+#   1.24 and Pillow 9.4 (PyPI has no armv7 wheel of either; Debian armhf builds for VFPv3-D16, no FMA) and
+#   tflite-runtime 2.14.0 cp311 manylinux_2_34_armv7l from PyPI. Nothing is compiled (a bullseye/Python 3.9 world
+#   needed numpy built from source: 5-11 minutes, more than CI could afford on a cold machine).
 # Then: host vs arm64 vs armv7 compared (tools/board_compare.py's rules for the host, bit for bit between the ARM
 # runs), every instruction the A9 run executed scanned for ones the A9 lacks, and a float model must run on a
 # Cortex-A15 (VFPv4; the scan must find its FMA there: the scan's negative control) and die with SIGILL on the A9
@@ -32,15 +31,14 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 HOST_PY=${HOST_PYTHON:-python}
 CACHE=${SEMHINET_ARM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/semhinet-arm}
 MIRROR=http://deb.debian.org/debian
-NUMPY_ARMV7=1.24.4  # the last numpy built with setup.py (1.25 on needs meson) that supports Python 3.9
 ARM64_DEBS="python3.11 libstdc++6"
 ARM64_WHEELS="numpy<2 pillow tflite-runtime==2.14.0"
 # python3-setuptools, -wheel, libpython3.9-dev, libc6-dev and libstdc++-10-dev only build numpy
-ARMV7_DEBS="python3.9 python3-pil libstdc++6 python3-setuptools python3-wheel libpython3.9-dev libc6-dev libstdc++-10-dev"
-ARMV7_WHEELS="tflite-runtime==2.13.0"
+ARMV7_DEBS="python3.11 python3-numpy python3-pil libstdc++6"
+ARMV7_WHEELS="tflite-runtime==2.14.0"
 recipe() { echo "$*" | sha1sum | cut -c1-8; }  # a changed recipe gets a new folder, never a stale one
 ARM64=$CACHE/arm64-bookworm-$(recipe "$ARM64_DEBS" "$ARM64_WHEELS")
-ARMV7=$CACHE/armhf-bullseye-$(recipe "$ARMV7_DEBS" "$ARMV7_WHEELS" "$NUMPY_ARMV7")
+ARMV7=$CACHE/armhf-bookworm-$(recipe "$ARMV7_DEBS" "$ARMV7_WHEELS")
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 mkdir -p "$CACHE"
 ulimit -c 0  # the float model's SIGILL must not leave a qemu core file in the checkout
@@ -56,8 +54,6 @@ retry() {  # network steps: three tries
 need=()
 command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
-command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf)
-command -v arm-linux-gnueabihf-g++ >/dev/null || need+=(g++-arm-linux-gnueabihf)
 if [ ${#need[@]} -gt 0 ]; then
     retry apt-get update -q >/dev/null || fail "apt-get update"
     retry env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null \
@@ -103,55 +99,16 @@ if [ ! -f "$ARM64/.ready" ]; then
     echo "arm64 sysroot: made in $(( $(date +%s) - t0 )) s"
 fi
 
-# numpy for armv7 cp39: cross-compiled (the C compiler runs natively, setup.py under qemu with the sysroot's Python,
-# so sysconfig is the target's). Cython runs on the host first: setup.py would run it with sys.executable, which is
-# an ARM binary the host cannot exec without binfmt.
-build_numpy() {  # SYSROOT WHEEL_DIR
-    local sr=$1 dest=$2 work
-    work=$(mktemp -d)
-    retry python3 -m pip download -q --no-deps --no-binary=:all: -d "$work" "numpy==$NUMPY_ARMV7" \
-        || fail "pip download numpy $NUMPY_ARMV7 sdist"
-    tar xzf "$work/numpy-$NUMPY_ARMV7.tar.gz" -C "$work"
-    python3 -m venv "$work/cy"
-    retry "$work/cy/bin/pip" install -q "cython>=0.29.30,<3" || fail "pip install cython"
-    local src=$work/numpy-$NUMPY_ARMV7
-    (cd "$src" && "$work/cy/bin/python" tools/cythonize.py numpy/random >/dev/null) || fail "cythonize numpy.random"
-    sed -i "s/^        if 'sdist' not in sys.argv:$/        if False:  # cythonized on the host/" "$src/setup.py"
-    grep -q "if False:  # cythonized on the host" "$src/setup.py" || fail "numpy's setup.py no longer has the Cython step"
-    # Compiler shims named as the sysroot's sysconfig names them: the bullseye headers and libraries (glibc 2.31,
-    # libstdc++ 10) instead of the cross toolchain's own (bookworm's glibc 2.36, which bullseye cannot load).
-    mkdir -p "$work/bin"
-    local flags="--sysroot=$sr -B$sr/usr/lib/arm-linux-gnueabihf -L$sr/usr/lib/gcc/arm-linux-gnueabihf/10"
-    flags+=" -L$sr/usr/lib/arm-linux-gnueabihf -L$sr/lib/arm-linux-gnueabihf"
-    local cinc="-isystem $sr/usr/include/arm-linux-gnueabihf -isystem $sr/usr/include"
-    local cxxinc="-nostdinc++ -isystem $sr/usr/include/c++/10 -isystem $sr/usr/include/arm-linux-gnueabihf/c++/10"
-    cxxinc+=" -isystem $sr/usr/include/c++/10/backward"
-    printf '#!/bin/sh\nexec /usr/bin/arm-linux-gnueabihf-gcc %s %s "$@"\n' "$flags" "$cinc" > "$work/bin/arm-linux-gnueabihf-gcc"
-    printf '#!/bin/sh\nexec /usr/bin/arm-linux-gnueabihf-g++ %s %s %s "$@"\n' "$flags" "$cxxinc" "$cinc" \
-        > "$work/bin/arm-linux-gnueabihf-g++"
-    chmod +x "$work/bin/"*
-    # No BLAS (the host's would be found through qemu's path fallback); no SIMD beyond the ABI's VFPv3-D16.
-    (cd "$src" && PATH="$work/bin:$PATH" BLAS=None LAPACK=None ATLAS=None NPY_BLAS_ORDER= NPY_LAPACK_ORDER= \
-        qemu-arm-static -cpu cortex-a9 -L "$sr" "$sr/usr/bin/python3.9" setup.py build -j 2 --cpu-baseline=min \
-        --cpu-dispatch=none bdist_wheel -d "$dest" > "$work/build.log" 2>&1) \
-        || { tail -20 "$work/build.log" >&2; fail "building numpy $NUMPY_ARMV7 for armv7"; }
-    rm -rf "$work"
-}
-
 if [ ! -f "$ARMV7/.ready" ]; then
     t0=$(date +%s)
     # shellcheck disable=SC2086
-    sysroot armhf bullseye "$ARMV7" $ARMV7_DEBS
+    sysroot armhf bookworm "$ARMV7" $ARMV7_DEBS
+    # Debian's numpy finds BLAS/LAPACK through update-alternatives links, which a maintainer script makes: not run here
+    for lib in blas lapack; do
+        ln -sfn "$lib/lib$lib.so.3" "$ARMV7/usr/lib/arm-linux-gnueabihf/lib$lib.so.3"
+    done
     # shellcheck disable=SC2086
-    wheels "$ARMV7/opt/site" 3.9 manylinux2014_armv7l $ARMV7_WHEELS
-    whl=$CACHE/wheels/numpy-$NUMPY_ARMV7-cp39-cp39-linux_armv7l.whl
-    if [ ! -f "$whl" ]; then  # kept apart from the sysroot: building it is the slow part (minutes)
-        t1=$(date +%s)
-        build_numpy "$ARMV7" "$CACHE/wheels"
-        [ -f "$whl" ] || fail "no $whl after the numpy build"
-        echo "armv7 numpy $NUMPY_ARMV7: built in $(( $(date +%s) - t1 )) s"
-    fi
-    python3 -m zipfile -e "$whl" "$ARMV7/opt/site"
+    wheels "$ARMV7/opt/site" 3.11 manylinux_2_34_armv7l $ARMV7_WHEELS
     touch "$ARMV7/.ready"
     echo "armv7 sysroot: made in $(( $(date +%s) - t0 )) s"
 fi
@@ -165,7 +122,7 @@ arm() {  # arm64|armv7 ARGS...
                    qemu-aarch64-static -cpu cortex-a53 -L "$ARM64" "$ARM64/usr/bin/python3.11" "$@" ;;
         armv7) env PYTHONPATH="$ARMV7/opt/site:$REPO" PYTHONNOUSERSITE=1 \
                    qemu-arm-static -cpu "${ARMV7_CPU:-cortex-a9}" ${ARMV7_TRACE:+-d in_asm -D "$ARMV7_TRACE"} -L "$ARMV7" \
-                   "$ARMV7/usr/bin/python3.9" "$@" ;;
+                   "$ARMV7/usr/bin/python3.11" "$@" ;;
     esac
 }
 
