@@ -238,8 +238,14 @@ def main(verbose: bool, trust_model_code: bool, max_pixels: int | None) -> None:
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="processes (default: all cores)")
 @click.option("--mixed-formats", is_flag=True, help="write PNG/JPEG/BMP/TIFF 8+16-bit, RGB, info bars, nested folders")
 @click.option("--overwrite", is_flag=True, help="write into a non-empty folder")
+@click.option("--labels", type=click.Choice(["visible", "cause"]), default="visible", show_default=True,
+              help="label rule: `visible` redraws a defect an expert could not see at the model's input size "
+                   "(against its defect-free twin and normal frames of the same imaging); `cause` labels every "
+                   "draw, the generator before 1.1 frame for frame (a stress set: report it separately)")
+@click.option("--visibility-size", default=DEFAULT_IMG_SIZE, show_default=True, type=click.IntRange(min=16),
+              help="the model's input side at which --labels visible judges visibility (train's --img-size)")
 @friendly
-def synth(out_arg, out, per_class, size, seed, workers, mixed_formats, overwrite):
+def synth(out_arg, out, per_class, size, seed, workers, mixed_formats, overwrite, labels, visibility_size):
     """Write a synthetic SEM dataset (8 class folders) to --out."""
     from semhinet_tf.data.synth import generate
 
@@ -247,9 +253,15 @@ def synth(out_arg, out, per_class, size, seed, workers, mixed_formats, overwrite
         raise click.UsageError("give the folder to write once: --out OUT (or OUT)")
     out = out or out_arg
     stats = generate(out, per_class=per_class, size=size, seed=seed, workers=workers,
-                     mixed_formats=mixed_formats, overwrite=overwrite)
+                     mixed_formats=mixed_formats, overwrite=overwrite, labels=labels,
+                     visibility_size=visibility_size)
     click.echo(f"wrote {stats.get('total', per_class * 8)} images to {out} "
                f"({stats.get('images_per_second', 0):.0f} images/s)")
+    summary = stats.get("labels_summary") or {}
+    if summary:
+        key, what = ("redrawn", "redrawn") if labels == "visible" else ("below_rule", "below the visibility rule")
+        click.echo(f"labels {labels}: defect frames {what}: "
+                   + ", ".join(f"{leaf} {100 * row[key]:.0f}%" for leaf, row in summary.items()))
 
 
 # ---------------------------------------------------------------- train

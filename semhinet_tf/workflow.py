@@ -144,7 +144,7 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
                     recognise=is_quickstart_dir)
     data, run = out / "data", out / "run"
     print(f"[1/5] synthetic SEM data: {per_class} images x 8 classes -> {data}", flush=True)
-    generate(data, per_class=per_class, size=256, seed=seed)
+    generate(data, per_class=per_class, size=256, seed=seed, visibility_size=img_size)  # labels judged as it sees
     print(f"[2/5] training at {img_size}px: {epochs} float + {qat_epochs} QAT epochs -> {run}", flush=True)
     cfg = TrainConfig(img_size=img_size, epochs=epochs, qat_epochs=qat_epochs, seed=seed, weights=weights)
     train_result = train(data, run, cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_finds_classes_case_insensitively_and_nested(dataset):
 
 
 def test_sheet_has_one_row_per_class(dataset, tmp_path):
-    out = cs.make_contact_sheet(dataset, tmp_path / "sheet.png", per_class=3, thumb=40)
+    out = cs.make_contact_sheet(dataset, tmp_path / "sheet.png", per_class=3, thumb=40, borderline=False)
     with Image.open(out) as im:
         sheet = np.asarray(im.convert("L"))
     gap, label_w, title_h = 2, 110, 22
@@ -82,3 +83,39 @@ def test_command_line(dataset, tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "nope"), str(out)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("labels", ["visible", "cause"])
+def test_borderline_row_shows_frames_just_below_and_above_the_rule(tmp_path, labels):
+    """A synth set's sheet gains a row: draws scoring just below 1 (turned down, or written by `cause`), then
+    frames just above; the turned-down ones are rendered again, exactly as the generator drew them."""
+    root = tmp_path / "d"
+    synth.generate(root, per_class=8, size=64, seed=1, workers=1, progress=False, labels=labels,
+                   classes=["normal", "bridge", "cmp"])
+    edge = cs.borderline_frames(root, 2)
+    scores = [s for *_, s in edge]
+    assert len(edge) == 4 and scores == sorted(scores) and scores[1] < 1.0 <= scores[2], scores
+    meta = json.loads((root / "dataset.json").read_text())
+    above = sorted(r["visibility"] for r in meta["frames"] if r.get("visibility", 0) >= 1.0)
+    assert scores[2:] == above[:2] or {c for c, *_ in edge[2:]} != {edge[2][0]}  # the closest, or class variety
+    for leaf, image, score in edge[:2]:
+        if labels == "cause":
+            assert isinstance(image, Path) and image.is_file()
+            continue
+        row = next(r for r in meta["frames"] if r.get("rejected", {}).get("visibility") == round(score, 4))
+        again = synth.render_frame(leaf, 1, row["index"], 64, draw=row["rejected"]["draw"], scene=row["scenes"])
+        assert np.array_equal(again.image, image) and again.visibility < 1.0
+    out = cs.make_contact_sheet(root, tmp_path / "sheet.png", per_class=4, thumb=40)
+    with Image.open(out) as im:
+        assert im.size[1] == 22 + 4 * (40 + 2) + 2  # normal, bridge, cmp and the borderline row
+    plain = cs.make_contact_sheet(root, tmp_path / "plain.png", per_class=4, thumb=40, borderline=False)
+    with Image.open(plain) as im:
+        assert im.size[1] == 22 + 3 * (40 + 2) + 2
+
+
+def test_no_borderline_row_without_scores(tmp_path):
+    (tmp_path / "normal").mkdir()
+    Image.new("L", (16, 16), 100).save(tmp_path / "normal" / "a.png")
+    assert cs.borderline_frames(tmp_path, 3) == []
+    (tmp_path / "dataset.json").write_text("{not json")
+    assert cs.borderline_frames(tmp_path, 3) == []

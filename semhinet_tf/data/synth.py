@@ -18,9 +18,22 @@ Rules the generator keeps so a classifier cannot cheat:
 - Shot noise is Poisson statistics in the normal approximation (variance = mean, rounded to whole
   electrons), so the noise draw of a pixel does not depend on its signal and twins stay aligned.
 
+Labels (generator 1.1): with `labels="visible"` (the default) a defect draw is labelled only if an expert
+could see it at the model's input size: each draw is scored against what only the generator knows (the
+frame's defect-free twin, a second noise draw of that twin, its edges) and a draw scoring below 1 is redrawn,
+the defect only (scene and noise stay). Point defects: the largest Gaussian-smoothed defect-minus-twin
+difference over positions and scales, over the noise sigma, against the 99.5th percentile of the same
+statistic on twin-vs-twin pairs of normal frames (calibrated per frame size, difficulty and model size).
+ler: the imaged roughness of the roughened edges (blur, an ideal edge locator's noise, the model's pixels)
+over at least ROUGH_MIN_LENGTH px of edge, against the 99.5th percentile of normal frames under the same
+imaging. After MAX_DRAWS failed draws the severity's floor rises to 1, then a new scene is drawn; if no draw
+of MAX_SCENES scenes passes, the most visible one is written with its score below 1 (counted). With
+`labels="cause"` every draw is labelled: the frames of generator 1.0, byte for byte (kept for old
+benchmarks and as a stress set); they are scored all the same.
+
 Determinism: image k of class c is rendered from SeedSequence(seed, spawn_key=(c, k)) with c the index in
 `LEAVES`, so the output does not depend on the number of workers, on the chunking, or on which other
-classes are generated.
+classes are generated. Redraw j of a frame's defect uses the stream [defect seed, j]; draw 0 is 1.0's.
 """
 
 from __future__ import annotations
@@ -45,13 +58,13 @@ from scipy import ndimage
 
 from semhinet_tf.artifacts.files import atomic_write, atomic_write_text
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"  # 1.1: the `visible` label rule (the `cause` rule is 1.0's frames)
 LEAVES: tuple[str, ...] = ("bogus", "normal", "bridge", "open", "cmp", "crack", "ler", "inc_etch")
 DEFECTS: tuple[str, ...] = LEAVES[2:]
 DEFAULT_DIFFICULTY = 0.5
 
-__all__ = ["GENERATOR_VERSION", "LEAVES", "DEFECTS", "DEFAULT_DIFFICULTY", "render", "render_pair", "image_seed",
-           "generate"]
+__all__ = ["GENERATOR_VERSION", "LEAVES", "DEFECTS", "DEFAULT_DIFFICULTY", "LABEL_RULES", "DEFAULT_LABELS", "LabelRule",
+           "Frame", "label_rule", "render", "render_pair", "render_frame", "image_seed", "generate", "label_summary"]
 
 
 # ====================================================================== scene (label-blind parameters)
@@ -602,13 +615,15 @@ def _ler(pat: Pattern, rng: np.random.Generator, s: float) -> None:
         k = np.arange(2, 10)
         amp = (0.5 + 2.4 * s) * sc / np.sqrt(k - 1)  # a hole edge needs more to look rough than a line edge
         add = (rng.normal(0, 1, (n, k.size)) + 1j * rng.normal(0, 1, (n, k.size))) * amp / math.sqrt(2)
-        add *= _region_weights(pat, rng, n, per_hole=True)[:, None]
+        weights = _region_weights(pat, rng, n, per_hole=True)
+        add *= weights[:, None]
         coef = np.zeros((n, k.size), complex)
         coef[:, :g["coef"].shape[1]] = g["coef"]
         cap = 0.45 * g["r0"][:, None]
         coef = coef + add
         scale = np.minimum(1.0, cap / np.maximum(np.abs(coef).sum(axis=1, keepdims=True), 1e-6))
         pat.height[:] = np.minimum(pat.height, 1.0 - _hole_coverage(pat, g["r0"], coef * scale))
+        g["ler_holes"] = (coef * scale, weights)  # for the visibility rule: which hole edges it roughened
         return
     g = pat.geo
     n, nv = g["rl"].shape
@@ -617,6 +632,7 @@ def _ler(pat: Pattern, rng: np.random.Generator, s: float) -> None:
     add = _smooth_rows(rng, 2 * n, nv, ((corr, extra),))
     rl = g["rl"] + add[:n] * w
     rr = g["rr"] + add[n:] * w
+    g["ler_lines"] = (rl, rr, np.broadcast_to(w, rl.shape))  # for the visibility rule: the edges it drew
     cov = _line_coverage(pat, rl, rr)
     pat.height += cov - _line_coverage(pat, g["rl"], g["rr"])
 
@@ -897,6 +913,298 @@ _BOGUS = ((_bogus_photo, 0.36), (_bogus_noise, 0.12), (_bogus_blank, 0.12), (_bo
           (_bogus_beam_lost, 0.12), (_bogus_graphics, 0.14))
 
 
+# ====================================================================== the label rule: what an expert would see
+# A defect draw is labelled only if it can be seen at the model's input resolution against the spread of normal
+# variation for the same imaging. Both tests use what only the generator knows (the frame's defect-free twin, its
+# edges, a second noise draw of the twin) and end in one score normalised so that 1 is the rule's threshold.
+LABEL_RULES: tuple[str, ...] = ("visible", "cause")
+DEFAULT_LABELS = "visible"
+VISIBILITY_QUANTILE = 0.995  # false alarms the rule allows on normal frames (per frame, resp. per edge window)
+CNR_SCALES = (1.0, 2.0, 4.0, 8.0)  # model px: the matched filter's Gaussian sigmas (from a bridge to a scum patch)
+CALIBRATION_FRAMES = 200  # normal frames whose twin-vs-twin statistic sets the contrast-to-noise threshold
+CALIBRATION_SEED = 26_2026  # their seed: a property of the generator, not of a data set's --seed
+ROUGH_WINDOW = 16  # model px of edge over which an observer judges roughness (a tenth of a 160 px frame)
+ROUGH_MIN_LENGTH = 48  # model px of rough edge the rule asks for: three windows, a third of the frame's side
+ROUGH_NULL_EDGES = 200  # normal frames simulated per ler scene for the roughness threshold
+MAX_DRAWS = 8  # fresh defect draws of the same scene before the severity is raised
+ESCALATION_STEPS = 4  # then the severity's floor rises to 1 in this many draws
+MAX_SCENES = 4  # then a new scene (counted: it biases imaging if common); then the best draw, reported below 1
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How defect draws become labels: `cause` labels every draw (the old generator), `visible` only those whose
+    visibility score reaches 1. `size` is the model's input side; `cnr_threshold` the calibrated bound."""
+
+    labels: str = DEFAULT_LABELS
+    size: int = 160
+    cnr_threshold: float = float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"labels": self.labels, "visibility_size": self.size, "quantile": VISIBILITY_QUANTILE,
+                "cnr_threshold": round(self.cnr_threshold, 4), "cnr_scales_px": list(CNR_SCALES),
+                "calibration_frames": CALIBRATION_FRAMES, "rough_window_px": ROUGH_WINDOW,
+                "rough_min_length_px": ROUGH_MIN_LENGTH, "max_draws": MAX_DRAWS,
+                "escalation_steps": ESCALATION_STEPS, "max_scenes": MAX_SCENES}
+
+
+def _check_labels(labels: str) -> None:
+    if labels not in LABEL_RULES:
+        raise ValueError(f"unknown label rule {labels!r}: use one of {', '.join(LABEL_RULES)}")
+
+
+def label_rule(labels: str = DEFAULT_LABELS, size: int = 256, difficulty: float = DEFAULT_DIFFICULTY,
+               visibility_size: int | None = None) -> LabelRule:
+    """The rule with its threshold calibrated for this imaging (frame size, difficulty, model input size)."""
+    _check_labels(labels)
+    vis = int(visibility_size or _default_visibility_size())
+    if vis < 16:
+        raise ValueError(f"visibility size {vis} is too small: use at least 16 px")
+    return LabelRule(labels, vis, _cnr_threshold(int(size), float(difficulty), min(vis, int(size))))
+
+
+def _default_visibility_size() -> int:
+    from semhinet_tf.data.decode import DEFAULT_IMG_SIZE
+
+    return int(DEFAULT_IMG_SIZE)
+
+
+def _to_model(img: np.ndarray, vis: int) -> np.ndarray:
+    """The frame as the model sees it: the decoder's own resize (Pillow bilinear, antialiased), as float."""
+    from semhinet_tf.data.decode import resize_square
+
+    return resize_square(img, vis).astype(np.float32)
+
+
+class _NullField:
+    """The twin against the same twin with independent noise, at the model's resolution: per matched-filter
+    scale the filtered noise sigma of one frame, and the null statistic (max over positions and scales)."""
+
+    def __init__(self, twin: np.ndarray, twin2: np.ndarray, vis: int) -> None:
+        self.twin = _to_model(twin, vis)
+        d = self.twin - _to_model(twin2, vis)
+        d -= d.mean(axis=1, keepdims=True)  # scan-line offsets: one per row, an observer subtracts them
+        self.sigma, null = [], 0.0
+        for s in CNR_SCALES:
+            f = ndimage.gaussian_filter(d, s)
+            sd = max(float(f.std()), 1e-6)
+            self.sigma.append(sd / math.sqrt(2.0))  # d holds two frames' noise
+            null = max(null, float(np.abs(f).max()) / sd)
+        self.null = null
+
+    def cnr(self, img: np.ndarray, vis: int) -> float:
+        """Max over positions and scales of the smoothed defect-minus-twin difference over the noise sigma."""
+        delta = _to_model(img, vis) - self.twin
+        ys, xs = np.nonzero(delta)
+        if ys.size == 0:
+            return 0.0
+        # Only around the change: with a margin of the widest kernel's radius the filtered values are the
+        # whole frame's, bit for bit (zeros beyond), at a fraction of the cost for a local defect.
+        m = int(4.0 * max(CNR_SCALES) + 0.5)
+        delta = delta[max(ys.min() - m, 0):ys.max() + m + 1, max(xs.min() - m, 0):xs.max() + m + 1]
+        return max(float(np.abs(ndimage.gaussian_filter(delta, s)).max()) / sd
+                   for s, sd in zip(CNR_SCALES, self.sigma, strict=True))
+
+
+def _twin2(height: np.ndarray, yield_map: np.ndarray, scene: Scene, noise_seed: int) -> np.ndarray:
+    """The clean twin under an independent noise draw (its own stream, never the frame's)."""
+    return _to_uint8(_image(height, yield_map, scene, np.random.default_rng([noise_seed, 1])))
+
+
+@lru_cache(maxsize=16)
+def _cnr_threshold(size: int, difficulty: float, vis: int) -> float:
+    """The 99.5th percentile of the null statistic over normal frames of this imaging: a defect that cannot beat
+    what noise alone reaches somewhere in one frame in 200 is not labelled (the search over positions and scales
+    is in the statistic, so no Bonferroni factor is guessed). Same scenes whatever the data set's seed."""
+    nulls = []
+    for k in range(CALIBRATION_FRAMES):
+        scene_seed, _, noise_seed = _streams(np.random.default_rng(np.random.SeedSequence(CALIBRATION_SEED,
+                                                                                          spawn_key=(k,))))
+        scene_rng = np.random.default_rng(scene_seed)
+        scene = _sample_scene(scene_rng, size, difficulty)
+        pat = _make_pattern(scene, scene_rng)
+        twin = _to_uint8(_image(pat.height, pat.yield_map, scene, np.random.default_rng(noise_seed)))
+        nulls.append(_NullField(twin, _twin2(pat.height, pat.yield_map, scene, noise_seed), vis).null)
+    return _gumbel_quantile(np.asarray(nulls), VISIBILITY_QUANTILE)
+
+
+def _gumbel_quantile(maxima: np.ndarray, q: float) -> float:
+    """Quantile of a Gumbel law fitted by moments: the maximum of a noise field over many positions follows it,
+    and the fit reads a 99.5th percentile off a few hundred frames far more steadily than the sample does."""
+    beta = float(maxima.std()) * math.sqrt(6.0) / math.pi
+    loc = float(maxima.mean()) - 0.5772156649 * beta
+    return loc - beta * math.log(-math.log(q))
+
+
+def _edge_imaging(scene: Scene) -> tuple[float, float]:
+    """(blur along an edge, ideal edge locator's position noise per px of edge), both in frame px.
+
+    The Cramer-Rao bound for locating a blurred step plus the bright edge line in shot noise, as in
+    experiments/roughness_oracle.py: Fisher information per px of edge = sum of profile'(x)^2 / noise variance.
+    """
+    blur = math.sqrt(scene.topo_sigma ** 2 + (0.5 * (scene.blur[0] + scene.blur[1])) ** 2)
+    step_height = abs(scene.line_level - scene.space_level)
+    peak = scene.edge_gain * scene.topo_sigma / blur
+    mean_signal = 0.5 * (scene.line_level + scene.space_level) + 0.3 * scene.edge_gain
+    information = (step_height ** 2 / (2 * math.sqrt(math.pi)) + peak ** 2 * math.sqrt(math.pi) / 2) / (
+        blur * max(mean_signal, 1e-3) / scene.dose)
+    return blur, 1.0 / math.sqrt(information)
+
+
+def _imaged(edges: np.ndarray, scene: Scene, step: float, rng: np.random.Generator, wrap: bool = False) -> np.ndarray:
+    """Edge displacements (rows, frame px samples) as the model sees them, in model px: smoothed by the imaging
+    blur and the resize's box (step = frame px per model px), plus the locator's noise averaged over the box."""
+    blur, noise = _edge_imaging(scene)
+    box = max(step, 1.0)
+    smooth = math.sqrt(blur ** 2 + box ** 2 / 12.0)
+    out = ndimage.gaussian_filter1d(edges.astype(np.float32), smooth, axis=-1, mode="wrap" if wrap else "nearest")
+    out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(noise / math.sqrt(box))
+    return out / np.float32(step)
+
+
+def _window_rms(x: np.ndarray, w: int) -> np.ndarray:
+    """RMS about the window mean of consecutive windows of w samples along the last axis: (rows, windows)."""
+    m = x.shape[-1] // w
+    if m == 0:
+        return np.zeros(x.shape[:-1] + (0,))
+    win = x[..., :m * w].reshape(*x.shape[:-1], m, w)
+    return win.std(axis=-1)
+
+
+def _natural_roughness(rng: np.random.Generator, rows: int, length: int, size: int,
+                       per_row: np.ndarray | None = None) -> np.ndarray:
+    """Normal line edges with natural roughness drawn as `_sample_scene` draws it: one (sigma, correlation)
+    per group of rows (`per_row` gives each row's group; default one per row)."""
+    sc = size / 256.0
+    group = np.arange(rows) if per_row is None else np.asarray(per_row)
+    groups = int(group.max()) + 1
+    sigma = rng.uniform(0.15, 0.6, groups) * sc
+    corr = np.maximum(rng.uniform(3.0, 14.0, groups) * sc, 0.5)
+    spec = np.fft.rfft(rng.standard_normal((rows, length), dtype=np.float32), axis=1)
+    f2 = np.fft.rfftfreq(length)[None, :] ** 2
+    transfer = np.zeros((groups, f2.shape[1]))
+    for c, wgt in ((corr, 0.75 * sigma), (np.maximum(corr / 4, 0.5), 0.45 * sigma)):
+        transfer += (wgt * np.sqrt(2.0 * math.sqrt(math.pi) * c))[:, None] * np.exp(
+            -2.0 * math.pi ** 2 * f2 * (c ** 2)[:, None])
+    spec *= transfer.astype(np.float32)[group]
+    return np.fft.irfft(spec, n=length, axis=1)
+
+
+def _hole_deviation(coef: np.ndarray, samples: int) -> np.ndarray:
+    """Radius minus mean radius around each hole (rows of coef: harmonics k = 2, 3, ...), `samples` angles."""
+    phi = np.arange(samples) * (2 * math.pi / samples)
+    k = np.arange(2, 2 + coef.shape[1])
+    return coef.real @ np.cos(np.outer(k, phi)) + coef.imag @ np.sin(np.outer(k, phi))
+
+
+def _kth_largest(x: np.ndarray, k: int) -> np.ndarray:
+    """The k-th largest value along the last axis (k >= 1; 0 where there are fewer than k values)."""
+    if x.shape[-1] < k:
+        return np.zeros(x.shape[:-1])
+    return np.partition(x, x.shape[-1] - k, axis=-1)[..., x.shape[-1] - k]
+
+
+def _ler_visibility(pat: Pattern, noise_seed: int, vis: int, cache: dict | None = None) -> float:
+    """Imaged roughness of the edges the ler draw roughened over at least ROUGH_MIN_LENGTH px of edge, against the
+    99.5th percentile of the same statistic on normal frames under the same imaging (score 1 = the rule).
+
+    The statistic is the k-th roughest of the affected edge windows (lines) or holes, k the number that covers
+    ROUGH_MIN_LENGTH model px. Its null: the same windows (or holes) with only natural roughness, each null frame
+    with its own roughness drawn as `_sample_scene` draws it, imaged with this frame's blur and noise. `cache`
+    keeps the null (it depends on the scene only) across the draws of one scene.
+    """
+    cache = {} if cache is None else cache
+    scene, g = pat.scene, pat.geo
+    size = scene.size
+    step = size / vis
+    rng = np.random.default_rng([noise_seed, 2])
+    null_rng = np.random.default_rng([noise_seed, 3])
+    m = ROUGH_NULL_EDGES
+    if "ler_holes" in g:
+        coef, weight = g["ler_holes"]
+        r0 = float(np.median(g["r0"]))
+        samples = max(8, int(round(2 * math.pi * r0)))
+        centres = np.array([pat.to_xy(*_hole_center(pat, h)) for h in range(len(weight))])
+        affected = np.all((centres >= 0) & (centres < size), axis=1) & (weight >= 0.5)
+        n = int(affected.sum())
+        k = max(1, math.ceil(ROUGH_MIN_LENGTH / (samples / step)))
+        if n < k:
+            return 0.0
+        seen = _imaged(_hole_deviation(coef[affected], samples), scene, step, rng, wrap=True).std(axis=1)
+        if "holes" not in cache:  # null frames with as many holes as the frame shows
+            n_all = int(np.all((centres >= 0) & (centres < size), axis=1).sum())
+            kk = np.arange(2, 6)
+            rough = null_rng.uniform(0.15, 0.6, (m, 1, 1)) * (size / 256.0)  # one natural roughness per null frame
+            amp = rough * 0.6 / np.sqrt(kk - 1)
+            shape = (m, n_all, kk.size)
+            null_coef = (null_rng.normal(0, 1, shape) + 1j * null_rng.normal(0, 1, shape)) * amp / math.sqrt(2)
+            cache["holes"] = _imaged(_hole_deviation(null_coef.reshape(m * n_all, -1), samples), scene, step,
+                                     null_rng, wrap=True).std(axis=1).reshape(m, n_all)
+        null = cache["holes"][:, :n]
+        threshold = float(np.quantile(_kth_largest(null, k), VISIBILITY_QUANTILE))
+        return float(_kth_largest(seen, k)) / max(threshold, 1e-9)
+    rl, rr, w = g["ler_lines"]
+    n, nv = rl.shape
+    win = max(2, int(round(ROUGH_WINDOW * step)))  # frame px samples per window
+    k = max(1, math.ceil(ROUGH_MIN_LENGTH / ROUGH_WINDOW))
+    hw = g["hw"][:, None]
+    out_lim = np.maximum(0.5 * (scene.pitch / 2 - hw), 0.3)
+    in_lim = np.maximum(0.34 * hw, 0.3)
+    edges = np.concatenate([_soft_limit(rl, out_lim, in_lim), _soft_limit(rr, out_lim, in_lim)])
+    weights = np.concatenate([w, w])
+    if "spans" not in cache:  # each line's stretch inside the frame
+        lines, pos = np.divmod(np.unique(g["flat"]), nv)
+        cache["spans"] = [(int(i), int(pos[lines == i].min()), int(pos[lines == i].max()) + 1)
+                          for i in np.unique(lines)]
+    rms = []
+    seen_edges = _imaged(edges, scene, step, rng)  # whole profiles: the blur at a span's ends sees real edge
+    for i, a, b in cache["spans"]:
+        for row in (i, n + i):
+            if b - a < win or weights[row, a:b].max() < 0.5:
+                continue
+            r = _window_rms(seen_edges[row:row + 1, a:b], win)[0]
+            affected = weights[row, a:a + r.size * win].reshape(r.size, win).mean(axis=1) >= 0.5
+            rms.append(r[affected])
+    seen = np.concatenate(rms) if rms else np.zeros(0)
+    if seen.size < k:
+        return 0.0
+    if "lines" not in cache:  # null frames with as many windows as the frame shows, one natural roughness each
+        windows = sum(2 * ((b - a) // win) for _, a, b in cache["spans"])
+        per_edge = max(1, size // win)
+        pieces = math.ceil(windows / per_edge)
+        natural = _natural_roughness(null_rng, m * pieces, per_edge * win + 2 * win, size,
+                                     per_row=np.repeat(np.arange(m), pieces))
+        cache["lines"] = _window_rms(_imaged(natural, scene, step, null_rng)[:, win:-win], win).reshape(m, -1)
+    null = cache["lines"][:, :seen.size]
+    threshold = float(np.quantile(_kth_largest(null, k), VISIBILITY_QUANTILE))
+    return float(_kth_largest(seen, k)) / max(threshold, 1e-9)
+
+
+def _severity_floor(draw: int) -> float:
+    """0 for the first MAX_DRAWS draws; then rising to 1 over ESCALATION_STEPS draws (the loop is bounded)."""
+    return 0.0 if draw < MAX_DRAWS else min(1.0, (draw - MAX_DRAWS + 1) / ESCALATION_STEPS)
+
+
+def _defect_rng(defect_seed: int, draw: int) -> np.random.Generator:
+    """Draw 0 is the old generator's defect stream (so a first draw that passes is the `cause` frame)."""
+    return np.random.default_rng(defect_seed if draw == 0 else [defect_seed, draw])
+
+
+@dataclass
+class Frame:
+    """One rendered frame and what the generator knows about it."""
+
+    image: np.ndarray
+    twin: np.ndarray | None = None
+    bbox: tuple[int, int, int, int] | None = None
+    severity: float | None = None  # the defect's s (after any escalation); None for normal and bogus
+    visibility: float | None = None  # 1 = the label rule's threshold; None for normal and bogus
+    draw: int = 0  # index of the defect draw kept (0: the first, as the cause rule draws it)
+    scenes: int = 1  # scenes tried (more than one only if no draw was visible in the first)
+    rejected: tuple[float, float, int] | None = None  # (severity, visibility, draw) of the last draw turned down
+
+
+
 # ====================================================================== public rendering API
 def _streams(rng: np.random.Generator) -> tuple[int, int, int]:
     """Seeds of the scene, defect and noise streams: a defect never shifts the pattern or noise of its twin."""
@@ -910,34 +1218,68 @@ def _check_leaf(leaf: str) -> None:
 
 
 def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float, twin: bool = False,
-            locate: bool = False) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int] | None]:
-    """(image, clean twin or None, defect bounding box (x0, y0, x1, y1) if `locate` and found, else None)."""
+            locate: bool = False, rule: LabelRule | None = None, draw: int | None = None, scene_no: int = 1) -> Frame:
+    """Render one frame; with a rule, score each defect draw and (rule `visible`) redraw those below 1.
+
+    Only the defect stream is redrawn: the scene (pattern and imaging) and the noise stay, so the twin is still
+    the normal frame of the same seed and the imaging difficulty is untouched. `draw` renders that one draw as
+    drawn, whatever its score, in the frame's `scene_no`-th scene (the contact sheet's frames just below the rule).
+    """
     _check_leaf(leaf)
     if size < 16:
         raise ValueError(f"image size {size} is too small: use at least 16 px")
-    scene_seed, defect_seed, noise_seed = _streams(rng)
-    scene_rng, defect_rng = np.random.default_rng(scene_seed), np.random.default_rng(defect_seed)
-    scene = _sample_scene(scene_rng, size, difficulty)
-    if leaf == "bogus":
-        fns, probs = zip(*_BOGUS, strict=True)
-        fn = fns[int(defect_rng.choice(len(fns), p=np.asarray(probs) / sum(probs)))]
-        img = _to_uint8(fn(defect_rng, size, scene))
-        return img, (img.copy() if twin else None), None
-    pat = _make_pattern(scene, scene_rng)
-    keep = leaf != "normal" and (twin or locate)
-    clean_h, clean_y = (pat.height.copy(), pat.yield_map.copy()) if keep else (pat.height, pat.yield_map)
-    bbox = None
-    if leaf != "normal":
-        DEFECT_FUNCS[leaf](pat, defect_rng, _severity(defect_rng, difficulty))
-        np.clip(pat.height, 0.0, 1.3, out=pat.height)
-        if locate:
-            bbox = _changed_bbox(np.abs(pat.height - clean_h) + np.abs(pat.yield_map - clean_y))
-    img = _to_uint8(_image(pat.height, pat.yield_map, scene, np.random.default_rng(noise_seed)))
-    clean = None
-    if twin:
-        clean = img.copy() if leaf == "normal" else _to_uint8(
-            _image(clean_h, clean_y, scene, np.random.default_rng(noise_seed)))
-    return img, clean, bbox
+    best: Frame | None = None
+    scenes = scene_no if draw is not None else (MAX_SCENES if rule is not None and rule.labels == "visible" else 1)
+    for scene_try in range(scenes):
+        scene_seed, defect_seed, noise_seed = _streams(rng)  # a further scene continues the image's stream
+        if scene_try + 1 < scenes and draw is not None:
+            continue
+        rejected = None
+        scene_rng = np.random.default_rng(scene_seed)
+        scene = _sample_scene(scene_rng, size, difficulty)
+        if leaf == "bogus":
+            fns, probs = zip(*_BOGUS, strict=True)
+            defect_rng = _defect_rng(defect_seed, 0)
+            fn = fns[int(defect_rng.choice(len(fns), p=np.asarray(probs) / sum(probs)))]
+            img = _to_uint8(fn(defect_rng, size, scene))
+            return Frame(img, img.copy() if twin else None)
+        base = _make_pattern(scene, scene_rng)
+        if leaf == "normal":
+            img = _to_uint8(_image(base.height, base.yield_map, scene, np.random.default_rng(noise_seed)))
+            return Frame(img, img.copy() if twin else None)
+        clean, null, ler_cache = None, None, {}
+        if twin or (rule is not None and leaf != "ler"):
+            clean = _to_uint8(_image(base.height, base.yield_map, scene, np.random.default_rng(noise_seed)))
+        draws = [draw] if draw is not None else range(MAX_DRAWS + ESCALATION_STEPS if rule is not None
+                                                      and rule.labels == "visible" else 1)
+        for d in draws:
+            pat = Pattern(scene, base.u, base.v, base.height.copy(), base.yield_map.copy(), base.cell, dict(base.geo))
+            defect_rng = _defect_rng(defect_seed, d)
+            severity = max(_severity(defect_rng, difficulty), _severity_floor(d))
+            DEFECT_FUNCS[leaf](pat, defect_rng, severity)
+            np.clip(pat.height, 0.0, 1.3, out=pat.height)
+            img = _to_uint8(_image(pat.height, pat.yield_map, scene, np.random.default_rng(noise_seed)))
+            visibility = None
+            if rule is not None:
+                vis = min(rule.size, size)  # a frame smaller than the model's input holds no more when enlarged
+                if leaf == "ler":
+                    visibility = _ler_visibility(pat, noise_seed, vis, ler_cache)
+                else:
+                    if null is None:
+                        null = _NullField(clean, _twin2(base.height, base.yield_map, scene, noise_seed), vis)
+                    visibility = null.cnr(img, vis) / rule.cnr_threshold
+            bbox = None
+            if locate:
+                bbox = _changed_bbox(np.abs(pat.height - base.height) + np.abs(pat.yield_map - base.yield_map))
+            frame = Frame(img, clean if twin else None, bbox, severity, visibility, d, scene_try + 1, rejected)
+            if rule is None or rule.labels == "cause" or draw is not None or visibility >= 1.0:
+                return frame
+            if best is None or visibility > best.visibility:
+                best = frame
+            rejected = (severity, visibility, d)
+    # Bounded: no draw of any scene was visible (tiny frames, thin defects). The most visible one is written and
+    # its score below 1 says so: dataset.json and the stats count these, rather than loop or fail the data set.
+    return best
 
 
 def _changed_bbox(delta: np.ndarray, thresh: float = 0.08) -> tuple[int, int, int, int] | None:
@@ -947,20 +1289,44 @@ def _changed_bbox(delta: np.ndarray, thresh: float = 0.08) -> tuple[int, int, in
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def render(leaf: str, rng: np.random.Generator, size: int, difficulty: float = DEFAULT_DIFFICULTY) -> np.ndarray:
-    """One synthetic SEM frame of class `leaf`: uint8 grey array of shape (size, size)."""
-    return _render(leaf, rng, size, difficulty)[0]
+def _rule_for(labels: str, size: int, difficulty: float, visibility_size: int | None) -> LabelRule | None:
+    """None for `cause` (nothing to score when only the pixels are asked for), else the calibrated rule."""
+    _check_labels(labels)
+    return None if labels == "cause" else label_rule(labels, size, difficulty, visibility_size)
 
 
-def render_pair(leaf: str, rng: np.random.Generator, size: int,
-                difficulty: float = DEFAULT_DIFFICULTY) -> tuple[np.ndarray, np.ndarray]:
+def render(leaf: str, rng: np.random.Generator, size: int, difficulty: float = DEFAULT_DIFFICULTY,
+           labels: str = DEFAULT_LABELS, visibility_size: int | None = None) -> np.ndarray:
+    """One synthetic SEM frame of class `leaf`: uint8 grey array of shape (size, size).
+
+    `labels="visible"` (default) redraws defects an expert could not see at the model's input size
+    (`visibility_size`, default the decoder's); `labels="cause"` is the old generator, frame for frame.
+    """
+    return _render(leaf, rng, size, difficulty, rule=_rule_for(labels, size, difficulty, visibility_size)).image
+
+
+def render_pair(leaf: str, rng: np.random.Generator, size: int, difficulty: float = DEFAULT_DIFFICULTY,
+                labels: str = DEFAULT_LABELS, visibility_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(defect image, its clean twin): same pattern, imaging and noise, no defect.
 
-    The first element equals `render(leaf, rng, size)` for the same rng state. For normal and bogus the twin
-    is the image itself. Used by the tests and by experiments that need the defect's footprint.
+    The first element equals `render(leaf, rng, size)` for the same rng state and label rule. For normal and
+    bogus the twin is the image itself. Used by the tests and by experiments that need the defect's footprint.
     """
-    img, clean, _ = _render(leaf, rng, size, difficulty, twin=True)
-    return img, clean
+    f = _render(leaf, rng, size, difficulty, twin=True, rule=_rule_for(labels, size, difficulty, visibility_size))
+    return f.image, f.twin
+
+
+def render_frame(leaf: str, seed: int, k: int, size: int, difficulty: float = DEFAULT_DIFFICULTY,
+                 labels: str = DEFAULT_LABELS, visibility_size: int | None = None,
+                 draw: int | None = None, scene: int = 1) -> Frame:
+    """Image k of `leaf` with what the generator knows (twin, severity, visibility score, draws).
+
+    `draw` renders that defect draw of the frame's `scene`-th scene as drawn, scored but never redrawn: the draws
+    a `visible` data set turned down (dataset.json lists each frame's last one) can be looked at.
+    """
+    rule = label_rule(labels, size, difficulty, visibility_size)
+    return _render(leaf, np.random.default_rng(image_seed(seed, leaf, k)), size, difficulty, twin=True, rule=rule,
+                   draw=draw, scene_no=scene)
 
 
 def image_seed(seed: int, leaf: str, k: int) -> np.random.SeedSequence:
@@ -1047,32 +1413,40 @@ def _encode(img: np.ndarray, variant: _Variant, path: Path) -> None:
     atomic_write(path, lambda f: pil.save(f, format=fmt, **kw), "wb", durable=False)
 
 
-def _make_one(leaf: str, k: int, seed: int, size: int, difficulty: float, mixed: bool,
-              out_dir: Path) -> tuple[str, str]:
-    """Render and write image k of `leaf`; returns (relative path, format tag)."""
+def _make_one(leaf: str, k: int, seed: int, size: int, difficulty: float, mixed: bool, out_dir: Path,
+              rule: LabelRule) -> dict[str, Any]:
+    """Render and write image k of `leaf`; returns its dataset.json record (path, format, severity, score)."""
     variant, vrng = _Variant(), None
     if mixed:  # its own stream: the frame's content is the same with or without mixed formats
         vrng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(LEAVES.index(leaf), int(k), 1)))
         variant = _sample_variant(vrng)
-    img, _, bbox = _render(leaf, np.random.default_rng(image_seed(seed, leaf, k)), size, difficulty,
-                           locate=variant.aspect != 1.0)
+    frame = _render(leaf, np.random.default_rng(image_seed(seed, leaf, k)), size, difficulty,
+                    locate=variant.aspect != 1.0, rule=rule)
+    img = frame.image
     if vrng is not None:
-        img = _crop_to_aspect(img, variant.aspect, bbox, vrng)
+        img = _crop_to_aspect(img, variant.aspect, frame.bbox, vrng)
         if variant.info_bar:
             img = _add_info_bar(img, vrng)
     folder = out_dir / leaf / variant.nested if variant.nested else out_dir / leaf
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{leaf}_{k:05d}{_EXT[variant.fmt]}"
     _encode(img, variant, path)
-    tag = variant.fmt + ("+rgb" if variant.rgb else "")
-    return path.relative_to(out_dir).as_posix(), tag
+    record: dict[str, Any] = {"path": path.relative_to(out_dir).as_posix(), "class": leaf, "index": int(k),
+                              "format": variant.fmt + ("+rgb" if variant.rgb else "")}
+    if frame.severity is not None:
+        record.update(severity=round(frame.severity, 4), visibility=round(float(frame.visibility), 4),
+                      draw=frame.draw, scenes=frame.scenes)
+        if frame.rejected is not None:
+            record["rejected"] = {"severity": round(frame.rejected[0], 4),
+                                  "visibility": round(float(frame.rejected[1]), 4), "draw": frame.rejected[2]}
+    return record
 
 
 def _work(jobs: Sequence[tuple[str, int]], seed: int, size: int, difficulty: float, mixed: bool,
-          out_dir: str) -> tuple[list[tuple[str, str, str]], float]:
-    """One worker chunk (top-level so it pickles): (leaf, path, format) per image, and the CPU seconds used."""
+          out_dir: str, rule: LabelRule) -> tuple[list[dict[str, Any]], float]:
+    """One worker chunk (top-level so it pickles): each image's record, and the CPU seconds used."""
     t0 = time.process_time()
-    done = [(leaf, *_make_one(leaf, k, seed, size, difficulty, mixed, Path(out_dir))) for leaf, k in jobs]
+    done = [_make_one(leaf, k, seed, size, difficulty, mixed, Path(out_dir), rule) for leaf, k in jobs]
     return done, time.process_time() - t0
 
 
@@ -1114,13 +1488,18 @@ def _pool_context():
 
 def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, seed: int = 0,
              workers: int | None = None, mixed_formats: bool = False, classes: Sequence[str] | None = None,
-             progress: bool = True, *, overwrite: bool = False,
-             difficulty: float = DEFAULT_DIFFICULTY) -> dict[str, Any]:
+             progress: bool = True, *, overwrite: bool = False, difficulty: float = DEFAULT_DIFFICULTY,
+             labels: str = DEFAULT_LABELS, visibility_size: int | None = None) -> dict[str, Any]:
     """Write a synthetic data set: one folder per class, `per_class` images each, plus dataset.json.
 
-    Returns stats: counts per class, formats, seconds, images_per_s, workers, cpu_ms_per_image (render and
-    write time inside the workers: the machine-load-independent cost). The files are identical
-    for a given (seed, size, per_class, mixed_formats, difficulty) whatever `workers` is.
+    `labels` is the label rule: `visible` (a defect draw an expert could not see at the model's input size,
+    `visibility_size`, is redrawn) or `cause` (every draw is labelled: the old generator, byte for byte, kept as
+    a stress set). dataset.json records the generator version, the rule and its threshold, and every frame's
+    severity and visibility score (1 = the rule's threshold). Returns stats: counts per class, formats, seconds,
+    images_per_s, workers, cpu_ms_per_image (render, score and write time inside the workers: the
+    machine-load-independent cost), and per defect class the share of frames that needed a redraw and the
+    share below the rule. The files are identical for a given (seed, size, per_class, mixed_formats,
+    difficulty, labels, visibility_size) whatever `workers` is.
     """
     from tqdm import tqdm
 
@@ -1129,14 +1508,18 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
     if not 0.0 <= difficulty <= 1.0:
         raise ValueError(f"difficulty must be within 0..1 (got {difficulty})")
     leaves = _check_classes(classes)
+    _check_labels(labels)
+    if visibility_size is not None and visibility_size < 16:
+        raise ValueError(f"visibility size {visibility_size} is too small: use at least 16 px")
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
+    _prepare_out_dir(out, overwrite)  # refusals first: the calibration below takes seconds
+    rule = label_rule(labels, size, difficulty, visibility_size)
     workers = max(1, int(workers or os.cpu_count() or 1))
     jobs = [(leaf, k) for leaf in leaves for k in range(per_class)]
     chunk = max(1, min(32, len(jobs) // (workers * 6) or 1))
     chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
-    args = (int(seed), int(size), float(difficulty), bool(mixed_formats), str(out))
-    results: list[tuple[str, str, str]] = []
+    args = (int(seed), int(size), float(difficulty), bool(mixed_formats), str(out), rule)
+    results: list[dict[str, Any]] = []
     cpu = 0.0
     t0 = time.perf_counter()
     with tqdm(total=len(jobs), disable=not progress, unit="img", desc=f"synth {out.name}") as bar:
@@ -1157,16 +1540,38 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
                     ex.shutdown(wait=True, cancel_futures=True)
                     raise
     seconds = time.perf_counter() - t0
-    counts = {leaf: sum(1 for r in results if r[0] == leaf) for leaf in leaves}
+    results.sort(key=lambda r: (LEAVES.index(r["class"]), r["index"]))
+    counts = {leaf: sum(1 for r in results if r["class"] == leaf) for leaf in leaves}
+    summary = label_summary(results)
     meta = {"generator": "semhinet_tf.data.synth", "version": GENERATOR_VERSION, "seed": int(seed),
             "size": int(size), "per_class": int(per_class), "mixed_formats": bool(mixed_formats),
-            "difficulty": float(difficulty), "classes": leaves, "counts": counts}
+            "difficulty": float(difficulty), "classes": leaves, "counts": counts,
+            "label_rule": {**rule.to_json(), "judged_at_px": min(rule.size, int(size))},
+            "labels_summary": summary,
+            "frames": results}
     _write_json(out / "dataset.json", meta)
     return {"out_dir": str(out), "counts": counts, "total": len(results),
-            "formats": dict(sorted(Counter(r[2] for r in results).items())), "seconds": round(seconds, 3),
+            "formats": dict(sorted(Counter(r["format"] for r in results).items())), "seconds": round(seconds, 3),
             "images_per_s": round(len(results) / max(seconds, 1e-9), 1), "workers": workers,
             "images_per_second": round(len(results) / max(seconds, 1e-9), 1),  # alias the CLI reads
-            "cpu_ms_per_image": round(1000 * cpu / max(len(results), 1), 2)}
+            "cpu_ms_per_image": round(1000 * cpu / max(len(results), 1), 2), "labels": rule.labels,
+            "labels_summary": summary}
+
+
+def label_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per defect class: frames, share redrawn, share written below the rule (only `cause` writes those), the
+    median visibility score and the share that needed a new scene."""
+    out = {}
+    for leaf in DEFECTS:
+        rows = [r for r in records if r["class"] == leaf and "visibility" in r]
+        if rows:
+            vis = np.asarray([r["visibility"] for r in rows])
+            redrawn = np.mean([r["draw"] > 0 or r["scenes"] > 1 for r in rows])
+            out[leaf] = {"frames": len(rows), "redrawn": round(float(redrawn), 4),
+                         "below_rule": round(float(np.mean(vis < 1.0)), 4),
+                         "median_visibility": round(float(np.median(vis)), 3),
+                         "new_scene": round(float(np.mean([r["scenes"] > 1 for r in rows])), 4)}
+    return out
 
 
 def _write_json(path: Path, data: dict) -> None:
