@@ -26,7 +26,8 @@ def _free_ports(n: int) -> list[int]:
 def test_two_workers_on_loopback_train_together(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     subprocess.run([sys.executable, "-m", "semhinet_tf", "synth", str(data), "--per-class", "4", "--size", "40",
-                    "--seed", "5", "--workers", "1"], check=True, capture_output=True)
+                    "--seed", "5", "--workers", "1", "--labels", "cause"],  # the subject: data, not labels
+                   check=True, capture_output=True)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     cmd = [sys.executable, "-m", "semhinet_tf", "train", str(data), "--out", str(run), "--img-size", "32",
            "--epochs", "2", "--qat-epochs", "0", "--batch-size", "8", "--steps-per-epoch", "3", "--weights",
