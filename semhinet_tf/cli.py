@@ -164,8 +164,8 @@ overwrite_option = click.option(
 
 
 # `semhinet --help` lists the commands in the order of the work, not alphabetically.
-WORKFLOW_ORDER = ("synth", "train", "eval", "convert", "compare", "predict", "export-onnx", "npu-check", "bench",
-                  "quickstart")
+WORKFLOW_ORDER = ("synth", "train", "eval", "convert", "compare", "predict", "review", "export-onnx", "npu-check",
+                  "bench", "quickstart")
 
 
 class WorkflowGroup(click.Group):
@@ -585,6 +585,51 @@ def predict(model, paths, threshold, threads, views, fmt, out, overwrite, allow_
         sys.exit(EXIT_FAIL)
     if fail_on_review and n_review:
         sys.exit(EXIT_REVIEW)
+
+
+# ---------------------------------------------------------------- review
+@main.group(cls=click.Group)
+def review() -> None:
+    """The review loop: queue the frames a person should look at, then label them in a local web page.
+
+    review queue MODEL IMAGES --out REVIEW, then review serve REVIEW; the answers land in REVIEW/labels.jsonl."""
+
+
+@review.command("queue")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="review folder to write (queue.jsonl, review.json); the frames themselves are only referenced")
+@click.option("--audit", default=0.02, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="share of the confident verdicts sampled at random, to estimate the error rate of what is "
+                   "classified automatically")
+@click.option("--boundary", default=10, show_default=True, type=click.IntRange(min=0),
+              help="frames per head nearest its decision boundary (smallest margin between its top two classes)")
+@click.option("--max", "max_items", type=click.IntRange(min=1), default=None,
+              help="budget: at most this many frames (audit first, then those under review, then boundary ones)")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="fixes the audit sample: the same seed and verdicts give the same queue")
+@views_option
+@no_contract_option
+@overwrite_option
+@friendly
+def review_queue(model, images, out, audit, boundary, max_items, seed, views, allow_no_contract, overwrite):
+    """Queue the frames of IMAGES (a folder, or predict's JSON lines) a person should label, with the reason why.
+
+    MODEL is any model `predict` takes. Selected: every frame under the review threshold, the frames nearest a
+    decision boundary of each head, and a random audit sample of confident verdicts."""
+    from semhinet_tf.review.queue import build_queue
+
+    info = build_queue(model, images, out, audit=audit, boundary=boundary, max_items=max_items, seed=seed,
+                       views=int(views), allow_no_contract=allow_no_contract, overwrite=overwrite)
+    click.echo(f"{info['n_queued']} of {info['n_frames']} frames queued in {out}: {info['n_review']} under the review "
+               f"threshold {info['review_threshold']:.3f}, {info['n_audit']} audit of {info['n_confident']} "
+               f"confident verdicts, the rest nearest a head's boundary"
+               + (f"; {info['dropped_by_budget']} left out by --max" if info["dropped_by_budget"] else "")
+               + (f"; {info['unreadable']} unreadable" if info["unreadable"] else ""))
+    for line in info["missing"][:5]:
+        click.echo(f"warning: not queued, cannot be read now: {line}", err=True)
+    click.echo(f"next: semhinet review serve {out}")
 
 
 # ---------------------------------------------------------------- quickstart

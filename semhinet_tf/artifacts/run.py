@@ -33,6 +33,10 @@ REVIEW_THRESHOLD = "review_threshold.json"
 TRAIN_RESULT = "train_result.json"
 INT8_MODEL = "model_int8.tflite"
 INT8_FLOAT_HEADS_MODEL = "model_int8_float_heads.tflite"
+# A review folder (`semhinet review queue --out REVIEW`): the queue, what it was made from, the reviewer's answers.
+REVIEW_QUEUE = "queue.jsonl"
+REVIEW_INFO = "review.json"
+REVIEW_LABELS = "labels.jsonl"
 
 # What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
 DATA_REPORT_FILES = frozenset({MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT})
