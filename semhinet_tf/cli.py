@@ -632,6 +632,32 @@ def review_queue(model, images, out, audit, boundary, max_items, seed, views, al
     click.echo(f"next: semhinet review serve {out}")
 
 
+@review.command("serve")
+@click.argument("review_dir", metavar="REVIEW", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
+              help="port to listen on (0: any free port; the URL printed says which)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; anything but 127.0.0.1/localhost needs --allow-remote")
+@click.option("--allow-remote", is_flag=True,
+              help="let --host be an address other machines reach (anyone with the printed URL can label)")
+@click.option("--reviewer", default=None, help="your name, recorded with each answer in labels.jsonl")
+@friendly
+def review_serve(review_dir, port, host, allow_remote, reviewer):
+    """Label the queued frames of REVIEW in a local web page, by keyboard; answers go to REVIEW/labels.jsonl.
+
+    Open the printed URL (it carries the session's token). A leaf's key labels the frame, Enter accepts the
+    model's verdict, s skips, u undoes, the arrows move; every answer is on disk at once. Ctrl-C stops."""
+    from semhinet_tf.review.server import serve
+
+    def announce(url: str, status: str) -> None:
+        click.echo(f"review page: {url}")
+        click.echo(f"{status}; Ctrl-C stops (nothing is lost)", err=True)
+        sys.stdout.flush()
+
+    serve(review_dir, host=host, port=port, reviewer=reviewer, allow_remote=allow_remote, announce=announce)
+    click.echo("stopped", err=True)
+
+
 # ---------------------------------------------------------------- quickstart
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("semhinet_quickstart"),
