@@ -368,16 +368,27 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
 @click.option("--float-heads", is_flag=True,
               help="int8 backbone for the NPU, heads in float on the CPU (default out: "
                    "RUN/model_int8_float_heads.tflite)")
+@click.option("--ready-min-frames", default=30, show_default=True, type=click.IntRange(min=0),
+              help="validation frames a class needs to be listed as ready for automatic classification (the board "
+                   "sends every verdict of a class not listed to review)")
 @overwrite_option
 @friendly
-def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, float_heads, overwrite):
-    """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check)."""
+def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, float_heads,
+            ready_min_frames, overwrite):
+    """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check).
+
+    The contract lists the classes ready for automatic classification, judged on the run's validation split."""
     from semhinet_tf.export.convert import convert_run
 
     info = convert_run(run_dir, out, io_type=io_type, calib_samples=calib_samples,
                        source=source, review_threshold=review_threshold, overwrite=overwrite,
-                       granularity=granularity, float_heads=float_heads)
+                       granularity=granularity, float_heads=float_heads, ready_min_frames=ready_min_frames)
     click.echo(info["npu_report"])
+    ready = info["readiness"]
+    not_ready = [leaf for leaf, c in ready["classes"].items() if not c["ready"]]
+    click.echo(f"ready for automatic classification: {', '.join(ready['ready']) or 'no class'}"
+               + (f"; every verdict of {', '.join(not_ready)} goes to review (see `semhinet eval --report`)"
+                  if not_ready else ""))
     click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) and {info['contract_path']}")
     if not info["npu_ok"]:  # written for inspection, but a pipeline must not carry it to the board as if it ran there
         raise UserError(f"{info['path']}: fails the NPU check above (would not run fully on the i.MX 8M Plus NPU)")
@@ -484,18 +495,25 @@ def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwr
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="write a human report (HTML + Markdown + PNGs) here")
 @click.option("--target-purity", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
-              help="share of automatic verdicts that must be right: the report's operating point")
+              help="share of automatic verdicts that must be right: the report's operating point, and what a class's "
+                   "own automatic verdicts must reach to be ready")
+@click.option("--ready-min-frames", default=30, show_default=True, type=click.IntRange(min=0),
+              help="labelled frames a class needs here before it can be ready for automatic classification")
 @views_option
 @no_contract_option
 @overwrite_option
 @friendly
-def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, allow_no_contract, overwrite):
-    """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA."""
+def eval_cmd(model, data, split, json_out, report_dir, target_purity, ready_min_frames, views, allow_no_contract,
+             overwrite):
+    """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA.
+
+    Also says for each class whether it is ready for automatic classification: enough labelled frames, and the
+    precision of its verdicts at the model's review threshold at or above --target-purity."""
     from semhinet_tf.workflow import eval_model
 
     res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
                      target_purity=target_purity, views=int(views), allow_no_contract=allow_no_contract,
-                     overwrite=overwrite)
+                     overwrite=overwrite, ready_min_frames=ready_min_frames)
     click.echo(res["table"])
     for line in res["notes"]:
         click.echo(line)
