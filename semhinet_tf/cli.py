@@ -627,11 +627,15 @@ def review() -> None:
               help="budget: at most this many frames (audit first, then those under review, then boundary ones)")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="fixes the audit sample: the same seed and verdicts give the same queue")
+@click.option("--suspects", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="also queue labelled frames of this data set (class folders) whose folder label the model "
+                   "disputes (confident learning, cleanlab), judged on the frames the model did not train on")
 @views_option
 @no_contract_option
 @overwrite_option
 @friendly
-def review_queue(model, images, out, audit, boundary, max_items, seed, views, allow_no_contract, overwrite):
+def review_queue(model, images, out, audit, boundary, max_items, seed, suspects, views, allow_no_contract,
+                 overwrite):
     """Queue the frames of IMAGES (a folder, or predict's JSON lines) a person should label, with the reason why.
 
     MODEL is any model `predict` takes. Selected: every frame under the review threshold, the frames nearest a
@@ -639,12 +643,16 @@ def review_queue(model, images, out, audit, boundary, max_items, seed, views, al
     from semhinet_tf.review.queue import build_queue
 
     info = build_queue(model, images, out, audit=audit, boundary=boundary, max_items=max_items, seed=seed,
-                       views=int(views), allow_no_contract=allow_no_contract, overwrite=overwrite)
+                       views=int(views), allow_no_contract=allow_no_contract, overwrite=overwrite, suspects=suspects)
     click.echo(f"{info['n_queued']} of {info['n_frames']} frames queued in {out}: {info['n_review']} under the review "
                f"threshold {info['review_threshold']:.3f}, {info['n_audit']} audit of {info['n_confident']} "
                f"confident verdicts, the rest nearest a head's boundary"
                + (f"; {info['dropped_by_budget']} left out by --max" if info["dropped_by_budget"] else "")
-               + (f"; {info['unreadable']} unreadable" if info["unreadable"] else ""))
+               + (f"; {info['unreadable']} unreadable" if info["unreadable"] else "")
+               + (f"; {info['n_suspects']} suspect labels of {suspects} ({info['suspects_split']} frames)"
+                  if suspects else ""))
+    for line in info["notes"]:
+        click.echo(line, err=True)
     for line in info["missing"][:5]:
         click.echo(f"warning: not queued, cannot be read now: {line}", err=True)
     click.echo(f"next: semhinet review serve {out}")

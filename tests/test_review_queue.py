@@ -4,6 +4,7 @@ and `semhinet review queue` on the tiny model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +135,53 @@ def test_review_queue_command_on_the_tiny_model(tiny_run, tmp_path):
     assert r2.exit_code == 0, r2.output
     lines2 = [json.loads(s) for s in (tmp_path / "R2" / "queue.jsonl").read_text().splitlines()]
     assert [e["path"] for e in lines2] == [e["path"] for e in lines][:3]
+
+
+def test_label_issues_finds_the_flipped_labels():
+    from semhinet_tf.review.queue import label_issues
+
+    rng = np.random.default_rng(3)
+    n, k = 90, 4
+    true = np.repeat(np.arange(3), n // 3)  # class 3 has no frame: left out of the columns
+    top = rng.uniform(0.55, 0.95, n)  # a model fairly sure of the true class ...
+    probs = rng.dirichlet(np.ones(k), n) * (1 - top)[:, None]
+    probs[np.arange(n), true] += top
+    flipped = np.array([4, 40, 77])  # ... and very sure of it on three frames whose folder says otherwise
+    probs[flipped] = 0.01
+    probs[flipped, true[flipped]] = 0.97
+    given = true.copy()
+    given[flipped] = (true[flipped] + 1) % 3
+    found = label_issues(given, probs)
+    assert sorted(found.tolist()) == flipped.tolist()
+    assert label_issues(true, probs).size == 0  # the right labels: nothing disputed
+    assert label_issues(np.zeros(5, np.int64), probs[:5]).size == 0  # one class: nothing to dispute
+
+
+def test_suspects_are_labelled_frames_the_model_disputes(tiny_run, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from semhinet_tf.cli import main
+
+    data = tmp_path / "labelled"
+    frames = tiny_run.frames(48, 5)
+    for i, frame in enumerate(frames):
+        folder = data / TAX.leaves[i % 4]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(folder / f"l{i:02d}.png")
+    new = tmp_path / "new"
+    new.mkdir()
+    for i, frame in enumerate(tiny_run.frames(6, 8)):
+        Image.fromarray(frame).save(new / f"n{i}.png")
+    out = tmp_path / "R"
+    r = CliRunner().invoke(main, ["review", "queue", str(tiny_run.tflite), str(new), "--out", str(out),
+                                  "--suspects", str(data), "--audit", "0"])
+    assert r.exit_code == 0, r.output
+    entries = [json.loads(s) for s in (out / "queue.jsonl").read_text().splitlines()]
+    info = json.loads((out / "review.json").read_text())
+    suspects = [e for e in entries if "suspect" in e["why"]]
+    assert info["n_suspects"] == len(suspects) > 0 and info["suspects_split"] == "all"
+    for e in suspects:  # a frame of the labelled set, with the folder's label, which the model's output disputes
+        assert e["path"].startswith(str(data.resolve())) and e["folder_label"] == Path(e["path"]).parent.name
+        assert e["leaf_probabilities"][e["folder_label"]] < max(e["leaf_probabilities"].values())
+    assert all(e["path"].startswith(str(new.resolve())) for e in entries if "suspect" not in e["why"])

@@ -209,19 +209,75 @@ def read_queue(path: str | Path) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------- suspects: labels the model disputes
+def label_issues(labels: np.ndarray, leaf_probs: np.ndarray) -> np.ndarray:
+    """Indices of frames whose given label is likely wrong, most suspicious first: cleanlab's confident learning
+    (`find_label_issues`, ranked by self-confidence) on out-of-sample leaf probabilities.
+
+    Classes no frame is labelled with are left out of the columns (and the rows renormalised), since confident
+    learning estimates a per-class threshold from each class's own frames."""
+    from cleanlab.filter import find_label_issues
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size == 0:
+        return np.zeros(0, np.int64)
+    present = np.unique(labels)
+    if present.size < 2:
+        return np.zeros(0, np.int64)
+    remap = {int(c): k for k, c in enumerate(present)}
+    probs = np.asarray(leaf_probs, dtype=np.float64)[:, present]
+    probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cleanlab warns about small classes; the result still stands
+        found = find_label_issues(np.array([remap[int(c)] for c in labels]), probs,
+                                  return_indices_ranked_by="self_confidence")
+    return np.asarray(found, dtype=np.int64)
+
+
+def find_suspects(engine: Any, data: str | Path, run_dir: Path | None, progress: bool = True
+                  ) -> tuple[list[dict], str, list[str]]:
+    """Labelled frames of DATA (class folders) whose folder label the model disputes, as queue entries with
+    why ["suspect"] and their `folder_label`. Judged only on frames the model did not train on: the run's saved
+    validation split when DATA is the folder it was trained on (its out-of-fold frames), else every frame of DATA.
+    Returns (entries, split used, notes)."""
+    from semhinet_tf.data.dataset import eval_items
+    from semhinet_tf.workflow import decode_items
+
+    taxonomy = engine.taxonomy
+    items, split_used, notes = eval_items(data, taxonomy, run_dir, None)
+    frames, paths, leaf_ids = decode_items(items, engine.preprocess, taxonomy, notes, progress)
+    if not len(frames):
+        return [], split_used, notes
+    probs = engine.predict(frames)
+    rows = taxonomy.decode(probs, engine.review_threshold)
+    leaf_p = taxonomy.leaf_probabilities(probs)
+    out = []
+    for i in label_issues(leaf_ids, leaf_p):
+        path = str(Path(paths[i]).resolve())
+        row = rows[i]
+        out.append({"path": path, "sha256": file_sha256(path), "verdict": row["class"],
+                    "probability": row["probability"], "review": row["review"],
+                    "leaf_probabilities": row["leaf_probabilities"], "heads": row["heads"], "why": [REASON_SUSPECT],
+                    "margins": {}, "folder_label": taxonomy.leaves[int(leaf_ids[i])]})
+    return out, split_used, notes
+
+
 # ---------------------------------------------------------------- the command's job
 def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit: float = DEFAULT_AUDIT,
                 boundary: int = DEFAULT_BOUNDARY, max_items: int | None = None, seed: int = 0, views: int = 1,
                 allow_no_contract: bool = False, overwrite: bool = False, progress: bool = True,
-                suspects: Sequence[Mapping[str, Any]] = ()) -> dict:
+                suspects: str | Path | None = None) -> dict:
     """`semhinet review queue`: classify IMAGES (a folder, or `predict`'s JSON lines) with MODEL, select, and write
     REVIEW/queue.jsonl and REVIEW/review.json. Frames are referenced by absolute path, never copied or moved.
 
-    `suspects`: extra rows (verdict rows with a 'label' and 'why' ["suspect"]) appended after the selection.
+    `suspects`: a labelled data set (class folders); its frames whose folder label the model disputes
+    (`find_suspects`) are queued after the new frames, within what is left of `max_items`.
     Returns the counts written to review.json."""
     from semhinet_tf.artifacts.files import atomic_open, check_outputs, write_json
     from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_QUEUE
-    from semhinet_tf.engines import load_model
+    from semhinet_tf.engines import find_run_dir, load_model
     from semhinet_tf.progress import bar
     from semhinet_tf.review.labels import now
 
@@ -260,9 +316,12 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
         sel.order = [i for i in sel.order if i in hashes]
     entries = queue_entries(rows, sel, hashes)
     queued = {e["path"] for e in entries}
-    for row in suspects:
-        if row["path"] not in queued:
-            entries.append(dict(row))
+    suspect_notes, suspect_split = [], None
+    if suspects is not None:
+        found, suspect_split, suspect_notes = find_suspects(engine, suspects, find_run_dir(model), progress)
+        room = len(found) if max_items is None else max(0, max_items - len(entries))
+        for row in [r for r in found if r["path"] not in queued][:room]:
+            entries.append(row)
             queued.add(row["path"])
     out.mkdir(parents=True, exist_ok=True)
     with atomic_open(out / REVIEW_QUEUE, "w") as f:
@@ -275,6 +334,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
             "n_review": sum(REASON_REVIEW in e["why"] for e in entries),
             "n_suspects": sum(REASON_SUSPECT in e["why"] for e in entries),
             "n_queued": len(entries), "dropped_by_budget": sel.dropped, "unreadable": len(unreadable),
-            "missing": missing}
+            "missing": missing, "suspects": None if suspects is None else str(Path(suspects).resolve()),
+            "suspects_split": suspect_split, "notes": suspect_notes}
     write_json(info, out / REVIEW_INFO)
     return info
