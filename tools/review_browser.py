@@ -4,7 +4,7 @@ Chromium and its driver come from the system's packages (Debian: `apt-get instal
 nothing is downloaded at run time (Selenium Manager is kept offline). As root, Chromium needs --no-sandbox, and a
 fresh profile with background networking off, or it keeps calling Google's services.
 
-    python tools/review_browser.py REVIEW OUT.png [--width 1400 --height 860] [--zoom N]
+    python tools/review_browser.py REVIEW OUT.png [--width 1400 --height 860] [--zoom N] [--frame I]
 
 starts `semhinet review serve REVIEW` on a free port, opens the page, zooms N steps and saves a screenshot; it
 answers nothing (the page only reads until a key is pressed).
@@ -111,11 +111,14 @@ def press(browser, *keys: str) -> None:
     chain.perform()
 
 
-def screenshot(review: str | Path, out: str | Path, width: int = 1400, height: int = 860, zoom: int = 0) -> Path:
-    """Open the page on REVIEW and save a PNG of it."""
+def screenshot(review: str | Path, out: str | Path, width: int = 1400, height: int = 860, zoom: int = 0,
+               frame: int | None = None) -> Path:
+    """Open the page on REVIEW (at queue entry `frame`, else where it resumes) and save a PNG of it."""
     with review_server(review) as (_, url), chromium_driver(width, height) as browser:
         browser.get(url)
         wait_idle(browser)
+        if frame is not None:
+            browser.execute_script("return show(arguments[0])", frame)
         press(browser, *["+"] * zoom)
         wait_idle(browser)
         browser.execute_script("return new Promise(r => { const i = document.getElementById('frame'); "
@@ -133,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=1400, help="window width in pixels")
     p.add_argument("--height", type=int, default=860, help="window height in pixels")
     p.add_argument("--zoom", type=int, default=0, help="zoom steps (the + key) before the picture")
+    p.add_argument("--frame", type=int, default=None, help="queue entry to show (default: where the page resumes)")
     args = p.parse_args(argv)
-    print(screenshot(args.review, args.out, args.width, args.height, args.zoom))
+    print(screenshot(args.review, args.out, args.width, args.height, args.zoom, args.frame))
     return 0
 
 
