@@ -112,3 +112,20 @@ def test_the_board_sends_a_class_that_is_not_ready_to_review(tiny_run, tmp_path,
     mixed = board(_model_with_ready(tiny_run, tmp_path, ready))
     for row in mixed:
         assert row["review"] == (row["class"] not in ready) == (not row["ready"])
+
+
+def test_the_report_has_a_readiness_section(tmp_path):
+    from semhinet_tf.report import write_report
+
+    tax = Taxonomy.default()
+    rng = np.random.default_rng(2)
+    n = 120
+    true = rng.integers(0, len(tax.leaves), n)
+    heads = {h.name: rng.dirichlet(np.ones(h.num_classes), n) for h in tax.heads}
+    r = evaluate(true, heads, tax, "m", "tflite", purity_target=0.9, review_threshold=0.2, ready_min_frames=10)
+    write_report(tmp_path / "rep", r, [f"f{i}.png" for i in range(n)], true, heads, tax,
+                 image_loader=lambda p: np.zeros((8, 8), np.uint8))
+    md = (tmp_path / "rep" / "README.md").read_text()
+    assert "## Class readiness" in md and "why not" in md
+    for leaf, c in r["readiness"]["classes"].items():
+        assert f"| {leaf} | {c['labelled']} | {c['automatic']} |" in md

@@ -196,3 +196,21 @@ def test_a_killed_server_loses_no_answer(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_the_page_follows_any_taxonomy(tmp_path):
+    tax = Taxonomy.from_spec({"name": "wafer", "heads": [
+        {"name": "top", "classes": ["good", "bad"]},
+        {"name": "kind", "parent": "top.bad", "classes": ["scratch", "dust", "stain"]}]})
+    review = make_review(tmp_path, n=4, taxonomy=tax)
+    client = create_app(ReviewSession(review), "t").test_client()
+    h = {"X-Review-Token": "t"}
+    state = client.get("/api/state", headers=h).json
+    assert [(leaf["name"], leaf["key"]) for leaf in state["leaves"]] == [("good", "1"), ("scratch", "2"),
+                                                                         ("dust", "3"), ("stain", "4")]
+    assert [d["head"] for d in client.get("/api/item/1", headers=h).json["path_down"]] == ["top", "kind"]
+    ok = client.post("/api/answer", json={"index": 1, "action": "label", "label": "dust"}, headers=h)
+    assert ok.status_code == 200
+    assert client.post("/api/answer", json={"index": 2, "action": "label", "label": "bridge"},
+                       headers=h).status_code == 400  # a leaf of another taxonomy
+    assert replay(review / "labels.jsonl").labels[ReviewSession(review).queue[1]["path"]].label == "dust"
