@@ -56,6 +56,7 @@ def friendly(fn):
     """Turn the exceptions a user can cause into one-line errors; Ctrl-C into one line and exit 130."""
     from semhinet_tf.artifacts.files import OutputError
     from semhinet_tf.artifacts.run import RunDirError
+    from semhinet_tf.review import ReviewInputError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -63,7 +64,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (OutputError, RunDirError, ModelRefusedError, UnsafeFileError) as exc:
+        except (OutputError, RunDirError, ModelRefusedError, UnsafeFileError, ReviewInputError) as exc:
             raise RefusedError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc

@@ -185,3 +185,23 @@ def test_suspects_are_labelled_frames_the_model_disputes(tiny_run, tmp_path):
         assert e["path"].startswith(str(data.resolve())) and e["folder_label"] == Path(e["path"]).parent.name
         assert e["leaf_probabilities"][e["folder_label"]] < max(e["leaf_probabilities"].values())
     assert all(e["path"].startswith(str(new.resolve())) for e in entries if "suspect" not in e["why"])
+
+
+def test_bad_review_inputs_are_one_line_refusals(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from semhinet_tf.cli import main
+
+    runner = CliRunner()
+    bad = tmp_path / "v.jsonl"
+    bad.write_text('{"path": "a.png", "class": "normal"}\n')
+    r = runner.invoke(main, ["review", "queue", str(tiny_run.tflite), str(bad), "--out", str(tmp_path / "Q")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "v.jsonl" in r.output and "taxonomy" in r.output
+    bad.write_text("{nope\n")
+    r = runner.invoke(main, ["review", "queue", str(tiny_run.tflite), str(bad), "--out", str(tmp_path / "Q")])
+    assert r.exit_code == 2 and "line 1 is not JSON" in r.output
+    assert not (tmp_path / "Q").exists()
+    r = runner.invoke(main, ["review", "serve", str(tmp_path)])
+    assert r.exit_code == 2 and "no review queue here" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, ["review", "serve", str(tmp_path), "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "--allow-remote" in r.output

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from semhinet_tf.review import ReviewInputError
 from semhinet_tf.taxonomy import Taxonomy
 
 DEFAULT_AUDIT = 0.02
@@ -154,8 +155,9 @@ def rows_to_arrays(rows: Sequence[Mapping[str, Any]], taxonomy: Taxonomy, where:
             for h in taxonomy.heads:
                 heads[h.name][i] = [float(hp[h.name][c]) for c in h.classes]
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: the verdict of {row.get('path', f'row {i + 1}')} does not fit the model's "
-                             f"taxonomy (no probability for {exc}); give the model that wrote it") from None
+            name = row.get("path", f"row {i + 1}")
+            raise ReviewInputError(f"{where}: the verdict of {name} does not fit the model's taxonomy (no "
+                                   f"probability for {exc}); give the model that wrote it") from None
     return leaf, heads
 
 
@@ -170,9 +172,9 @@ def read_verdicts(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+                raise ReviewInputError(f"{path}: line {number} is not JSON ({exc.msg})") from None
             if not isinstance(row, dict) or "path" not in row:
-                raise ValueError(f"{path}: line {number} is not a verdict of `semhinet predict` (no 'path')")
+                raise ReviewInputError(f"{path}: line {number} is not a verdict of `semhinet predict` (no 'path')")
             rows.append(row)
     return rows
 
@@ -204,7 +206,7 @@ def read_queue(path: str | Path) -> list[dict]:
                 for key in ("sha256", "verdict", "leaf_probabilities", "heads"):
                     entry[key]  # noqa: B018 - presence check
             except (ValueError, KeyError) as exc:
-                raise ValueError(f"{path}: line {number} is not a queue entry ({exc})") from None
+                raise ReviewInputError(f"{path}: line {number} is not a queue entry ({exc})") from None
             out.append(entry)
     return out
 
@@ -296,7 +298,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
         threshold = engine.review_threshold
     else:
         if not images.exists():
-            raise FileNotFoundError(f"{images}: no such folder or file")
+            raise ReviewInputError(f"{images}: no such folder or file")
         with bar(desc="classifying", unit="img", enabled=progress) as counter:
             for row in engine.classify([images]):
                 (unreadable if "error" in row else rows).append(row)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_LABELS, REVIEW_QUEUE
+from semhinet_tf.review import ReviewInputError
 from semhinet_tf.review.labels import Answer, append_answer, now, replay
 from semhinet_tf.review.queue import file_sha256, read_queue
 from semhinet_tf.taxonomy import Taxonomy
@@ -45,7 +46,7 @@ def leaf_keys(leaves: list[str] | tuple[str, ...]) -> dict[str, str]:
     """A key per leaf, for any taxonomy: 1..9 and 0 for the first ten, then the letters the page does not keep."""
     pool = list("1234567890") + [c for c in string.ascii_lowercase if c not in RESERVED_KEYS]
     if len(leaves) > len(pool):
-        raise ValueError(f"the taxonomy has {len(leaves)} leaves; the page has keys for {len(pool)}")
+        raise ReviewInputError(f"the taxonomy has {len(leaves)} leaves; the page has keys for {len(pool)}")
     return {leaf: pool[i] for i, leaf in enumerate(leaves)}
 
 
@@ -56,16 +57,17 @@ class ReviewSession:
         self.dir = Path(review_dir)
         queue_file = self.dir / REVIEW_QUEUE
         if not queue_file.is_file():
-            raise FileNotFoundError(f"{queue_file}: no review queue here; make one with `semhinet review queue`")
+            raise ReviewInputError(f"{queue_file}: no review queue here; make one with `semhinet review queue`")
         self.queue = read_queue(queue_file)
         if not self.queue:
-            raise ValueError(f"{queue_file}: the queue is empty: nothing to review")
+            raise ReviewInputError(f"{queue_file}: the queue is empty: nothing to review")
         info_file = self.dir / REVIEW_INFO
         self.info: dict[str, Any] = json.loads(info_file.read_text()) if info_file.is_file() else {}
         self.taxonomy = Taxonomy.from_spec(self.info["taxonomy"]) if "taxonomy" in self.info else Taxonomy.default()
         unknown = sorted({e["verdict"] for e in self.queue} - set(self.taxonomy.leaves))
         if unknown:
-            raise ValueError(f"{queue_file}: verdicts {', '.join(unknown)} are not leaves of the queue's taxonomy")
+            raise ReviewInputError(f"{queue_file}: verdicts {', '.join(unknown)} are not leaves of the queue's "
+                                   f"taxonomy")
         self.keys = leaf_keys(self.taxonomy.leaves)
         self.index_of = {e["path"]: i for i, e in enumerate(self.queue)}
         self.labels_file = self.dir / REVIEW_LABELS
@@ -227,7 +229,7 @@ def create_app(session: ReviewSession, token: str):
 def check_host(host: str, allow_remote: bool) -> None:
     """Listen on this machine only, unless the user asked for another address explicitly."""
     if host not in LOCAL_HOSTS and not allow_remote:
-        raise ValueError(f"--host {host}: the review page listens on 127.0.0.1 only; add --allow-remote to let "
+        raise ReviewInputError(f"--host {host}: the review page listens on 127.0.0.1 only; add --allow-remote to let "
                          f"other machines reach it (anyone with the printed URL can then label)")
 
 
