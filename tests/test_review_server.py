@@ -214,3 +214,21 @@ def test_the_page_follows_any_taxonomy(tmp_path):
     assert client.post("/api/answer", json={"index": 2, "action": "label", "label": "bridge"},
                        headers=h).status_code == 400  # a leaf of another taxonomy
     assert replay(review / "labels.jsonl").labels[ReviewSession(review).queue[1]["path"]].label == "dust"
+
+
+def test_the_audit_estimates_the_error_rate_of_automatic_verdicts(tmp_path):
+    from semhinet_tf.review.server import wilson_interval
+
+    review = make_review(tmp_path, n=6)  # every frame of make_review is an audit frame
+    session = ReviewSession(review)
+    assert session.audit()["labelled"] == 0 and session.audit()["error_rate"] is None
+    for i in range(4):  # the model's verdict confirmed on three frames, corrected on one; one skipped
+        e = session.queue[i]
+        session.answer(i, "label", e["verdict"] if i else ("normal" if e["verdict"] != "normal" else "bogus"))
+    session.answer(4, "skip")
+    audit = session.audit()
+    assert audit["sampled"] == 6 and audit["labelled"] == 4 and audit["corrected"] == 1
+    assert audit["error_rate"] == 0.25 and audit["interval95"] == pytest.approx(wilson_interval(1, 4))
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and 0.15 < high < 0.17  # 0 of 20 still allows about 16%
+    assert wilson_interval(0, 0) is None

@@ -50,6 +50,16 @@ def leaf_keys(leaves: list[str] | tuple[str, ...]) -> dict[str, str]:
     return {leaf: pool[i] for i, leaf in enumerate(leaves)}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float] | None:
+    """The Wilson score interval of a proportion: sound for the few frames of an audit, even at 0 of n."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 class ReviewSession:
     """The queue of a review folder and its answers log; what the web app calls (and tests call directly)."""
 
@@ -92,9 +102,23 @@ class ReviewSession:
                 return i
         return n
 
+    def audit(self, answers: dict[int, str] | None = None) -> dict:
+        """What the labelled audit frames say about the verdicts left to the model: of the audit sample's frames
+        labelled so far, how many the reviewer corrected, the error rate of automatic verdicts that estimates,
+        and its 95% Wilson interval (None before any audit frame is labelled)."""
+        answers = self.answers() if answers is None else answers
+        audit = [i for i, e in enumerate(self.queue) if "audit" in e.get("why", [])]
+        labelled = [i for i in audit if answers.get(i, "skip") != "skip"]
+        wrong = sum(answers[i] != self.queue[i]["verdict"] for i in labelled)
+        return {"sampled": len(audit), "labelled": len(labelled), "corrected": wrong,
+                "error_rate": wrong / len(labelled) if labelled else None,
+                "interval95": wilson_interval(wrong, len(labelled)),
+                "of_confident": self.info.get("n_confident")}
+
     def state(self) -> dict:
         answers = self.answers()
         return {"total": len(self.queue), "answered": len(answers), "position": self.next_open(-1, answers),
+                "audit": self.audit(answers),
                 "answers": {str(i): a for i, a in answers.items()}, "reviewer": self.reviewer,
                 "leaves": [{"name": leaf, "key": self.keys[leaf]} for leaf in self.taxonomy.leaves],
                 "model": self.info.get("model"), "review_threshold": self.info.get("review_threshold")}
