@@ -385,11 +385,12 @@ def convert(run_dir, out, io_type, calib_samples, source, granularity, review_th
                        source=source, review_threshold=review_threshold, overwrite=overwrite,
                        granularity=granularity, float_heads=float_heads, ready_min_frames=ready_min_frames)
     click.echo(info["npu_report"])
-    ready = info["readiness"]
-    not_ready = [leaf for leaf, c in ready["classes"].items() if not c["ready"]]
-    click.echo(f"ready for automatic classification: {', '.join(ready['ready']) or 'no class'}"
-               + (f"; every verdict of {', '.join(not_ready)} goes to review (see `semhinet eval --report`)"
-                  if not_ready else ""))
+    ready = info.get("readiness")
+    if ready is not None:
+        not_ready = [leaf for leaf, c in ready["classes"].items() if not c["ready"]]
+        click.echo(f"ready for automatic classification: {', '.join(ready['ready']) or 'no class'}"
+                   + (f"; every verdict of {', '.join(not_ready)} goes to review (see `semhinet eval --report`)"
+                      if not_ready else ""))
     click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) and {info['contract_path']}")
     if not info["npu_ok"]:  # written for inspection, but a pipeline must not carry it to the board as if it ran there
         raise UserError(f"{info['path']}: fails the NPU check above (would not run fully on the i.MX 8M Plus NPU)")
