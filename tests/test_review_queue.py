@@ -201,6 +201,10 @@ def test_bad_review_inputs_are_one_line_refusals(tiny_run, tmp_path):
     r = runner.invoke(main, ["review", "queue", str(tiny_run.tflite), str(bad), "--out", str(tmp_path / "Q")])
     assert r.exit_code == 2 and "line 1 is not JSON" in r.output
     assert not (tmp_path / "Q").exists()
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(main, ["review", "queue", str(tiny_run.tflite), str(tmp_path / "empty"), "--out",
+                             str(tmp_path / "Q")])
+    assert r.exit_code == 2 and "no readable image" in r.output and not (tmp_path / "Q").exists()
     r = runner.invoke(main, ["review", "serve", str(tmp_path)])
     assert r.exit_code == 2 and "no review queue here" in r.output and "Traceback" not in r.output
     r = runner.invoke(main, ["review", "serve", str(tmp_path), "--host", "0.0.0.0"])

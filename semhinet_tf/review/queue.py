@@ -304,6 +304,10 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
                 (unreadable if "error" in row else rows).append(row)
                 counter.update(1)
         threshold = engine.review_threshold
+    if not rows:
+        raise ReviewInputError(f"{images}: no readable image to queue"
+                               + (f" ({len(unreadable)} unreadable, e.g. {unreadable[0]['path']}: "
+                                  f"{unreadable[0]['error']})" if unreadable else ""))
     for row in rows:
         row["path"] = str(Path(row["path"]).resolve())
     leaf, heads = rows_to_arrays(rows, taxonomy, str(images))
