@@ -647,7 +647,9 @@ def review_queue(model, images, out, audit, boundary, max_items, seed, suspects,
     info = build_queue(model, images, out, audit=audit, boundary=boundary, max_items=max_items, seed=seed,
                        views=int(views), allow_no_contract=allow_no_contract, overwrite=overwrite, suspects=suspects)
     click.echo(f"{info['n_queued']} of {info['n_frames']} frames queued in {out}: {info['n_review']} under the review "
-               f"threshold {info['review_threshold']:.3f}, {info['n_audit']} audit of {info['n_confident']} "
+               f"threshold {info['review_threshold']:.3f}, "
+               + (f"{info['n_not_ready']} of classes not ready, " if info["n_not_ready"] else "")
+               + f"{info['n_audit']} audit of {info['n_confident']} "
                f"confident verdicts, the rest nearest a head's boundary"
                + (f"; {info['dropped_by_budget']} left out by --max" if info["dropped_by_budget"] else "")
                + (f"; {info['unreadable']} unreadable" if info["unreadable"] else "")

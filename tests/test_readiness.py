@@ -129,3 +129,17 @@ def test_the_report_has_a_readiness_section(tmp_path):
     assert "## Class readiness" in md and "why not" in md
     for leaf, c in r["readiness"]["classes"].items():
         assert f"| {leaf} | {c['labelled']} | {c['automatic']} |" in md
+
+
+def test_the_review_queue_takes_every_verdict_of_a_class_not_ready(tiny_run, tmp_path):
+    from semhinet_tf.review.queue import build_queue
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, frame in enumerate(tiny_run.frames(10, 4)):
+        Image.fromarray(frame).save(images / f"i{i}.png")
+    info = build_queue(_model_with_ready(tiny_run, tmp_path, []), images, tmp_path / "R", audit=0.5, boundary=3,
+                       progress=False)
+    entries = [json.loads(s) for s in (tmp_path / "R" / "queue.jsonl").read_text().splitlines()]
+    assert info["n_confident"] == 0 and info["n_audit"] == 0 and info["n_not_ready"] == 10  # threshold 0
+    assert len(entries) == 10 and all(e["why"] == ["not-ready"] for e in entries)

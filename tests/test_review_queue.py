@@ -209,3 +209,12 @@ def test_bad_review_inputs_are_one_line_refusals(tiny_run, tmp_path):
     assert r.exit_code == 2 and "no review queue here" in r.output and "Traceback" not in r.output
     r = runner.invoke(main, ["review", "serve", str(tmp_path), "--host", "0.0.0.0"])
     assert r.exit_code == 2 and "--allow-remote" in r.output
+
+
+def test_verdicts_of_classes_not_ready_are_queued_whatever_their_probability():
+    leaf, heads = _frames(CASE)
+    not_ready = leaf.argmax(1) == TAX.leaf_index("normal")  # frames 1 and 6 are confident normal verdicts
+    sel = select(leaf, heads, TAX, threshold=0.5, audit=1.0, boundary=0, not_ready=not_ready)
+    assert sel.reasons[1] == ["not-ready"] and sel.reasons[6] == ["not-ready"]
+    assert sel.n_confident == 3 and all("audit" in sel.reasons[i] for i in (2, 3, 5))  # never audited: not automatic
+    assert sel.order[3:] == [0, 4, 1, 6]  # after the audit, by probability: 0.35, 0.45, then 0.90 and 0.97
