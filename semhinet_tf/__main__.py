@@ -11,7 +11,7 @@ import sys
 # Top-level modules that only the host extra installs: one of them missing means the extra is missing, not a bug.
 HOST_ONLY = frozenset({"click", "tensorflow", "tf_keras", "tensorflow_model_optimization", "ai_edge_litert",
                        "tf2onnx", "onnx", "onnxruntime", "sklearn", "scipy", "tifffile", "yaml", "matplotlib",
-                       "tqdm"})
+                       "tqdm", "flask", "werkzeug", "cleanlab", "pandas"})
 HOST_HINT = ("pip install 'semhinet-tf[host]' (from a checkout: pip install -r requirements.txt -e .); "
              "the board needs only `python -m semhinet_tf.board`")
 

@@ -56,6 +56,7 @@ def friendly(fn):
     """Turn the exceptions a user can cause into one-line errors; Ctrl-C into one line and exit 130."""
     from semhinet_tf.artifacts.files import OutputError
     from semhinet_tf.artifacts.run import RunDirError
+    from semhinet_tf.review import ReviewInputError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -63,7 +64,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (OutputError, RunDirError, ModelRefusedError, UnsafeFileError) as exc:
+        except (OutputError, RunDirError, ModelRefusedError, UnsafeFileError, ReviewInputError) as exc:
             raise RefusedError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc
@@ -164,8 +165,8 @@ overwrite_option = click.option(
 
 
 # `semhinet --help` lists the commands in the order of the work, not alphabetically.
-WORKFLOW_ORDER = ("synth", "train", "eval", "convert", "compare", "predict", "export-onnx", "npu-check", "bench",
-                  "quickstart")
+WORKFLOW_ORDER = ("synth", "train", "eval", "convert", "compare", "predict", "review", "export-onnx", "npu-check",
+                  "bench", "quickstart")
 
 
 class WorkflowGroup(click.Group):
@@ -380,16 +381,28 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
 @click.option("--float-heads", is_flag=True,
               help="int8 backbone for the NPU, heads in float on the CPU (default out: "
                    "RUN/model_int8_float_heads.tflite)")
+@click.option("--ready-min-frames", default=30, show_default=True, type=click.IntRange(min=0),
+              help="validation frames a class needs to be listed as ready for automatic classification (the board "
+                   "sends every verdict of a class not listed to review)")
 @overwrite_option
 @friendly
-def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, float_heads, overwrite):
-    """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check)."""
+def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, float_heads,
+            ready_min_frames, overwrite):
+    """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check).
+
+    The contract lists the classes ready for automatic classification, judged on the run's validation split."""
     from semhinet_tf.export.convert import convert_run
 
     info = convert_run(run_dir, out, io_type=io_type, calib_samples=calib_samples,
                        source=source, review_threshold=review_threshold, overwrite=overwrite,
-                       granularity=granularity, float_heads=float_heads)
+                       granularity=granularity, float_heads=float_heads, ready_min_frames=ready_min_frames)
     click.echo(info["npu_report"])
+    ready = info.get("readiness")
+    if ready is not None:
+        not_ready = [leaf for leaf, c in ready["classes"].items() if not c["ready"]]
+        click.echo(f"ready for automatic classification: {', '.join(ready['ready']) or 'no class'}"
+                   + (f"; every verdict of {', '.join(not_ready)} goes to review (see `semhinet eval --report`)"
+                      if not_ready else ""))
     click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) and {info['contract_path']}")
     if not info["npu_ok"]:  # written for inspection, but a pipeline must not carry it to the board as if it ran there
         raise UserError(f"{info['path']}: fails the NPU check above (would not run fully on the i.MX 8M Plus NPU)")
@@ -496,18 +509,25 @@ def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwr
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="write a human report (HTML + Markdown + PNGs) here")
 @click.option("--target-purity", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
-              help="share of automatic verdicts that must be right: the report's operating point")
+              help="share of automatic verdicts that must be right: the report's operating point, and what a class's "
+                   "own automatic verdicts must reach to be ready")
+@click.option("--ready-min-frames", default=30, show_default=True, type=click.IntRange(min=0),
+              help="labelled frames a class needs here before it can be ready for automatic classification")
 @views_option
 @no_contract_option
 @overwrite_option
 @friendly
-def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, allow_no_contract, overwrite):
-    """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA."""
+def eval_cmd(model, data, split, json_out, report_dir, target_purity, ready_min_frames, views, allow_no_contract,
+             overwrite):
+    """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA.
+
+    Also says for each class whether it is ready for automatic classification: enough labelled frames, and the
+    precision of its verdicts at the model's review threshold at or above --target-purity."""
     from semhinet_tf.workflow import eval_model
 
     res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
                      target_purity=target_purity, views=int(views), allow_no_contract=allow_no_contract,
-                     overwrite=overwrite)
+                     overwrite=overwrite, ready_min_frames=ready_min_frames)
     click.echo(res["table"])
     for line in res["notes"]:
         click.echo(line)
@@ -597,6 +617,87 @@ def predict(model, paths, threshold, threads, views, fmt, out, overwrite, allow_
         sys.exit(EXIT_FAIL)
     if fail_on_review and n_review:
         sys.exit(EXIT_REVIEW)
+
+
+# ---------------------------------------------------------------- review
+@main.group(cls=click.Group)
+def review() -> None:
+    """The review loop: queue the frames a person should look at, then label them in a local web page.
+
+    review queue MODEL IMAGES --out REVIEW, then review serve REVIEW; the answers land in REVIEW/labels.jsonl."""
+
+
+@review.command("queue")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="review folder to write (queue.jsonl, review.json); the frames themselves are only referenced")
+@click.option("--audit", default=0.02, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="share of the confident verdicts sampled at random, to estimate the error rate of what is "
+                   "classified automatically")
+@click.option("--boundary", default=10, show_default=True, type=click.IntRange(min=0),
+              help="frames per head nearest its decision boundary (smallest margin between its top two classes)")
+@click.option("--max", "max_items", type=click.IntRange(min=1), default=None,
+              help="budget: at most this many frames (audit first, then those under review, then boundary ones)")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="fixes the audit sample: the same seed and verdicts give the same queue")
+@click.option("--suspects", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="also queue labelled frames of this data set (class folders) whose folder label the model "
+                   "disputes (confident learning, cleanlab), judged on the frames the model did not train on")
+@views_option
+@no_contract_option
+@overwrite_option
+@friendly
+def review_queue(model, images, out, audit, boundary, max_items, seed, suspects, views, allow_no_contract,
+                 overwrite):
+    """Queue the frames of IMAGES (a folder, or predict's JSON lines) a person should label, with the reason why.
+
+    MODEL is any model `predict` takes. Selected: every frame under the review threshold, the frames nearest a
+    decision boundary of each head, and a random audit sample of confident verdicts."""
+    from semhinet_tf.review.queue import build_queue
+
+    info = build_queue(model, images, out, audit=audit, boundary=boundary, max_items=max_items, seed=seed,
+                       views=int(views), allow_no_contract=allow_no_contract, overwrite=overwrite, suspects=suspects)
+    click.echo(f"{info['n_queued']} of {info['n_frames']} frames queued in {out}: {info['n_review']} under the review "
+               f"threshold {info['review_threshold']:.3f}, "
+               + (f"{info['n_not_ready']} of classes not ready, " if info["n_not_ready"] else "")
+               + f"{info['n_audit']} audit of {info['n_confident']} "
+               f"confident verdicts, the rest nearest a head's boundary"
+               + (f"; {info['dropped_by_budget']} left out by --max" if info["dropped_by_budget"] else "")
+               + (f"; {info['unreadable']} unreadable" if info["unreadable"] else "")
+               + (f"; {info['n_suspects']} suspect labels of {suspects} ({info['suspects_split']} frames)"
+                  if suspects else ""))
+    for line in info["notes"]:
+        click.echo(line, err=True)
+    for line in info["missing"][:5]:
+        click.echo(f"warning: not queued, cannot be read now: {line}", err=True)
+    click.echo(f"next: semhinet review serve {out}")
+
+
+@review.command("serve")
+@click.argument("review_dir", metavar="REVIEW", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
+              help="port to listen on (0: any free port; the URL printed says which)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; anything but 127.0.0.1/localhost needs --allow-remote")
+@click.option("--allow-remote", is_flag=True,
+              help="let --host be an address other machines reach (anyone with the printed URL can label)")
+@click.option("--reviewer", default=None, help="your name, recorded with each answer in labels.jsonl")
+@friendly
+def review_serve(review_dir, port, host, allow_remote, reviewer):
+    """Label the queued frames of REVIEW in a local web page, by keyboard; answers go to REVIEW/labels.jsonl.
+
+    Open the printed URL (it carries the session's token). A leaf's key labels the frame, Enter accepts the
+    model's verdict, s skips, u undoes, the arrows move; every answer is on disk at once. Ctrl-C stops."""
+    from semhinet_tf.review.server import serve
+
+    def announce(url: str, status: str) -> None:
+        click.echo(f"review page: {url}")
+        click.echo(f"{status}; Ctrl-C stops (nothing is lost)", err=True)
+        sys.stdout.flush()
+
+    serve(review_dir, host=host, port=port, reviewer=reviewer, allow_remote=allow_remote, announce=announce)
+    click.echo("stopped", err=True)
 
 
 # ---------------------------------------------------------------- quickstart

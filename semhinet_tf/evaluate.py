@@ -30,6 +30,7 @@ FORMATS = ("keras", "tflite", "onnx")
 DEFAULT_PURITY_TARGET = 0.95
 OPERATING_TARGETS = (0.90, 0.95, 0.98, 0.99)  # purity targets tabulated in the report
 MAX_CURVE_POINTS = 101
+DEFAULT_READY_MIN_FRAMES = 30  # labelled frames a class needs before its precision is believed
 
 
 class EvaluationError(ValueError):
@@ -219,6 +220,42 @@ def coverage_section(true_leaf: np.ndarray, leaf_probs: np.ndarray, target: floa
             "curve": downsample_curve(curve)}
 
 
+# ---------------------------------------------------------------- class readiness
+def class_readiness(true_leaf: np.ndarray, leaf_probs: np.ndarray, leaves: Sequence[str], threshold: float | None,
+                    target: float, min_frames: int = DEFAULT_READY_MIN_FRAMES) -> dict[str, Any]:
+    """Which classes may be classified automatically (issue 24.5): a class is ready when it has at least
+    `min_frames` labelled frames here and, among the verdicts of that class the model makes on its own (top leaf
+    probability >= `threshold`, the review threshold in use), the share that is right reaches `target` purity.
+
+    Why per class: a good average purity can hide a rare class whose automatic verdicts are mostly wrong; the
+    board sends every verdict of a class that is not ready to a person. `threshold` None (no operating point):
+    nothing is automatic, no class is ready."""
+    true = np.asarray(true_leaf, dtype=np.int64)
+    leaf_probs = np.asarray(leaf_probs, dtype=np.float64)
+    pred = leaf_probs.argmax(axis=1) if true.size else np.zeros(0, np.int64)
+    top = leaf_probs.max(axis=1) if true.size else np.zeros(0)
+    auto = top >= threshold if threshold is not None else np.zeros(true.size, dtype=bool)
+    classes = {}
+    for j, leaf in enumerate(leaves):
+        n = int((true == j).sum())
+        called = auto & (pred == j)
+        n_auto = int(called.sum())
+        precision = _ratio(int((called & (true == j)).sum()), n_auto)
+        if n < min_frames:
+            why = f"{n} labelled frames, needs {min_frames}"
+        elif precision is None:
+            why = "no verdict of it at or above the review threshold"
+        elif precision < target:
+            why = f"precision {precision:.3f} of its automatic verdicts is under the target {target:g}"
+        else:
+            why = ""
+        classes[leaf] = {"labelled": n, "automatic": n_auto, "precision": precision, "ready": not why,
+                         "why_not": why or None}
+    return {"threshold": None if threshold is None else float(threshold), "target_purity": float(target),
+            "min_frames": int(min_frames), "classes": classes,
+            "ready": [leaf for leaf in leaves if classes[leaf]["ready"]]}
+
+
 # ---------------------------------------------------------------- the results document
 def root_head(taxonomy: Taxonomy) -> str:
     return next(h.name for h in taxonomy.heads if h.parent is None)
@@ -255,12 +292,15 @@ def summary_metrics(heads: Mapping[str, dict], per_class: Mapping[str, dict], ta
 
 
 def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonomy: Taxonomy,
-             model_name: str, fmt: str, purity_target: float = DEFAULT_PURITY_TARGET) -> dict[str, Any]:
+             model_name: str, fmt: str, purity_target: float = DEFAULT_PURITY_TARGET,
+             review_threshold: float | None = None, ready_min_frames: int = DEFAULT_READY_MIN_FRAMES
+             ) -> dict[str, Any]:
     """Score one model's outputs; the result has the same keys for Keras, TFLite and ONNX.
 
     Heads are scored on the images they apply to, by their own argmax; the leaf by the argmax of the
-    hierarchical leaf probability. Also returns per-class leaf scores, missing classes and the
-    coverage/purity trade-off of a review threshold (target `purity_target`).
+    hierarchical leaf probability. Also returns per-class leaf scores, missing classes, the
+    coverage/purity trade-off of a review threshold (target `purity_target`) and each class's readiness for
+    automatic classification at `review_threshold` (the model's; default: the operating point found here).
     """
     fmt_l = str(fmt).lower()
     if fmt_l not in FORMATS:
@@ -275,6 +315,8 @@ def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxono
     heads = {h.name: head_metrics(labels[h.name], preds[h.name], h.classes) for h in taxonomy.heads}
     for name, reached in reached_metrics(labels, preds, taxonomy).items():
         heads[name]["reached"] = reached
+    coverage = coverage_section(true, leaf_p, purity_target)
+    threshold = review_threshold if review_threshold is not None else coverage["operating_point"]["threshold"]
     return {
         "model": str(model_name), "format": fmt_l, "n": int(true.size),
         "leaf": {"labels": leaves, "accuracy": _ratio(np.trace(leaf_cm), true.size), "confusion": leaf_cm.tolist()},
@@ -282,7 +324,8 @@ def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxono
         "summary": summary_metrics(heads, per_class, taxonomy),
         "per_class": per_class,
         "missing_classes": [leaf for leaf in leaves if per_class[leaf]["support"] == 0],
-        "coverage": coverage_section(true, leaf_p, purity_target),
+        "coverage": coverage,
+        "readiness": class_readiness(true, leaf_p, leaves, threshold, purity_target, ready_min_frames),
     }
 
 

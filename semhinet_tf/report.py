@@ -490,6 +490,19 @@ def _coverage_section(doc: _Doc, cov: Mapping[str, Any], files: dict) -> None:
     doc.image(files["coverage"].name, "Coverage and purity against the review threshold, chosen threshold marked")
 
 
+def _readiness_section(doc: _Doc, ready: Mapping[str, Any]) -> None:
+    doc.heading("Class readiness")
+    threshold = "none" if ready["threshold"] is None else f"{ready['threshold']:.3f}"
+    doc.para(f"A class is ready for automatic classification when it has at least {ready['min_frames']} labelled "
+             f"frames here and at least {ready['target_purity']:g} of its automatic verdicts (top leaf probability "
+             f">= the review threshold in use, {threshold}) are right. The model's contract lists the ready "
+             f"classes (`semhinet convert`), and the board sends every verdict of any other class to review.")
+    rows = [[leaf, c["labelled"], c["automatic"], c["precision"], "yes" if c["ready"] else "no", c["why_not"] or "-"]
+            for leaf, c in ready["classes"].items()]
+    doc.table(["class", "labelled", "automatic verdicts", "precision of those", "ready", "why not"], rows)
+    doc.note(f"Ready: {', '.join(ready['ready']) or 'none'}.")
+
+
 def _history_section(doc: _Doc, history_csv: str | Path, out: Path) -> None:
     doc.heading("Training")
     cols, phases = read_history(history_csv)
@@ -559,6 +572,8 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], paths: Sequenc
     _per_class_section(doc, results, taxonomy, files)
     _heads_section(doc, results, taxonomy, files)
     _coverage_section(doc, cov, files)
+    if results.get("readiness"):
+        _readiness_section(doc, results["readiness"])
     if history_csv is not None:
         _history_section(doc, history_csv, out)
     ctx = {"true": true, "pred": pred, "conf": conf, "leaf_p": leaf_p, "paths": list(map(str, paths)),

@@ -45,7 +45,7 @@ def decode_items(items: list, pre: Preprocess, taxonomy: Taxonomy, notes: list[s
 def eval_model(model: str | Path, data: str | Path, split: str | None = None, json_out: str | Path | None = None,
                report_dir: str | Path | None = None, target_purity: float = 0.99, progress: bool = True,
                run_dir: str | Path | None = None, views: int = 1, allow_no_contract: bool = False,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, ready_min_frames: int | None = None) -> dict:
     """Evaluate any model format on DATA; same JSON keys whatever the format.
 
     `run_dir` names the run whose saved split to use when the model file lives elsewhere; `views` > 1
@@ -68,9 +68,17 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
     probs = engine.predict(frames)
+    from semhinet_tf.evaluate import DEFAULT_READY_MIN_FRAMES
+
     result = evaluate(leaf_ids, probs, taxonomy, model_name=str(model), fmt=engine.format,
-                      purity_target=target_purity)
+                      purity_target=target_purity, review_threshold=engine.review_threshold,
+                      ready_min_frames=DEFAULT_READY_MIN_FRAMES if ready_min_frames is None else ready_min_frames)
     result["split"] = split_used
+    ready = result["readiness"]
+    not_ready = [f"{leaf} ({c['why_not']})" for leaf, c in ready["classes"].items() if not c["ready"]]
+    notes.append(f"ready for automatic classification at threshold {ready['threshold']:.3f} and purity "
+                 f"{ready['target_purity']:g}: {', '.join(ready['ready']) or 'no class'}"
+                 + (f"; not ready: {'; '.join(not_ready)}" if not_ready else ""))
     result["views"] = engine.views
     if result.get("missing_classes"):
         notes.append(f"classes missing from this split: {', '.join(result['missing_classes'])}")
@@ -115,13 +123,13 @@ def review_threshold(contract, run_dir: Path | None, views: int = 1, default: fl
     a dict with 'review_threshold'), else from its run's review_threshold.json (as `convert` would embed it),
     else `default`."""
     from semhinet_tf.artifacts.contract import Contract, threshold_for_views
-    from semhinet_tf.export.convert import _validation_threshold, _validation_thresholds_by_views
+    from semhinet_tf.artifacts.run import validation_threshold, validation_thresholds_by_views
 
     if isinstance(contract, Contract) or (contract and "review_threshold" in contract):
         return threshold_for_views(contract, views)
     if run_dir is not None:
-        by_views = _validation_thresholds_by_views(run_dir, default)
-        return by_views.get(str(views), _validation_threshold(run_dir, default))
+        by_views = validation_thresholds_by_views(run_dir, default)
+        return by_views.get(str(views), validation_threshold(run_dir, default))
     return default
 
 

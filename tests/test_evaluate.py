@@ -52,13 +52,15 @@ def random_case(n: int = 300, seed: int = 1) -> tuple[np.ndarray, dict[str, np.n
 
 
 def without_coverage(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "coverage"}
+    """What depends on the argmaxes only: coverage and class readiness move with the probabilities themselves."""
+    return {k: v for k, v in result.items() if k not in ("coverage", "readiness")}
 
 
 def test_schema_keys_exact_and_json_plain():
     true, probs = random_case()
     r = evaluate(true, probs, TAX, "m", "tflite")
-    assert set(r) == {"model", "format", "n", "leaf", "heads", "summary", "per_class", "missing_classes", "coverage"}
+    assert set(r) == {"model", "format", "n", "leaf", "heads", "summary", "per_class", "missing_classes", "coverage",
+                      "readiness"}
     assert r["format"] == "tflite" and r["n"] == 300
     assert set(r["leaf"]) == {"labels", "accuracy", "confusion"}
     assert r["leaf"]["labels"] == list(TAX.leaves)

@@ -37,7 +37,7 @@ INPUT_DTYPES = ("uint8", "int8", "float32")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TEXT_FIELDS = ("version", "run_id", "created", "leaf_probability")
 KNOWN_FIELDS = frozenset({"format", "taxonomy", "input", "outputs", "preprocess", "views", "review_threshold",
-                          "review_threshold_by_views", "quantization", "digest", *_TEXT_FIELDS})
+                          "review_threshold_by_views", "quantization", "digest", "ready_classes", *_TEXT_FIELDS})
 # Image-size limits are a host option, not the model's to decide: accepted in old contracts and dropped.
 _IGNORED_PREPROCESS = ("max_pixels",)
 
@@ -171,6 +171,21 @@ def _check_outputs(where: str, value: Any, taxonomy) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _check_ready(where: str, value: Any, taxonomy) -> tuple[str, ...]:
+    """The leaves ready for automatic classification: a list of distinct leaf names of the model's taxonomy."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(set(value)) != len(value):
+        raise ContractError(where, "ready_classes", f"must be a list of distinct leaf names, got {_short(value)}")
+    if taxonomy is None:
+        from semhinet_tf.taxonomy import Taxonomy
+
+        taxonomy = Taxonomy.default()
+    unknown = [v for v in value if v not in taxonomy.leaves]
+    if unknown:
+        raise ContractError(where, "ready_classes", f"names {_short(unknown)}, not leaves of the taxonomy "
+                                                    f"({', '.join(taxonomy.leaves)})")
+    return tuple(value)
+
+
 def _check_quantization(where: str, value: Any) -> dict | None:
     if value is None:
         return None
@@ -206,7 +221,8 @@ def _one_line(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class Contract:
     """A validated contract. `views` is None for a model converted before views were recorded; `digest` None for
-    one converted before digests; `present` False for the defaults a contract-less model runs with."""
+    one converted before digests; `ready_classes` None for one converted before class readiness (every class
+    ready); `present` False for the defaults a contract-less model runs with."""
 
     taxonomy_spec: dict | None = None
     preprocess: dict = field(default_factory=dict)
@@ -217,6 +233,7 @@ class Contract:
     outputs: tuple[str, ...] | None = None
     quantization: dict | None = None
     digest: str | None = None
+    ready_classes: tuple[str, ...] | None = None
     present: bool = True
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -238,6 +255,10 @@ class Contract:
 
     def view_names(self) -> list[str]:
         return list(self.views or ["identity"])
+
+    def is_ready(self, leaf: str) -> bool:
+        """May a verdict of this class stand without a person? (every class, for a contract without the list)"""
+        return self.ready_classes is None or leaf in self.ready_classes
 
 
 def validate_contract(d: Any, where: str) -> Contract:
@@ -266,6 +287,7 @@ def validate_contract(d: Any, where: str) -> Contract:
         outputs=_check_outputs(where, d["outputs"], taxonomy) if "outputs" in d else None,
         quantization=_check_quantization(where, d.get("quantization")),
         digest=_check_digest(where, d["digest"]) if "digest" in d else None,
+        ready_classes=_check_ready(where, d["ready_classes"], taxonomy) if "ready_classes" in d else None,
         raw=dict(d),
     )
 
@@ -294,9 +316,11 @@ def threshold_for_views(contract: Contract | Mapping, views: int = 1, where: str
 # ---------------------------------------------------------------- building
 def build_contract(*, run_id: str, taxonomy_spec: dict, img_size: int, io_type: str, preprocess: Mapping,
                    views: Sequence[str], review_threshold: float, review_threshold_by_views: Mapping[str, float],
-                   quantization: dict | None, version: str, batch: int = 1, digest: bool = True) -> dict:
+                   quantization: dict | None, version: str, batch: int = 1, digest: bool = True,
+                   ready_classes: Sequence[str] | None = None) -> dict:
     """The contract `semhinet convert` embeds (and export-onnx carries). With `digest`, the digest value is the
-    placeholder `seal_tflite` fills once the contract sits in the file. Validated before it is returned."""
+    placeholder `seal_tflite` fills once the contract sits in the file. `ready_classes`: the leaves whose verdicts
+    may stand without review (None: not judged, every class). Validated before it is returned."""
     contract = {
         "format": CONTRACT_FORMAT,
         "version": version,
@@ -313,6 +337,8 @@ def build_contract(*, run_id: str, taxonomy_spec: dict, img_size: int, io_type: 
         "quantization": quantization,
         "leaf_probability": "P(leaf) = product of head probabilities along the leaf's path",
     }
+    if ready_classes is not None:
+        contract["ready_classes"] = list(ready_classes)
     if digest:
         contract["digest"] = {"algorithm": DIGEST_ALGORITHM, "value": DIGEST_PLACEHOLDER}
     validate_contract(json.loads(json.dumps(contract)), "new contract")

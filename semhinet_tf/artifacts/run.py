@@ -33,6 +33,10 @@ REVIEW_THRESHOLD = "review_threshold.json"
 TRAIN_RESULT = "train_result.json"
 INT8_MODEL = "model_int8.tflite"
 INT8_FLOAT_HEADS_MODEL = "model_int8_float_heads.tflite"
+# A review folder (`semhinet review queue --out REVIEW`): the queue, what it was made from, the reviewer's answers.
+REVIEW_QUEUE = "queue.jsonl"
+REVIEW_INFO = "review.json"
+REVIEW_LABELS = "labels.jsonl"
 
 # What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
 DATA_REPORT_FILES = frozenset({MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT})
@@ -110,3 +114,37 @@ def write_marker(folder: Path, marker: str = MARKER) -> None:
     from semhinet_tf import __version__
 
     write_json({"made_by": "semhinet", "version": __version__}, folder / marker)
+
+
+# ---------------------------------------------------------------- what validation chose (review_threshold.json)
+def validation_thresholds_by_views(run_dir: Path, default: float = 0.5) -> dict[str, float]:
+    """{"2": t, "4": t, "8": t}: the review thresholds chosen on validation for test-time views, if written; a
+    count whose threshold never reached the purity target gets `default`, as the one-view threshold does."""
+    p = run_dir / REVIEW_THRESHOLD
+    if not p.exists():
+        return {}
+    try:
+        by_views = json.loads(p.read_text()).get("by_views") or {}
+        return {n: default if point.get("threshold") is None else float(point["threshold"])
+                for n, point in by_views.items()}
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
+def validation_threshold(run_dir: Path, default: float = 0.5) -> float:
+    """The review threshold chosen on validation by `eval` (target purity), if one was written."""
+    p = run_dir / REVIEW_THRESHOLD
+    if p.exists():
+        try:
+            return float(json.loads(p.read_text())["threshold"])
+        except (ValueError, KeyError, TypeError):  # threshold null: the split was empty
+            pass
+    return default
+
+
+def validation_target_purity(run_dir: Path, default: float = 0.99) -> float:
+    """The purity the run's review threshold was chosen for, which class readiness also asks of each class."""
+    try:
+        return float(json.loads((Path(run_dir) / REVIEW_THRESHOLD).read_text()).get("target_purity", default))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return default

@@ -131,9 +131,10 @@ class Engine:
                  on_missing=None) -> Iterator[dict]:
         """Stream one verdict row per image below `paths` (files and folders, see `iter_image_paths`).
 
-        A row holds path, verdict, family, class, probability, review, heads, leaf_probabilities, decode_ms and
-        infer_ms (a batch's inference time shared among its images); a file that cannot be decoded, or an entry
-        the scan could not read, is a row {"path", "error"} in its place. A missing path goes to
+        A row holds path, verdict, family, class, probability, review, ready (the class is ready for automatic
+        classification; if not, review is set), heads, leaf_probabilities, decode_ms and infer_ms (a batch's
+        inference time shared among its images); a file that cannot be decoded, or an entry the scan could not
+        read, is a row {"path", "error"} in its place. A missing path goes to
         `on_missing(path)` when given, else it is such a row too."""
         batch_size = batch_size or self.classify_batch
         if self.warmup_ms is None:
@@ -174,7 +175,15 @@ class Engine:
                 yield item
                 continue
             (path, _, decode_ms), row = next(verdicts)
-            yield {"path": str(path), **row, "decode_ms": round(decode_ms, 2), "infer_ms": round(infer_ms, 2)}
+            yield {"path": str(path), **self._readiness(row), "decode_ms": round(decode_ms, 2),
+                   "infer_ms": round(infer_ms, 2)}
+
+    def _readiness(self, row: dict) -> dict:
+        """A verdict of a class the contract does not list as ready goes to review whatever its probability
+        (issue 24.5): its automatic verdicts were not shown to reach the target purity, or it had too few
+        labelled frames to tell. `ready` says which rule flagged a row."""
+        ready = self.spec.is_ready(row["class"])
+        return {**row, "review": bool(row["review"] or not ready), "ready": ready}
 
 
 def warn_stderr(message: str) -> None:
@@ -212,14 +221,13 @@ def run_settings(run_dir: Path) -> Contract:
     test-time views and the review thresholds chosen on validation. For a model that carries no contract (a
     Keras model, a contract-less ONNX export) but lives in its run. `present` stays False: nothing is embedded."""
     from semhinet_tf.artifacts.contract import DEFAULT_REVIEW_THRESHOLD
-    from semhinet_tf.artifacts.run import CONFIG, TAXONOMY
+    from semhinet_tf.artifacts.run import CONFIG, TAXONOMY, validation_threshold, validation_thresholds_by_views
     from semhinet_tf.data.decode import Preprocess
     from semhinet_tf.data.views import invariant_views
-    from semhinet_tf.export.convert import _validation_threshold, _validation_thresholds_by_views
 
     config = json.loads((run_dir / CONFIG).read_text())
-    one = _validation_threshold(run_dir, DEFAULT_REVIEW_THRESHOLD)
-    by_views = _validation_thresholds_by_views(run_dir, DEFAULT_REVIEW_THRESHOLD)
+    one = validation_threshold(run_dir, DEFAULT_REVIEW_THRESHOLD)
+    by_views = validation_thresholds_by_views(run_dir, DEFAULT_REVIEW_THRESHOLD)
     return Contract(taxonomy_spec=json.loads((run_dir / TAXONOMY).read_text()),
                     preprocess=Preprocess.from_dict(config.get("preprocess")).to_dict(),
                     views=tuple(invariant_views(config.get("train", {}).get("augment"))),

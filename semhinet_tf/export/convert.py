@@ -15,10 +15,13 @@ from semhinet_tf.artifacts.run import (
     INT8_FLOAT_HEADS_MODEL,
     INT8_MODEL,
     QAT_MODEL,
-    REVIEW_THRESHOLD,
     TAXONOMY,
+    validation_target_purity,
+    validation_threshold,
+    validation_thresholds_by_views,
 )
 from semhinet_tf.data.views import invariant_views
+from semhinet_tf.evaluate import DEFAULT_READY_MIN_FRAMES
 
 __all__ = ["CONTRACT_FORMAT", "calibration_frames", "convert_run", "run_contract"]
 
@@ -41,7 +44,8 @@ def conversion_outputs(out: Path) -> list[Path]:
 
 
 def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: int, io_type: str,
-                 quantization: dict | None, review_threshold: float, batch: int = 1, digest: bool = True) -> dict:
+                 quantization: dict | None, review_threshold: float, batch: int = 1, digest: bool = True,
+                 ready_classes: list[str] | None = None) -> dict:
     """The contract of a model converted from RUN (artifacts.contract.build_contract with the run's facts)."""
     from semhinet_tf import __version__
 
@@ -49,18 +53,22 @@ def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: 
         run_id=f"{run_dir.resolve().name}@{config.get('created', '')}".rstrip("@"), taxonomy_spec=taxonomy_spec,
         img_size=img_size, io_type=io_type, preprocess=config["preprocess"],
         views=invariant_views(config.get("train", {}).get("augment")), review_threshold=review_threshold,
-        review_threshold_by_views=_validation_thresholds_by_views(run_dir), quantization=quantization,
-        version=__version__, batch=batch, digest=digest)
+        review_threshold_by_views=validation_thresholds_by_views(run_dir), quantization=quantization,
+        version=__version__, batch=batch, digest=digest, ready_classes=ready_classes)
 
 
 def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str = "uint8", calib_samples: int = 200,
                 source: str = "qat", review_threshold: float | None = None,
                 overwrite: bool = False, progress: bool = True, granularity: str | None = None,
-                float_heads: bool = False) -> dict:
+                float_heads: bool = False, ready_min_frames: int | None = None) -> dict:
     """Convert RUN's QAT (or float, as PTQ) model; write .tflite + contract JSON; run the NPU check.
 
     `float_heads`: int8 backbone for the NPU, heads in float on the CPU (a DEQUANTIZE after the pooled
-    features), from the QAT model; npu-check then lists the heads' CPU operators."""
+    features), from the QAT model; npu-check then lists the heads' CPU operators.
+    The contract lists the classes ready for automatic classification (issue 24.5): the converted model itself is
+    scored on the run's validation split at its review threshold, and a class with fewer than `ready_min_frames`
+    (default 30) validation frames, or whose automatic verdicts fall under the run's target purity, is left out,
+    so the board sends its verdicts to review."""
     from semhinet_tf.data.dataset import load_split_frames
     from semhinet_tf.export.npu import check_npu
     from semhinet_tf.export.tflite import convert_int8
@@ -101,10 +109,15 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
                           per_tensor=granularity == "per-tensor", float_heads=float_heads, progress=progress,
                           calibration_size=len(calib))
     if review_threshold is None:
-        review_threshold = _validation_threshold(run_dir)
+        review_threshold = validation_threshold(run_dir)
     quantization = {"source": source, "granularity": granularity, "io": io_type, "float_heads": float_heads}
     contract = run_contract(run_dir, config, taxonomy.to_spec(), img_size=img_size, io_type=io_type,
                             quantization=quantization, review_threshold=review_threshold)
+    readiness = _readiness(run_dir, embed_sealed(tflite, contract), out, taxonomy, review_threshold,
+                           DEFAULT_READY_MIN_FRAMES if ready_min_frames is None else ready_min_frames, progress)
+    contract = run_contract(run_dir, config, taxonomy.to_spec(), img_size=img_size, io_type=io_type,
+                            quantization=quantization, review_threshold=review_threshold,
+                            ready_classes=readiness["ready"])
     tflite = embed_sealed(tflite, contract)
     contract = read_contract(tflite)  # as embedded: with its digest
     atomic_write_bytes(out, tflite)
@@ -114,29 +127,29 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
         report = check_npu(out, allow_float_tail=float_heads)
     write_json(report.to_dict(), npu_path)
     return {"path": str(out), "bytes": len(tflite), "contract_path": str(contract_path),
-            "npu_ok": report.ok, "npu_report": report.format(limit=40)}
+            "npu_ok": report.ok, "npu_report": report.format(limit=40), "readiness": readiness}
 
 
-def _validation_thresholds_by_views(run_dir: Path, default: float = 0.5) -> dict[str, float]:
-    """{"2": t, "4": t, "8": t}: the review thresholds chosen on validation for test-time views, if written; a
-    count whose threshold never reached the purity target gets `default`, as the one-view threshold does."""
-    p = run_dir / REVIEW_THRESHOLD
-    if not p.exists():
-        return {}
+def _readiness(run_dir: Path, model_bytes: bytes, out: Path, taxonomy, threshold: float, min_frames: int,
+               progress: bool) -> dict:
+    """Class readiness of the converted model (evaluate.class_readiness) on RUN's validation split: the model is
+    run from a temporary file beside `out`, removed afterwards, so no model without its ready list is ever left
+    where a board could pick it up."""
+    import os
+    import tempfile
+
+    from semhinet_tf.board.runtime import BoardModel
+    from semhinet_tf.data.dataset import load_split_frames
+    from semhinet_tf.evaluate import class_readiness
+
+    frames, leaf_ids = load_split_frames(run_dir, "val", progress=progress)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".readiness.tflite")
     try:
-        by_views = json.loads(p.read_text()).get("by_views") or {}
-        return {n: default if point.get("threshold") is None else float(point["threshold"])
-                for n, point in by_views.items()}
-    except (ValueError, AttributeError, TypeError):
-        return {}
-
-
-def _validation_threshold(run_dir: Path, default: float = 0.5) -> float:
-    """The review threshold chosen on validation by `eval` (target purity), if one was written."""
-    p = run_dir / REVIEW_THRESHOLD
-    if p.exists():
-        try:
-            return float(json.loads(p.read_text())["threshold"])
-        except (ValueError, KeyError, TypeError):  # threshold null: the split was empty
-            pass
-    return default
+        with os.fdopen(fd, "wb") as f:
+            f.write(model_bytes)
+        engine = BoardModel(tmp, review_threshold=threshold, progress=progress, warn=lambda _: None)
+        probs = engine.predict(frames)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    leaf_p = taxonomy.leaf_probabilities(probs) if len(frames) else np.zeros((0, len(taxonomy.leaves)))
+    return class_readiness(leaf_ids, leaf_p, taxonomy.leaves, threshold, validation_target_purity(run_dir), min_frames)

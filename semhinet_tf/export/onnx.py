@@ -209,7 +209,8 @@ def _keras_function(model):
 
 def _keras_contract(run_dir: Path, img_size: int, quantized: bool) -> dict:
     """The contract `semhinet convert` would embed, adjusted for a float32-input, dynamic-batch graph."""
-    from semhinet_tf.export.convert import _validation_threshold, run_contract
+    from semhinet_tf.artifacts.run import validation_threshold
+    from semhinet_tf.export.convert import run_contract
 
     config = json.loads((run_dir / CONFIG).read_text())
     taxonomy = json.loads((run_dir / TAXONOMY).read_text())
@@ -218,7 +219,7 @@ def _keras_contract(run_dir: Path, img_size: int, quantized: bool) -> dict:
         if quantized else None
     # no file digest in the contract: the ONNX graph carries its own (DIGEST_KEY)
     return run_contract(run_dir, config, taxonomy, img_size=img_size, io_type="float32", quantization=quantization,
-                        review_threshold=_validation_threshold(run_dir), batch=-1, digest=False)
+                        review_threshold=validation_threshold(run_dir), batch=-1, digest=False)
 
 
 def _name_batch_dims(proto) -> None:

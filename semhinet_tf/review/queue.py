@@ -1,0 +1,354 @@
+"""The review queue: which new frames an engineer should look at, and why (issue 24.1).
+
+Selection is pure numpy on the model's leaf and head probabilities, so it is tested on hand-made numbers
+without a model. Four reasons, each recorded with the frame:
+
+* "review": the top leaf probability is under the review threshold (the model itself asks for a person);
+  "not-ready": a verdict of a class the model's contract does not list as ready (class readiness), which goes
+  to a person whatever its probability.
+* "boundary:<head>": among the confident verdicts, the frames with the smallest margin between the top two
+  probabilities of a head that applies to the verdict (the heads on the predicted leaf's path): the frames
+  nearest that head's decision boundary, where a label teaches the model most.
+* "audit": a uniform random sample of the confident verdicts (default 2%), drawn independently of the other
+  reasons, so the share of them a person corrects estimates the error rate of what is classified automatically.
+* "suspect": (added by the caller) a training frame whose folder label the model disputes.
+
+The budget (`max_items`) keeps, in this order: the audit sample (small, and without it no estimate), the
+frames under review from the least probable up, then the boundary frames from the smallest margin up, one head
+after another in turn. A frame with several reasons is one entry listing them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from semhinet_tf.review import ReviewInputError
+from semhinet_tf.taxonomy import Taxonomy
+
+DEFAULT_AUDIT = 0.02
+DEFAULT_BOUNDARY = 10
+REASON_REVIEW, REASON_AUDIT, REASON_SUSPECT, REASON_NOT_READY = "review", "audit", "suspect", "not-ready"
+BOUNDARY_PREFIX = "boundary:"
+
+
+@dataclass
+class Selection:
+    """Chosen frame indices in queue order, the reasons of each, the margin of each head that applies to each
+    chosen frame's verdict, and the counts needed to read the audit (how many verdicts were confident)."""
+
+    order: list[int]
+    reasons: dict[int, list[str]]
+    margins: dict[int, dict[str, float]] = field(default_factory=dict)
+    n_frames: int = 0
+    n_confident: int = 0
+    n_audit: int = 0
+    dropped: int = 0  # frames selected but left out by the budget
+
+
+def head_margins(head_probs: Mapping[str, np.ndarray], taxonomy: Taxonomy, pred_leaf: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """Per head, top-1 minus top-2 probability for each frame whose predicted leaf lies below that head (the
+    head applies to the verdict); NaN where it does not."""
+    pred_leaf = np.asarray(pred_leaf, dtype=np.int64)
+    out = {}
+    for head in taxonomy.heads:
+        p = np.sort(np.asarray(head_probs[head.name], dtype=np.float64), axis=1)
+        margin = p[:, -1] - p[:, -2]
+        applies = np.array([any(h == head.name for h, _ in taxonomy.path(taxonomy.leaves[j])) for j in pred_leaf],
+                           dtype=bool)
+        out[head.name] = np.where(applies, margin, np.nan)
+    return out
+
+
+def select(leaf_probs: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonomy: Taxonomy, threshold: float,
+           *, audit: float = DEFAULT_AUDIT, boundary: int = DEFAULT_BOUNDARY, max_items: int | None = None,
+           seed: int = 0, not_ready: np.ndarray | None = None) -> Selection:
+    """Choose the frames to review (see the module docstring); the same inputs and seed give the same queue.
+
+    `audit` is the fraction of confident verdicts sampled (rounded to the nearest count, at least one when the
+    fraction is above 0 and any verdict is confident); `boundary` frames per head; `max_items` the budget.
+    `not_ready` (bool per frame): verdicts of a class the model's contract does not list as ready, which go to
+    review whatever their probability; queued with the frames under the threshold, reason "not-ready"."""
+    if not 0.0 <= audit <= 1.0:
+        raise ValueError(f"the audit fraction must be between 0 and 1, got {audit}")
+    leaf_probs = np.asarray(leaf_probs, dtype=np.float64)
+    n = leaf_probs.shape[0]
+    pred = leaf_probs.argmax(axis=1) if n else np.zeros(0, np.int64)
+    top = leaf_probs.max(axis=1) if n else np.zeros(0)
+    forced = np.zeros(n, dtype=bool) if not_ready is None else np.asarray(not_ready, dtype=bool)
+    confident = (top >= threshold) & ~forced
+    margins = head_margins(head_probs, taxonomy, pred) if n else {h: np.zeros(0) for h in taxonomy.head_names}
+    reasons: dict[int, list[str]] = {}
+
+    def add(i: int, why: str) -> None:
+        reasons.setdefault(int(i), []).append(why)
+
+    conf_idx = np.flatnonzero(confident)
+    n_audit = 0
+    if audit > 0 and conf_idx.size:
+        n_audit = min(conf_idx.size, max(1, int(math.floor(audit * conf_idx.size + 0.5))))
+    rng = np.random.default_rng([seed, 24])
+    audit_idx = np.sort(rng.choice(conf_idx, size=n_audit, replace=False)) if n_audit else np.zeros(0, np.int64)
+    for i in audit_idx:
+        add(i, REASON_AUDIT)
+    review_idx = np.flatnonzero(~confident)
+    review_idx = review_idx[np.argsort(top[review_idx], kind="stable")]
+    for i in review_idx:
+        add(i, REASON_REVIEW if top[i] < threshold else REASON_NOT_READY)
+    per_head: list[list[int]] = []
+    for head in taxonomy.head_names:
+        m = margins[head]
+        ok = np.flatnonzero(confident & np.isfinite(m))
+        chosen = ok[np.argsort(m[ok], kind="stable")][:boundary]
+        for i in chosen:
+            add(i, BOUNDARY_PREFIX + head)
+        per_head.append([int(i) for i in chosen])
+    order: list[int] = []
+    seen: set[int] = set()
+
+    def take(items: Iterable[int]) -> None:
+        for i in items:
+            if int(i) not in seen:
+                seen.add(int(i))
+                order.append(int(i))
+
+    take(audit_idx)
+    take(review_idx)
+    for rank in range(max((len(c) for c in per_head), default=0)):  # heads in turn: every head gets its nearest
+        take(c[rank] for c in per_head if rank < len(c))
+    dropped = 0
+    if max_items is not None and len(order) > max_items:
+        dropped = len(order) - max_items
+        order = order[:max_items]
+    kept = set(order)
+    return Selection(order=order, reasons={i: r for i, r in reasons.items() if i in kept},
+                     margins={i: {h: round(float(margins[h][i]), 6) for h in taxonomy.head_names
+                                  if np.isfinite(margins[h][i])} for i in order},
+                     n_frames=n, n_confident=int(confident.sum()),
+                     n_audit=sum(REASON_AUDIT in reasons[i] for i in order), dropped=dropped)
+
+
+# ---------------------------------------------------------------- rows in, queue out
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes: what the queue and the labels record, so a frame edited after it was
+    queued is noticed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rows_to_arrays(rows: Sequence[Mapping[str, Any]], taxonomy: Taxonomy, where: str = "verdicts"
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Leaf probabilities (N, leaves) and head probabilities from verdict rows (`predict`'s JSON lines), checked
+    against the taxonomy: a row from another model is refused in one line naming it."""
+    leaf = np.zeros((len(rows), len(taxonomy.leaves)))
+    heads = {h.name: np.zeros((len(rows), h.num_classes)) for h in taxonomy.heads}
+    for i, row in enumerate(rows):
+        try:
+            lp, hp = row["leaf_probabilities"], row["heads"]
+            leaf[i] = [float(lp[leaf_name]) for leaf_name in taxonomy.leaves]
+            for h in taxonomy.heads:
+                heads[h.name][i] = [float(hp[h.name][c]) for c in h.classes]
+        except (KeyError, TypeError, ValueError) as exc:
+            name = row.get("path", f"row {i + 1}")
+            raise ReviewInputError(f"{where}: the verdict of {name} does not fit the model's taxonomy (no "
+                                   f"probability for {exc}); give the model that wrote it") from None
+    return leaf, heads
+
+
+def read_verdicts(path: str | Path) -> list[dict]:
+    """`semhinet predict`'s JSON lines (rows with an 'error' are kept aside by the caller); a line that is not a
+    verdict is an error naming the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ReviewInputError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or "path" not in row:
+                raise ReviewInputError(f"{path}: line {number} is not a verdict of `semhinet predict` (no 'path')")
+            rows.append(row)
+    return rows
+
+
+def queue_entries(rows: Sequence[Mapping[str, Any]], selection: Selection, hashes: Mapping[int, str]
+                  ) -> list[dict]:
+    """The lines of queue.jsonl for the chosen rows, in queue order."""
+    out = []
+    for i in selection.order:
+        row = rows[i]
+        out.append({"path": row["path"], "sha256": hashes[i], "verdict": row["class"],
+                    "probability": row["probability"], "review": bool(row.get("review")),
+                    "leaf_probabilities": row["leaf_probabilities"], "heads": row["heads"],
+                    "why": selection.reasons[i], "margins": selection.margins.get(i, {})})
+    return out
+
+
+def read_queue(path: str | Path) -> list[dict]:
+    """queue.jsonl as written by `review queue`; a damaged line is an error naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                    raise ValueError("no 'path'")
+                for key in ("sha256", "verdict", "leaf_probabilities", "heads"):
+                    entry[key]  # noqa: B018 - presence check
+            except (ValueError, KeyError) as exc:
+                raise ReviewInputError(f"{path}: line {number} is not a queue entry ({exc})") from None
+            out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------- suspects: labels the model disputes
+def label_issues(labels: np.ndarray, leaf_probs: np.ndarray) -> np.ndarray:
+    """Indices of frames whose given label is likely wrong, most suspicious first: cleanlab's confident learning
+    (`find_label_issues`, ranked by self-confidence) on out-of-sample leaf probabilities.
+
+    Classes no frame is labelled with are left out of the columns (and the rows renormalised), since confident
+    learning estimates a per-class threshold from each class's own frames."""
+    from cleanlab.filter import find_label_issues
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size == 0:
+        return np.zeros(0, np.int64)
+    present = np.unique(labels)
+    if present.size < 2:
+        return np.zeros(0, np.int64)
+    remap = {int(c): k for k, c in enumerate(present)}
+    probs = np.asarray(leaf_probs, dtype=np.float64)[:, present]
+    probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cleanlab warns about small classes; the result still stands
+        found = find_label_issues(np.array([remap[int(c)] for c in labels]), probs,
+                                  return_indices_ranked_by="self_confidence")
+    return np.asarray(found, dtype=np.int64)
+
+
+def find_suspects(engine: Any, data: str | Path, run_dir: Path | None, progress: bool = True
+                  ) -> tuple[list[dict], str, list[str]]:
+    """Labelled frames of DATA (class folders) whose folder label the model disputes, as queue entries with
+    why ["suspect"] and their `folder_label`. Judged only on frames the model did not train on: the run's saved
+    validation split when DATA is the folder it was trained on (its out-of-fold frames), else every frame of DATA.
+    Returns (entries, split used, notes)."""
+    from semhinet_tf.data.dataset import eval_items
+    from semhinet_tf.workflow import decode_items
+
+    taxonomy = engine.taxonomy
+    items, split_used, notes = eval_items(data, taxonomy, run_dir, None)
+    frames, paths, leaf_ids = decode_items(items, engine.preprocess, taxonomy, notes, progress)
+    if not len(frames):
+        return [], split_used, notes
+    probs = engine.predict(frames)
+    rows = taxonomy.decode(probs, engine.review_threshold)
+    leaf_p = taxonomy.leaf_probabilities(probs)
+    out = []
+    for i in label_issues(leaf_ids, leaf_p):
+        path = str(Path(paths[i]).resolve())
+        row = rows[i]
+        out.append({"path": path, "sha256": file_sha256(path), "verdict": row["class"],
+                    "probability": row["probability"], "review": row["review"],
+                    "leaf_probabilities": row["leaf_probabilities"], "heads": row["heads"], "why": [REASON_SUSPECT],
+                    "margins": {}, "folder_label": taxonomy.leaves[int(leaf_ids[i])]})
+    return out, split_used, notes
+
+
+# ---------------------------------------------------------------- the command's job
+def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit: float = DEFAULT_AUDIT,
+                boundary: int = DEFAULT_BOUNDARY, max_items: int | None = None, seed: int = 0, views: int = 1,
+                allow_no_contract: bool = False, overwrite: bool = False, progress: bool = True,
+                suspects: str | Path | None = None) -> dict:
+    """`semhinet review queue`: classify IMAGES (a folder, or `predict`'s JSON lines) with MODEL, select, and write
+    REVIEW/queue.jsonl and REVIEW/review.json. Frames are referenced by absolute path, never copied or moved.
+
+    `suspects`: a labelled data set (class folders); its frames whose folder label the model disputes
+    (`find_suspects`) are queued after the new frames, within what is left of `max_items`.
+    Returns the counts written to review.json."""
+    from semhinet_tf.artifacts.files import atomic_open, check_outputs, write_json
+    from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_QUEUE
+    from semhinet_tf.engines import find_run_dir, load_model
+    from semhinet_tf.progress import bar
+    from semhinet_tf.review.labels import now
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    check_outputs([out / REVIEW_QUEUE, out / REVIEW_INFO], overwrite)
+    engine = load_model(model, views=views, allow_no_contract=allow_no_contract, progress=False)
+    taxonomy = engine.taxonomy
+    images = Path(images)
+    rows: list[dict] = []
+    unreadable: list[dict] = []
+    if images.is_file():
+        for row in read_verdicts(images):
+            (unreadable if "error" in row else rows).append(row)
+        threshold = engine.review_threshold
+    else:
+        if not images.exists():
+            raise ReviewInputError(f"{images}: no such folder or file")
+        with bar(desc="classifying", unit="img", enabled=progress) as counter:
+            for row in engine.classify([images]):
+                (unreadable if "error" in row else rows).append(row)
+                counter.update(1)
+        threshold = engine.review_threshold
+    if not rows:
+        raise ReviewInputError(f"{images}: no readable image to queue"
+                               + (f" ({len(unreadable)} unreadable, e.g. {unreadable[0]['path']}: "
+                                  f"{unreadable[0]['error']})" if unreadable else ""))
+    for row in rows:
+        row["path"] = str(Path(row["path"]).resolve())
+    leaf, heads = rows_to_arrays(rows, taxonomy, str(images))
+    not_ready = np.array([row.get("ready") is False for row in rows], dtype=bool)
+    sel = select(leaf, heads, taxonomy, threshold, audit=audit, boundary=boundary, max_items=max_items, seed=seed,
+                 not_ready=not_ready)
+    hashes, missing = {}, []
+    for i in sel.order:
+        try:
+            hashes[i] = file_sha256(rows[i]["path"])
+        except OSError as exc:
+            missing.append(f"{rows[i]['path']} ({exc.strerror or exc})")
+    if missing:
+        sel.order = [i for i in sel.order if i in hashes]
+    entries = queue_entries(rows, sel, hashes)
+    queued = {e["path"] for e in entries}
+    suspect_notes, suspect_split = [], None
+    if suspects is not None:
+        found, suspect_split, suspect_notes = find_suspects(engine, suspects, find_run_dir(model), progress)
+        room = len(found) if max_items is None else max(0, max_items - len(entries))
+        for row in [r for r in found if r["path"] not in queued][:room]:
+            entries.append(row)
+            queued.add(row["path"])
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out / REVIEW_QUEUE, "w") as f:
+        for entry in entries:
+            f.write(json.dumps(entry) + "\n")
+    info = {"made_by": "semhinet review queue", "created": now(), "model": str(Path(model).resolve()),
+            "images": str(images.resolve()), "taxonomy": taxonomy.to_spec(), "review_threshold": float(threshold),
+            "views": views, "audit": audit, "boundary": boundary, "max": max_items, "seed": seed,
+            "n_frames": sel.n_frames, "n_confident": sel.n_confident, "n_audit": sel.n_audit,
+            "n_review": sum(REASON_REVIEW in e["why"] for e in entries),
+            "n_not_ready": sum(REASON_NOT_READY in e["why"] for e in entries),
+            "n_suspects": sum(REASON_SUSPECT in e["why"] for e in entries),
+            "n_queued": len(entries), "dropped_by_budget": sel.dropped, "unreadable": len(unreadable),
+            "missing": missing, "suspects": None if suspects is None else str(Path(suspects).resolve()),
+            "suspects_split": suspect_split, "notes": suspect_notes}
+    write_json(info, out / REVIEW_INFO)
+    return info
