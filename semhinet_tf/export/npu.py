@@ -347,9 +347,9 @@ def check_cora_z7(path_or_bytes) -> NpuReport:
     """Can the Cora Z7's Cortex-A9 run this .tflite with tflite_runtime? Only if no operator computes in float.
 
     The tflite_runtime wheels for 32-bit ARM (2.14.0 manylinux_2_34_armv7l, 2.13.0 before it) are built for VFPv4:
-    their float kernels contain fused multiply-add instructions, which the A9 (VFPv3 + NEON) does not have, and a float model
-    dies with SIGILL there (tools/arm_board_check.sh shows it under qemu's cortex-a9). Its int8 kernels run: an
-    instruction trace of the int8 model executed no FMA. So every operator whose tensors include a float one
+    their float kernels contain fused multiply-add instructions, which the A9 (VFPv3 + NEON) does not have, and a
+    float model dies with SIGILL there (tools/arm_board_check.sh shows it under qemu's cortex-a9). Its int8 kernels
+    run: an instruction trace of the int8 model executed no FMA. So every operator whose tensors include a float one
     fails, the boundary QUANTIZE / DEQUANTIZE of a float-I/O model too (they compute x / scale + zero point in
     float, with the same compiler flags), and so do custom ops (tflite_runtime has none). The NPU's rules (its op
     list, per-channel I/O, dynamic shapes) do not apply: the CPU's built-in kernels take them.
