@@ -550,18 +550,23 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity, views, all
               help="default: val when the run's split is found, else all")
 @click.option("--max-drop", type=float, default=None,
               help="exit non-zero when int8 leaf accuracy is more than this many points below float")
+@click.option("--not-worse", is_flag=True,
+              help="exit non-zero when int8 leaf accuracy is significantly worse than float (McNemar's exact "
+                   "one-sided test on the same images); with --max-drop, only a drop beyond it that is significant")
+@click.option("--alpha", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="significance level of --not-worse")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the comparison as JSON to this file")
 @views_option
 @no_contract_option
 @overwrite_option
 @friendly
-def compare(run_dir, data, split, max_drop, json_out, views, allow_no_contract, overwrite):
+def compare(run_dir, data, split, max_drop, not_worse, alpha, json_out, views, allow_no_contract, overwrite):
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX): per-head deltas, agreement, flipped images."""
     from semhinet_tf.workflow import compare_run
 
     res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out, views=int(views),
-                      allow_no_contract=allow_no_contract, overwrite=overwrite)
+                      allow_no_contract=allow_no_contract, overwrite=overwrite, not_worse=not_worse, alpha=alpha)
     click.echo(res["table"])
     for row in res["compare"]["models"]:
         for flip in row["flips"][:10]:
@@ -571,8 +576,12 @@ def compare(run_dir, data, split, max_drop, json_out, views, allow_no_contract, 
         click.echo(line)
     gate = res["compare"]["gate"]
     if gate is not None:
+        allowed = [f"allowed -{gate['max_drop']}"] if gate["max_drop"] is not None else []
+        if gate["not_worse"]:
+            p = gate["worst_int8_p_worse"]
+            allowed.append(f"McNemar p(worse)={'-' if p is None else f'{p:.3g}'}, significant below {gate['alpha']}")
         click.echo(f"gate: int8 leaf accuracy {gate['worst_int8_delta_points']:+.2f} points vs float "
-                   f"(allowed -{gate['max_drop']}): {'PASS' if gate['passed'] else 'FAIL'}")
+                   f"({'; '.join(allowed)}): {'PASS' if gate['passed'] else 'FAIL'}")
         if not gate["passed"]:
             sys.exit(EXIT_FAIL)
 

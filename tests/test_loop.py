@@ -229,3 +229,24 @@ def test_train_from_refuses_unknown_labels_and_other_architectures(source_run, t
     assert "img_size 32 -> 64" in result.output
     result = _run_cli("train", s["data"], "--labels", log, "--out", tmp_path / "r", code=2)
     assert "--from" in result.output
+
+
+def test_compare_tests_int8_against_float_on_the_same_images(promote_case, tmp_path):
+    """Issue 26.3: compare's float-vs-int8 difference as a paired test, and its gate's 'not significantly worse'."""
+    from semhinet_tf import stats
+
+    c = promote_case
+    out_json = tmp_path / "compare.json"
+    result = CliRunner().invoke(main, ["compare", str(c["old"]), "--data", str(c["data"]), "--not-worse",
+                                       "--json", str(out_json)])
+    report = json.loads(out_json.read_text())
+    int8 = next(m for m in report["models"] if m["format"] == "tflite")
+    lost, gained = int8["leaf_discordant"]
+    # the truth is the float model's answer, so every int8 flip is a frame lost and none is gained
+    assert (lost, gained) == (len(int8["flips"]), 0)
+    assert int8["leaf_p_worse"] == pytest.approx(0.5 ** lost)
+    assert int8["leaf_mcnemar_p"] == pytest.approx(stats.mcnemar(lost, 0))
+    significant = 0.5 ** lost < 0.05
+    assert report["gate"]["passed"] == (not significant)
+    assert result.exit_code == (1 if significant else 0) and "McNemar p(worse)=" in result.output
+    assert int8["leaf_accuracy_ci"][0] <= int8["leaf_accuracy"] <= int8["leaf_accuracy_ci"][1]

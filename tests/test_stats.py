@@ -47,3 +47,59 @@ def test_gate_rule():
     assert stats.fails(4.0, 1.0, 0.2, paired=False)            # without the test the tolerance decides
     assert stats.fails(4.0, 1.0, None, paired=True)            # no paired test for this figure
     assert not stats.fails(None, 1.0, None, paired=False)
+
+
+# ---------------------------------------------------------------------------------------------- where they show
+def _case(n: int = 60, seed: int = 1):
+    from semhinet_tf.taxonomy import Taxonomy
+
+    tax = Taxonomy.default()
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, len(tax.leaves), n)
+    return tax, true, {h.name: rng.dirichlet(np.ones(h.num_classes), n) for h in tax.heads}
+
+
+def test_eval_json_holds_an_interval_next_to_every_ratio():
+    from semhinet_tf.evaluate import evaluate
+
+    tax, true, probs = _case()
+    r = evaluate(true, probs, tax, "m", "keras")
+    cm = np.array(r["leaf"]["confusion"])
+    assert r["leaf"]["accuracy_ci"] == pytest.approx(list(stats.wilson(np.trace(cm), cm.sum())))
+    j = tax.leaf_index("bridge")
+    assert r["per_class"]["bridge"]["recall_ci"] == pytest.approx(list(stats.wilson(cm[j, j], cm[j].sum())))
+    assert r["per_class"]["bridge"]["precision_ci"] == pytest.approx(list(stats.wilson(cm[j, j], cm[:, j].sum())))
+    h1 = r["heads"]["h1"]
+    for i, cls in enumerate(h1["labels"]):
+        row = np.array(h1["confusion"])[i]
+        lo, hi = h1["recall_ci"][cls]
+        assert lo <= h1["recall"][cls] <= hi and (lo, hi) == pytest.approx(stats.wilson(row[i], row.sum()))
+    point = r["coverage"]["operating_point"]
+    assert point["automatic_n"] == round(point["coverage"] * 60)
+
+
+def test_tables_and_report_show_intervals_and_warn_on_few_frames(tmp_path):
+    from PIL import Image
+
+    from semhinet_tf.evaluate import evaluate, format_summary_table
+    from semhinet_tf.report import write_report
+
+    tax, true, probs = _case(n=40)
+    true[0] = tax.leaf_index("normal")  # one frame far more confident than the rest, and right
+    probs["h1"][0] = [0.0005, 0.999, 0.0005]
+    r = evaluate(true, probs, tax, "m", "keras", purity_target=0.99)
+    table = format_summary_table({"m": r}, intervals=True)
+    leaf_row = next(line for line in table.splitlines() if line.startswith("| leaf accuracy"))
+    lo, hi = r["leaf"]["accuracy_ci"]
+    assert f"[{lo:.2f}, {hi:.2f}]" in leaf_row and "*" not in leaf_row  # 40 frames behind it
+    assert "*" in next(line for line in table.splitlines() if line.startswith("| h1 recall"))  # about 5 each
+    paths = []
+    for i in range(len(true)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((16, 16), i, np.uint8)).save(paths[-1])
+    write_report(tmp_path / "rep", r, paths, true, probs, tax)
+    text = (tmp_path / "rep" / "README.md").read_text()
+    assert "rest on fewer than 30 images" in text and "h1 recall bogus (n=" in text
+    assert f"leaf accuracy | {r['leaf']['accuracy']:.3f} [{lo:.2f}, {hi:.2f}] (n=40)" in text
+    assert r["coverage"]["operating_point"]["automatic_n"] == 1  # the 0.99 target "reached" on one frame ...
+    assert "Purity targets reached on fewer than 30 automatic images" in text and "0.99 on 1 image" in text
