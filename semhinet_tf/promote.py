@@ -224,6 +224,11 @@ def promote(new_run: str | Path, old_run: str | Path, data: str | Path, toleranc
                              f"file is unreadable under one of them); fix or remove it")
         decisions[kind] = decide(truth, old_p, new_p, taxonomy, tolerance, paired, alpha)
     passed = all(d["passed"] for d in decisions.values())
+    few = sorted({r["figure"] for d in decisions.values() for r in d["figures"]
+                  if r["p_worse"] is not None and 0 < r["before_n"] < stats.FEW_FRAMES})
+    if few and paired:
+        notes.append(f"on fewer than {stats.FEW_FRAMES} frames, a fall must be large to be significant: "
+                     f"{', '.join(few)} (--no-paired judges by --tolerance alone)")
     failures = [f"{kind}: {failure_line(r, tolerance)}" for kind, d in decisions.items() for r in d["figures"]
                 if r["failed"]]
     entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -266,8 +271,11 @@ def append_changelog(home: Path, entry: Mapping[str, Any]) -> None:
     atomic_write_text(home / CHANGELOG_MD, changelog_markdown(entries))
 
 
-def _num(value: Any, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _num(value: Any, digits: int = 3, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    value = 0.0 if round(value, digits) == 0 else value  # no "-0.0"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def format_table(entry: Mapping[str, Any]) -> str:
@@ -279,7 +287,7 @@ def format_table(entry: Mapping[str, Any]) -> str:
             p = "-" if r["p_worse"] is None else f"{r['p_worse']:.3g}"
             lines.append(f"| {r['figure']} | {kind} | {_num(r['before'])} {stats.format_interval(r['before_ci'])} "
                          f"(n={r['before_n']}) | {_num(r['after'])} {stats.format_interval(r['after_ci'])} "
-                         f"(n={r['after_n']}) | {_num(r['delta_points'], 1)} | {p} | "
+                         f"(n={r['after_n']}) | {_num(r['delta_points'], 1, sign=True)} | {p} | "
                          f"{'WORSE' if r['failed'] else ''} |")
     return "\n".join(lines)
 

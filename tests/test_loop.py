@@ -183,6 +183,7 @@ def source_run(tiny_run, tmp_path_factory):
     return {"home": home, "run": run, "data": data, "new": new}
 
 
+@pytest.mark.slow
 def test_train_from_a_run_with_reviewed_labels(source_run, tmp_path):
     s = source_run
     split = json.loads((s["run"] / "split.json").read_text())
