@@ -251,3 +251,21 @@ def test_compare_tests_int8_against_float_on_the_same_images(promote_case, tmp_p
     assert report["gate"]["passed"] == (not significant)
     assert result.exit_code == (1 if significant else 0) and "McNemar p(worse)=" in result.output
     assert int8["leaf_accuracy_ci"][0] <= int8["leaf_accuracy"] <= int8["leaf_accuracy_ci"][1]
+
+
+def test_fine_tuning_defaults_to_a_third_of_what_the_run_ran(source_run, tmp_path):
+    from semhinet_tf.training.config import TrainConfig
+    from semhinet_tf.training.from_run import SourceRun, fine_tune_config
+
+    run = shutil.copytree(source_run["run"], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["train"].update(epochs=30, qat_epochs=6)
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "train_state.json").write_text(json.dumps({"float": {"epoch": 17, "stopped": True},
+                                                      "qat": {"epoch": 6}}))
+    cfg = fine_tune_config(SourceRun.load(run), TrainConfig(img_size=999, epochs=50), given={"sampler"})
+    assert (cfg.epochs, cfg.qat_epochs) == (6, 2)  # 17 float epochs ran (early stop), 6 QAT
+    assert cfg.img_size == 32 and cfg.alpha == 0.35 and cfg.lr == pytest.approx(1e-3 / 3)  # not given: RUN's
+    assert cfg.weights.endswith("float.keras") and cfg.bn_momentum == 0.9
+    given = fine_tune_config(SourceRun.load(run), TrainConfig(epochs=4, sampler="natural"), given={"epochs", "sampler"})
+    assert given.epochs == 4 and given.sampler == "natural"

@@ -6,8 +6,9 @@ What it keeps from RUN, and why:
   `promote` can compare them fairly; a reviewed frame byte-identical to one of them is kept out too;
 * the architecture and preprocessing (input size, width, heads, info bar, fit) and the taxonomy: the new run
   starts from RUN's float weights, which only fit the same model; asking for another is refused;
-* everything else (sampler, augmentation, loss) unless given again; the float phase and QAT run a third of
-  RUN's epochs (rounded up) at a third of RUN's peak learning rate unless --epochs / --qat-epochs / --lr say.
+* everything else (sampler, augmentation, loss) unless given again; the float phase and QAT run a third of the
+  epochs RUN ran (rounded up; its configured epochs when train_state.json is missing; an early-stopped phase
+  counts the epochs it ran) at a third of RUN's peak learning rate unless --epochs / --qat-epochs / --lr say.
 
 What the answers change: a reviewed frame inside RUN's training split gets the reviewed leaf (the manifest keeps
 both: `leaf` and `folder_leaf`); a reviewed frame outside DATA (a new frame from the line) joins training under
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, SPLIT, TAXONOMY, TRAIN_RESULT, RunDirError
+from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, SPLIT, STATE, TAXONOMY, TRAIN_RESULT, RunDirError
 from semhinet_tf.data.discover import DatasetError, Entry, Manifest, discover, load_split, save_split
 from semhinet_tf.review.labels import Replay, replay
 from semhinet_tf.training.config import TrainConfig
@@ -50,6 +51,7 @@ class SourceRun:
     split: dict
     manifest: Manifest
     seconds: float | None  # RUN's own training wall time, for the comparison `train --from` prints
+    epochs_run: dict[str, int] = field(default_factory=dict)  # phase -> epochs RUN ran (train_state.json)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> SourceRun:
@@ -65,10 +67,16 @@ class SourceRun:
             taxonomy = Taxonomy.from_spec(json.loads((run_dir / TAXONOMY).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RunDirError(f"{run_dir}: its {CONFIG} or {TAXONOMY} cannot be read ({exc})") from exc
-        seconds = None
-        if (run_dir / TRAIN_RESULT).exists():
-            seconds = json.loads((run_dir / TRAIN_RESULT).read_text()).get("seconds")
-        return cls(run_dir, config, cfg, taxonomy, load_split(run_dir), Manifest.load(run_dir), seconds)
+        seconds, ran = None, {}
+        try:
+            if (run_dir / TRAIN_RESULT).exists():
+                seconds = json.loads((run_dir / TRAIN_RESULT).read_text()).get("seconds")
+            if (run_dir / STATE).exists():
+                ran = {phase: int(p["epoch"]) for phase, p in json.loads((run_dir / STATE).read_text()).items()
+                       if isinstance(p, dict) and p.get("epoch")}
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # only the defaults of the fine-tuning depend on them
+        return cls(run_dir, config, cfg, taxonomy, load_split(run_dir), Manifest.load(run_dir), seconds, ran)
 
 
 def fine_tune_config(source: SourceRun, cfg: TrainConfig, given: set[str], taxonomy: Any = None) -> TrainConfig:
@@ -84,9 +92,11 @@ def fine_tune_config(source: SourceRun, cfg: TrainConfig, given: set[str], taxon
                           f"refused: {'; '.join(changed)} (train a new run without --from instead)")
     out = replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
     if "epochs" not in given:
-        out = replace(out, epochs=max(1, math.ceil(saved.epochs / FINE_TUNE_SHARE)))
-    if "qat_epochs" not in given:
-        out = replace(out, qat_epochs=math.ceil(saved.qat_epochs / FINE_TUNE_SHARE))
+        ran = source.epochs_run.get("float", saved.epochs)
+        out = replace(out, epochs=max(1, math.ceil(ran / FINE_TUNE_SHARE)))
+    if "qat_epochs" not in given and saved.qat_epochs:
+        ran = source.epochs_run.get("qat", saved.qat_epochs)
+        out = replace(out, qat_epochs=max(1, math.ceil(ran / FINE_TUNE_SHARE)))
     if "lr" not in given and saved.lr:
         out = replace(out, lr=saved.lr / FINE_TUNE_SHARE)
     bn = source.config.get("model", {}).get("backbone", {}).get("bn_momentum")
