@@ -370,6 +370,8 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
     if from_run is not None:
         from semhinet_tf.training.from_run import SourceRun, fine_tune_config
 
+        if "weights" in given:
+            raise click.UsageError("--from starts from that run's float weights: drop --weights")
         source = SourceRun.load(from_run)
         cfg = fine_tune_config(source, cfg, given, taxonomy if taxonomy_file else None)
         taxonomy = source.taxonomy

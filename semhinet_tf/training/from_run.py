@@ -199,12 +199,12 @@ def _resolve(path: str, log: Path, data_root: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- the data
 def plan_data(data_dir: str | Path, source: SourceRun, taxonomy: Any, labels: Path | None, pre: Any,
-              progress: bool = True) -> tuple[Manifest, dict, Review]:
+              progress: bool = True, strict: bool = False) -> tuple[Manifest, dict, Review]:
     """DATA's manifest with the answers applied, the split to train on (RUN's, plus the added frames) and what
     the answers did. No decoding here: that is the caller's, through the frame cache."""
     from semhinet_tf.data.decode import ImageError, image_size
 
-    manifest = discover(data_dir, taxonomy, check_images=False, pre=pre, progress=progress)
+    manifest = discover(data_dir, taxonomy, strict=strict, check_images=False, pre=pre, progress=progress)
     root = Path(manifest.root)
     if Path(source.split["root"]).resolve() != root.resolve():
         raise DatasetError(f"{source.dir} was trained on {source.split['root']}, not {root}: --from keeps the run's "
@@ -291,14 +291,14 @@ def plan_data(data_dir: str | Path, source: SourceRun, taxonomy: Any, labels: Pa
 
 
 def prepare_from_run(data_dir: str | Path, run_dir: Path, source: SourceRun, labels: Path | None, taxonomy: Any,
-                     cfg: TrainConfig, progress: bool = True, cache: Any = None) -> dict:
+                     cfg: TrainConfig, progress: bool = True, cache: Any = None, strict: bool = False) -> dict:
     """`prepare_dataset`'s counterpart for --from: RUN's split with the answers applied, decoded through the frame
     cache; manifest (with the review) and split written to the new run."""
     from semhinet_tf.data.dataset import _arrays, _decode_manifest
     from semhinet_tf.data.decode import Preprocess
 
     pre = Preprocess.from_dict(source.config["preprocess"])
-    manifest, split, review = plan_data(data_dir, source, taxonomy, labels, pre, progress)
+    manifest, split, review = plan_data(data_dir, source, taxonomy, labels, pre, progress, strict)
     frames, rows = _decode_manifest(manifest, pre, progress, cache)
     manifest.save(run_dir)
     save_split(split, run_dir)

@@ -134,7 +134,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
         from semhinet_tf.training.from_run import prepare_from_run
 
         data = prepare_from_run(data_dir, run_dir, source, Path(labels) if labels else None, taxonomy, cfg,
-                                progress=progress, cache=cache)
+                                progress=progress, cache=cache, strict=strict)
     else:
         data = prepare_dataset(data_dir, run_dir, taxonomy, cfg, strict=strict, progress=progress,
                                reuse_split=resume, cache=cache)
