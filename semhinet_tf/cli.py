@@ -600,7 +600,7 @@ def compare(run_dir, data, split, max_drop, not_worse, alpha, json_out, views, a
                    "precisions; float and int8) may fall before RUN2 is refused")
 @click.option("--paired/--no-paired", default=True, show_default=True,
               help="refuse a fall beyond --tolerance only when McNemar's exact one-sided test on the same frames "
-                   "also finds it significant (precision, which has no paired test, is judged by the tolerance)")
+                   "also finds it significant (a precision: on its false alarms and its hits, Bonferroni)")
 @click.option("--alpha", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="significance level of --paired")
 @click.option("--dry-run", is_flag=True, help="score and decide, but write no record and no changelog entry")

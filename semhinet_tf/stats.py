@@ -77,8 +77,8 @@ def fails(drop_points: float | None, tolerance: float, p_worse: float | None, pa
     """The gate's rule, shared by `compare --max-drop/--not-worse` and `promote`.
 
     A figure fails when it fell by more than `tolerance` points and, with `paired`, the paired test also finds
-    the fall significant (one-sided p < alpha). A figure without a paired test (precision, whose images differ
-    between the two models) is judged by the tolerance alone. A figure that cannot be computed never fails."""
+    the fall significant (one-sided p < alpha). A figure without a paired test (p_worse None) is judged by the
+    tolerance alone. A figure that cannot be computed never fails."""
     if drop_points is None or drop_points <= tolerance:
         return False
     if paired and p_worse is not None:

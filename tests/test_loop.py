@@ -70,8 +70,24 @@ def test_decide_accepts_a_better_model_and_weighs_small_falls_with_the_paired_te
     refused = decide(truth, old, slightly_worse, TAX, tolerance=1.0, paired=False)
     assert not refused["passed"]
     assert decide(truth, old, slightly_worse, TAX, tolerance=5.0, paired=False)["passed"]
-    # precision has no paired test: it is judged by the tolerance alone
-    assert all(r["p_worse"] is None for r in refused["figures"] if r["figure"].startswith("precision"))
+
+
+def test_a_precision_fall_is_tested_on_its_false_alarms_and_hits():
+    truth = np.array([TAX.leaf_index(t) for t in TRUTH])
+    normal = [i for i, t in enumerate(TRUTH) if t == "normal"]
+    perfect = _probs(TRUTH)
+
+    def calling_bridge(frames):
+        return _probs(["bridge" if i in frames else t for i, t in enumerate(TRUTH)])
+
+    d = decide(truth, perfect, calling_bridge(set(normal[:6])), TAX, tolerance=1.0, paired=True)
+    row = next(r for r in d["figures"] if r["figure"] == "precision bridge")
+    assert row["after"] == pytest.approx(8 / 14) and row["failed"]
+    assert row["p_worse"] == pytest.approx(2 * 0.5 ** 6)  # 6 new false alarms, hits unchanged; Bonferroni x2
+    one = decide(truth, perfect, calling_bridge({normal[0]}), TAX, tolerance=1.0, paired=True)
+    row = next(r for r in one["figures"] if r["figure"] == "precision bridge")
+    assert row["delta_points"] == pytest.approx(-100 / 9) and not row["failed"]  # one frame: could be chance
+    assert not decide(truth, perfect, calling_bridge({normal[0]}), TAX, tolerance=1.0, paired=False)["passed"]
 
 
 # ---------------------------------------------------------------------------------------------- promote
