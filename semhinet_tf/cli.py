@@ -143,6 +143,16 @@ def _train_summary(result: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def _fine_tune_time(result: dict, from_run: Path) -> str:
+    """The fine-tuning's wall time next to the full training it started from (issue 24: print both)."""
+    full = result.get("from_run_seconds")
+    mine = result.get("seconds", 0)
+    if not full:
+        return f"fine-tuning took {mine / 60:.1f} min ({from_run} recorded no training time to compare with)"
+    return (f"fine-tuning took {mine / 60:.1f} min; the full training of {from_run} took {full / 60:.1f} min "
+            f"({100 * mine / full:.0f}% of it)")
+
+
 def _given_options(ctx: click.Context, names) -> set[str]:
     """The options the user typed (not defaults): what a --resume checks against the run being continued."""
     return {n for n in names if ctx.get_parameter_source(n) not in (click.core.ParameterSource.DEFAULT,
@@ -165,8 +175,8 @@ overwrite_option = click.option(
 
 
 # `semhinet --help` lists the commands in the order of the work, not alphabetically.
-WORKFLOW_ORDER = ("synth", "train", "eval", "convert", "compare", "predict", "review", "export-onnx", "npu-check",
-                  "bench", "quickstart")
+WORKFLOW_ORDER = ("synth", "train", "eval", "convert", "compare", "predict", "review", "promote", "export-onnx",
+                  "npu-check", "bench", "quickstart")
 
 
 class WorkflowGroup(click.Group):
@@ -333,16 +343,29 @@ def synth(out_arg, out, per_class, size, seed, workers, mixed_formats, overwrite
               help="where decoded frames are cached (default $SEMHINET_CACHE, else $XDG_CACHE_HOME/semhinet, "
                    "else ~/.cache/semhinet)")
 @click.option("--no-cache", is_flag=True, help="decode into memory and leave the frame cache alone")
+@click.option("--from", "from_run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="fine-tune this run's float weights on its own split of DATA (its validation frames stay held "
+                   "out), for a third of its epochs unless --epochs/--qat-epochs say; architecture options are its")
+@click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="with --from: the reviewer's answers (REVIEW/labels.jsonl); reviewed frames join training, a "
+                   "reviewed label overrides a training frame's folder, held-out frames stay held out")
 @friendly
 def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, augment_spec, loss_weights,
-          cache_dir, no_cache, **opts):
-    """Train the five-head model on DATA (class folders), then fine-tune it with QAT."""
+          cache_dir, no_cache, from_run, labels_file, **opts):
+    """Train the five-head model on DATA (class folders), then fine-tune it with QAT.
+
+    With --from RUN [--labels REVIEW/labels.jsonl]: fine-tune RUN with the reviewed frames added (the loop
+    after `semhinet review`); then `convert` and `promote` the new run over RUN."""
     from semhinet_tf.data.pipeline import Augment
     from semhinet_tf.taxonomy import load_taxonomy
     from semhinet_tf.train import TrainConfig
     from semhinet_tf.train import train as run_train
 
     taxonomy = load_taxonomy(taxonomy_file)
+    if labels_file is not None and from_run is None:
+        raise click.UsageError("--labels adds reviewed frames to a run being fine-tuned: give --from RUN as well")
+    if from_run is not None and resume:
+        raise click.UsageError("--resume continues a run as it is and --from starts one from another: give one")
     if opts["head_loss"] == "joint" and loss_weights:
         raise click.UsageError("--head-loss joint weighs every head 1 (it is -log P(leaf)); drop --loss-weights")
     if resume and overwrite:
@@ -356,10 +379,29 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
     given |= {"loss_weights"} if loss_weights else set()
     if cache_dir is not None and no_cache:
         raise click.UsageError("--cache-dir names the frame cache and --no-cache switches it off: give one of them")
-    result = run_train(data, run_dir, cfg, taxonomy if taxonomy_file or not resume else None, overwrite=overwrite,
-                       resume=resume, strict=strict, given=given, inputs=[taxonomy_file] if taxonomy_file else [],
-                       cache_dir=cache_dir, use_cache=not no_cache)
+    source = None
+    if from_run is not None:
+        from semhinet_tf.training.from_run import SourceRun, fine_tune_config
+
+        if "weights" in given:
+            raise click.UsageError("--from starts from that run's float weights: drop --weights")
+        source = SourceRun.load(from_run)
+        cfg = fine_tune_config(source, cfg, given, taxonomy if taxonomy_file else None)
+        taxonomy = source.taxonomy
+        if labels_file is not None:  # a bad answer stops here, before the new run directory is made
+            from semhinet_tf.training.from_run import LabelsError, read_answers
+
+            try:
+                read_answers(labels_file, taxonomy)
+            except LabelsError as exc:
+                raise RefusedError(_one_line(exc)) from exc
+    result = run_train(data, run_dir, cfg, taxonomy if taxonomy_file or not resume or source else None,
+                       overwrite=overwrite, resume=resume, strict=strict, given=given,
+                       inputs=[taxonomy_file] if taxonomy_file else [], cache_dir=cache_dir, use_cache=not no_cache,
+                       source=source, labels=labels_file)
     click.echo(_train_summary(result))
+    if source is not None:
+        click.echo(_fine_tune_time(result, source.dir))
     click.echo(f"run directory: {run_dir} (all figures: {Path(run_dir) / TRAIN_RESULT})")
 
 
@@ -542,18 +584,23 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity, ready_min_
               help="default: val when the run's split is found, else all")
 @click.option("--max-drop", type=float, default=None,
               help="exit non-zero when int8 leaf accuracy is more than this many points below float")
+@click.option("--not-worse", is_flag=True,
+              help="exit non-zero when int8 leaf accuracy is significantly worse than float (McNemar's exact "
+                   "one-sided test on the same images); with --max-drop, only a drop beyond it that is significant")
+@click.option("--alpha", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="significance level of --not-worse")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the comparison as JSON to this file")
 @views_option
 @no_contract_option
 @overwrite_option
 @friendly
-def compare(run_dir, data, split, max_drop, json_out, views, allow_no_contract, overwrite):
+def compare(run_dir, data, split, max_drop, not_worse, alpha, json_out, views, allow_no_contract, overwrite):
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX): per-head deltas, agreement, flipped images."""
     from semhinet_tf.workflow import compare_run
 
     res = compare_run(run_dir, data, split=split, max_drop=max_drop, json_out=json_out, views=int(views),
-                      allow_no_contract=allow_no_contract, overwrite=overwrite)
+                      allow_no_contract=allow_no_contract, overwrite=overwrite, not_worse=not_worse, alpha=alpha)
     click.echo(res["table"])
     for row in res["compare"]["models"]:
         for flip in row["flips"][:10]:
@@ -563,10 +610,56 @@ def compare(run_dir, data, split, max_drop, json_out, views, allow_no_contract, 
         click.echo(line)
     gate = res["compare"]["gate"]
     if gate is not None:
+        allowed = [f"allowed -{gate['max_drop']}"] if gate["max_drop"] is not None else []
+        if gate["not_worse"]:
+            p = gate["worst_int8_p_worse"]
+            allowed.append(f"McNemar p(worse)={'-' if p is None else f'{p:.3g}'}, significant below {gate['alpha']}")
         click.echo(f"gate: int8 leaf accuracy {gate['worst_int8_delta_points']:+.2f} points vs float "
-                   f"(allowed -{gate['max_drop']}): {'PASS' if gate['passed'] else 'FAIL'}")
+                   f"({'; '.join(allowed)}): {'PASS' if gate['passed'] else 'FAIL'}")
         if not gate["passed"]:
             sys.exit(EXIT_FAIL)
+
+
+# ---------------------------------------------------------------- promote
+@main.command()
+@click.argument("run_dir", metavar="RUN2", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--over", "over", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="the run RUN2 would replace (the current model); its held-out frames are the ones scored")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="the data folder --over was trained on (its saved split's validation frames are scored)")
+@click.option("--tolerance", default=1.0, show_default=True, type=click.FloatRange(0.0),
+              help="points any headline figure (leaf accuracy, gatekeeper recalls, router accuracy, specialist "
+                   "precisions; float and int8) may fall before RUN2 is refused")
+@click.option("--paired/--no-paired", default=True, show_default=True,
+              help="refuse a fall beyond --tolerance only when McNemar's exact one-sided test on the same frames "
+                   "also finds it significant (a precision: on its false alarms and its hits, Bonferroni)")
+@click.option("--alpha", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="significance level of --paired")
+@click.option("--dry-run", is_flag=True, help="score and decide, but write no record and no changelog entry")
+@click.option("--overwrite", is_flag=True,
+              help="replace a promoted.json that names another run than --over as current")
+@friendly
+def promote(run_dir, over, data, tolerance, paired, alpha, dry_run, overwrite):
+    """Make RUN2 the current model when it is not worse than --over, float and int8, on the same frames.
+
+    Writes promoted.json and appends to CHANGELOG.jsonl / CHANGELOG.md in the folder holding RUN2. Exit codes:
+    0 promoted (or would be, with --dry-run); 1 refused, one line per figure that got worse; 2 bad input."""
+    from semhinet_tf.promote import promote as run_promote
+
+    res = run_promote(run_dir, over, data, tolerance=tolerance, paired=paired, alpha=alpha, dry_run=dry_run,
+                      overwrite=overwrite)
+    click.echo(res["table"])
+    for line in res["notes"]:
+        click.echo(line)
+    where = "" if dry_run else f"; changelog: {res['changelog']}"
+    if res["passed"]:
+        record = "" if dry_run else f" (record: {res['record']})"
+        click.echo(f"{'would promote' if dry_run else 'promoted'} {run_dir} over {over}{record}{where}")
+        return
+    click.echo(f"refused: {run_dir} is worse than {over}{where}", err=True)
+    for line in res["failures"]:
+        click.echo(f"  {line}", err=True)
+    sys.exit(EXIT_FAIL)
 
 
 # ---------------------------------------------------------------- predict

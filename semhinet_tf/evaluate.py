@@ -7,7 +7,8 @@ No TensorFlow here (and no matplotlib: plots live in `report.py`).
 
 Conventions: confusion matrices are rows = true class, columns = predicted class. A ratio whose
 denominator is zero (no image of a class, nothing predicted, a head with no applicable image) is
-None (JSON null), never NaN and never an exception.
+None (JSON null), never NaN and never an exception. Every accuracy, recall and precision has its 95% Wilson
+interval next to it under the same key with `_ci` appended ([low, high], None where the ratio is None).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from semhinet_tf.artifacts.files import (  # noqa: F401 - re-exported: evaluate'
     to_jsonable,
     write_json,
 )
+from semhinet_tf.stats import interval
 from semhinet_tf.taxonomy import IGNORE, Taxonomy
 
 FORMATS = ("keras", "tflite", "onnx")
@@ -88,10 +90,20 @@ def head_metrics(true: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> d
     true, pred = true[keep], np.asarray(pred, dtype=np.int64)[keep]
     cm = confusion_matrix(true, pred, len(labels))
     scores = per_class_scores(true, pred, labels)
+    recall_ci, precision_ci = class_intervals(cm, labels)
     return {"labels": list(labels), "n": int(keep.sum()), "accuracy": _ratio(np.trace(cm), cm.sum()),
-            "recall": {c: s["recall"] for c, s in scores.items()},
-            "precision": {c: s["precision"] for c, s in scores.items()},
+            "accuracy_ci": interval(np.trace(cm), cm.sum()),
+            "recall": {c: s["recall"] for c, s in scores.items()}, "recall_ci": recall_ci,
+            "precision": {c: s["precision"] for c, s in scores.items()}, "precision_ci": precision_ci,
             "confusion": cm.tolist()}
+
+
+def class_intervals(cm: np.ndarray, labels: Sequence[str]) -> tuple[dict[str, list | None], dict[str, list | None]]:
+    """95% intervals of each class's recall (over its row) and precision (over its column) of a confusion."""
+    cm = np.asarray(cm, dtype=np.int64)
+    diag, rows, cols = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    return ({c: interval(diag[i], rows[i]) for i, c in enumerate(labels)},
+            {c: interval(diag[i], cols[i]) for i, c in enumerate(labels)})
 
 
 def reached_metrics(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray], taxonomy: Taxonomy
@@ -114,7 +126,8 @@ def reached_metrics(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.nda
             continue
         keep = (np.asarray(labels[head.name]) != IGNORE) & passed(head.name)
         n = int(keep.sum())
-        out[head.name] = {"n": n, "accuracy": _ratio(int((preds[head.name][keep] == labels[head.name][keep]).sum()), n)}
+        right = int((preds[head.name][keep] == labels[head.name][keep]).sum())
+        out[head.name] = {"n": n, "accuracy": _ratio(right, n), "accuracy_ci": interval(right, n)}
     return out
 
 
@@ -215,8 +228,9 @@ def coverage_section(true_leaf: np.ndarray, leaf_probs: np.ndarray, target: floa
     """The "coverage" block of the results: chosen operating point, a few standard ones, the curve."""
     curve = coverage_curve(true_leaf, leaf_probs)
     targets = sorted(set(OPERATING_TARGETS) | {float(target)})
-    return {"target": float(target), "operating_point": threshold_for_purity(curve, target),
-            "operating_points": [threshold_for_purity(curve, t) for t in targets],
+    n = int(np.asarray(true_leaf).size)
+    return {"target": float(target), "operating_point": _with_counts(threshold_for_purity(curve, target), n),
+            "operating_points": [_with_counts(threshold_for_purity(curve, t), n) for t in targets],
             "curve": downsample_curve(curve)}
 
 
@@ -254,6 +268,13 @@ def class_readiness(true_leaf: np.ndarray, leaf_probs: np.ndarray, leaves: Seque
     return {"threshold": None if threshold is None else float(threshold), "target_purity": float(target),
             "min_frames": int(min_frames), "classes": classes,
             "ready": [leaf for leaf in leaves if classes[leaf]["ready"]]}
+def _with_counts(point: dict[str, Any], n: int) -> dict[str, Any]:
+    """An operating point with the number of images it keeps automatic and its purity's 95% interval: a purity
+    reached on a handful of images says little."""
+    if point.get("coverage") is None:
+        return {**point, "automatic_n": 0, "purity_ci": None}
+    kept = int(round(point["coverage"] * n))
+    return {**point, "automatic_n": kept, "purity_ci": interval(int(round(point["purity"] * kept)), kept)}
 
 
 # ---------------------------------------------------------------- the results document
@@ -310,6 +331,9 @@ def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxono
     pred, _, leaf_p = leaf_predictions(probs, taxonomy)
     leaf_cm = confusion_matrix(true, pred, len(leaves))
     per_class = per_class_scores(true, pred, leaves)
+    recall_ci, precision_ci = class_intervals(leaf_cm, leaves)
+    for leaf in leaves:
+        per_class[leaf].update(precision_ci=precision_ci[leaf], recall_ci=recall_ci[leaf])
     labels = taxonomy.head_labels(true)
     preds = {h.name: probs[h.name].argmax(axis=1) for h in taxonomy.heads}
     heads = {h.name: head_metrics(labels[h.name], preds[h.name], h.classes) for h in taxonomy.heads}
@@ -319,7 +343,8 @@ def evaluate(true_leaf: np.ndarray, head_probs: Mapping[str, np.ndarray], taxono
     threshold = review_threshold if review_threshold is not None else coverage["operating_point"]["threshold"]
     return {
         "model": str(model_name), "format": fmt_l, "n": int(true.size),
-        "leaf": {"labels": leaves, "accuracy": _ratio(np.trace(leaf_cm), true.size), "confusion": leaf_cm.tolist()},
+        "leaf": {"labels": leaves, "accuracy": _ratio(np.trace(leaf_cm), true.size),
+                 "accuracy_ci": interval(np.trace(leaf_cm), true.size), "confusion": leaf_cm.tolist()},
         "heads": heads,
         "summary": summary_metrics(heads, per_class, taxonomy),
         "per_class": per_class,
@@ -358,27 +383,64 @@ def headline_metrics(result: Mapping[str, Any]) -> list[tuple[str, float | None]
     return rows
 
 
+def headline_details(result: Mapping[str, Any]) -> dict[str, tuple[list[float] | None, int]]:
+    """For each label of `headline_metrics`: its 95% interval and the number of images it rests on.
+
+    Counted from the confusion matrices, so a results JSON written before intervals existed gets them too."""
+    out: dict[str, tuple[list[float] | None, int]] = {}
+    leaf_cm = np.asarray(result["leaf"]["confusion"], dtype=np.int64)
+    out["leaf accuracy"] = (interval(np.trace(leaf_cm), leaf_cm.sum()), int(leaf_cm.sum()))
+    heads = result.get("heads", {})
+    for key, value in result["summary"].items():
+        if key.endswith("_recall") and isinstance(value, dict):
+            head = key[:-len("_recall")]
+            cm = np.asarray(heads[head]["confusion"], dtype=np.int64)
+            for i, cls in enumerate(heads[head]["labels"]):
+                out[f"{head} recall {cls}"] = (interval(cm[i, i], cm[i].sum()), int(cm[i].sum()))
+        elif key.endswith("_router_accuracy"):
+            head = key[:-len("_router_accuracy")]
+            cm = np.asarray(heads[head]["confusion"], dtype=np.int64)
+            out[f"{head} router accuracy"] = (interval(np.trace(cm), cm.sum()), int(cm.sum()))
+            reached = heads[head].get("reached")
+            if reached is not None and reached["accuracy"] is not None:
+                right = int(round(reached["accuracy"] * reached["n"]))
+                out[f"{head} router accuracy, passed defects"] = (interval(right, reached["n"]), reached["n"])
+    labels = result["leaf"]["labels"]
+    for leaf in result["summary"].get("specialist_precision", {}):
+        j = labels.index(leaf)
+        out[f"precision {leaf}"] = (interval(leaf_cm[j, j], leaf_cm[:, j].sum()), int(leaf_cm[:, j].sum()))
+    return out
+
+
 def _fmt(value: Any, digits: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def format_summary_table(results: Mapping[str, Mapping[str, Any]], digits: int = 3) -> str:
+def format_summary_table(results: Mapping[str, Mapping[str, Any]], digits: int = 3, intervals: bool = False) -> str:
     """A Markdown table (also readable as plain text) of the headline metrics, one column per model.
 
-    "min" rows name the weakest specialist per model, so that row label is kept generic.
+    "min" rows name the weakest specialist per model, so that row label is kept generic. `intervals` writes
+    each figure's 95% interval beside it and marks with * a figure resting on fewer than 30 images.
     """
+    from semhinet_tf.stats import FEW_FRAMES, format_interval
+
     names = list(results)
     metric_rows: dict[str, dict[str, Any]] = {"format": {}, "images": {}}
     for name in names:
         metric_rows["format"][name] = results[name].get("format", "-")
         metric_rows["images"][name] = results[name].get("n", "-")
+        details = headline_details(results[name]) if intervals else {}
         for label, value in headline_metrics(results[name]):
             if label.startswith("specialist precision min"):
                 cls = label[len("specialist precision min"):].strip(" ()")
                 metric_rows.setdefault("specialist precision min", {})[name] = \
                     f"{_fmt(value, digits)} ({cls})" if cls else _fmt(value, digits)
+            elif label in details and value is not None:
+                ci, n = details[label]
+                metric_rows.setdefault(label, {})[name] = \
+                    f"{_fmt(value, digits)} {format_interval(ci)}{'*' if n < FEW_FRAMES else ''}"
             else:
                 metric_rows.setdefault(label, {})[name] = value
     header = ["metric", *names]
@@ -390,4 +452,8 @@ def format_summary_table(results: Mapping[str, Mapping[str, Any]], digits: int =
                                  enumerate(zip(cells, widths, strict=True))) + " |"
 
     rule = "| " + " | ".join("-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |"
-    return "\n".join([line(header), rule, *(line(r) for r in body)])
+    table = "\n".join([line(header), rule, *(line(r) for r in body)])
+    if intervals:
+        table += (f"\n[low, high]: 95% Wilson interval over the images; *: fewer than {FEW_FRAMES} images behind "
+                  f"the figure")
+    return table

@@ -26,11 +26,14 @@ from semhinet_tf.evaluate import (
     EvaluationError,
     atomic_write_bytes,
     atomic_write_text,
+    class_intervals,
     coverage_curve,
     coverage_section,
+    headline_details,
     headline_metrics,
     leaf_predictions,
 )
+from semhinet_tf.stats import FEW_FRAMES, format_interval, interval
 from semhinet_tf.taxonomy import Taxonomy
 
 DEFAULT_TITLE = "SEM-HiNet-TF evaluation report"
@@ -435,11 +438,26 @@ def _operating_sentence(p: Mapping[str, Any]) -> str:
     return text if p["reached"] else f"target purity {p['target']:.2f} not reachable; best is {text}"
 
 
+def _with_interval(value: Any, detail: tuple | None) -> str:
+    """'0.821 [0.77, 0.86] (n=240)': a figure with its 95% interval and the images it rests on."""
+    if detail is None or value is None:
+        return _cell(value)
+    ci, n = detail
+    return f"{_cell(value)} {format_interval(ci)} (n={n})"
+
+
 def _summary_section(doc: _Doc, results: Mapping[str, Any], cov: Mapping[str, Any]) -> None:
     rows = [("model", f"{results['model']} ({results['format']})"), ("images", str(results["n"]))]
-    rows += [(label, _cell(v)) for label, v in headline_metrics(results) if not label.startswith("precision ")]
+    details = headline_details(results)
+    rows += [(label, _with_interval(v, details.get(label))) for label, v in headline_metrics(results)
+             if not label.startswith("precision ")]
     rows.append((f"review threshold (purity >= {cov['target']:.2f})", _operating_sentence(cov["operating_point"])))
     doc.summary(rows)
+    doc.para("[low, high] is the 95% Wilson interval of each figure over the images it is counted on (n).")
+    few = [f"{label} (n={n})" for label, (_, n) in details.items() if 0 < n < FEW_FRAMES]
+    if few:
+        doc.note(f"These figures rest on fewer than {FEW_FRAMES} images, so their intervals are wide; read them as "
+                 f"indications, not measurements: {', '.join(few)}.")
     missing = results.get("missing_classes") or []
     if missing:
         doc.note(f"Classes with no image in this split (their rows are empty and recall is undefined): "
@@ -452,11 +470,15 @@ def _per_class_section(doc: _Doc, results: Mapping[str, Any], taxonomy: Taxonomy
              "Confusion rows are the true class; colour is the share of that row, numbers are counts.")
     doc.image(files["leaf"].name, "Leaf confusion matrix: rows true class, columns predicted class, with counts")
     cm = np.asarray(results["leaf"]["confusion"])
+    recall_ci, precision_ci = class_intervals(cm, results["leaf"]["labels"])
     rows = []
     for j, (leaf, s) in enumerate(results["per_class"].items()):
         path = " > ".join(f"{h} {c}" for h, c in taxonomy.path(leaf)[:-1]) or "-"
-        rows.append([leaf, path, s["support"], int(cm[:, j].sum()), s["precision"], s["recall"], s["f1"]])
-    doc.table(["class", "reached via", "support", "predicted", "precision", "recall", "F1"], rows)
+        rows.append([leaf, path, s["support"], int(cm[:, j].sum()), s["precision"],
+                     format_interval(precision_ci.get(leaf)) or "-", s["recall"],
+                     format_interval(recall_ci.get(leaf)) or "-", s["f1"]])
+    doc.table(["class", "reached via", "support", "predicted", "precision", "95% CI", "recall", "95% CI", "F1"],
+              rows)
     doc.image(files["per_class"].name, "Bar chart of precision, recall and F1 per leaf class")
 
 
@@ -471,7 +493,9 @@ def _heads_section(doc: _Doc, results: Mapping[str, Any], taxonomy: Taxonomy, fi
         m = results["heads"][h.name]
         scope = "all images" if h.parent is None else f"true {h.parent[0]} {h.parent[1]}"
         reached = m.get("reached")
-        rows.append([h.name, h.role or "-", scope, m["n"], m["accuracy"],
+        cm = np.asarray(m["confusion"])
+        rows.append([h.name, h.role or "-", scope, m["n"],
+                     _with_interval(m["accuracy"], (interval(np.trace(cm), cm.sum()), int(cm.sum()))),
                      "-" if reached is None else f"{_cell(reached['accuracy'])} ({reached['n']})",
                      ", ".join(f"{c} {_cell(v)}" for c, v in m["recall"].items()),
                      ", ".join(f"{c} {_cell(v)}" for c, v in m["precision"].items())])
@@ -479,14 +503,27 @@ def _heads_section(doc: _Doc, results: Mapping[str, Any], taxonomy: Taxonomy, fi
     doc.image(files["heads"].name, "Confusion matrices of every head, each on the images it applies to")
 
 
-def _coverage_section(doc: _Doc, cov: Mapping[str, Any], files: dict) -> None:
+def _coverage_section(doc: _Doc, cov: Mapping[str, Any], files: dict, n: int | None = None) -> None:
     doc.heading("Review threshold")
     doc.para("An image whose top leaf probability is below the threshold goes to a human. Coverage is the share "
              "kept automatic, purity the accuracy on those. The chosen threshold is the lowest that reaches the "
              "target purity, so as few images as possible go to review.")
-    rows = [[f"{p['target']:.2f}", p["threshold"], _pct(p["coverage"]), _pct(p["review_share"]), p["purity"],
-             "yes" if p["reached"] else "no (best purity shown)"] for p in cov["operating_points"]]
-    doc.table(["target purity", "threshold", "automatic", "to review", "purity", "reached"], rows)
+    rows, thin = [], []
+    for p in cov["operating_points"]:
+        kept = p.get("automatic_n")
+        if kept is None and n is not None and p.get("coverage") is not None:
+            kept = int(round(p["coverage"] * n))
+        ci = p.get("purity_ci") or (interval(int(round(p["purity"] * kept)), kept) if kept else None)
+        rows.append([f"{p['target']:.2f}", p["threshold"], _pct(p["coverage"]), "-" if kept is None else kept,
+                     _pct(p["review_share"]), p["purity"], format_interval(ci) or "-",
+                     "yes" if p["reached"] else "no (best purity shown)"])
+        if p["reached"] and kept is not None and kept < FEW_FRAMES:
+            thin.append(f"{p['target']:.2f} on {kept} image{'s' if kept != 1 else ''}")
+    doc.table(["target purity", "threshold", "automatic", "images kept", "to review", "purity", "95% CI", "reached"],
+              rows)
+    if thin:
+        doc.note(f"Purity targets reached on fewer than {FEW_FRAMES} automatic images say little (the interval "
+                 f"shows how little): {'; '.join(thin)}. More validation frames give a threshold worth trusting.")
     doc.image(files["coverage"].name, "Coverage and purity against the review threshold, chosen threshold marked")
 
 
@@ -571,7 +608,7 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], paths: Sequenc
     _summary_section(doc, results, cov)
     _per_class_section(doc, results, taxonomy, files)
     _heads_section(doc, results, taxonomy, files)
-    _coverage_section(doc, cov, files)
+    _coverage_section(doc, cov, files, results["n"])
     if results.get("readiness"):
         _readiness_section(doc, results["readiness"])
     if history_csv is not None:

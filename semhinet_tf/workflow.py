@@ -94,7 +94,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
                                    f"{f', {views} test-time views' if views > 1 else ''})")
         notes.append(f"report: {index}")
     label = f"{model.name} ({engine.format}{f', {views} views' if views > 1 else ''})"
-    table = format_summary_table({label: result})
+    table = format_summary_table({label: result}, intervals=True)
     return {"result": result, "table": table, "notes": notes, "paths": paths, "leaf_ids": leaf_ids,
             "probs": probs}
 
@@ -181,13 +181,18 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
 # ---------------------------------------------------------------- compare
 def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None, max_drop: float | None = None,
                 json_out: str | Path | None = None, progress: bool = True, views: int = 1,
-                allow_no_contract: bool = False, overwrite: bool = False) -> dict:
+                allow_no_contract: bool = False, overwrite: bool = False, not_worse: bool = False,
+                alpha: float = 0.05) -> dict:
     """Float Keras vs QAT Keras vs int8 TFLite (vs ONNX files in the run): same frames, same metrics.
 
-    Deltas are against the float model; `max_drop` (percentage points of leaf accuracy) makes the
-    result fail when the int8 model falls further below float than that. `views` > 1 scores every
-    model on that many test-time flips/rotations (a model that does not offer them is skipped with a note).
+    Deltas are against the float model, each with McNemar's exact test on the same images (two-sided, and
+    one-sided "worse"); `max_drop` (percentage points of leaf accuracy) makes the result fail when the int8
+    model falls further below float than that; `not_worse` when McNemar finds int8 significantly worse (at
+    `alpha`); both together, when it falls further than `max_drop` and significantly (stats.fails). `views` > 1
+    scores every model on that many test-time flips/rotations (a model that does not offer them is skipped with a
+    note).
     """
+    from semhinet_tf import stats
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.engines import load_model
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
@@ -224,9 +229,11 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     ref_name = FLOAT_MODEL
     ref_leaf = taxonomy.leaf_probabilities(probs[ref_name])
     rows = []
+    ref_right = ref_leaf.argmax(1) == truth
     for name, res in results.items():
         leaf_p = taxonomy.leaf_probabilities(probs[name])
         agree = float(np.mean(leaf_p.argmax(1) == ref_leaf.argmax(1)))
+        b, c = stats.discordant(ref_right, leaf_p.argmax(1) == truth)
         deviation = max(float(np.abs(probs[name][h] - probs[ref_name][h]).max()) for h in taxonomy.head_names)
         flips = [{"path": paths[i], "truth": taxonomy.leaves[truth[i]],
                   "reference": taxonomy.leaves[int(ref_leaf[i].argmax())],
@@ -237,19 +244,29 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
                      "delta": _delta(res["heads"][h]["accuracy"], results[ref_name]["heads"][h]["accuracy"])}
                  for h in taxonomy.head_names}
         rows.append({"model": name, "format": res["format"], "leaf_accuracy": res["leaf"]["accuracy"],
+                     "leaf_accuracy_ci": res["leaf"]["accuracy_ci"],
                      "leaf_delta_points": _delta(res["leaf"]["accuracy"], results[ref_name]["leaf"]["accuracy"], 100),
+                     "leaf_discordant": [b, c], "leaf_mcnemar_p": stats.mcnemar(b, c),
+                     "leaf_p_worse": stats.mcnemar_worse(b, c),
                      "leaf_agreement": agree, "max_probability_deviation": deviation, "heads": heads,
                      "flips": flips})
     gate = None
-    if max_drop is not None:
+    if max_drop is not None or not_worse:
         int8 = [r for r in rows if r["format"] == "tflite"]
-        worst = min((r["leaf_delta_points"] for r in int8), default=0.0)
-        gate = {"max_drop": max_drop, "worst_int8_delta_points": worst, "passed": worst >= -max_drop}
+        tolerance = 0.0 if max_drop is None else max_drop
+        worst = min(int8, key=lambda r: r["leaf_delta_points"], default=None)
+        failed = [r["model"] for r in int8 if stats.fails(-r["leaf_delta_points"], tolerance, r["leaf_p_worse"],
+                                                           not_worse, alpha)]
+        gate = {"max_drop": max_drop, "not_worse": not_worse, "alpha": alpha,
+                "worst_int8_delta_points": worst["leaf_delta_points"] if worst else 0.0,
+                "worst_int8_p_worse": worst["leaf_p_worse"] if worst else None, "failed": failed,
+                "passed": not failed}
     out = {"run": str(run_dir), "split": split_used, "n": int(len(truth)), "views": views, "models": rows,
            "gate": gate, "results": results}
     if json_out:
         write_json(out, json_out)
-    return {"compare": out, "table": format_summary_table(results) + "\n\n" + _compare_table(rows), "notes": notes}
+    return {"compare": out, "table": format_summary_table(results, intervals=True) + "\n\n" + _compare_table(rows),
+            "notes": notes}
 
 
 def _delta(value, reference, scale: float = 1.0):
@@ -259,9 +276,14 @@ def _delta(value, reference, scale: float = 1.0):
 
 
 def _compare_table(rows: list[dict]) -> str:
-    lines = ["| model | leaf acc | Δ vs float (points) | leaf agreement | max prob deviation | flips |",
-             "|---|---|---|---|---|---|"]
+    from semhinet_tf.stats import format_interval
+
+    lines = ["| model | leaf acc [95% CI] | Δ vs float (points) | McNemar p (same images) | leaf agreement | "
+             "max prob deviation | flips |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['leaf_accuracy']:.4f} | {r['leaf_delta_points']:+.2f} | "
+        b, c = r["leaf_discordant"]
+        lines.append(f"| {r['model']} | {r['leaf_accuracy']:.4f} {format_interval(r['leaf_accuracy_ci'])} | "
+                     f"{r['leaf_delta_points']:+.2f} | {r['leaf_mcnemar_p']:.3g} ({b} lost, {c} gained) | "
                      f"{r['leaf_agreement']:.4f} | {r['max_probability_deviation']:.4f} | {len(r['flips'])} |")
     return "\n".join(lines)

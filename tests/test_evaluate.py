@@ -62,21 +62,22 @@ def test_schema_keys_exact_and_json_plain():
     assert set(r) == {"model", "format", "n", "leaf", "heads", "summary", "per_class", "missing_classes", "coverage",
                       "readiness"}
     assert r["format"] == "tflite" and r["n"] == 300
-    assert set(r["leaf"]) == {"labels", "accuracy", "confusion"}
+    assert set(r["leaf"]) == {"labels", "accuracy", "accuracy_ci", "confusion"}  # each figure with its interval
     assert r["leaf"]["labels"] == list(TAX.leaves)
     assert np.array(r["leaf"]["confusion"]).shape == (8, 8) and np.array(r["leaf"]["confusion"]).sum() == 300
     assert list(r["heads"]) == ["h1", "h2", "h3", "h4", "h5"]
     for name, m in r["heads"].items():
-        assert set(m) == {"labels", "n", "accuracy", "recall", "precision", "confusion"} | \
+        assert set(m) == {"labels", "n", "accuracy", "accuracy_ci", "recall", "recall_ci", "precision",
+                          "precision_ci", "confusion"} | \
             (set() if name == "h1" else {"reached"})
         assert m["labels"] == list(TAX.head(name).classes)
         assert set(m["recall"]) == set(m["precision"]) == set(m["labels"])
     assert set(r["summary"]) == {"h1_recall", "h2_router_accuracy", "specialist_precision"}
     assert list(r["summary"]["h1_recall"]) == ["bogus", "normal", "defect"]
     assert list(r["summary"]["specialist_precision"]) == ["bridge", "open", "cmp", "crack", "ler", "inc_etch"]
-    assert set(r["per_class"]["bridge"]) == {"precision", "recall", "f1", "support"}
+    assert set(r["per_class"]["bridge"]) == {"precision", "precision_ci", "recall", "recall_ci", "f1", "support"}
     assert set(r["coverage"]["operating_point"]) == {"target", "threshold", "coverage", "review_share", "purity",
-                                                     "reached"}
+                                                     "reached", "automatic_n", "purity_ci"}
     assert len(r["coverage"]["curve"]["thresholds"]) <= 101
 
     def plain(x):
@@ -102,9 +103,11 @@ def test_passed_accuracy_scores_a_head_only_on_what_the_heads_above_sent_it():
     true, probs = np.array([LEAF[leaf] for leaf in leaves]), head_probs_from_choices(choice)
     r = evaluate(true, probs, TAX, "m", "keras")
     assert r["heads"]["h2"]["accuracy"] == pytest.approx(3 / 5)
-    assert r["heads"]["h2"]["reached"] == {"n": 3, "accuracy": 1.0}
-    assert r["heads"]["h3"]["reached"] == {"n": 2, "accuracy": 1.0}
-    assert r["heads"]["h5"]["reached"] == {"n": 0, "accuracy": None}  # no ler reached the edge specialist
+    assert r["heads"]["h2"]["reached"] == {"n": 3, "accuracy": 1.0,
+                                           "accuracy_ci": [pytest.approx(0.4385, abs=1e-4), 1.0]}
+    assert r["heads"]["h3"]["reached"] == {"n": 2, "accuracy": 1.0,
+                                           "accuracy_ci": [pytest.approx(0.3424, abs=1e-4), 1.0]}
+    assert r["heads"]["h5"]["reached"] == {"n": 0, "accuracy": None, "accuracy_ci": None}  # no ler reached it
     rows = dict(headline_metrics(r))
     assert rows["h2 router accuracy"] == pytest.approx(0.6) and rows["h2 router accuracy, passed defects"] == 1.0
     # a taxonomy file may list a head before its parent: same figures
@@ -142,7 +145,8 @@ def test_missing_classes_give_zero_rows_and_null_recall():
     cm = np.array(r["leaf"]["confusion"])
     for c in r["missing_classes"]:
         assert cm[LEAF[c]].sum() == 0
-        assert r["per_class"][c] == {"precision": None, "recall": None, "f1": None, "support": 0}
+        assert r["per_class"][c] == {"precision": None, "recall": None, "f1": None, "support": 0,
+                                     "precision_ci": None, "recall_ci": None}
     assert r["leaf"]["accuracy"] == 1.0
     for h in ("h4", "h5"):  # no area or edge defect at all: nothing to score
         assert r["heads"][h]["n"] == 0 and r["heads"][h]["accuracy"] is None
@@ -299,7 +303,8 @@ def test_absent_but_predicted_class():
     choices = perfect_choices(leaves)
     choices["h4"][1] = 1  # crack
     r = evaluate(true, head_probs_from_choices(choices), TAX, "m", "keras")
-    assert r["per_class"]["crack"] == {"precision": 0.0, "recall": None, "f1": 0.0, "support": 0}
+    assert r["per_class"]["crack"] == {"precision": 0.0, "recall": None, "f1": 0.0, "support": 0,
+                                       "precision_ci": [0.0, pytest.approx(0.7935, abs=1e-4)], "recall_ci": None}
     assert r["summary"]["specialist_precision"]["crack"] is None  # absent: the split cannot judge it
     assert r["summary"]["specialist_precision"]["cmp"] == 1.0
     assert r["per_class"]["cmp"]["recall"] == 0.5

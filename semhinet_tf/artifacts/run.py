@@ -37,6 +37,10 @@ INT8_FLOAT_HEADS_MODEL = "model_int8_float_heads.tflite"
 REVIEW_QUEUE = "queue.jsonl"
 REVIEW_INFO = "review.json"
 REVIEW_LABELS = "labels.jsonl"
+# Beside the runs (in the folder that holds them), written by `semhinet promote`
+PROMOTED = "promoted.json"  # which run is current, and what it was promoted over
+CHANGELOG = "CHANGELOG.jsonl"  # every promote decision, one line each, append-only
+CHANGELOG_MD = "CHANGELOG.md"  # the same for people, rewritten from CHANGELOG.jsonl
 
 # What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
 DATA_REPORT_FILES = frozenset({MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT})

@@ -45,6 +45,7 @@ class Entry:
     width: int
     height: int
     sha256: str
+    folder_leaf: str = ""  # the class folder's leaf where a reviewed label overrode it (train --labels)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Manifest:
     empty_classes: list[str] = field(default_factory=list)  # class folders without any image file
     preprocess: dict[str, Any] | None = None  # the rules the images were checked with
     checked: bool = True  # every image fully decoded (False: headers only)
+    review: dict[str, Any] | None = None  # what `train --from --labels` took from the reviewer's answers
 
     # ------------------------------------------------------------------ views
     @property
@@ -114,12 +116,18 @@ class Manifest:
         """manifest.csv, skipped.csv and manifest.json (root, folders, rules), each written atomically."""
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
+        header = ["path", "leaf", "labels", "width", "height", "sha256"]
         rows = [[e.path, e.leaf, format_labels(e.labels), e.width, e.height, e.sha256] for e in self.entries]
-        _write_atomic(run / MANIFEST_CSV, _csv(["path", "leaf", "labels", "width", "height", "sha256"], rows))
+        if any(e.folder_leaf for e in self.entries):  # a reviewed label overrode a folder's: both are kept
+            header.append("folder_leaf")
+            rows = [[*row, e.folder_leaf] for row, e in zip(rows, self.entries, strict=True)]
+        _write_atomic(run / MANIFEST_CSV, _csv(header, rows))
         _write_atomic(run / SKIPPED_CSV, _csv(["path", "reason"], [list(s) for s in self.skipped]))
         meta = {"root": self.root, "checked": self.checked, "preprocess": self.preprocess,
                 "summary": self.summary(), "counts": self.counts(), "unknown_folders": self.unknown_folders,
                 "empty_classes": self.empty_classes, "ignored": [list(i) for i in self.ignored]}
+        if self.review is not None:
+            meta["review"] = self.review
         _write_atomic(run / MANIFEST_JSON, json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -130,7 +138,7 @@ class Manifest:
         for row in _read_csv(run / MANIFEST_CSV, ["path", "leaf", "labels", "width", "height", "sha256"]):
             try:
                 entries.append(Entry(row["path"], row["leaf"], parse_labels(row["labels"]), int(row["width"]),
-                                     int(row["height"]), row["sha256"]))
+                                     int(row["height"]), row["sha256"], row.get("folder_leaf") or ""))
             except ValueError as exc:
                 raise DatasetError(f"{run / MANIFEST_CSV}: bad row for {row.get('path')!r} ({exc})") from None
         skipped_path = run / SKIPPED_CSV
@@ -140,7 +148,8 @@ class Manifest:
                    ignored=[(str(p), str(r)) for p, r in meta.get("ignored", [])],
                    unknown_folders=list(meta.get("unknown_folders", [])),
                    empty_classes=list(meta.get("empty_classes", [])),
-                   preprocess=meta.get("preprocess"), checked=bool(meta.get("checked", True)))
+                   preprocess=meta.get("preprocess"), checked=bool(meta.get("checked", True)),
+                   review=meta.get("review"))
 
 
 def format_labels(labels: dict[str, int]) -> str:

@@ -92,11 +92,14 @@ def calibration_batches(train: tuple, taxonomy: Any, cfg: TrainConfig, steps: in
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy: Any = None,
           overwrite: bool = False, resume: bool = False, strict: bool = False, progress: bool = True,
           given: set[str] | None = None, inputs: Sequence[str | Path] = (), cache_dir: str | Path | None = None,
-          use_cache: bool = True) -> dict:
+          use_cache: bool = True, source: Any = None, labels: str | Path | None = None) -> dict:
     """Discover, split, decode, train float, fine-tune QAT; everything lands in run_dir.
 
     Decoded frames go through the on-disk frame cache (data/cache.py; `cache_dir` or the default location)
     unless `use_cache` is False, in which case they are held in memory.
+
+    `source` (a from_run.SourceRun, with `cfg` from `from_run.fine_tune_config`) fine-tunes that run's float
+    weights on its own split, with the reviewed frames of `labels` (REVIEW/labels.jsonl) added (`train --from`).
 
     run_dir is never an input's folder (`inputs`: more files the run reads, e.g. a taxonomy file); `overwrite`
     replaces only a run directory; `resume` continues one, with the options in `given` checked against it.
@@ -113,8 +116,12 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
     run_dir = worker_run_dir(chief_run_dir, strategy)
     if run_dir != chief_run_dir:  # a non-chief worker: same work, files kept apart and removed at the end
         overwrite, resume = True, False
-    run_files.prepare_run_dir(run_dir, inputs=[data_dir, weights_file(cfg.weights), *inputs], overwrite=overwrite,
-                              resume=resume)
+    extra_inputs = [source.dir, labels] if source is not None else []
+    run_files.prepare_run_dir(run_dir, inputs=[data_dir, weights_file(cfg.weights), *inputs, *extra_inputs],
+                              overwrite=overwrite, resume=resume)
+    if resume and _fine_tuned(run_dir):
+        raise run_files.RunDirError(f"{run_dir}: was fine-tuned with --from, which --resume cannot continue; "
+                                    f"run the same train --from command again with --overwrite")
     if resume:
         cfg = resumed_config(run_dir, cfg, data_dir, given, taxonomy)
         taxonomy = Taxonomy.from_spec(json.loads((run_dir / TAXONOMY_FILE).read_text()))
@@ -123,17 +130,32 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
     taxonomy = taxonomy or Taxonomy.default()
     set_seed(cfg.seed)
     cache = open_cache(cache_dir, use_cache)
-    data = prepare_dataset(data_dir, run_dir, taxonomy, cfg, strict=strict, progress=progress, reuse_split=resume,
-                           cache=cache)
+    if source is not None:
+        from semhinet_tf.training.from_run import prepare_from_run
+
+        data = prepare_from_run(data_dir, run_dir, source, Path(labels) if labels else None, taxonomy, cfg,
+                                progress=progress, cache=cache, strict=strict)
+    else:
+        data = prepare_dataset(data_dir, run_dir, taxonomy, cfg, strict=strict, progress=progress,
+                               reuse_split=resume, cache=cache)
     train_set, val_set = data["train"], data["val"]
     steps = cfg.steps_per_epoch_for(len(train_set[1]))
     with strategy.scope():
         model, mcfg = build_for_config(taxonomy, cfg, steps * cfg.epochs)
-        start = initial_weights(model, cfg, mcfg)
+        if source is not None:
+            from semhinet_tf.training.from_run import load_run_weights
+
+            start = load_run_weights(model, source)
+        else:
+            start = initial_weights(model, cfg, mcfg)
     print(f"model: MobileNetV3Small alpha={cfg.alpha} at {cfg.img_size}px, {model.count_params():,} parameters, "
           f"BN momentum {mcfg.backbone.bn_momentum:.3f}; start: {start}", flush=True)
     config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
               "preprocess": data["preprocess"], "start_weights": start, "version": _version()}
+    if source is not None:
+        from semhinet_tf.training.from_run import record
+
+        config["from"] = record(source, data["review"])
     write_json(config, run_dir / CONFIG_FILE)
     write_json(taxonomy.to_spec(), run_dir / TAXONOMY_FILE)
 
@@ -173,6 +195,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
     result["review_threshold"] = write_review_threshold(final, val_set, taxonomy, run_dir,
                                                         views=invariant_views(cfg.augment))
     result["seconds"] = round(time.time() - t0, 1)
+    if source is not None:
+        result["from_run_seconds"] = source.seconds
     result["pipeline_images_per_second"] = pipe_ips
     result["train_step_images_per_second"] = step_ips
     print(f"throughput: input pipeline {pipe_ips:.0f} images/s vs training step {step_ips:.0f} images/s",
@@ -181,6 +205,14 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
     if run_dir != chief_run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _fine_tuned(run_dir: Path) -> bool:
+    """A run made by `train --from` (its config says so)."""
+    try:
+        return "from" in json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _version() -> str:
