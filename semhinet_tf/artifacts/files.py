@@ -9,6 +9,7 @@ exist (unless the user said --overwrite), that name a folder, or whose folder ca
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -156,3 +157,13 @@ def is_inside(path: str | Path, other: str | Path) -> bool:
     """True when `path` is `other` or lies below it (symlinks resolved)."""
     a, b = Path(path).resolve(), Path(other).resolve()
     return a == b or b in a.parents
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in blocks: the identity of a frame in the manifest, the review queue
+    and the reviewer's answers, so a file edited or replaced since it was recorded is noticed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

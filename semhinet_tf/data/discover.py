@@ -13,7 +13,6 @@ numpy + stdlib (+ tqdm when present); never TensorFlow. Every image is decoded o
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from semhinet_tf.artifacts.files import file_sha256
 from semhinet_tf.artifacts.run import MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT
 from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, Preprocess, frame_from_array, image_size, read_grey
 from semhinet_tf.data.scan import Folder, Unreadable, walk
@@ -267,7 +267,7 @@ def _inspect(args: tuple[str, dict[str, Any], bool]) -> _Result:
     path, pre_dict, check = args
     pre = Preprocess.from_dict(pre_dict)
     try:
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if check:
             arr = read_grey(path)
             height, width = arr.shape
@@ -279,14 +279,6 @@ def _inspect(args: tuple[str, dict[str, Any], bool]) -> _Result:
         return "", 0, 0, exc.reason
     except (ValueError, OSError, MemoryError) as exc:
         return "", 0, 0, " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _inspect_all(root: Path, paths: Sequence[str], pre: Preprocess, check: bool, progress: bool,

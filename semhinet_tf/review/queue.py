@@ -20,7 +20,6 @@ after another in turn. A frame with several reasons is one entry listing them al
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from semhinet_tf.artifacts.files import file_sha256
 from semhinet_tf.review import ReviewInputError
 from semhinet_tf.taxonomy import Taxonomy
 
@@ -137,16 +137,6 @@ def select(leaf_probs: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonom
 
 
 # ---------------------------------------------------------------- rows in, queue out
-def file_sha256(path: str | Path) -> str:
-    """The hex sha256 of a file's bytes: what the queue and the labels record, so a frame edited after it was
-    queued is noticed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def rows_to_arrays(rows: Sequence[Mapping[str, Any]], taxonomy: Taxonomy, where: str = "verdicts"
                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Leaf probabilities (N, leaves) and head probabilities from verdict rows (`predict`'s JSON lines), checked

@@ -21,10 +21,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from semhinet_tf.artifacts.files import file_sha256
 from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_LABELS, REVIEW_QUEUE
 from semhinet_tf.review import ReviewInputError
 from semhinet_tf.review.labels import Answer, append_answer, now, replay
-from semhinet_tf.review.queue import file_sha256, read_queue
+from semhinet_tf.review.queue import read_queue
 from semhinet_tf.taxonomy import Taxonomy
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

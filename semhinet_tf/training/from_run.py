@@ -19,13 +19,13 @@ this way carries RUN's reviewed frames forward, so `--from RUN2` keeps them with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from semhinet_tf.artifacts.files import file_sha256
 from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, SPLIT, STATE, TAXONOMY, TRAIN_RESULT, RunDirError
 from semhinet_tf.data.discover import DatasetError, Entry, Manifest, discover, load_split, save_split
 from semhinet_tf.review.labels import Replay, replay
@@ -144,14 +144,6 @@ class Review:
         return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _label_lines(log: Path) -> dict[tuple[str, str], int]:
     """(path, label) -> the last line that gave it, to name the line of a bad label."""
     out: dict[tuple[str, str], int] = {}
@@ -253,7 +245,7 @@ def plan_data(data_dir: str | Path, source: SourceRun, taxonomy: Any, labels: Pa
         if not file.is_file():
             review.not_used.append([shown, "not found"])
             return
-        digest = _sha256(file)
+        digest = file_sha256(file)
         if expected_sha and digest != expected_sha:
             review.not_used.append([shown, "the file changed since it was reviewed (sha256 differs): review it again"])
             return
@@ -278,7 +270,7 @@ def plan_data(data_dir: str | Path, source: SourceRun, taxonomy: Any, labels: Pa
     if labels is not None:
         answers, leaves = read_answers(labels, taxonomy)
         review.labels_file = str(labels)
-        review.labels_sha256 = _sha256(labels)
+        review.labels_sha256 = file_sha256(labels)
         review.unreadable_lines = [[n, r] for n, r in answers.bad_lines]
         for path, answer in sorted(answers.labels.items()):
             place(_resolve(path, labels, root), leaves[path], answer.sha256, carried=False)
