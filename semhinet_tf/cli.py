@@ -373,6 +373,9 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
         if "weights" in given:
             raise click.UsageError("--from starts from that run's float weights: drop --weights")
         source = SourceRun.load(from_run)
+        if Path(source.split["root"]).resolve() != Path(data).resolve():
+            raise RefusedError(f"{from_run} was trained on {source.split['root']}, not {data}: --from keeps the run's "
+                               f"validation frames, which live in its own data folder")
         cfg = fine_tune_config(source, cfg, given, taxonomy if taxonomy_file else None)
         taxonomy = source.taxonomy
         if labels_file is not None:  # a bad answer stops here, before the new run directory is made
