@@ -45,7 +45,7 @@ class Interrupted(click.ClickException):
 
 # What to do after Ctrl-C, by command; the default fits a command that left nothing half-written.
 INTERRUPT_HINTS = {
-    "train": "continue the run with the same command and --resume",
+    "train": "continue the run with the same command and --resume (a train --from: again with --overwrite)",
     "quickstart": "start it again with --overwrite",
     "predict": "the lines printed so far are complete verdicts; run again to classify the rest",
     "synth": "nothing half-written was left; run it again with --overwrite",
