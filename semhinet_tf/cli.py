@@ -45,7 +45,7 @@ class Interrupted(click.ClickException):
 
 # What to do after Ctrl-C, by command; the default fits a command that left nothing half-written.
 INTERRUPT_HINTS = {
-    "train": "continue the run with the same command and --resume",
+    "train": "continue the run with the same command and --resume (a train --from: again with --overwrite)",
     "quickstart": "start it again with --overwrite",
     "predict": "the lines printed so far are complete verdicts; run again to classify the rest",
     "synth": "nothing half-written was left; run it again with --overwrite",
@@ -386,6 +386,9 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
         if "weights" in given:
             raise click.UsageError("--from starts from that run's float weights: drop --weights")
         source = SourceRun.load(from_run)
+        if Path(source.split["root"]).resolve() != Path(data).resolve():
+            raise RefusedError(f"{from_run} was trained on {source.split['root']}, not {data}: --from keeps the run's "
+                               f"validation frames, which live in its own data folder")
         cfg = fine_tune_config(source, cfg, given, taxonomy if taxonomy_file else None)
         taxonomy = source.taxonomy
         if labels_file is not None:  # a bad answer stops here, before the new run directory is made

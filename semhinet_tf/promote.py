@@ -202,6 +202,12 @@ def promote(new_run: str | Path, old_run: str | Path, data: str | Path, toleranc
         raise RunDirError(f"{new_run}: promote compares two runs; --over names the same one")
     _check_run(new_run, "the run to promote")
     _check_run(old_run, "--over")
+    from semhinet_tf.data.discover import load_split
+
+    trained_on = load_split(old_run)["root"]
+    if Path(trained_on).resolve() != Path(data).resolve():
+        raise RunDirError(f"{old_run} was trained on {trained_on}, not {data}: promote scores its held-out frames, "
+                          f"so --data is that folder")
     notes = _check_fair(new_run, old_run)
     home = new_run.resolve().parent
     if old_run.resolve().parent != home:

@@ -246,6 +246,9 @@ def test_train_from_refuses_unknown_labels_and_other_architectures(source_run, t
     assert "img_size 32 -> 64" in result.output
     result = _run_cli("train", s["data"], "--labels", log, "--out", tmp_path / "r", code=2)
     assert "--from" in result.output
+    result = _run_cli("train", s["new"], "--from", s["run"], "--out", tmp_path / "r", code=2)
+    assert "validation frames, which live in its own data folder" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_compare_tests_int8_against_float_on_the_same_images(promote_case, tmp_path):
