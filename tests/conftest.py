@@ -109,7 +109,8 @@ def _frame_cache_in_a_temporary_folder(tmp_path_factory):
 # Modules that take minutes, slowest first. The suite runs on two pytest-xdist workers, one module per worker at a
 # time (--dist loadfile, so a module's fixtures are built once); starting the long ones first keeps one worker
 # from ending with an end-to-end module while the other sits idle.
-LONG_MODULES = ("test_end_to_end.py", "test_model.py", "test_onnx.py", "test_distributed.py")
+LONG_MODULES = ("test_end_to_end.py", "test_review_loop.py", "test_model.py", "test_onnx.py", "test_loop.py",
+                "test_distributed.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
