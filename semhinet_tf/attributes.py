@@ -21,7 +21,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,11 +301,12 @@ def source_notes(sources: Sequence[Mapping[str, Any]]) -> list[str]:
     return notes
 
 
-def plot_attributes(block: Mapping[str, Any], path: Path) -> Path | None:
-    """Recall by tercile, one panel per attribute, one line per class (None when no class has terciles)."""
-    from matplotlib.figure import Figure
+def plot_attributes(block: Mapping[str, Any], path: Path, save: Callable[[Any, Path], Path]) -> Path | None:
+    """Recall by tercile, one panel per attribute, one line per class (None when no class has terciles).
 
-    from semhinet_tf.report import _save
+    `save(figure, path)` is the report's writer, passed in so this module need not import report (which imports
+    it)."""
+    from matplotlib.figure import Figure
 
     attrs = [a for a in block if any(c["terciles"] for c in block[a]["classes"].values())]
     if not attrs:
@@ -327,11 +328,12 @@ def plot_attributes(block: Mapping[str, Any], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def report_section(doc: Any, results: Mapping[str, Any], out: Path) -> None:
-    """The report's "Recall by attribute" section (a report._Doc): the table with intervals, the plot, the sources."""
+def report_section(doc: Any, results: Mapping[str, Any], out: Path, save: Callable[[Any, Path], Path]) -> None:
+    """The report's "Recall by attribute" section (a report._Doc): the table with intervals, the plot (written with
+    `save`), the sources."""
     block = results.get("attributes") or {}
     doc.heading("Recall by attribute")
     doc.para("Recall of each class in the lowest, middle and highest third of its frames by each attribute the "
@@ -345,7 +347,7 @@ def report_section(doc: Any, results: Mapping[str, Any], out: Path) -> None:
             rows.append([attr, leaf, c["n"], *cells])
     if rows:
         doc.table(["attribute", "class", "frames", *(f"{t} third" for t in TERCILES)], rows)
-    png = plot_attributes(block, out / PLOT_FILE)
+    png = plot_attributes(block, out / PLOT_FILE, save)
     if png is not None:
         doc.image(png.name, "Recall by tercile of each attribute, one line per class")
     notes = source_notes(results.get("attribute_sources") or [])

@@ -614,7 +614,7 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], paths: Sequenc
     if results.get("attributes"):
         from semhinet_tf.attributes import report_section
 
-        report_section(doc, results, out)
+        report_section(doc, results, out, _save)
     if history_csv is not None:
         _history_section(doc, history_csv, out)
     ctx = {"true": true, "pred": pred, "conf": conf, "leaf_p": leaf_p, "paths": list(map(str, paths)),
