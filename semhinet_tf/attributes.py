@@ -311,23 +311,27 @@ def plot_attributes(block: Mapping[str, Any], path: Path, save: Callable[[Any, P
     attrs = [a for a in block if any(c["terciles"] for c in block[a]["classes"].values())]
     if not attrs:
         return None
-    fig = Figure(figsize=(5.2 * len(attrs), 4.2))
+    classes = list(dict.fromkeys(leaf for a in attrs for leaf, c in block[a]["classes"].items() if c["terciles"]))
+    colours = {leaf: f"C{i % 10}" for i, leaf in enumerate(classes)}  # one colour per class in every panel
+    fig = Figure(figsize=(4.6 * len(attrs) + 1.6, 4.2))
     axes = fig.subplots(1, len(attrs), squeeze=False).ravel()
     for ax, attr in zip(axes, attrs, strict=True):
         for leaf, c in block[attr]["classes"].items():
             if not c["terciles"]:
                 continue
             y = [np.nan if t["recall"] is None else t["recall"] for t in c["terciles"]]
-            ax.plot(range(3), y, marker="o", label=f"{leaf} (n={c['n']})")
+            shift = 0.05 * (classes.index(leaf) - (len(classes) - 1) / 2)  # equal lines stay visible side by side
+            ax.plot(np.arange(3) + shift, y, marker="o", color=colours[leaf], label=leaf)
         ax.set_xticks(range(3), labels=[f"{t}\nthird" for t in TERCILES])
-        ax.set_xlim(-0.2, 2.2)
-        ax.set_ylim(-0.02, 1.05)
-        ax.set_xlabel(f"{attr} (per class: lowest to highest third of its frames)")
+        ax.set_xlim(-0.4, 2.4)
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_xlabel(f"{attr} (each class's frames, lowest to highest)")
         ax.set_ylabel("recall")
         ax.set_title(f"Recall by {attr} tercile")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles = [axes[0].plot([], [], marker="o", color=colours[leaf])[0] for leaf in classes]
+    fig.legend(handles, classes, loc="center right", fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (4.6 * len(attrs) + 1.6), 1))
     return save(fig, path)
 
 
@@ -339,7 +343,8 @@ def report_section(doc: Any, results: Mapping[str, Any], out: Path, save: Callab
     doc.para("Recall of each class in the lowest, middle and highest third of its frames by each attribute the "
              "inspection tool or the generator records (severity and visibility from a synthetic set's "
              "dataset.json; the columns of an --attributes CSV). Each cell: recall [95% interval] n=frames "
-             "[value range]. Equal values stay in one tercile (the lower), so thirds can differ in size.")
+             "[value range]. Equal values stay in one tercile (the lower), so thirds can differ in size. A third "
+             "holds a third of a class's frames: its interval stays wide unless the class has about 90 frames or more.")
     rows = []
     for attr, a in block.items():
         for leaf, c in a["classes"].items():
