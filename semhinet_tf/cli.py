@@ -555,7 +555,7 @@ def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwr
                    "own automatic verdicts must reach to be ready")
 @click.option("--ready-min-frames", default=30, show_default=True, type=click.IntRange(min=0),
               help="labelled frames a class needs here before it can be ready for automatic classification")
-@click.option("--attributes", "attributes", multiple=True, type=click.Path(dir_okay=True, path_type=Path),
+@click.option("--attributes", "attributes", multiple=True, metavar="FILE.csv", type=click.Path(path_type=Path),
               help="CSV of numbers per image (a header; a path column; e.g. the tool's defect size): recall per "
                    "class by tercile of each column. DATA's synth dataset.json (severity, visibility) is read "
                    "without it; this overrides it. Repeatable")
