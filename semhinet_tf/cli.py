@@ -558,22 +558,34 @@ def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwr
                    "own automatic verdicts must reach to be ready")
 @click.option("--ready-min-frames", default=30, show_default=True, type=click.IntRange(min=0),
               help="labelled frames a class needs here before it can be ready for automatic classification")
+@click.option("--attributes", "attributes", multiple=True, metavar="FILE.csv", type=click.Path(path_type=Path),
+              help="CSV of numbers per image (a header; a path column; e.g. the tool's defect size): recall per "
+                   "class by tercile of each column. DATA's synth dataset.json (severity, visibility) is read "
+                   "without it; this overrides it. Repeatable")
 @views_option
 @no_contract_option
 @overwrite_option
 @friendly
-def eval_cmd(model, data, split, json_out, report_dir, target_purity, ready_min_frames, views, allow_no_contract,
-             overwrite):
+def eval_cmd(model, data, split, json_out, report_dir, target_purity, ready_min_frames, attributes, views,
+             allow_no_contract, overwrite):
     """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA.
 
     Also says for each class whether it is ready for automatic classification: enough labelled frames, and the
-    precision of its verdicts at the model's review threshold at or above --target-purity."""
+    precision of its verdicts at the model's review threshold at or above --target-purity. With DATA's
+    dataset.json or --attributes, also recall per class by tercile of each attribute."""
+    from semhinet_tf.attributes import AttributeFileError
     from semhinet_tf.workflow import eval_model
 
-    res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
-                     target_purity=target_purity, views=int(views), allow_no_contract=allow_no_contract,
-                     overwrite=overwrite, ready_min_frames=ready_min_frames)
+    try:
+        res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
+                         target_purity=target_purity, views=int(views), allow_no_contract=allow_no_contract,
+                         overwrite=overwrite, ready_min_frames=ready_min_frames, attributes=attributes)
+    except AttributeFileError as exc:  # a wrong file is refused before any inference, like a wrong model
+        raise RefusedError(_one_line(exc)) from exc
     click.echo(res["table"])
+    if res.get("attributes_table"):
+        click.echo("")
+        click.echo(res["attributes_table"])
     for line in res["notes"]:
         click.echo(line)
 

@@ -580,7 +580,7 @@ def _worst_section(doc: _Doc, ctx: Mapping[str, Any], out: Path, loader: ImageLo
 # ---------------------------------------------------------------- entry point
 # Every file write_report may write into its folder (checked before an evaluation starts, so none is clobbered).
 REPORT_FILES = ("README.md", "index.html", "leaf_confusion.png", "head_confusion.png", "per_class.png",
-                "coverage.png", "training_curves.png", "worst_mistakes.png")
+                "coverage.png", "training_curves.png", "worst_mistakes.png", "attributes.png")
 
 
 def write_report(out_dir: str | Path, results: Mapping[str, Any], paths: Sequence[str], true_leaf: np.ndarray,
@@ -611,6 +611,10 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], paths: Sequenc
     _coverage_section(doc, cov, files, results["n"])
     if results.get("readiness"):
         _readiness_section(doc, results["readiness"])
+    if results.get("attributes"):
+        from semhinet_tf.attributes import report_section
+
+        report_section(doc, results, out, _save)
     if history_csv is not None:
         _history_section(doc, history_csv, out)
     ctx = {"true": true, "pred": pred, "conf": conf, "leaf_p": leaf_p, "paths": list(map(str, paths)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +45,17 @@ def decode_items(items: list, pre: Preprocess, taxonomy: Taxonomy, notes: list[s
 def eval_model(model: str | Path, data: str | Path, split: str | None = None, json_out: str | Path | None = None,
                report_dir: str | Path | None = None, target_purity: float = 0.99, progress: bool = True,
                run_dir: str | Path | None = None, views: int = 1, allow_no_contract: bool = False,
-               overwrite: bool = False, ready_min_frames: int | None = None) -> dict:
+               overwrite: bool = False, ready_min_frames: int | None = None,
+               attributes: Sequence[str | Path] = ()) -> dict:
     """Evaluate any model format on DATA; same JSON keys whatever the format.
 
     `run_dir` names the run whose saved split to use when the model file lives elsewhere; `views` > 1
     averages that many test-time flips/rotations (semhinet_tf.data.views); `allow_no_contract` runs a
     .tflite without a contract (see BoardModel). The JSON and report files are checked before any work:
-    existing ones are refused unless `overwrite`."""
+    existing ones are refused unless `overwrite`. `attributes` are CSVs of numbers per file (read, and refused
+    with AttributeFileError, before any work); with DATA's synth dataset.json they give recall by tercile
+    (semhinet_tf.attributes) under "attributes" in the result."""
+    from semhinet_tf.attributes import read_attribute_csv
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.engines import find_run_dir, load_model
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
@@ -59,6 +63,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
 
     check_outputs([json_out, *(Path(report_dir) / name for name in REPORT_FILES)] if report_dir else [json_out],
                   overwrite)
+    attribute_tables = [read_attribute_csv(p) for p in attributes]
     model = Path(model)
     engine = load_model(model, views=views, allow_no_contract=allow_no_contract, progress=progress)
     taxonomy = engine.taxonomy
@@ -80,6 +85,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
                  f"{ready['target_purity']:g}: {', '.join(ready['ready']) or 'no class'}"
                  + (f"; not ready: {'; '.join(not_ready)}" if not_ready else ""))
     result["views"] = engine.views
+    attributes_text = _attributes(result, data, attribute_tables, paths, leaf_ids, probs, taxonomy, notes)
     if result.get("missing_classes"):
         notes.append(f"classes missing from this split: {', '.join(result['missing_classes'])}")
     if json_out:
@@ -96,7 +102,27 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     label = f"{model.name} ({engine.format}{f', {views} views' if views > 1 else ''})"
     table = format_summary_table({label: result}, intervals=True)
     return {"result": result, "table": table, "notes": notes, "paths": paths, "leaf_ids": leaf_ids,
-            "probs": probs}
+            "probs": probs, "attributes_table": attributes_text}
+
+
+def _attributes(result: dict, data: str | Path, tables: list, paths: list[str], leaf_ids: np.ndarray, probs,
+                taxonomy: Taxonomy, notes: list[str]) -> str:
+    """Add recall by attribute tercile to `result` (issue 26.2) from DATA's dataset.json and the --attributes
+    tables (those override); return its terminal tables ("" when there is no attribute)."""
+    from semhinet_tf.attributes import attribute_results, dataset_attributes, format_attribute_tables, source_notes
+    from semhinet_tf.evaluate import leaf_predictions
+
+    found, note = dataset_attributes(data)
+    notes.extend([note] if note else [])
+    tables = ([found] if found is not None else []) + list(tables)
+    if not tables:
+        return ""
+    pred, _, _ = leaf_predictions({k: np.asarray(v, dtype=np.float64)
+                                  for k, v in taxonomy.as_head_probabilities(probs).items()}, taxonomy)
+    block, sources = attribute_results(leaf_ids, pred, list(taxonomy.leaves), tables, paths, data)
+    result["attributes"], result["attribute_sources"] = block, sources
+    notes.extend(source_notes(sources))
+    return format_attribute_tables(block)
 
 
 # ---------------------------------------------------------------- predict
