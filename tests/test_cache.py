@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from semhinet_tf.artifacts.files import file_sha256
 from semhinet_tf.data import cache as cache_mod
 from semhinet_tf.data import pipeline
 from semhinet_tf.data.cache import FrameCache, FrameRows, default_cache_dir, open_cache
 from semhinet_tf.data.decode import Preprocess
-from semhinet_tf.data.discover import _sha256
 from semhinet_tf.data.pipeline import decode_frames
 
 PRE = Preprocess(size=16)
@@ -54,7 +54,7 @@ def files(tmp_path) -> list[Path]:
 
 
 def _load(cache: FrameCache, paths: list[Path], pre: Preprocess = PRE):
-    return cache.frames([str(p) for p in paths], [_sha256(str(p)) for p in paths], pre, progress=False)
+    return cache.frames([str(p) for p in paths], [file_sha256(p) for p in paths], pre, progress=False)
 
 
 def _entries(root: Path) -> list[Path]:

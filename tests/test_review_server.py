@@ -27,7 +27,7 @@ TAX = Taxonomy.default()
 
 def make_review(tmp_path: Path, n: int = 6, taxonomy: Taxonomy = TAX) -> Path:
     """A review folder by hand: n frames (one a 16-bit TIFF) queued with made-up verdicts; no model needed."""
-    from semhinet_tf.review.queue import file_sha256
+    from semhinet_tf.artifacts.files import file_sha256
 
     frames = tmp_path / "frames"
     frames.mkdir()
