@@ -156,9 +156,9 @@ def rows_to_arrays(rows: Sequence[Mapping[str, Any]], taxonomy: Taxonomy, where:
     return leaf, heads
 
 
-def read_verdicts(path: str | Path) -> list[dict]:
-    """`semhinet predict`'s JSON lines (rows with an 'error' are kept aside by the caller); a line that is not a
-    verdict is an error naming the file and line."""
+def _read_json_lines(path: str | Path, what: str, required: Sequence[str]) -> list[dict]:
+    """The JSON objects of a JSON-lines file, blank lines skipped; a line that is not JSON, not an object or lacks
+    a `required` key is an error naming the file, the line and `what` it should have been."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -168,10 +168,17 @@ def read_verdicts(path: str | Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ReviewInputError(f"{path}: line {number} is not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "path" not in row:
-                raise ReviewInputError(f"{path}: line {number} is not a verdict of `semhinet predict` (no 'path')")
+            missing = [key for key in required if not isinstance(row, dict) or key not in row]
+            if missing or not isinstance(row.get("path"), str):
+                raise ReviewInputError(f"{path}: line {number} is not {what} (no '{(missing or ['path'])[0]}')")
             rows.append(row)
     return rows
+
+
+def read_verdicts(path: str | Path) -> list[dict]:
+    """`semhinet predict`'s JSON lines (rows with an 'error' are kept aside by the caller); a line that is not a
+    verdict is an error naming the file and line."""
+    return _read_json_lines(path, "a verdict of `semhinet predict`", ("path",))
 
 
 def queue_entries(rows: Sequence[Mapping[str, Any]], selection: Selection, hashes: Mapping[int, str]
@@ -189,21 +196,7 @@ def queue_entries(rows: Sequence[Mapping[str, Any]], selection: Selection, hashe
 
 def read_queue(path: str | Path) -> list[dict]:
     """queue.jsonl as written by `review queue`; a damaged line is an error naming the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-                    raise ValueError("no 'path'")
-                for key in ("sha256", "verdict", "leaf_probabilities", "heads"):
-                    entry[key]  # noqa: B018 - presence check
-            except (ValueError, KeyError) as exc:
-                raise ReviewInputError(f"{path}: line {number} is not a queue entry ({exc})") from None
-            out.append(entry)
-    return out
+    return _read_json_lines(path, "a queue entry", ("path", "sha256", "verdict", "leaf_probabilities", "heads"))
 
 
 # ---------------------------------------------------------------- suspects: labels the model disputes
