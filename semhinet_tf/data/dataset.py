@@ -29,7 +29,7 @@ from semhinet_tf.data.pipeline import decode_frames
 from semhinet_tf.taxonomy import Taxonomy
 
 
-def _decode_manifest(manifest: Manifest, pre: Preprocess, progress: bool,
+def decode_manifest(manifest: Manifest, pre: Preprocess, progress: bool,
                      cache: FrameCache | None) -> tuple[np.ndarray, dict[str, int]]:
     """Decode every entry once (or read it from `cache`); failures join manifest.skipped.
 
@@ -61,6 +61,14 @@ def _arrays(paths: list[str], frames: np.ndarray, rows: dict[str, int], leaf_of:
     return x, y
 
 
+def split_arrays(split: dict, frames, rows, manifest: Manifest, taxonomy: Taxonomy) -> tuple:
+    """The (FrameRows, leaf ids) of the split's train and val sides, the leaf of each frame as the manifest says
+    (a reviewed label already applied there by train --from)."""
+    leaf_of = {e.path: e.leaf for e in manifest.entries}
+    return (_arrays(split["train"], frames, rows, leaf_of, taxonomy),
+            _arrays(split["val"], frames, rows, leaf_of, taxonomy))
+
+
 def prepare_dataset(data_dir: str | Path, run_dir: str | Path, taxonomy: Taxonomy, cfg, strict: bool = False,
                     progress: bool = True, reuse_split: bool = False, cache: FrameCache | None = None) -> dict:
     """Discover, decode (or read `cache`), split (or reuse the saved split); write manifest, skipped list and
@@ -68,7 +76,7 @@ def prepare_dataset(data_dir: str | Path, run_dir: str | Path, taxonomy: Taxonom
     run_dir = Path(run_dir)
     pre = Preprocess(size=cfg.img_size, databar=cfg.databar, fit=cfg.fit)
     manifest = discover(data_dir, taxonomy, strict=strict, check_images=False, pre=pre, progress=progress)
-    frames, rows = _decode_manifest(manifest, pre, progress, cache)
+    frames, rows = decode_manifest(manifest, pre, progress, cache)
     manifest.save(run_dir)
     print(f"data: {manifest.summary()}", flush=True)
     if manifest.skipped:
@@ -81,9 +89,7 @@ def prepare_dataset(data_dir: str | Path, run_dir: str | Path, taxonomy: Taxonom
         save_split(split, run_dir)
     for w in split.get("warnings", []):
         print(f"  warning: {w}", flush=True)
-    leaf_of = {e.path: e.leaf for e in manifest.entries}
-    train = _arrays(split["train"], frames, rows, leaf_of, taxonomy)
-    val = _arrays(split["val"], frames, rows, leaf_of, taxonomy)
+    train, val = split_arrays(split, frames, rows, manifest, taxonomy)
     if not len(val[1]):
         raise DatasetError(f"{data_dir}: the validation split is empty (more images per class or a larger --val-split)")
     missing = [taxonomy.leaves[c] for c in range(len(taxonomy.leaves)) if c not in set(train[1].tolist())]

@@ -286,12 +286,12 @@ def prepare_from_run(data_dir: str | Path, run_dir: Path, source: SourceRun, lab
                      cfg: TrainConfig, progress: bool = True, cache: Any = None, strict: bool = False) -> dict:
     """`prepare_dataset`'s counterpart for --from: RUN's split with the answers applied, decoded through the frame
     cache; manifest (with the review) and split written to the new run."""
-    from semhinet_tf.data.dataset import _arrays, _decode_manifest
+    from semhinet_tf.data.dataset import decode_manifest, split_arrays
     from semhinet_tf.data.decode import Preprocess
 
     pre = Preprocess.from_dict(source.config["preprocess"])
     manifest, split, review = plan_data(data_dir, source, taxonomy, labels, pre, progress, strict)
-    frames, rows = _decode_manifest(manifest, pre, progress, cache)
+    frames, rows = decode_manifest(manifest, pre, progress, cache)
     manifest.save(run_dir)
     save_split(split, run_dir)
     print(f"data: {manifest.summary()} (split of {source.dir})", flush=True)
@@ -299,9 +299,7 @@ def prepare_from_run(data_dir: str | Path, run_dir: Path, source: SourceRun, lab
         print(line, flush=True)
     for w in split["warnings"]:
         print(f"  warning: {w}", flush=True)
-    leaf_of = {e.path: e.leaf for e in manifest.entries}
-    train = _arrays(split["train"], frames, rows, leaf_of, taxonomy)
-    val = _arrays(split["val"], frames, rows, leaf_of, taxonomy)
+    train, val = split_arrays(split, frames, rows, manifest, taxonomy)
     if not len(val[1]):
         raise DatasetError(f"{data_dir}: none of {source.dir}'s validation frames could be read")
     print(f"split: {len(train[1])} train / {len(val[1])} val images (the validation frames of {source.dir})",
