@@ -429,10 +429,13 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
 @click.option("--ready-min-frames", default=30, show_default=True, type=click.IntRange(min=0),
               help="validation frames a class needs to be listed as ready for automatic classification (the board "
                    "sends every verdict of a class not listed to review)")
+@click.option("--ood/--no-ood", default=True, show_default=True,
+              help="add the unfamiliar-frame score (output `ood`): frames unlike every class the model was trained "
+                   "on go to review; its threshold lets 1% of the validation split's normal frames through to review")
 @overwrite_option
 @friendly
 def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, float_heads,
-            ready_min_frames, overwrite):
+            ready_min_frames, ood, overwrite):
     """Convert a run's model to a full-int8 .tflite for the i.MX 8M Plus NPU (runs npu-check).
 
     The contract lists the classes ready for automatic classification, judged on the run's validation split."""
@@ -440,9 +443,13 @@ def convert(run_dir, out, io_type, calib_samples, source, granularity, review_th
 
     info = convert_run(run_dir, out, io_type=io_type, calib_samples=calib_samples,
                        source=source, review_threshold=review_threshold, overwrite=overwrite,
-                       granularity=granularity, float_heads=float_heads, ready_min_frames=ready_min_frames)
+                       granularity=granularity, float_heads=float_heads, ready_min_frames=ready_min_frames, ood=ood)
     click.echo(info["npu_report"])
     ready = info.get("readiness")
+    unfamiliar = (ready or {}).get("ood")
+    if unfamiliar:
+        click.echo(f"unfamiliar-frame score: frames above {unfamiliar['threshold']:.3g} go to review "
+                   f"({unfamiliar['false_alarm']:.0%} of {unfamiliar['reference_frames']} validation normal frames)")
     if ready is not None:
         not_ready = [leaf for leaf, c in ready["classes"].items() if not c["ready"]]
         click.echo(f"ready for automatic classification: {', '.join(ready['ready']) or 'no class'}"

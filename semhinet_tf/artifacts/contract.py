@@ -37,7 +37,10 @@ INPUT_DTYPES = ("uint8", "int8", "float32")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TEXT_FIELDS = ("version", "run_id", "created", "leaf_probability")
 KNOWN_FIELDS = frozenset({"format", "taxonomy", "input", "outputs", "preprocess", "views", "review_threshold",
-                          "review_threshold_by_views", "quantization", "digest", "ready_classes", *_TEXT_FIELDS})
+                          "review_threshold_by_views", "quantization", "digest", "ready_classes", "ood",
+                          *_TEXT_FIELDS})
+OOD_OUTPUT = "ood"  # the model output holding the unfamiliar-frame score (semhinet_tf.model.ood)
+_OOD_KEYS = {"output", "threshold", "false_alarm", "leaves", "dims", "frames", "reference_frames", "method"}
 # Image-size limits are a host option, not the model's to decide: accepted in old contracts and dropped.
 _IGNORED_PREPROCESS = ("max_pixels",)
 
@@ -186,6 +189,33 @@ def _check_ready(where: str, value: Any, taxonomy) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _check_ood(where: str, value: Any, taxonomy) -> dict:
+    """The unfamiliar-frame score: which output holds it, the threshold above which a frame goes to review, and
+    the leaves it was fitted on (a verdict of another leaf, such as bogus, is never sent to review by it)."""
+    if not isinstance(value, Mapping) or not {"output", "threshold", "leaves"} <= set(value):
+        raise ContractError(where, "ood", f"must be an object with output, threshold and leaves, got {_short(value)}")
+    unknown = sorted(set(value) - _OOD_KEYS)
+    if unknown:
+        raise ContractError(where, f"ood.{unknown[0]}", f"is unknown (known: {', '.join(sorted(_OOD_KEYS))})")
+    _text(where, "ood.output", value["output"])
+    if not _is_number(value["threshold"]) or not math.isfinite(value["threshold"]) or value["threshold"] < 0:
+        raise ContractError(where, "ood.threshold", f"must be a finite number >= 0, got {_short(value['threshold'])}")
+    if "false_alarm" in value:
+        _probability(where, "ood.false_alarm", value["false_alarm"])
+    leaves = value["leaves"]
+    known = (taxonomy if taxonomy is not None else _default_taxonomy()).leaves
+    if not isinstance(leaves, list) or not leaves or not all(isinstance(v, str) and v in known for v in leaves):
+        raise ContractError(where, "ood.leaves", f"must be a non-empty list of leaves of the taxonomy "
+                                                 f"({', '.join(known)}), got {_short(leaves)}")
+    return dict(value)
+
+
+def _default_taxonomy():
+    from semhinet_tf.taxonomy import Taxonomy
+
+    return Taxonomy.default()
+
+
 def _check_quantization(where: str, value: Any) -> dict | None:
     if value is None:
         return None
@@ -234,6 +264,7 @@ class Contract:
     quantization: dict | None = None
     digest: str | None = None
     ready_classes: tuple[str, ...] | None = None
+    ood: dict | None = None
     present: bool = True
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -255,6 +286,12 @@ class Contract:
 
     def view_names(self) -> list[str]:
         return list(self.views or ["identity"])
+
+    def is_unfamiliar(self, leaf: str, score: float | None) -> bool:
+        """Does the unfamiliar-frame score send this verdict to review? (never without a score in the contract,
+        nor for a verdict of a leaf the score was not fitted on, such as bogus)"""
+        return self.ood is not None and score is not None and leaf in self.ood["leaves"] and \
+            score > float(self.ood["threshold"])
 
     def is_ready(self, leaf: str) -> bool:
         """May a verdict of this class stand without a person? (every class, for a contract without the list)"""
@@ -288,6 +325,7 @@ def validate_contract(d: Any, where: str) -> Contract:
         quantization=_check_quantization(where, d.get("quantization")),
         digest=_check_digest(where, d["digest"]) if "digest" in d else None,
         ready_classes=_check_ready(where, d["ready_classes"], taxonomy) if "ready_classes" in d else None,
+        ood=_check_ood(where, d["ood"], taxonomy) if d.get("ood") is not None else None,
         raw=dict(d),
     )
 
@@ -317,7 +355,7 @@ def threshold_for_views(contract: Contract | Mapping, views: int = 1, where: str
 def build_contract(*, run_id: str, taxonomy_spec: dict, img_size: int, io_type: str, preprocess: Mapping,
                    views: Sequence[str], review_threshold: float, review_threshold_by_views: Mapping[str, float],
                    quantization: dict | None, version: str, batch: int = 1, digest: bool = True,
-                   ready_classes: Sequence[str] | None = None) -> dict:
+                   ready_classes: Sequence[str] | None = None, ood: Mapping | None = None) -> dict:
     """The contract `semhinet convert` embeds (and export-onnx carries). With `digest`, the digest value is the
     placeholder `seal_tflite` fills once the contract sits in the file. `ready_classes`: the leaves whose verdicts
     may stand without review (None: not judged, every class). Validated before it is returned."""
@@ -339,6 +377,8 @@ def build_contract(*, run_id: str, taxonomy_spec: dict, img_size: int, io_type: 
     }
     if ready_classes is not None:
         contract["ready_classes"] = list(ready_classes)
+    if ood is not None:
+        contract["ood"] = dict(ood)
     if digest:
         contract["digest"] = {"algorithm": DIGEST_ALGORITHM, "value": DIGEST_PLACEHOLDER}
     validate_contract(json.loads(json.dumps(contract)), "new contract")

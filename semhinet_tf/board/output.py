@@ -6,7 +6,7 @@ import csv
 import json
 
 FORMATS = ("jsonl", "csv")
-CSV_FIELDS = ["path", "verdict", "family", "class", "probability", "review", "error", "infer_ms"]
+CSV_FIELDS = ["path", "verdict", "family", "class", "probability", "review", "error", "infer_ms", "ood", "unfamiliar"]
 
 
 class Writer:

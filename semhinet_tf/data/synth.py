@@ -911,6 +911,9 @@ def _bogus_graphics(rng: np.random.Generator, size: int, scene: Scene) -> np.nda
 
 _BOGUS = ((_bogus_photo, 0.36), (_bogus_noise, 0.12), (_bogus_blank, 0.12), (_bogus_defocus, 0.14),
           (_bogus_beam_lost, 0.12), (_bogus_graphics, 0.14))
+# What dataset.json records as a bogus frame's "kind" (the experiments' leave-one-kind-out splits by it). A photo
+# drawn when the shipped photographs are missing is rendered as graphics but still recorded as "photo".
+BOGUS_KINDS: tuple[str, ...] = tuple(fn.__name__.removeprefix("_bogus_") for fn, _ in _BOGUS)
 
 
 # ====================================================================== the label rule: what an expert would see
@@ -1202,6 +1205,7 @@ class Frame:
     draw: int = 0  # index of the defect draw kept (0: the first, as the cause rule draws it)
     scenes: int = 1  # scenes tried (more than one only if no draw was visible in the first)
     rejected: tuple[float, float, int] | None = None  # (severity, visibility, draw) of the last draw turned down
+    kind: str | None = None  # a bogus frame's kind (BOGUS_KINDS); None for SEM frames
 
 
 
@@ -1242,7 +1246,7 @@ def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float, t
             defect_rng = _defect_rng(defect_seed, 0)
             fn = fns[int(defect_rng.choice(len(fns), p=np.asarray(probs) / sum(probs)))]
             img = _to_uint8(fn(defect_rng, size, scene))
-            return Frame(img, img.copy() if twin else None)
+            return Frame(img, img.copy() if twin else None, kind=fn.__name__.removeprefix("_bogus_"))
         base = _make_pattern(scene, scene_rng)
         if leaf == "normal":
             img = _to_uint8(_image(base.height, base.yield_map, scene, np.random.default_rng(noise_seed)))
@@ -1433,6 +1437,8 @@ def _make_one(leaf: str, k: int, seed: int, size: int, difficulty: float, mixed:
     _encode(img, variant, path)
     record: dict[str, Any] = {"path": path.relative_to(out_dir).as_posix(), "class": leaf, "index": int(k),
                               "format": variant.fmt + ("+rgb" if variant.rgb else "")}
+    if frame.kind is not None:
+        record["kind"] = frame.kind
     if frame.severity is not None:
         record.update(severity=round(frame.severity, 4), visibility=round(float(frame.visibility), 4),
                       draw=frame.draw, scenes=frame.scenes)

@@ -31,6 +31,7 @@ VIEW_TABLE: dict[str, tuple[bool, bool, bool]] = {
 # Views that need the transpose need rot90 augmentation; views that flip need flip augmentation.
 _NEEDS = {name: ("flip" if (fr or fc) else None, "rot90" if tr else None) for name, (fr, fc, tr) in VIEW_TABLE.items()}
 _LOG_FLOOR = 1e-7  # probabilities of exactly 0 (int8 outputs) would make the log-average -inf
+SCORE_OUTPUTS = ("ood",)  # outputs that are scores, not probabilities (artifacts.contract.OOD_OUTPUT)
 
 
 def invariant_views(augment: Mapping | None) -> list[str]:
@@ -81,9 +82,13 @@ def log_average(per_view: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nd
     """Mean of the views' log-probabilities, renormalised per head.
 
     The log-average equals averaging the heads' logits, so one confident wrong view cannot outvote the
-    others as it can in a plain mean (measured: a little better than the plain mean, float and int8)."""
+    others as it can in a plain mean (measured: a little better than the plain mean, float and int8).
+    A score that is not a probability (the unfamiliar-frame score, output `ood`) is averaged plainly."""
     out = {}
     for head in per_view[0]:
+        if head in SCORE_OUTPUTS:
+            out[head] = np.mean([np.asarray(p[head], np.float32) for p in per_view], axis=0)
+            continue
         z = np.mean([np.log(np.maximum(np.asarray(p[head], np.float64), _LOG_FLOOR)) for p in per_view], axis=0)
         z = np.exp(z - z.max(axis=-1, keepdims=True))
         out[head] = (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)

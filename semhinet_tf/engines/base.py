@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from semhinet_tf.artifacts.contract import Contract
+from semhinet_tf.artifacts.contract import OOD_OUTPUT, Contract
 from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, load_frame
 from semhinet_tf.data.scan import MISSING, Unreadable, scan_paths
 from semhinet_tf.data.views import average_views, select_views, view_counts
@@ -86,6 +86,12 @@ class Engine:
 
         `views`: view names to log-average over (default: those chosen with `use_views`). `verbose` is accepted
         as Keras' `predict` accepts it: 0 hides the progress bar that long runs show on stderr."""
+        return self.predict_with_ood(frames, views, batch_size=batch_size, verbose=verbose)[0]
+
+    def predict_with_ood(self, frames: np.ndarray, views: list[str] | None = None, *, batch_size: int = 256,
+                         verbose: int | str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """(head probabilities as `predict` gives them, the unfamiliar-frame score of each frame (N,) or None
+        for a model without one). Over several views the score is their mean."""
         frames = np.asarray(frames)
         if frames.ndim == 4 and frames.shape[-1] == 1:
             frames = frames[..., 0]
@@ -93,7 +99,7 @@ class Engine:
         if frames.ndim != 3 or frames.shape[1:] != (size, size):
             raise ValueError(f"{self.path}: frames have shape {frames.shape}, expected (N, {size}, {size})")
         if not len(frames):
-            return {h.name: np.zeros((0, h.num_classes), np.float32) for h in self.taxonomy.heads}
+            return {h.name: np.zeros((0, h.num_classes), np.float32) for h in self.taxonomy.heads}, None
         views = list(self.views if views is None else views)
         show = self.progress and verbose != 0 and len(frames) * len(views) >= PROGRESS_MIN_FRAMES
         bar = None
@@ -111,7 +117,9 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
-        return {name: np.concatenate(values) for name, values in parts.items()}
+        out = {name: np.concatenate(values) for name, values in parts.items()}
+        ood = out.pop(OOD_OUTPUT, None)
+        return out, None if ood is None else ood.reshape(len(frames)).astype(np.float32)
 
     def _counted(self, frames: np.ndarray, bar) -> dict[str, np.ndarray]:
         out = self._infer(frames)
@@ -162,9 +170,12 @@ class Engine:
         rows: list[dict] = []
         if batch:
             t = time.perf_counter()
-            probs = self.predict(np.stack([frame for _, frame, _ in batch]), verbose=0)
+            probs, ood = self.predict_with_ood(np.stack([frame for _, frame, _ in batch]), verbose=0)
             infer_ms = (time.perf_counter() - t) * 1000 / len(batch)
             rows = self.taxonomy.decode(probs, self.review_threshold)
+            if ood is not None:
+                for row, score in zip(rows, ood):  # noqa: B905 (one score a frame, from the same batch)
+                    row["ood"] = round(float(score), 4)
         if len(rows) != len(batch):  # zip(strict=True) is Python 3.10+; the armv7 board runs 3.9
             raise RuntimeError(f"{self.path}: {len(rows)} verdicts for {len(batch)} frames")
         verdicts = iter(zip(batch, rows))  # noqa: B905 (lengths checked above)
@@ -181,9 +192,17 @@ class Engine:
     def _readiness(self, row: dict) -> dict:
         """A verdict of a class the contract does not list as ready goes to review whatever its probability
         (issue 24.5): its automatic verdicts were not shown to reach the target purity, or it had too few
-        labelled frames to tell. `ready` says which rule flagged a row."""
+        labelled frames to tell. So does a frame whose unfamiliar-frame score is above the contract's threshold
+        (issue 26.4: unlike anything the model was trained on). `ready` and `unfamiliar` say which rule flagged
+        a row."""
         ready = self.spec.is_ready(row["class"])
-        return {**row, "review": bool(row["review"] or not ready), "ready": ready}
+        out = {**row, "ready": ready}
+        unfamiliar = False
+        if self.spec.ood is not None:
+            unfamiliar = self.spec.is_unfamiliar(row["class"], row.get("ood"))
+            out["unfamiliar"] = unfamiliar
+        out["review"] = bool(row["review"] or not ready or unfamiliar)
+        return out
 
 
 def warn_stderr(message: str) -> None:

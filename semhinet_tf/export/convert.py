@@ -45,7 +45,7 @@ def conversion_outputs(out: Path) -> list[Path]:
 
 def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: int, io_type: str,
                  quantization: dict | None, review_threshold: float, batch: int = 1, digest: bool = True,
-                 ready_classes: list[str] | None = None) -> dict:
+                 ready_classes: list[str] | None = None, ood: dict | None = None) -> dict:
     """The contract of a model converted from RUN (artifacts.contract.build_contract with the run's facts)."""
     from semhinet_tf import __version__
 
@@ -54,13 +54,13 @@ def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: 
         img_size=img_size, io_type=io_type, preprocess=config["preprocess"],
         views=invariant_views(config.get("train", {}).get("augment")), review_threshold=review_threshold,
         review_threshold_by_views=validation_thresholds_by_views(run_dir), quantization=quantization,
-        version=__version__, batch=batch, digest=digest, ready_classes=ready_classes)
+        version=__version__, batch=batch, digest=digest, ready_classes=ready_classes, ood=ood)
 
 
 def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str = "uint8", calib_samples: int = 200,
                 source: str = "qat", review_threshold: float | None = None,
                 overwrite: bool = False, progress: bool = True, granularity: str | None = None,
-                float_heads: bool = False, ready_min_frames: int | None = None) -> dict:
+                float_heads: bool = False, ready_min_frames: int | None = None, ood: bool = True) -> dict:
     """Convert RUN's QAT (or float, as PTQ) model; write .tflite + contract JSON; run the NPU check.
 
     `float_heads`: int8 backbone for the NPU, heads in float on the CPU (a DEQUANTIZE after the pooled
@@ -68,12 +68,17 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     The contract lists the classes ready for automatic classification (issue 24.5): the converted model itself is
     scored on the run's validation split at its review threshold, and a class with fewer than `ready_min_frames`
     (default 30) validation frames, or whose automatic verdicts fall under the run's target purity, is left out,
-    so the board sends its verdicts to review."""
+    so the board sends its verdicts to review.
+
+    `ood`: fit the unfamiliar-frame score (semhinet_tf.model.ood) on the training split's pooled features, add it
+    to the model as output `ood`, and put in the contract the threshold that OOD_FALSE_ALARM of the validation
+    split's normal frames exceed (with the converted model's own scores)."""
     from semhinet_tf.data.dataset import load_split_frames
     from semhinet_tf.export.npu import check_npu
     from semhinet_tf.export.tflite import convert_int8
     from semhinet_tf.export.tflite_meta import read_contract
     from semhinet_tf.model.io import load_model
+    from semhinet_tf.model.ood import feature_tap
     from semhinet_tf.progress import step
     from semhinet_tf.taxonomy import Taxonomy
 
@@ -105,19 +110,21 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
         model = with_float_heads(model, template, granularity)
     frames, leaf_ids = load_split_frames(run_dir, "train", progress=progress)
     calib = calibration_frames(frames, leaf_ids, calib_samples, int(config["train"]["seed"]))
-    tflite = convert_int8(model, img_size, taxonomy.head_names, lambda: iter(calib), io_type=io_type,
-                          per_tensor=granularity == "per-tensor", float_heads=float_heads, progress=progress,
-                          calibration_size=len(calib))
+    fit = fit_unfamiliar(model, frames, leaf_ids, taxonomy, progress) if ood else None
+    tflite = convert_int8(feature_tap(model) if fit else model, img_size, taxonomy.head_names, lambda: iter(calib),
+                          io_type=io_type, per_tensor=granularity == "per-tensor", float_heads=float_heads,
+                          progress=progress, calibration_size=len(calib), ood=fit)
     if review_threshold is None:
         review_threshold = validation_threshold(run_dir)
     quantization = {"source": source, "granularity": granularity, "io": io_type, "float_heads": float_heads}
     contract = run_contract(run_dir, config, taxonomy.to_spec(), img_size=img_size, io_type=io_type,
                             quantization=quantization, review_threshold=review_threshold)
     readiness = _readiness(run_dir, embed_sealed(tflite, contract), out, taxonomy, review_threshold,
-                           DEFAULT_READY_MIN_FRAMES if ready_min_frames is None else ready_min_frames, progress)
+                           DEFAULT_READY_MIN_FRAMES if ready_min_frames is None else ready_min_frames, progress,
+                           fit)
     contract = run_contract(run_dir, config, taxonomy.to_spec(), img_size=img_size, io_type=io_type,
                             quantization=quantization, review_threshold=review_threshold,
-                            ready_classes=readiness["ready"])
+                            ready_classes=readiness["ready"], ood=readiness.get("ood"))
     tflite = embed_sealed(tflite, contract)
     contract = read_contract(tflite)  # as embedded: with its digest
     atomic_write_bytes(out, tflite)
@@ -130,11 +137,44 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
             "npu_ok": report.ok, "npu_report": report.format(limit=40), "readiness": readiness}
 
 
+def fit_unfamiliar(model, frames: np.ndarray, leaf_ids: np.ndarray, taxonomy, progress: bool):
+    """The unfamiliar-frame score fitted on `model`'s pooled features of the training frames (model.ood.fit_ood);
+    None, with a warning, when the training split has too few frames outside bogus to fit it."""
+    from semhinet_tf.engines.base import warn_stderr
+    from semhinet_tf.model.ood import feature_tap, fit_ood, pooled_features
+    from semhinet_tf.progress import step
+
+    with step(f"fitting the unfamiliar-frame score on {len(frames)} training frames", enabled=progress):
+        features = pooled_features(feature_tap(model).predict(frames[..., None], batch_size=32, verbose=0))
+    try:
+        return fit_ood(features, leaf_ids, taxonomy.leaves)
+    except ValueError as exc:
+        warn_stderr(f"no unfamiliar-frame score: {exc}")
+        return None
+
+
+def ood_contract(fit, scores: np.ndarray, leaf_ids: np.ndarray, taxonomy) -> dict | None:
+    """The contract's `ood` block: the threshold that OOD_FALSE_ALARM of the validation frames of the normal class
+    (of every fitted class when the taxonomy has no `normal` leaf or the split none of its frames) exceed."""
+    from semhinet_tf.model.ood import OOD_FALSE_ALARM, OOD_OUTPUT, threshold_at
+
+    fitted = [taxonomy.leaves.index(leaf) for leaf in fit.leaves]
+    reference = [taxonomy.leaves.index("normal")] if "normal" in taxonomy.leaves else fitted
+    mask = np.isin(leaf_ids, reference)
+    if not mask.any():
+        mask = np.isin(leaf_ids, fitted)
+    if not mask.any():
+        return None
+    return {"output": OOD_OUTPUT, "threshold": round(threshold_at(scores[mask]), 6), "false_alarm": OOD_FALSE_ALARM,
+            "leaves": list(fit.leaves), "dims": fit.dims, "frames": fit.frames, "reference_frames": int(mask.sum()),
+            "method": "min over classes of the whitened distance to the class mean (shared covariance), / dims"}
+
+
 def _readiness(run_dir: Path, model_bytes: bytes, out: Path, taxonomy, threshold: float, min_frames: int,
-               progress: bool) -> dict:
+               progress: bool, fit=None) -> dict:
     """Class readiness of the converted model (evaluate.class_readiness) on RUN's validation split: the model is
     run from a temporary file beside `out`, removed afterwards, so no model without its ready list is ever left
-    where a board could pick it up."""
+    where a board could pick it up. With `fit`, also the contract's `ood` block (ood_contract) under "ood"."""
     import os
     import tempfile
 
@@ -148,8 +188,12 @@ def _readiness(run_dir: Path, model_bytes: bytes, out: Path, taxonomy, threshold
         with os.fdopen(fd, "wb") as f:
             f.write(model_bytes)
         engine = BoardModel(tmp, review_threshold=threshold, progress=progress, warn=lambda _: None)
-        probs = engine.predict(frames)
+        probs, scores = engine.predict_with_ood(frames)
     finally:
         Path(tmp).unlink(missing_ok=True)
     leaf_p = taxonomy.leaf_probabilities(probs) if len(frames) else np.zeros((0, len(taxonomy.leaves)))
-    return class_readiness(leaf_ids, leaf_p, taxonomy.leaves, threshold, validation_target_purity(run_dir), min_frames)
+    result = class_readiness(leaf_ids, leaf_p, taxonomy.leaves, threshold, validation_target_purity(run_dir),
+                             min_frames)
+    if fit is not None and scores is not None:
+        result["ood"] = ood_contract(fit, scores, leaf_ids, taxonomy)
+    return result

@@ -12,14 +12,18 @@ import numpy as np
 import tensorflow as tf
 
 from semhinet_tf.model import keras
+from semhinet_tf.model.ood import OOD_OUTPUT, OodFit, ood_graph
 from semhinet_tf.progress import Step
 from semhinet_tf.progress import step as progress_step
 
 IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
 
 
-def serving_function(model: keras.Model, img_size: int, output_names: Iterable[str]):
-    """A concrete function image(1,S,S,1) -> {h1..h5}, whatever names tfmot gave the Keras outputs."""
+def serving_function(model: keras.Model, img_size: int, output_names: Iterable[str], ood: OodFit | None = None):
+    """A concrete function image(1,S,S,1) -> {h1..h5}, whatever names tfmot gave the Keras outputs.
+
+    `ood`: also the unfamiliar-frame score, output `ood`, from the pooled features (`model` is then a
+    model.ood.feature_tap model, whose pooled outputs it reads)."""
     names = list(output_names)
 
     @tf.function(input_signature=[tf.TensorSpec([1, img_size, img_size, 1], tf.float32, name="image")])
@@ -27,7 +31,12 @@ def serving_function(model: keras.Model, img_size: int, output_names: Iterable[s
         out = model(image, training=False)
         if isinstance(out, dict):
             by_head = {k.removeprefix("quant_"): v for k, v in out.items()}
-            return {n: tf.identity(by_head[n], name=n) for n in names}
+            result = {n: tf.identity(by_head[n], name=n) for n in names}
+            if ood is not None:
+                result[OOD_OUTPUT] = tf.identity(ood_graph(by_head, ood), name=OOD_OUTPUT)
+            return result
+        if ood is not None:
+            raise ValueError("the unfamiliar-frame score needs a model with named outputs (model.ood.feature_tap)")
         if not isinstance(out, (list, tuple)):
             out = [out]
         return {n: tf.identity(v, name=n) for n, v in zip(names, out, strict=True)}
@@ -65,23 +74,25 @@ def representative_dataset(frames: Callable[[], Iterator[np.ndarray]], step: Ste
 def convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
                  calibration: Callable[[], Iterator[np.ndarray]] | None, io_type: str = "uint8",
                  per_tensor: bool = False, float_heads: bool = False, progress: bool = False,
-                 calibration_size: int | None = None) -> bytes:
+                 calibration_size: int | None = None, ood: OodFit | None = None) -> bytes:
     """Full-integer conversion. A QAT model carries its own ranges; calibration still sets any the
     fake-quant nodes do not cover (and is required for a float model: post-training quantization).
 
     `progress`: a bar for the calibration frames (`calibration_size` of them), then the converter's own time.
 
     `float_heads`: everything up to the pooled features in int8 (the NPU's part), then a DEQUANTIZE and the
-    heads in float32 on the CPU, with float32 outputs (see `_quantize_all_but_heads`)."""
+    heads in float32 on the CPU, with float32 outputs (see `_quantize_all_but_heads`).
+
+    `ood`: add the unfamiliar-frame score as output `ood` (see serving_function)."""
     with progress_step("converting to int8 TFLite", enabled=progress) as step:
         return _convert_int8(model, img_size, output_names, calibration, io_type, per_tensor, float_heads, step,
-                             calibration_size)
+                             calibration_size, ood)
 
 
 def _convert_int8(model: keras.Model, img_size: int, output_names: Iterable[str],
                   calibration: Callable[[], Iterator[np.ndarray]] | None, io_type: str, per_tensor: bool,
-                  float_heads: bool, step: Step, calibration_size: int | None) -> bytes:
-    fn = serving_function(model, img_size, output_names)
+                  float_heads: bool, step: Step, calibration_size: int | None, ood: OodFit | None = None) -> bytes:
+    fn = serving_function(model, img_size, output_names, ood)
     converter = _converter(fn, model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if per_tensor:  # one scale per weight tensor: PTQ, or a per-tensor QAT model (its kernels are BN-folded)
