@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semhinet_tf.artifacts.contract import CONTRACT_FORMAT, build_contract, embed_sealed
+from semhinet_tf.artifacts.contract import CONTRACT_FORMAT, ModelRefusedError, build_contract, embed_sealed
 from semhinet_tf.artifacts.files import atomic_write_bytes, check_outputs, write_json
 from semhinet_tf.artifacts.run import (
     CONFIG,
@@ -111,17 +111,34 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     frames, leaf_ids = load_split_frames(run_dir, "train", progress=progress)
     calib = calibration_frames(frames, leaf_ids, calib_samples, int(config["train"]["seed"]))
     fit = fit_unfamiliar(model, frames, leaf_ids, taxonomy, progress) if ood else None
-    tflite = convert_int8(feature_tap(model) if fit else model, img_size, taxonomy.head_names, lambda: iter(calib),
-                          io_type=io_type, per_tensor=granularity == "per-tensor", float_heads=float_heads,
-                          progress=progress, calibration_size=len(calib), ood=fit)
+
+    def converted(fit) -> bytes:
+        return convert_int8(feature_tap(model) if fit else model, img_size, taxonomy.head_names,
+                            lambda: iter(calib), io_type=io_type, per_tensor=granularity == "per-tensor",
+                            float_heads=float_heads, progress=progress, calibration_size=len(calib), ood=fit)
+
+    tflite = converted(fit)
     if review_threshold is None:
         review_threshold = validation_threshold(run_dir)
     quantization = {"source": source, "granularity": granularity, "io": io_type, "float_heads": float_heads}
     contract = run_contract(run_dir, config, taxonomy.to_spec(), img_size=img_size, io_type=io_type,
                             quantization=quantization, review_threshold=review_threshold)
-    readiness = _readiness(run_dir, embed_sealed(tflite, contract), out, taxonomy, review_threshold,
-                           DEFAULT_READY_MIN_FRAMES if ready_min_frames is None else ready_min_frames, progress,
-                           fit)
+    min_frames = DEFAULT_READY_MIN_FRAMES if ready_min_frames is None else ready_min_frames
+    try:
+        readiness = _readiness(run_dir, embed_sealed(tflite, contract), out, taxonomy, review_threshold, min_frames,
+                               progress, fit)
+    except ModelRefusedError as exc:
+        if fit is None:
+            raise
+        # A model whose pooled features hardly vary (untrained, collapsed) gives the score int8 scales an
+        # interpreter refuses: the classifier is still delivered, without the score, and the user told why.
+        from semhinet_tf.engines.base import warn_stderr
+
+        warn_stderr(f"{run_dir}: no unfamiliar-frame score: the int8 model with it does not load ({exc}); "
+                    f"converting without it")
+        fit, tflite = None, converted(None)
+        readiness = _readiness(run_dir, embed_sealed(tflite, contract), out, taxonomy, review_threshold, min_frames,
+                               progress)
     contract = run_contract(run_dir, config, taxonomy.to_spec(), img_size=img_size, io_type=io_type,
                             quantization=quantization, review_threshold=review_threshold,
                             ready_classes=readiness["ready"], ood=readiness.get("ood"))
@@ -145,9 +162,9 @@ def fit_unfamiliar(model, frames: np.ndarray, leaf_ids: np.ndarray, taxonomy, pr
     from semhinet_tf.progress import step
 
     with step(f"fitting the unfamiliar-frame score on {len(frames)} training frames", enabled=progress):
-        features = pooled_features(feature_tap(model).predict(frames[..., None], batch_size=32, verbose=0))
+        features, widths = pooled_features(feature_tap(model).predict(frames[..., None], batch_size=32, verbose=0))
     try:
-        return fit_ood(features, leaf_ids, taxonomy.leaves)
+        return fit_ood(features, leaf_ids, taxonomy.leaves, widths=widths)
     except ValueError as exc:
         warn_stderr(f"no unfamiliar-frame score: {exc}")
         return None

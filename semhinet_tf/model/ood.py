@@ -1,10 +1,14 @@
 """The unfamiliar-frame score (issue 26.4): how far a frame's pooled features lie from every class it was trained on.
 
 A classifier has to put every frame in some class; a kind of bogus frame it never saw (a new failure of the tool,
-an optical image, a wrong magnification) may land in any of them with a high probability. The score here is the
-Mahalanobis distance of the frame's pooled features (average and max pooling, what the heads read) to the nearest
-class mean, with one covariance shared by the classes (Lee et al., NeurIPS 2018), measured in the `dims` directions
-where the training frames vary most, whitened, and divided by `dims` (about 1 on a familiar frame).
+an optical image, a wrong magnification) may land in any of them with a high probability. The score here reads the
+frame's pooled features (average and max pooling, what the heads read) and adds two terms, each about 1 on a
+familiar frame:
+* the Mahalanobis distance to the nearest class mean, with one covariance shared by the classes (Lee et al.,
+  NeurIPS 2018), in the `dims` directions where the training frames of a class vary most, whitened, / `dims`;
+* the energy of the features outside those directions and the class means' span, relative to the training
+  frames' mean (the residual of ViM, Wang et al., CVPR 2022): a frame that differs where the training frames
+  never varied is unfamiliar however near a class mean its leading directions put it.
 
 It is fitted after training on the training frames of the classes the model should recognise as usable SEM frames
 (every leaf but `bogus` by default: bogus frames vary without end, and a verdict of bogus needs no second
@@ -17,7 +21,7 @@ to review. This module fits (numpy) and builds the graph (TensorFlow, host only)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,32 +38,60 @@ _SHRINK = 1e-3  # ridge on the shared covariance, relative to its mean eigenvalu
 
 @dataclass(frozen=True)
 class OodFit:
-    """z = (f - center) @ project (whitened); the score is min over classes of |z - means[c]|^2 / dims."""
+    """z = (f - center) @ project (whitened); r = (f - center) outside the orthonormal `basis`, taken a feature
+    block at a time (`widths`: the pooled tensors side by side). The score is min over classes of
+    |z - means[c]|^2 / dims, plus each block's |r|^2 over its training mean, each term capped (`caps`)."""
 
     center: np.ndarray  # (D,)
     project: np.ndarray  # (D, dims)
     means: np.ndarray  # (C, dims): the fitted classes' means, whitened
+    basis: np.ndarray  # (D, B): the leading directions and the class means' span, orthonormal
+    widths: tuple[int, ...]  # the feature blocks (average, max pooling), summing to D
+    residual_scales: tuple[float, ...]  # each block's mean residual energy on the training frames
     leaves: tuple[str, ...]  # the fitted classes, in the order of `means`
     frames: int
-    cap: float = float("inf")  # the graph's scores stop here (see fit_ood)
+    caps: tuple[float, ...] = ()  # each term (distance, then a residual a block) stops here (see fit_ood)
 
     @property
     def dims(self) -> int:
         return int(self.project.shape[1])
 
+    @property
+    def cap(self) -> float:
+        """The highest score."""
+        return float(sum(self.caps))
+
+    def blocks(self) -> list[slice]:
+        edges = np.cumsum((0, *self.widths))
+        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+    def terms(self, features: np.ndarray) -> list[np.ndarray]:
+        """[distance, residual of each block] of (N, D) features, uncapped."""
+        centred = np.asarray(features, np.float64) - self.center
+        z = centred @ self.project
+        out = [(((z[:, None, :] - self.means[None]) ** 2).sum(-1) / self.dims).min(axis=1)]
+        r = centred - (centred @ self.basis) @ self.basis.T
+        out += [(r[:, cols] ** 2).sum(1) / scale for cols, scale in zip(self.blocks(), self.residual_scales,
+                                                                           strict=True)]
+        return out
+
     def score(self, features: np.ndarray) -> np.ndarray:
         """The score of (N, D) features, in float64 (the reference the int8 graph is checked against)."""
-        z = (np.asarray(features, np.float64) - self.center) @ self.project
-        d = ((z[:, None, :] - self.means[None]) ** 2).sum(-1) / self.dims
-        return np.minimum(d.min(axis=1), self.cap)
+        terms = self.terms(features)
+        caps = self.caps or (np.inf,) * len(terms)
+        return np.sum([np.minimum(t, c) for t, c in zip(terms, caps, strict=True)], axis=0)
 
 
 def fit_ood(features: np.ndarray, leaf_ids: np.ndarray, leaves: Sequence[str], dims: int = OOD_DIMS,
-            excluded: Sequence[str] = OOD_EXCLUDED_LEAVES) -> OodFit:
+            excluded: Sequence[str] = OOD_EXCLUDED_LEAVES, widths: Sequence[int] | None = None) -> OodFit:
     """Class means and the shared within-class covariance of `features` (N, D) of the frames whose leaf is not
-    `excluded`; the `dims` leading directions of that covariance, whitened. Needs two or more fitted frames."""
+    `excluded`; the `dims` leading directions of that covariance, whitened; the residual's scale per block of
+    `widths` (default: one block). Needs two or more fitted frames."""
     features = np.asarray(features, np.float64)
     leaf_ids = np.asarray(leaf_ids)
+    widths = tuple(int(w) for w in (widths or (features.shape[1],)))
+    if sum(widths) != features.shape[1]:
+        raise ValueError(f"feature blocks {widths} do not add up to the {features.shape[1]} features")
     keep_ids = [i for i, leaf in enumerate(leaves) if leaf not in excluded and np.any(leaf_ids == i)]
     mask = np.isin(leaf_ids, keep_ids)
     x, y = features[mask], leaf_ids[mask]
@@ -77,21 +109,28 @@ def fit_ood(features: np.ndarray, leaf_ids: np.ndarray, leaves: Sequence[str], d
     values, vectors = values[order[:dims]], vectors[:, order[:dims]]
     values = values + _SHRINK * max(float(np.mean(np.diag(cov))), 1e-12)
     project = vectors / np.sqrt(values)
-    fit = OodFit(center=center, project=project, means=(means - center) @ project,
-                 leaves=tuple(leaves[i] for i in keep_ids), frames=int(len(x)))
-    # The int8 output spreads its 256 steps over the calibration frames' range, bogus frames' huge scores
-    # included; capped at CAP_FACTOR times the training frames' 99th percentile, the threshold (near that
-    # percentile) is resolved to a few percent, and a capped score still says "far from everything".
-    cap = CAP_FACTOR * float(np.quantile(fit.score(x), 0.99))
-    return OodFit(fit.center, fit.project, fit.means, fit.leaves, fit.frames, cap=max(cap, 1e-6))
+    span, singular, _ = np.linalg.svd(np.concatenate([vectors, (means - center).T], axis=1), full_matrices=False)
+    basis = span[:, singular > singular.max() * 1e-9]
+    fit = OodFit(center=center, project=project, means=(means - center) @ project, basis=basis, widths=widths,
+                 residual_scales=(1.0,) * len(widths), leaves=tuple(leaves[i] for i in keep_ids), frames=int(len(x)))
+    scales = tuple(max(float(np.mean(t)), 1e-12) for t in fit.terms(x)[1:])
+    fit = replace(fit, residual_scales=scales)
+    # The int8 tensors spread their 256 steps over the calibration frames' range, bogus frames' huge scores
+    # included; each term capped at CAP_FACTOR times its 99th percentile on the training frames, the threshold
+    # is resolved to a few percent, a capped score still says "far from everything", and the terms reach their
+    # ADDs on comparable int8 scales (XNNPACK refuses an ADD whose scales are too far apart; the NPU loses
+    # precision on one).
+    caps = tuple(max(CAP_FACTOR * float(np.quantile(t, 0.99)), 1e-6) for t in fit.terms(x))
+    return replace(fit, caps=caps)
 
 
 def threshold_at(scores: np.ndarray, false_alarm: float = OOD_FALSE_ALARM) -> float:
-    """The score that a share `false_alarm` of `scores` (familiar frames) exceed: the review threshold."""
-    scores = np.asarray(scores, np.float64)
+    """The lowest threshold that at most a share `false_alarm` of `scores` (familiar frames) exceed."""
+    scores = np.sort(np.asarray(scores, np.float64))
     if not scores.size:
         raise ValueError("no frames to set the unfamiliar-frame threshold on")
-    return float(np.quantile(scores, 1.0 - false_alarm, method="higher"))
+    above = min(int(np.floor(scores.size * false_alarm + 1e-9)), scores.size - 1)
+    return float(scores[scores.size - 1 - above])
 
 
 def recall_at(familiar: np.ndarray, unfamiliar: np.ndarray, false_alarm: float = OOD_FALSE_ALARM) -> float | None:
@@ -120,31 +159,42 @@ def feature_tap(model):
     return keras.Model(model.inputs, {**outputs, **pooled}, name=f"{model.name}_tap")
 
 
-def pooled_features(outputs: dict) -> np.ndarray:
-    """The (N, D) features the score reads, from a feature_tap model's outputs (POOL_LAYERS side by side)."""
-    return np.concatenate([np.asarray(outputs[name]) for name in POOL_LAYERS if name in outputs], axis=1)
+def pooled_features(outputs: dict) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The (N, D) features the score reads, from a feature_tap model's outputs (POOL_LAYERS side by side), and
+    the width of each block (fit_ood's `widths`)."""
+    blocks = [np.asarray(outputs[name]) for name in POOL_LAYERS if name in outputs]
+    return np.concatenate(blocks, axis=1), tuple(b.shape[1] for b in blocks)
 
 
 def ood_graph(outputs: dict, fit: OodFit):
     """TensorFlow ops from a feature_tap model's pooled outputs to the (1, 1) score, as the int8 converter can
-    quantize them: a FULLY_CONNECTED from each pooled tensor to the whitened coordinates, added (not one on their
-    concatenation, which would make the converter give both the same int8 scale and so change what the heads
-    read), one FULLY_CONNECTED to each class's difference, MUL for the squares, one
-    FULLY_CONNECTED summing each class's squares (negated, over dims), REDUCE_MAX, a sign flip and the cap
-    (MINIMUM). Each class's difference is formed before squaring, so no two large int8 numbers are subtracted."""
+    quantize them. Distance: a FULLY_CONNECTED from each pooled tensor to the whitened coordinates, added (not
+    one on their concatenation, which would make the converter give both the same int8 scale and so change what
+    the heads read), one FULLY_CONNECTED to each class's difference, MUL for the squares, one FULLY_CONNECTED
+    summing each class's squares (negated), REDUCE_MAX and a sign flip. Residual, a pooled tensor at a time
+    (its own scale): the tensor minus its reconstruction from the basis (FULLY_CONNECTED twice, SUB), squared
+    and summed (MUL, FULLY_CONNECTED). Each term capped (MINIMUM), then added. Differences are formed before
+    squaring, so no two large int8 numbers are subtracted after it."""
     import tensorflow as tf
 
     classes, dims = fit.means.shape
-    z = -tf.constant((fit.center @ fit.project)[None], tf.float32)
-    start = 0
-    for name in POOL_LAYERS:
-        if name in outputs:
-            width = int(outputs[name].shape[-1])
-            z = z + tf.matmul(outputs[name], tf.constant(fit.project[start:start + width], tf.float32))
-            start += width
-    tile = tf.constant(np.tile(np.eye(dims), (1, classes)), tf.float32)  # (dims, classes*dims)
-    diff = tf.matmul(z, tile) - tf.constant(fit.means.reshape(1, -1), tf.float32)
-    summer = tf.constant(np.kron(np.eye(classes), np.ones((dims, 1))) * (-1.0 / dims), tf.float32)
+    const = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
+    tensors = [outputs[name] for name in POOL_LAYERS if name in outputs]
+    if [int(t.shape[-1]) for t in tensors] != list(fit.widths):
+        raise ValueError(f"pooled outputs of widths {[int(t.shape[-1]) for t in tensors]}, fitted on {fit.widths}")
+    blocks = list(zip(tensors, fit.blocks(), strict=True))
+    z = -const((fit.center @ fit.project)[None])
+    u = -const((fit.center @ fit.basis)[None])
+    for tensor, cols in blocks:
+        z = z + tf.matmul(tensor, const(fit.project[cols]))
+        u = u + tf.matmul(tensor, const(fit.basis[cols]))
+    tile = const(np.tile(np.eye(dims), (1, classes)))  # (dims, classes*dims)
+    diff = tf.matmul(z, tile) - const(fit.means.reshape(1, -1))
+    summer = const(np.kron(np.eye(classes), np.ones((dims, 1))) * (-1.0 / dims))
     negative = tf.matmul(diff * diff, summer)  # (1, classes): minus each class's distance
-    score = tf.multiply(tf.reduce_max(negative, axis=1, keepdims=True), -1.0)
-    return tf.minimum(score, tf.constant(fit.cap, tf.float32))
+    score = tf.minimum(tf.multiply(tf.reduce_max(negative, axis=1, keepdims=True), -1.0), const([[fit.caps[0]]]))
+    for (tensor, cols), scale, cap in zip(blocks, fit.residual_scales, fit.caps[1:], strict=True):
+        r = tensor - (tf.matmul(u, const(fit.basis[cols].T)) + const(fit.center[cols][None]))
+        energy = tf.matmul(r * r, const(np.full((cols.stop - cols.start, 1), 1.0 / scale)))
+        score = score + tf.minimum(energy, const([[cap]]))
+    return score
