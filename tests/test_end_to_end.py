@@ -186,10 +186,14 @@ def test_every_tflite_operator_is_integer_and_the_signature_is_named(workspace):
     assert report.ok, report.format()
     model = read_model(workspace["tflite"])
     sig = model.signature_list()["serving_default"]
-    assert sig["inputs"] == ["image"] and sorted(sig["outputs"]) == ["h1", "h2", "h3", "h4", "h5"]
+    assert sig["inputs"] == ["image"] and sorted(sig["outputs"]) == ["h1", "h2", "h3", "h4", "h5", "ood"]
     assert model.input_tensors[0].dtype == "UINT8"
     contract = read_contract(workspace["tflite"])
     assert contract["input"]["shape"] == [1, SIZE, SIZE, 1]
+    # the unfamiliar-frame score (issue 26.4): fitted on every class but bogus, its threshold from validation
+    ood = contract["ood"]
+    assert ood["output"] == "ood" and "bogus" not in ood["leaves"] and len(ood["leaves"]) == 7
+    assert ood["threshold"] > 0 and ood["false_alarm"] == 0.01 and ood["reference_frames"] >= 1
     assert contract["taxonomy"]["heads"][0]["classes"] == ["bogus", "normal", "defect"]
 
 

@@ -34,6 +34,7 @@ __all__ = ["OOD_OUTPUT", "OodFit", "feature_tap", "fit_ood", "ood_graph", "poole
            "threshold_at"]
 CAP_FACTOR = 10.0
 _SHRINK = 1e-3  # ridge on the shared covariance, relative to its mean eigenvalue (numerical safety only)
+_RESIDUAL_FLOOR = 1e-3  # a residual scale below this share of the features' spread is the fit's own echo
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,9 @@ def fit_ood(features: np.ndarray, leaf_ids: np.ndarray, leaves: Sequence[str], d
     values, vectors = np.linalg.eigh(cov)
     order = np.argsort(values)[::-1]
     rank = int(np.sum(values > values.max() * 1e-9)) if values.max() > 0 else 0
-    dims = max(1, min(dims, rank or 1, features.shape[1]))
+    # a quarter of the fitted frames at most: more directions than that and the basis below spans the training
+    # frames themselves, whose residual (its scale) then vanishes
+    dims = max(1, min(dims, rank or 1, features.shape[1], len(x) // 4))
     values, vectors = values[order[:dims]], vectors[:, order[:dims]]
     values = values + _SHRINK * max(float(np.mean(np.diag(cov))), 1e-12)
     project = vectors / np.sqrt(values)
@@ -113,14 +116,16 @@ def fit_ood(features: np.ndarray, leaf_ids: np.ndarray, leaves: Sequence[str], d
     basis = span[:, singular > singular.max() * 1e-9]
     fit = OodFit(center=center, project=project, means=(means - center) @ project, basis=basis, widths=widths,
                  residual_scales=(1.0,) * len(widths), leaves=tuple(leaves[i] for i in keep_ids), frames=int(len(x)))
-    scales = tuple(max(float(np.mean(t)), 1e-12) for t in fit.terms(x)[1:])
+    total = float(np.mean(((x - center) ** 2).sum(1)))
+    scales = tuple(max(float(np.mean(t)), _RESIDUAL_FLOOR * total, 1e-12) for t in fit.terms(x)[1:])
     fit = replace(fit, residual_scales=scales)
     # The int8 tensors spread their 256 steps over the calibration frames' range, bogus frames' huge scores
-    # included; each term capped at CAP_FACTOR times its 99th percentile on the training frames, the threshold
+    # included; each term capped at CAP_FACTOR times its 99th percentile on the training frames (or times 1, its
+    # nominal familiar value, if higher), the threshold
     # is resolved to a few percent, a capped score still says "far from everything", and the terms reach their
     # ADDs on comparable int8 scales (XNNPACK refuses an ADD whose scales are too far apart; the NPU loses
     # precision on one).
-    caps = tuple(max(CAP_FACTOR * float(np.quantile(t, 0.99)), 1e-6) for t in fit.terms(x))
+    caps = tuple(CAP_FACTOR * max(float(np.quantile(t, 0.99)), 1.0) for t in fit.terms(x))
     return replace(fit, caps=caps)
 
 
