@@ -218,3 +218,15 @@ def test_verdicts_of_classes_not_ready_are_queued_whatever_their_probability():
     assert sel.reasons[1] == ["not-ready"] and sel.reasons[6] == ["not-ready"]
     assert sel.n_confident == 3 and all("audit" in sel.reasons[i] for i in (2, 3, 5))  # never audited: not automatic
     assert sel.order[3:] == [0, 4, 1, 6]  # after the audit, by probability: 0.35, 0.45, then 0.90 and 0.97
+
+
+def test_unfamiliar_frames_are_queued_first_whatever_their_probability():
+    """Issue 26.4: a frame the unfamiliar-frame score flags goes to review even when confident, and before the
+    frames the model is merely unsure of; a frame both unsure and unfamiliar lists both reasons."""
+    leaf, heads = _frames(CASE)
+    unfamiliar = np.zeros(len(leaf), dtype=bool)
+    unfamiliar[[4, 6]] = True  # 4: probability 0.45 (under the threshold too); 6: a confident 0.97
+    sel = select(leaf, heads, TAX, threshold=0.5, audit=0.0, boundary=0, unfamiliar=unfamiliar)
+    assert sel.reasons[6] == ["unfamiliar"] and sel.reasons[4] == ["unfamiliar", "review"]
+    assert sel.order == [4, 6, 0] and sel.reasons[0] == ["review"]  # unfamiliar first, then by probability
+    assert sel.n_confident == 4

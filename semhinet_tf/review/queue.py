@@ -5,7 +5,8 @@ without a model. Four reasons, each recorded with the frame:
 
 * "review": the top leaf probability is under the review threshold (the model itself asks for a person);
   "not-ready": a verdict of a class the model's contract does not list as ready (class readiness), which goes
-  to a person whatever its probability.
+  to a person whatever its probability; "unfamiliar": a frame whose unfamiliar-frame score is above the
+  contract's threshold (model.ood: unlike every class the model was trained on), queued first among these.
 * "boundary:<head>": among the confident verdicts, the frames with the smallest margin between the top two
   probabilities of a head that applies to the verdict (the heads on the predicted leaf's path): the frames
   nearest that head's decision boundary, where a label teaches the model most.
@@ -36,6 +37,7 @@ from semhinet_tf.taxonomy import Taxonomy
 DEFAULT_AUDIT = 0.02
 DEFAULT_BOUNDARY = 10
 REASON_REVIEW, REASON_AUDIT, REASON_SUSPECT, REASON_NOT_READY = "review", "audit", "suspect", "not-ready"
+REASON_UNFAMILIAR = "unfamiliar"
 BOUNDARY_PREFIX = "boundary:"
 
 
@@ -70,21 +72,24 @@ def head_margins(head_probs: Mapping[str, np.ndarray], taxonomy: Taxonomy, pred_
 
 def select(leaf_probs: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonomy: Taxonomy, threshold: float,
            *, audit: float = DEFAULT_AUDIT, boundary: int = DEFAULT_BOUNDARY, max_items: int | None = None,
-           seed: int = 0, not_ready: np.ndarray | None = None) -> Selection:
+           seed: int = 0, not_ready: np.ndarray | None = None, unfamiliar: np.ndarray | None = None) -> Selection:
     """Choose the frames to review (see the module docstring); the same inputs and seed give the same queue.
 
     `audit` is the fraction of confident verdicts sampled (rounded to the nearest count, at least one when the
     fraction is above 0 and any verdict is confident); `boundary` frames per head; `max_items` the budget.
     `not_ready` (bool per frame): verdicts of a class the model's contract does not list as ready, which go to
-    review whatever their probability; queued with the frames under the threshold, reason "not-ready"."""
+    review whatever their probability; queued with the frames under the threshold, reason "not-ready".
+    `unfamiliar` (bool per frame): frames the unfamiliar-frame score sends to review; queued the same way, reason
+    "unfamiliar", before every other frame under review (a kind of frame never seen is what a person must see)."""
     if not 0.0 <= audit <= 1.0:
         raise ValueError(f"the audit fraction must be between 0 and 1, got {audit}")
     leaf_probs = np.asarray(leaf_probs, dtype=np.float64)
     n = leaf_probs.shape[0]
     pred = leaf_probs.argmax(axis=1) if n else np.zeros(0, np.int64)
     top = leaf_probs.max(axis=1) if n else np.zeros(0)
-    forced = np.zeros(n, dtype=bool) if not_ready is None else np.asarray(not_ready, dtype=bool)
-    confident = (top >= threshold) & ~forced
+    not_ready = np.zeros(n, dtype=bool) if not_ready is None else np.asarray(not_ready, dtype=bool)
+    unfamiliar = np.zeros(n, dtype=bool) if unfamiliar is None else np.asarray(unfamiliar, dtype=bool)
+    confident = (top >= threshold) & ~not_ready & ~unfamiliar
     margins = head_margins(head_probs, taxonomy, pred) if n else {h: np.zeros(0) for h in taxonomy.head_names}
     reasons: dict[int, list[str]] = {}
 
@@ -100,9 +105,14 @@ def select(leaf_probs: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonom
     for i in audit_idx:
         add(i, REASON_AUDIT)
     review_idx = np.flatnonzero(~confident)
-    review_idx = review_idx[np.argsort(top[review_idx], kind="stable")]
+    review_idx = review_idx[np.lexsort((top[review_idx], ~unfamiliar[review_idx]))]
     for i in review_idx:
-        add(i, REASON_REVIEW if top[i] < threshold else REASON_NOT_READY)
+        if unfamiliar[i]:
+            add(i, REASON_UNFAMILIAR)
+        if top[i] < threshold:
+            add(i, REASON_REVIEW)
+        elif not_ready[i]:
+            add(i, REASON_NOT_READY)
     per_head: list[list[int]] = []
     for head in taxonomy.head_names:
         m = margins[head]
@@ -300,8 +310,9 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
         row["path"] = str(Path(row["path"]).resolve())
     leaf, heads = rows_to_arrays(rows, taxonomy, str(images))
     not_ready = np.array([row.get("ready") is False for row in rows], dtype=bool)
+    unfamiliar = np.array([row.get("unfamiliar") is True for row in rows], dtype=bool)
     sel = select(leaf, heads, taxonomy, threshold, audit=audit, boundary=boundary, max_items=max_items, seed=seed,
-                 not_ready=not_ready)
+                 not_ready=not_ready, unfamiliar=unfamiliar)
     hashes, missing = {}, []
     for i in sel.order:
         try:
@@ -329,6 +340,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
             "n_frames": sel.n_frames, "n_confident": sel.n_confident, "n_audit": sel.n_audit,
             "n_review": sum(REASON_REVIEW in e["why"] for e in entries),
             "n_not_ready": sum(REASON_NOT_READY in e["why"] for e in entries),
+            "n_unfamiliar": sum(REASON_UNFAMILIAR in e["why"] for e in entries),
             "n_suspects": sum(REASON_SUSPECT in e["why"] for e in entries),
             "n_queued": len(entries), "dropped_by_budget": sel.dropped, "unreadable": len(unreadable),
             "missing": missing, "suspects": None if suspects is None else str(Path(suspects).resolve()),
