@@ -2,7 +2,7 @@
 (issue 26.4: leave-one-kind-out).
 
     python experiments/unseen_bogus.py --train TRAIN --test TEST --work DIR [--kinds photo,noise,...] [--seed 0] \
-        [--full RUN] [--out experiments/results/unseen_bogus.md] [-- extra train options]
+        [--full MODEL] [--out experiments/results/unseen_bogus.md] [-- extra train options]
 
 For each bogus kind K (synth records it in dataset.json): a training folder of TRAIN without its bogus frames of
 kind K (hard links, nothing copied), the default command on it (`semhinet train`, then `semhinet convert`, which
@@ -11,7 +11,8 @@ int8 model run on TEST: its bogus frames of kind K (never seen), its normal fram
 (leaf accuracy). Reported per kind: the gatekeeper's bogus recall on K (verdict bogus), the share of K sent
 away from automatic classification with the score (verdict bogus, or the score above the contract's
 threshold), the score alone at 1% false alarms on TEST's normal frames, and the normal frames the contract's
-threshold sends to review. `--full RUN` adds the same rows for a converted run trained on every kind.
+threshold sends to review. `--full MODEL` adds the same rows for an int8 model (with the score) trained on every
+kind.
 A kind's rows are kept in DIR/rows.jsonl as they finish; a rerun skips them.
 """
 
@@ -105,7 +106,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--kinds", default=",".join(BOGUS_KINDS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--full", type=Path, help="a converted run trained on every kind, for comparison")
+    p.add_argument("--full", type=Path, help="an int8 model with the score trained on every kind, for comparison")
     p.add_argument("--out", type=Path, default=Path("experiments/results/unseen_bogus.md"))
     p.add_argument("extra", nargs="*", help="more `semhinet train` options (after --)")
     args = p.parse_args()
@@ -121,7 +122,7 @@ def main() -> None:
             continue
         t = time.time()
         if without == "none":
-            model = args.full / "model_int8.tflite"
+            model = args.full
         else:
             data, run = args.work / f"train_without_{kind}", args.work / f"run_without_{kind}"
             left_out = without_kind(args.train, kind, data)
