@@ -11,8 +11,9 @@ int8 model run on TEST: its bogus frames of kind K (never seen), its normal fram
 (leaf accuracy). Reported per kind: the gatekeeper's bogus recall on K (verdict bogus), the share of K sent
 away from automatic classification with the score (verdict bogus, or the score above the contract's
 threshold), the score alone at 1% false alarms on TEST's normal frames, and the normal frames the contract's
-threshold sends to review. `--full MODEL` adds the same rows for an int8 model (with the score) trained on every
-kind.
+threshold sends to review; then what the board does with all its rules (verdict bogus, or review for any reason:
+probability under the review threshold, a class not ready, or the score) and what that costs on normal frames.
+`--full MODEL` adds the same rows for an int8 model (with the score) trained on every kind.
 A kind's rows are kept in DIR/rows.jsonl as they finish; a rerun skips them.
 """
 
@@ -88,12 +89,15 @@ def kind_figures(scored: dict, test: Path, kind: str) -> dict:
     leaf_right = [r["class"] == p.split("/")[0] for p, r in rows.items()]
     caught = sum(r["verdict"] == "bogus" for r in unseen)
     caught_ood = sum(r["verdict"] == "bogus" or r.get("unfamiliar", False) for r in unseen)
+    caught_any = sum(r["verdict"] == "bogus" or r["review"] for r in unseen)
     alarms = sum(r.get("unfamiliar", False) for r in normal)
     return {"kind": kind, "n": len(unseen), "bogus_recall": caught / len(unseen),
             "bogus_recall_ci": interval(caught, len(unseen)),
             "with_ood": caught_ood / len(unseen), "with_ood_ci": interval(caught_ood, len(unseen)),
             "ood_alone_at_1pct": recall_at([r["ood"] for r in normal], [r["ood"] for r in unseen]),
+            "any_rule": caught_any / len(unseen), "any_rule_ci": interval(caught_any, len(unseen)),
             "normal_n": len(normal), "normal_to_review_by_ood": alarms / max(len(normal), 1),
+            "normal_to_review": sum(r["review"] for r in normal) / max(len(normal), 1),
             "leaf_accuracy": float(np.mean(leaf_right)), "threshold": scored["threshold"]}
 
 
@@ -150,10 +154,13 @@ def report(done: dict, kinds: list[str], args) -> None:
              f"(int8, with the unfamiliar-frame score); scored on `{args.test}`. 'with the score': the share of "
              "the unseen kind's frames that do not pass as SEM frames (verdict bogus, or the score above the "
              "contract's threshold, set at 1% of the validation split's normal frames). 'score alone': the share "
-             "above the threshold that 1% of the test set's normal frames exceed. 95% Wilson intervals.", "",
+             "above the threshold that 1% of the test set's normal frames exceed. 'any rule': verdict bogus, or "
+             "sent to review by the board for any reason (probability under the review threshold, a class not ready "
+             "for automatic classification, or the score). 95% Wilson intervals.", "",
              "| trained without | unseen kind | frames | gatekeeper bogus recall | with the score | score alone at 1% "
-             "normal false alarms | normal frames sent to review by the score | leaf accuracy (whole test set) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "normal false alarms | normal frames sent to review by the score | bogus or sent to review by any rule "
+             "| normal frames sent to review by any rule | leaf accuracy (whole test set) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for without in [*kinds, "none"]:
         for kind in kinds:
             r = done.get((without, kind))
@@ -163,7 +170,9 @@ def report(done: dict, kinds: list[str], args) -> None:
             lines.append(f"| {'every kind (' + str(args.full) + ')' if without == 'none' else without} | {kind} | "
                          f"{r['n']} | {r['bogus_recall']:.2f} {format_interval(r['bogus_recall_ci'])} | "
                          f"{r['with_ood']:.2f} {format_interval(r['with_ood_ci'])} | {alone} | "
-                         f"{r['normal_to_review_by_ood']:.3f} of {r['normal_n']} | {r['leaf_accuracy']:.3f} |")
+                         f"{r['normal_to_review_by_ood']:.3f} of {r['normal_n']} | "
+                         f"{r['any_rule']:.2f} {format_interval(r['any_rule_ci'])} | {r['normal_to_review']:.3f} | "
+                         f"{r['leaf_accuracy']:.3f} |")
     write_result(lines, args.out)
 
 
