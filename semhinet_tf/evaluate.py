@@ -25,7 +25,7 @@ from semhinet_tf.artifacts.files import (  # noqa: F401 - re-exported: evaluate'
     to_jsonable,
     write_json,
 )
-from semhinet_tf.stats import interval
+from semhinet_tf.stats import interval, recall_at
 from semhinet_tf.taxonomy import IGNORE, Taxonomy
 
 FORMATS = ("keras", "tflite", "onnx")
@@ -278,6 +278,28 @@ def _with_counts(point: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the results document
+def unfamiliar_section(true_leaf: np.ndarray, scores: np.ndarray, ood: Mapping[str, Any], leaves: Sequence[str]
+                       ) -> dict[str, Any]:
+    """How the unfamiliar-frame score (a model's `ood` output, issue 26.4) falls on labelled frames: per class,
+    the share above the contract's threshold (with its interval) and the median score; for each class the score
+    was not fitted on (bogus), the share the score alone catches at the threshold 1% of this set's normal frames
+    exceed (`recall_at_1pct_normal`), the figure that says how well it tells that class from normal."""
+    true = np.asarray(true_leaf, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    threshold = float(ood["threshold"])
+    normal = scores[true == list(leaves).index("normal")] if "normal" in leaves else np.zeros(0)
+    classes = {}
+    for j, leaf in enumerate(leaves):
+        s = scores[true == j]
+        above = int(np.sum(s > threshold))
+        row = {"n": int(s.size), "above": above, "share": _ratio(above, s.size), "share_ci": interval(above, s.size),
+               "median": None if not s.size else round(float(np.median(s)), 4)}
+        if leaf not in ood["leaves"] and leaf != "normal":
+            row["recall_at_1pct_normal"] = recall_at(normal, s, 0.01)
+        classes[leaf] = row
+    return {"threshold": threshold, "fitted_leaves": list(ood["leaves"]), "classes": classes}
+
+
 def root_head(taxonomy: Taxonomy) -> str:
     return next(h.name for h in taxonomy.heads if h.parent is None)
 

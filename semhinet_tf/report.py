@@ -540,6 +540,44 @@ def _readiness_section(doc: _Doc, ready: Mapping[str, Any]) -> None:
     doc.note(f"Ready: {', '.join(ready['ready']) or 'none'}.")
 
 
+def plot_unfamiliar(true_leaf: np.ndarray, block: Mapping[str, Any], leaves: Sequence[str], path: Path) -> Path:
+    """The unfamiliar-frame score of every frame by its true class (log scale), the contract's threshold drawn."""
+    scores = np.maximum(np.asarray(block["scores"], dtype=float), 1e-3)
+    true = np.asarray(true_leaf, dtype=np.int64)
+    fig = Figure(figsize=(max(7.0, 1.1 * len(leaves)), 4.2))
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    for j, leaf in enumerate(leaves):
+        s = scores[true == j]
+        colour = "#4c72b0" if leaf in block["fitted_leaves"] else "#c44e52"
+        ax.scatter(j + rng.uniform(-0.3, 0.3, s.size), s, s=7, alpha=0.5, color=colour, lw=0)
+    ax.axhline(block["threshold"], color="#333", ls="--", lw=1, label=f"threshold {block['threshold']:.3g}")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(leaves)), labels=list(leaves), fontsize=10)
+    ax.set_ylabel("unfamiliar-frame score")
+    ax.legend(loc="upper right", fontsize=9, frameon=False)
+    ax.set_title("Unfamiliar-frame score by true class (blue: classes it was fitted on; above the line: review)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _unfamiliar_section(doc: _Doc, block: Mapping[str, Any], true: np.ndarray, leaves: Sequence[str],
+                        out: Path) -> None:
+    doc.heading("Unfamiliar frames")
+    doc.para(f"The model's unfamiliar-frame score measures how far a frame's features lie from every class it was "
+             f"fitted on ({', '.join(block['fitted_leaves'])}); above {block['threshold']:.3g} (the contract's "
+             f"threshold, 1% of the validation split's normal frames) the board sends the frame to review whatever "
+             f"its probability (not a bogus verdict). For a class the score was not fitted on, the last column is "
+             f"the share the score alone catches at 1% false alarms on this set's normal frames.")
+    rows = [[leaf, c["n"], c["share"], format_interval(c["share_ci"]), c["median"],
+             c.get("recall_at_1pct_normal", "-") if c.get("recall_at_1pct_normal") is not None else "-"]
+            for leaf, c in block["classes"].items()]
+    doc.table(["class", "frames", "above the threshold", "95% CI", "median score", "caught alone at 1% normal"],
+              rows)
+    png = plot_unfamiliar(true, block, leaves, out / "unfamiliar.png")
+    doc.image(png.name, "Unfamiliar-frame score of every frame by true class, threshold dashed")
+
+
 def _history_section(doc: _Doc, history_csv: str | Path, out: Path) -> None:
     doc.heading("Training")
     cols, phases = read_history(history_csv)
@@ -580,7 +618,7 @@ def _worst_section(doc: _Doc, ctx: Mapping[str, Any], out: Path, loader: ImageLo
 # ---------------------------------------------------------------- entry point
 # Every file write_report may write into its folder (checked before an evaluation starts, so none is clobbered).
 REPORT_FILES = ("README.md", "index.html", "leaf_confusion.png", "head_confusion.png", "per_class.png",
-                "coverage.png", "training_curves.png", "worst_mistakes.png", "attributes.png")
+                "coverage.png", "training_curves.png", "worst_mistakes.png", "attributes.png", "unfamiliar.png")
 
 
 def write_report(out_dir: str | Path, results: Mapping[str, Any], paths: Sequence[str], true_leaf: np.ndarray,
@@ -611,6 +649,8 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], paths: Sequenc
     _coverage_section(doc, cov, files, results["n"])
     if results.get("readiness"):
         _readiness_section(doc, results["readiness"])
+    if results.get("unfamiliar") and "scores" in results["unfamiliar"]:
+        _unfamiliar_section(doc, results["unfamiliar"], true, list(taxonomy.leaves), out)
     if results.get("attributes"):
         from semhinet_tf.attributes import report_section
 

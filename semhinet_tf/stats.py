@@ -89,3 +89,20 @@ def fails(drop_points: float | None, tolerance: float, p_worse: float | None, pa
 def format_interval(ci: list[float] | tuple[float, float] | None, digits: int = 2) -> str:
     """'[0.49, 0.94]', or '' without an interval."""
     return "" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def threshold_at(scores: np.ndarray, false_alarm: float) -> float:
+    """The lowest threshold that at most a share `false_alarm` of `scores` (familiar frames) exceed."""
+    scores = np.sort(np.asarray(scores, np.float64))
+    if not scores.size:
+        raise ValueError("no frames to set the threshold on")
+    above = min(int(np.floor(scores.size * false_alarm + 1e-9)), scores.size - 1)
+    return float(scores[scores.size - 1 - above])
+
+
+def recall_at(familiar: np.ndarray, unfamiliar: np.ndarray, false_alarm: float) -> float | None:
+    """Share of `unfamiliar` scores above the threshold that `false_alarm` of `familiar` exceed (None: no frames)."""
+    unfamiliar = np.asarray(unfamiliar, np.float64)
+    if not unfamiliar.size or not np.asarray(familiar).size:
+        return None
+    return float(np.mean(unfamiliar > threshold_at(familiar, false_alarm)))

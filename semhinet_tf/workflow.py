@@ -72,8 +72,8 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     frames, paths, leaf_ids = decode_items(items, engine.preprocess, taxonomy, notes, progress)
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
-    probs = engine.predict(frames)
-    from semhinet_tf.evaluate import DEFAULT_READY_MIN_FRAMES
+    probs, ood_scores = engine.predict_with_ood(frames)
+    from semhinet_tf.evaluate import DEFAULT_READY_MIN_FRAMES, unfamiliar_section
 
     result = evaluate(leaf_ids, probs, taxonomy, model_name=str(model), fmt=engine.format,
                       purity_target=target_purity, review_threshold=engine.review_threshold,
@@ -85,6 +85,12 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
                  f"{ready['target_purity']:g}: {', '.join(ready['ready']) or 'no class'}"
                  + (f"; not ready: {'; '.join(not_ready)}" if not_ready else ""))
     result["views"] = engine.views
+    if ood_scores is not None and engine.spec.ood is not None:
+        result["unfamiliar"] = unfamiliar_section(leaf_ids, ood_scores, engine.spec.ood, taxonomy.leaves)
+        result["unfamiliar"]["scores"] = [round(float(v), 4) for v in ood_scores]
+        flagged = {leaf: c for leaf, c in result["unfamiliar"]["classes"].items() if c["n"]}
+        notes.append("unfamiliar-frame score above the contract's " + f"{engine.spec.ood['threshold']:.3g}: "
+                     + ", ".join(f"{leaf} {c['above']}/{c['n']}" for leaf, c in flagged.items()))
     attributes_text = _attributes(result, data, attribute_tables, paths, leaf_ids, probs, taxonomy, notes)
     if result.get("missing_classes"):
         notes.append(f"classes missing from this split: {', '.join(result['missing_classes'])}")

@@ -130,6 +130,12 @@ def test_eval_json_has_the_same_keys_for_every_format(workspace, model, tmp_path
         assert HEAD_KEYS <= set(head)
     assert set(result["summary"]["specialist_precision"]) == {"bridge", "open", "cmp", "crack", "ler", "inc_etch"}
     assert len(result["leaf"]["confusion"]) == 8
+    if model.endswith(".tflite"):  # the converted model carries the unfamiliar-frame score (issue 26.4)
+        block = result["unfamiliar"]
+        assert set(block["classes"]) == set(result["leaf"]["labels"]) and len(block["scores"]) == result["n"]
+        assert sum(c["n"] for c in block["classes"].values()) == result["n"]
+    else:
+        assert "unfamiliar" not in result
 
 
 def test_test_time_views_reach_every_format_with_their_own_review_threshold(workspace, tmp_path):

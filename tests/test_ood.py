@@ -217,3 +217,31 @@ def test_the_board_sends_unfamiliar_frames_to_review(tiny_run, ood_model, tmp_pa
     capsys.readouterr()
     table = list(csv.DictReader(csv_out.open()))
     assert [r["unfamiliar"] for r in table] == [str(r["unfamiliar"]) for r in rows]
+
+
+def test_eval_figures_and_report_of_the_score(tmp_path):
+    from semhinet_tf.evaluate import evaluate, unfamiliar_section
+    from semhinet_tf.report import write_report
+
+    tax = Taxonomy.default()
+    leaves = list(tax.leaves)
+    true = np.repeat(np.arange(len(leaves)), 40)
+    scores = np.full(true.size, 2.0)
+    scores[true == 1] = np.linspace(1, 3, 40)  # normal frames: 1..3
+    scores[true == 0] = np.r_[np.full(30, 50.0), np.full(10, 1.5)]  # bogus: 30 far, 10 look normal
+    block = unfamiliar_section(true, scores, {"threshold": 2.5, "leaves": leaves[1:]}, leaves)
+    bogus, normal = block["classes"]["bogus"], block["classes"]["normal"]
+    assert bogus["n"] == 40 and bogus["above"] == 30 and bogus["share"] == 0.75 and bogus["median"] == 50.0
+    assert bogus["recall_at_1pct_normal"] == 0.75  # 1% of 40 normal frames: none above the highest
+    assert "recall_at_1pct_normal" not in normal and "recall_at_1pct_normal" not in block["classes"]["crack"]
+    assert normal["share_ci"][0] < normal["share"] < normal["share_ci"][1]
+    rng = np.random.default_rng(0)
+    heads = {h.name: rng.dirichlet(np.ones(h.num_classes), true.size) for h in tax.heads}
+    result = evaluate(true, heads, tax, "m", "tflite")
+    result["unfamiliar"] = {**block, "scores": scores.tolist()}
+    write_report(tmp_path / "rep", result, [f"f{i}.png" for i in range(true.size)], true, heads, tax,
+                 image_loader=lambda p: np.zeros((8, 8), np.uint8))
+    md = (tmp_path / "rep" / "README.md").read_text()
+    assert "## Unfamiliar frames" in md and "unfamiliar.png" in md
+    assert (tmp_path / "rep" / "unfamiliar.png").stat().st_size > 1000
+    assert "| bogus | 40 | 0.75" in md

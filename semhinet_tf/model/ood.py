@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from semhinet_tf import stats
 from semhinet_tf.artifacts.contract import OOD_OUTPUT
 
 OOD_DIMS = 32  # whitened directions kept; bounded by the training frames (rank) and the feature width
@@ -131,19 +132,12 @@ def fit_ood(features: np.ndarray, leaf_ids: np.ndarray, leaves: Sequence[str], d
 
 def threshold_at(scores: np.ndarray, false_alarm: float = OOD_FALSE_ALARM) -> float:
     """The lowest threshold that at most a share `false_alarm` of `scores` (familiar frames) exceed."""
-    scores = np.sort(np.asarray(scores, np.float64))
-    if not scores.size:
-        raise ValueError("no frames to set the unfamiliar-frame threshold on")
-    above = min(int(np.floor(scores.size * false_alarm + 1e-9)), scores.size - 1)
-    return float(scores[scores.size - 1 - above])
+    return stats.threshold_at(scores, false_alarm)
 
 
 def recall_at(familiar: np.ndarray, unfamiliar: np.ndarray, false_alarm: float = OOD_FALSE_ALARM) -> float | None:
     """Share of `unfamiliar` scores above the threshold that `false_alarm` of `familiar` exceed."""
-    unfamiliar = np.asarray(unfamiliar, np.float64)
-    if not unfamiliar.size or not np.asarray(familiar).size:
-        return None
-    return float(np.mean(unfamiliar > threshold_at(familiar, false_alarm)))
+    return stats.recall_at(familiar, unfamiliar, false_alarm)
 
 
 # ---------------------------------------------------------------- the graph (host only: TensorFlow)
