@@ -362,6 +362,19 @@ def test_compare_allows_near_tie_flips_and_catches_one_sided_files():
     assert not one_sided["agree"] and "board only" in one_sided["why"]
 
 
+def test_compare_checks_the_unfamiliar_frame_score():
+    bc = _board_compare()
+    host = {**_row("a.png", "bogus", {"bogus": 0.5, "normal": 0.3}), "ood": 5.0, "unfamiliar": True}
+    assert bc.compare_rows(host, {**host, "ood": 4.8, "unfamiliar": False})["agree"]  # 4% apart at the threshold
+    far = bc.compare_rows(host, {**host, "ood": 2.0, "unfamiliar": False})
+    assert not far["agree"] and "unfamiliar on the host only" in far["why"]
+    plain = {k: v for k, v in host.items() if k not in ("ood", "unfamiliar")}
+    assert "on the host only" in bc.compare_rows(host, plain)["why"]
+    result = bc.compare({"a.png": host}, {"a.png": {**host, "ood": 5.5}})
+    assert result["ok"] and result["ood_n"] == 1 and result["ood_median_rel_diff"] == pytest.approx(0.5 / 5.5)
+    assert "unfamiliar-frame score on 1 images" in bc.format_summary(result)
+
+
 def _pair(i: int, host_p: float, board_p: float, board_cls: str = "bogus", review: bool = True):
     return (_row(f"{i}.png", "bogus", {"bogus": host_p, "normal": 1 - host_p}, review),
             _row(f"{i}.png", board_cls, {"bogus": board_p, "normal": 1 - board_p}, review))

@@ -10,7 +10,9 @@ file by file (by path relative to the image folder) and passes when
   sides send to review (or a near-tie: the two leaves within 0.1 of each other on both sides);
 - the engines agree in bulk: the median over the images of the largest head/leaf probability difference is
   within the tolerance (default 0.1), and at least --min-agreement (default 0.9) of the images keep their verdict
-  or change it between near-tied leaves.
+  or change it between near-tied leaves;
+- the unfamiliar-frame score (a model converted with it): on both sides or on neither, and its flag the same
+  except where the two scores are within OOD_NEAR (10%) of each other (rounding at the threshold).
 It prints "board agreement: ..." with the median, 90th percentile and largest difference and exits 1 otherwise
 (2 on bad usage).
 
@@ -48,6 +50,7 @@ from semhinet_tf.data.scan import Unreadable  # noqa: E402
 DEFAULT_TOL = 0.1  # median over the images of the largest probability difference
 DEFAULT_MIN_AGREEMENT = 0.9  # share of identical verdicts
 NEAR_TIE = 0.1  # two leaves this close on both sides: a changed verdict between them is rounding, not a bug
+OOD_NEAR = 0.1  # relative difference of two unfamiliar-frame scores within which their flags may differ
 EXIT_OK, EXIT_DISAGREE, EXIT_USAGE = 0, 1, 2
 SHOW = 20  # disagreements listed one per line
 
@@ -125,6 +128,17 @@ def compare_rows(host: dict, board: dict) -> dict:
     if set(hp) != set(bp):
         return {"agree": False, "diff": float("inf"), "flip": False, "tie": False, "why": "different heads or classes"}
     diff = max((abs(hp[k] - bp[k]) for k in hp), default=0.0)
+    if ("ood" in host) != ("ood" in board):
+        side = "host" if "ood" in host else "board"
+        return {"agree": False, "diff": diff, "flip": False, "tie": False,
+                "why": f"an unfamiliar-frame score on the {side} only"}
+    ood_diff = None
+    if "ood" in host:
+        ood_diff = abs(host["ood"] - board["ood"]) / max(abs(host["ood"]), abs(board["ood"]), 1e-9)
+        if host.get("unfamiliar") != board.get("unfamiliar") and ood_diff > OOD_NEAR:
+            return {"agree": False, "diff": diff, "flip": False, "tie": False, "ood_diff": ood_diff,
+                    "why": f"unfamiliar on the {'host' if host.get('unfamiliar') else 'board'} only, scores "
+                           f"{host['ood']:.3g} vs {board['ood']:.3g}"}
     hc, bc = host["class"], board["class"]
     flip = hc != bc
     near_tie = flip and all(abs(p[f"leaf.{hc}"] - p[f"leaf.{bc}"]) <= NEAR_TIE for p in (hp, bp))
@@ -134,7 +148,7 @@ def compare_rows(host: dict, board: dict) -> dict:
         sides = [name for name, row in (("host", host), ("board", board)) if not row.get("review")]
         why = (f"class {hc} on the host, {bc} on the board, decided without review on the {' and '.join(sides)} "
                f"(p {hp[f'leaf.{hc}']:.3f}/{hp[f'leaf.{bc}']:.3f} vs {bp[f'leaf.{hc}']:.3f}/{bp[f'leaf.{bc}']:.3f})")
-    return {"agree": not why, "diff": diff, "flip": flip, "tie": near_tie, "why": why}
+    return {"agree": not why, "diff": diff, "flip": flip, "tie": near_tie, "why": why, "ood_diff": ood_diff}
 
 
 def compare(host_rows: dict, board_rows: dict, tol: float = DEFAULT_TOL,
@@ -154,6 +168,8 @@ def compare(host_rows: dict, board_rows: dict, tol: float = DEFAULT_TOL,
               "max_diff": max(diffs, default=0.0), "tol": tol, "min_agreement": min_agreement, "files": files}
     # near-ties are rounding whatever the engine; the share of verdicts kept counts the other changes
     result["ties"] = sum(f["flip"] and f["tie"] for f in files.values())
+    ood = sorted(f["ood_diff"] for f in files.values() if f.get("ood_diff") is not None)
+    result["ood_n"], result["ood_median_rel_diff"] = len(ood), _quantile(ood, 0.5)
     same = (n - result["flips"] + result["ties"]) / n if n else 0.0
     result["ok"] = bool(n) and result["agree"] == n and result["median_diff"] <= tol and same >= min_agreement
     return result
@@ -179,7 +195,9 @@ def format_summary(result: dict) -> str:
              f"{result['ties']} of them near-ties; changes allowed only on frames both sides send to review or on "
              f"near-ties, and at least {result['min_agreement']:.0%} kept or near-ties); largest probability "
              f"difference per image: median {result['median_diff']:.4f} (tolerance {result['tol']:g}), "
-             f"90th percentile {result['p90_diff']:.4f}, max {result['max_diff']:.4f}"]
+             f"90th percentile {result['p90_diff']:.4f}, max {result['max_diff']:.4f}"
+             + (f"; unfamiliar-frame score on {result['ood_n']} images, median relative difference "
+                f"{result['ood_median_rel_diff']:.3f}" if result.get("ood_n") else "")]
     bad = [(k, f["why"]) for k, f in result["files"].items() if not f["agree"]]
     lines += [f"  differs: {k}: {why}" for k, why in bad[:SHOW]]
     if len(bad) > SHOW:
