@@ -33,7 +33,9 @@ OOD_FALSE_ALARM = 0.01  # the share of normal frames the threshold may send to r
 OOD_EXCLUDED_LEAVES = ("bogus",)
 __all__ = ["OOD_OUTPUT", "OodFit", "feature_tap", "fit_ood", "ood_graph", "pooled_features", "recall_at",
            "threshold_at"]
-CAP_FACTOR = 10.0
+# Caps at this times a term's training 99th percentile: int8 steps of a few percent at the threshold, and room
+# above it (at 10, the default model's odd normal frames and most bogus frames tied at the cap)
+CAP_FACTOR = 30.0
 _SHRINK = 1e-3  # ridge on the shared covariance, relative to its mean eigenvalue (numerical safety only)
 _RESIDUAL_FLOOR = 1e-3  # a residual scale below this share of the features' spread is the fit's own echo
 
