@@ -160,7 +160,8 @@ def test_the_graph_computes_the_fitted_score(tiny_run, ood_model):
     frames = tiny_run.frames(6, 12)
     reference = ood_model["fit"].score(pooled_features(ood_model["tap"].predict(frames[..., None], verbose=0))[0])
     graph = [float(ood_model["serve"](frame[None, ..., None].astype(np.float32))["ood"][0, 0]) for frame in frames]
-    np.testing.assert_allclose(graph, reference, rtol=1e-3, atol=1e-4)
+    # the graph's terms carry their int8 ranges (fake quantization to 256 steps of [0, cap])
+    np.testing.assert_allclose(graph, reference, atol=2 * ood_model["fit"].cap / 255)
 
 
 def test_the_int8_model_carries_the_score_and_keeps_its_heads(tiny_run, ood_model):

@@ -33,9 +33,7 @@ OOD_FALSE_ALARM = 0.01  # the share of normal frames the threshold may send to r
 OOD_EXCLUDED_LEAVES = ("bogus",)
 __all__ = ["OOD_OUTPUT", "OodFit", "feature_tap", "fit_ood", "ood_graph", "pooled_features", "recall_at",
            "threshold_at"]
-# Caps at this times a term's training 99th percentile: int8 steps of a few percent at the threshold, and room
-# above it (at 10, the default model's odd normal frames and most bogus frames tied at the cap)
-CAP_FACTOR = 30.0
+CAP_FACTOR = 10.0  # each term stops at this times its training 99th percentile (see fit_ood)
 _SHRINK = 1e-3  # ridge on the shared covariance, relative to its mean eigenvalue (numerical safety only)
 _RESIDUAL_FLOOR = 1e-3  # a residual scale below this share of the features' spread is the fit's own echo
 
@@ -193,9 +191,20 @@ def ood_graph(outputs: dict, fit: OodFit):
     diff = tf.matmul(z, tile) - const(fit.means.reshape(1, -1))
     summer = const(np.kron(np.eye(classes), np.ones((dims, 1))) * (-1.0 / dims))
     negative = tf.matmul(diff * diff, summer)  # (1, classes): minus each class's distance
-    score = tf.minimum(tf.multiply(tf.reduce_max(negative, axis=1, keepdims=True), -1.0), const([[fit.caps[0]]]))
+    score = _ranged(tf.multiply(tf.reduce_max(negative, axis=1, keepdims=True), -1.0), fit.caps[0])
+    total = fit.caps[0]
     for (tensor, cols), scale, cap in zip(blocks, fit.residual_scales, fit.caps[1:], strict=True):
         r = tensor - (tf.matmul(u, const(fit.basis[cols].T)) + const(fit.center[cols][None]))
         energy = tf.matmul(r * r, const(np.full((cols.stop - cols.start, 1), 1.0 / scale)))
-        score = score + tf.minimum(energy, const([[cap]]))
+        total += cap
+        score = _ranged(score + _ranged(energy, cap), total)
     return score
+
+
+def _ranged(x, cap: float):
+    """min(x, cap), with its int8 range fixed to [0, cap]: otherwise the converter takes the range from the
+    calibration frames, and every frame beyond the most unfamiliar of those (an odd normal frame, most bogus
+    frames) ties at that value."""
+    import tensorflow as tf
+
+    return tf.quantization.fake_quant_with_min_max_args(tf.minimum(x, cap), min=0.0, max=float(cap), num_bits=8)
