@@ -97,7 +97,7 @@ def label_everything(argv: list[str], cwd: Path) -> dict[str, str]:
         assert position == state["total"]  # every frame answered
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopped" in err
     return given

@@ -270,6 +270,9 @@ def serve(review_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, rev
     token = token or secrets.token_urlsafe(24)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # request lines would print the token
     server = make_server(host, port, create_app(session, token), threaded=True)
+    # Ctrl-C must stop at once: every answer is on disk before its reply, so a request still open (a browser's
+    # kept-alive connection, a slow client) is not waited for. CI saw a stop wait past 20 s under load.
+    server.daemon_threads, server.block_on_close = True, False
     shown = f"[{host}]" if ":" in host else host
     state = session.state()
     announce(f"http://{shown}:{server.server_port}/?token={token}",
