@@ -16,6 +16,7 @@ import io
 import json
 import os
 import secrets
+import signal
 import string
 import threading
 from pathlib import Path
@@ -277,6 +278,10 @@ def serve(review_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, rev
     state = session.state()
     announce(f"http://{shown}:{server.server_port}/?token={token}",
              f"{state['answered']} of {state['total']} frames answered; answers go to {session.labels_file}")
+    # Ctrl-C (and a polite kill) stop it even when started with SIGINT ignored (a background job, a test
+    # runner's worker): Python only turns SIGINT into KeyboardInterrupt if it was not ignored at start-up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
