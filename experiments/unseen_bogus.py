@@ -135,7 +135,7 @@ def main() -> None:
                 if not (run / "float.keras").exists():
                     semhinet(["train", str(data), "--out", str(run), "--seed", str(args.seed), "--overwrite",
                               *args.extra], log)
-                semhinet(["convert", str(run), "--overwrite"], log)
+                semhinet(["convert", str(run), "--ood", "--overwrite"], log)
             model = run / "model_int8.tflite"
             print(f"{kind}: {left_out} training frames left out", flush=True)
         row = {"trained_without": without, **kind_figures(score_run(model, args.test), args.test, kind),
@@ -151,7 +151,7 @@ def report(done: dict, kinds: list[str], args) -> None:
     lines = ["# The gatekeeper against bogus frames of a kind it never saw (issue 26.4, leave-one-kind-out)", "",
              f"Training set `{args.train}` without the bogus frames of one kind at a time, the default command "
              f"(seed {args.seed}{', ' + ' '.join(args.extra) if args.extra else ''}) and `semhinet convert` "
-             f"(int8, with the unfamiliar-frame score); scored on `{args.test}`. 'with the score': the share of "
+             f"(int8, with the unfamiliar-frame score: `--ood`); scored on `{args.test}`. 'with the score': the share of "
              "the unseen kind's frames that do not pass as SEM frames (verdict bogus, or the score above the "
              "contract's threshold, set at 1% of the validation split's normal frames). 'score alone': the share "
              "above the threshold that 1% of the test set's normal frames exceed. 'any rule': verdict bogus, or "
