@@ -5,7 +5,7 @@
         [--full MODEL] [--out experiments/results/unseen_bogus.md] [-- extra train options]
 
 For each bogus kind K (synth records it in dataset.json): a training folder of TRAIN without its bogus frames of
-kind K (hard links, nothing copied), the default command on it (`semhinet train`, then `semhinet convert`, which
+kind K (hard links, nothing copied), the default command on it (`semhinet train`, then `semhinet convert --ood`, which
 fits the unfamiliar-frame score and sets its threshold at 1% of the validation split's normal frames), and the
 int8 model run on TEST: its bogus frames of kind K (never seen), its normal frames (false alarms) and all of it
 (leaf accuracy). Reported per kind: the gatekeeper's bogus recall on K (verdict bogus), the share of K sent
@@ -150,8 +150,8 @@ def main() -> None:
 def report(done: dict, kinds: list[str], args) -> None:
     lines = ["# The gatekeeper against bogus frames of a kind it never saw (issue 26.4, leave-one-kind-out)", "",
              f"Training set `{args.train}` without the bogus frames of one kind at a time, the default command "
-             f"(seed {args.seed}{', ' + ' '.join(args.extra) if args.extra else ''}) and `semhinet convert` "
-             f"(int8, with the unfamiliar-frame score: `--ood`); scored on `{args.test}`. 'with the score': the share of "
+             f"(seed {args.seed}{', ' + ' '.join(args.extra) if args.extra else ''}) and `semhinet convert --ood` "
+             f"(int8, with the unfamiliar-frame score); scored on `{args.test}`. 'with the score': the share of "
              "the unseen kind's frames that do not pass as SEM frames (verdict bogus, or the score above the "
              "contract's threshold, set at 1% of the validation split's normal frames). 'score alone': the share "
              "above the threshold that 1% of the test set's normal frames exceed. 'any rule': verdict bogus, or "

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from semhinet_tf.artifacts.contract import OOD_OUTPUT
+
 # name -> (flip rows, flip columns, transpose), applied in that order. Ordered so that the first 2, 4 and 8
 # views of the full table are each a group (identity + transpose; + the half turn and anti-transpose; all
 # eight): averaging over a group makes the verdict exactly invariant to those views.
@@ -31,7 +33,7 @@ VIEW_TABLE: dict[str, tuple[bool, bool, bool]] = {
 # Views that need the transpose need rot90 augmentation; views that flip need flip augmentation.
 _NEEDS = {name: ("flip" if (fr or fc) else None, "rot90" if tr else None) for name, (fr, fc, tr) in VIEW_TABLE.items()}
 _LOG_FLOOR = 1e-7  # probabilities of exactly 0 (int8 outputs) would make the log-average -inf
-SCORE_OUTPUTS = ("ood",)  # outputs that are scores, not probabilities (artifacts.contract.OOD_OUTPUT)
+SCORE_OUTPUTS = (OOD_OUTPUT,)  # outputs that are scores, not probabilities
 
 
 def invariant_views(augment: Mapping | None) -> list[str]:

@@ -184,7 +184,8 @@ def ood_contract(fit, scores: np.ndarray, leaf_ids: np.ndarray, taxonomy) -> dic
         return None
     return {"output": OOD_OUTPUT, "threshold": round(threshold_at(scores[mask]), 6), "false_alarm": OOD_FALSE_ALARM,
             "leaves": list(fit.leaves), "dims": fit.dims, "frames": fit.frames, "reference_frames": int(mask.sum()),
-            "method": "min over classes of the whitened distance to the class mean (shared covariance), / dims"}
+            "method": "whitened distance to the nearest class mean (shared covariance) / dims, plus the features' "
+                      "energy outside those directions over its training mean (semhinet_tf.model.ood)"}
 
 
 def _readiness(run_dir: Path, model_bytes: bytes, out: Path, taxonomy, threshold: float, min_frames: int,

@@ -12,10 +12,11 @@ familiar frame:
 
 It is fitted after training on the training frames of the classes the model should recognise as usable SEM frames
 (every leaf but `bogus` by default: bogus frames vary without end, and a verdict of bogus needs no second
-opinion). `convert` appends the score to the int8 model as one more output, `ood`, computed by plain operators
-(FULLY_CONNECTED, MUL, REDUCE_MAX) that the NPU runs with the rest; the contract carries its threshold (the
-score that `OOD_FALSE_ALARM` of the validation split's normal frames exceed) and the board sends a frame above it
-to review. This module fits (numpy) and builds the graph (TensorFlow, host only).
+opinion). `convert --ood` appends the score to the int8 model as one more output, `ood`, computed by plain
+operators on the VX delegate's list (FULLY_CONNECTED, MUL, SUB, ADD, REDUCE_MAX, MINIMUM; see ood_graph); it is
+opt-in because tflite-runtime 2.14's arm64 build crashed on such a model under emulation. The contract carries
+its threshold (the score that `OOD_FALSE_ALARM` of the validation split's normal frames exceed) and the board
+sends a frame above it to review. This module fits (numpy) and builds the graph (TensorFlow, host only).
 """
 
 from __future__ import annotations
