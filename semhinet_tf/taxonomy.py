@@ -45,6 +45,9 @@ DEFAULT_SPEC: dict[str, Any] = {
 }
 
 IGNORE = -1  # label value of a head that does not apply to an image
+# The model output holding the unfamiliar-frame score (semhinet_tf.model.ood): a model output name like the
+# heads', so no head may take it.
+OOD_OUTPUT = "ood"
 
 
 class TaxonomyError(ValueError):
@@ -164,6 +167,8 @@ class Taxonomy:
             raise TaxonomyError("taxonomy has no heads")
         if len(set(names)) != len(names):
             raise TaxonomyError(f"duplicate head names in {names}")
+        if OOD_OUTPUT in names:
+            raise TaxonomyError(f"head name {OOD_OUTPUT!r} is reserved for the unfamiliar-frame score output")
         roots = [h for h in self.heads if h.parent is None]
         if len(roots) != 1:
             raise TaxonomyError(f"expected exactly one root head, found {[h.name for h in roots]}")

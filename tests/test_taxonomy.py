@@ -55,6 +55,7 @@ def test_custom_taxonomy_from_yaml(tmp_path):
     ({"heads": [{"name": "a", "classes": ["x", "y"]}, {"name": "b", "parent": "a.z", "classes": ["p", "q"]}]},
      "does not exist"),
     ({"heads": [{"name": "a", "classes": ["x"]}]}, "at least two"),
+    ({"heads": [{"name": "ood", "classes": ["x", "y"]}]}, "reserved for the unfamiliar-frame score"),
 ])
 def test_invalid_taxonomies_are_refused_with_a_reason(spec, message):
     with pytest.raises(TaxonomyError, match=message):

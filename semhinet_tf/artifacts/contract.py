@@ -39,7 +39,6 @@ _TEXT_FIELDS = ("version", "run_id", "created", "leaf_probability")
 KNOWN_FIELDS = frozenset({"format", "taxonomy", "input", "outputs", "preprocess", "views", "review_threshold",
                           "review_threshold_by_views", "quantization", "digest", "ready_classes", "ood",
                           *_TEXT_FIELDS})
-OOD_OUTPUT = "ood"  # the model output holding the unfamiliar-frame score (semhinet_tf.model.ood)
 _OOD_KEYS = {"output", "threshold", "false_alarm", "leaves", "dims", "frames", "reference_frames", "method"}
 # Image-size limits are a host option, not the model's to decide: accepted in old contracts and dropped.
 _IGNORED_PREPROCESS = ("max_pixels",)

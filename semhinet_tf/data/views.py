@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from semhinet_tf.artifacts.contract import OOD_OUTPUT
+from semhinet_tf.taxonomy import OOD_OUTPUT
 
 # name -> (flip rows, flip columns, transpose), applied in that order. Ordered so that the first 2, 4 and 8
 # views of the full table are each a group (identity + transpose; + the half turn and anti-transpose; all

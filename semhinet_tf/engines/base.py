@@ -17,10 +17,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from semhinet_tf.artifacts.contract import OOD_OUTPUT, Contract
+from semhinet_tf.artifacts.contract import Contract
 from semhinet_tf.data.decode import IMAGE_SUFFIXES, ImageError, load_frame
 from semhinet_tf.data.scan import MISSING, Unreadable, scan_paths
 from semhinet_tf.data.views import average_views, select_views, view_counts
+from semhinet_tf.taxonomy import OOD_OUTPUT
 
 __all__ = ["Engine", "find_run_dir", "iter_image_paths", "run_settings", "warn_stderr"]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from semhinet_tf import stats
-from semhinet_tf.artifacts.contract import OOD_OUTPUT
+from semhinet_tf.taxonomy import OOD_OUTPUT
 
 OOD_DIMS = 32  # whitened directions kept; bounded by the training frames (rank) and the feature width
 OOD_FALSE_ALARM = 0.01  # the share of normal frames the threshold may send to review
