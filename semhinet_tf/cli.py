@@ -429,10 +429,9 @@ def train(data, run_dir, taxonomy_file, strict, resume, overwrite, no_augment, a
 @click.option("--ready-min-frames", default=30, show_default=True, type=click.IntRange(min=0),
               help="validation frames a class needs to be listed as ready for automatic classification (the board "
                    "sends every verdict of a class not listed to review)")
-@click.option("--ood/--no-ood", default=False, show_default=True,
+@click.option("--ood/--no-ood", default=True, show_default=True,
               help="add the unfamiliar-frame score (output `ood`): frames unlike every class the model was trained "
-                   "on go to review; its threshold lets 1% of the validation split's normal frames through to review. "
-                   "Off by default: tflite-runtime 2.14 on arm64 crashed on such a model under emulation")
+                   "on go to review; its threshold lets 1% of the validation split's normal frames through to review")
 @overwrite_option
 @friendly
 def convert(run_dir, out, io_type, calib_samples, source, granularity, review_threshold, float_heads,

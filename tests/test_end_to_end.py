@@ -130,7 +130,12 @@ def test_eval_json_has_the_same_keys_for_every_format(workspace, model, tmp_path
         assert HEAD_KEYS <= set(head)
     assert set(result["summary"]["specialist_precision"]) == {"bridge", "open", "cmp", "crack", "ler", "inc_etch"}
     assert len(result["leaf"]["confusion"]) == 8
-    assert "unfamiliar" not in result  # converted without the opt-in unfamiliar-frame score
+    if model.endswith(".tflite"):  # the converted model carries the unfamiliar-frame score (issue 26.4)
+        block = result["unfamiliar"]
+        assert set(block["classes"]) == set(result["leaf"]["labels"]) and len(block["scores"]) == result["n"]
+        assert sum(c["n"] for c in block["classes"].values()) == result["n"]
+    else:
+        assert "unfamiliar" not in result
 
 
 def test_test_time_views_reach_every_format_with_their_own_review_threshold(workspace, tmp_path):
@@ -187,11 +192,14 @@ def test_every_tflite_operator_is_integer_and_the_signature_is_named(workspace):
     assert report.ok, report.format()
     model = read_model(workspace["tflite"])
     sig = model.signature_list()["serving_default"]
-    assert sig["inputs"] == ["image"] and sorted(sig["outputs"]) == ["h1", "h2", "h3", "h4", "h5"]
+    assert sig["inputs"] == ["image"] and sorted(sig["outputs"]) == ["h1", "h2", "h3", "h4", "h5", "ood"]
     assert model.input_tensors[0].dtype == "UINT8"
     contract = read_contract(workspace["tflite"])
     assert contract["input"]["shape"] == [1, SIZE, SIZE, 1]
-    assert "ood" not in contract  # the unfamiliar-frame score is opt-in (convert --ood; tests/test_ood.py)
+    # the unfamiliar-frame score (issue 26.4): fitted on every class but bogus, its threshold from validation
+    ood = contract["ood"]
+    assert ood["output"] == "ood" and "bogus" not in ood["leaves"] and len(ood["leaves"]) == 7
+    assert ood["threshold"] > 0 and ood["false_alarm"] == 0.01 and ood["reference_frames"] >= 1
     assert contract["taxonomy"]["heads"][0]["classes"] == ["bogus", "normal", "defect"]
 
 

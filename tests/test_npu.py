@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 
-from semhinet_tf.export.npu import check_cora_z7, check_npu, check_target, count_macs
+from semhinet_tf.export.npu import ARM_MIN_FC_DEPTH, check_cora_z7, check_npu, check_target, count_macs
 from semhinet_tf.export.tflite_meta import Operator, Quantization, SubGraph, Tensor, TFLiteModel, read_model
 
 # MACs of the Keras model below: conv 8x8x8 outputs x 3x3x1, depthwise 8x8x8 x 3x3, dense 512->32, heads 32->3, 32->2.
@@ -235,3 +235,16 @@ def test_cora_z7_refuses_float_boundary_converters():
     report = check_cora_z7(_model(tensors, ops, [0], [3]))
     assert [i.op_name for i in report.issues] == ["QUANTIZE", "DEQUANTIZE"]
     assert check_npu(_model(tensors, ops, [0], [3])).ok  # the NPU takes them
+
+
+def test_a_shallow_integer_fully_connected_is_refused_for_both_boards():
+    """tflite-runtime 2.14's optimized int8 FULLY_CONNECTED crashes on arm64 and armv7 below an input depth of 8."""
+    def fc(depth):
+        tensors = [_t(0, "INT8", shape=(1, depth)), _t(1, "INT8", shape=(3, depth), const=True), _t(2, "INT8", (1, 3))]
+        return _model(tensors, [("FULLY_CONNECTED", [0, 1, -1], [2])], [0], [2])
+
+    for check in (check_npu, check_cora_z7):
+        report = check(fc(ARM_MIN_FC_DEPTH - 1))
+        assert _kinds(report) == {"shallow_fully_connected"} and report.issues[0].op_name == "FULLY_CONNECTED"
+        assert f"input depth of {ARM_MIN_FC_DEPTH - 1}" in report.issues[0].message
+        assert check(fc(ARM_MIN_FC_DEPTH)).ok

@@ -145,7 +145,8 @@ def ood_model(tiny_run, tmp_path_factory):
     frames = tiny_run.frames(96, 11)
     leaf_ids = np.arange(len(frames)) % len(tax.leaves)
     features, widths = pooled_features(tap.predict(frames[..., None], verbose=0))
-    fit = fit_ood(features, leaf_ids, tax.leaves, dims=8, widths=widths)
+    # 5 directions: fewer than an int8 FULLY_CONNECTED may read on the ARM boards (the graph pads them)
+    fit = fit_ood(features, leaf_ids, tax.leaves, dims=5, widths=widths)
     calibration = tiny_run.frames(16, 3)
     folder = tmp_path_factory.mktemp("ood")
     (folder / "bare_ood.tflite").write_bytes(convert_int8(tap, 32, tax.head_names, lambda: iter(calibration), ood=fit))
@@ -166,12 +167,13 @@ def test_the_graph_computes_the_fitted_score(tiny_run, ood_model):
 
 def test_the_int8_model_carries_the_score_and_keeps_its_heads(tiny_run, ood_model):
     from semhinet_tf.board.runtime import BoardModel
-    from semhinet_tf.export.npu import check_npu
+    from semhinet_tf.export.npu import check_npu, check_target
     from semhinet_tf.export.tflite_meta import read_model
 
     assert sorted(read_model(ood_model["bare"]).signature_list()["serving_default"]["outputs"]) == \
         ["h1", "h2", "h3", "h4", "h5", "ood"]
-    assert check_npu(ood_model["bare"]).ok
+    assert ood_model["fit"].dims == 5
+    assert check_npu(ood_model["bare"]).ok and check_target(ood_model["bare"], "cora-z7").ok  # no shallow FC
     frames = tiny_run.frames(24, 13)
     engine = BoardModel(ood_model["bare"], allow_no_contract=True, warn=lambda _: None)
     probs, scores = engine.predict_with_ood(frames)
@@ -194,7 +196,7 @@ def test_the_board_sends_unfamiliar_frames_to_review(tiny_run, ood_model, tmp_pa
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(images / f"i{i:02d}.png")
     scores = BoardModel(ood_model["bare"], allow_no_contract=True, warn=lambda _: None).predict_with_ood(frames)[1]
-    threshold = float(np.median(scores))
+    threshold = round(float(np.median(scores)), 6)  # as convert writes it; int8 scores tie, the median among them
     tax = Taxonomy.default()
     fitted = [leaf for leaf in tax.leaves if leaf != "bogus"]
     config = json.loads((tiny_run.dir / "config.json").read_text())
@@ -210,7 +212,7 @@ def test_the_board_sends_unfamiliar_frames_to_review(tiny_run, ood_model, tmp_pa
     assert len(rows) == 12
     for row, score in zip(rows, scores, strict=True):
         assert row["ood"] == pytest.approx(score, abs=1e-3)
-        expected = bool(score > threshold and row["class"] != "bogus")
+        expected = bool(round(float(score), 6) > threshold and row["class"] != "bogus")
         assert row["unfamiliar"] == expected and row["review"] == expected  # review threshold 0, all ready
     assert any(r["unfamiliar"] for r in rows) and not all(r["unfamiliar"] for r in rows)
     csv_out = tmp_path / "rows.csv"

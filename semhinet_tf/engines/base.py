@@ -176,7 +176,8 @@ class Engine:
             rows = self.taxonomy.decode(probs, self.review_threshold)
             if ood is not None:
                 for row, score in zip(rows, ood):  # noqa: B905 (one score a frame, from the same batch)
-                    row["ood"] = round(float(score), 4)
+                    # the contract's threshold has 6 decimals: the row shows the number it was compared with
+                    row["ood"] = round(float(score), 6)
         if len(rows) != len(batch):  # zip(strict=True) is Python 3.10+; the armv7 board runs 3.9
             raise RuntimeError(f"{self.path}: {len(rows)} verdicts for {len(batch)} frames")
         verdicts = iter(zip(batch, rows))  # noqa: B905 (lengths checked above)

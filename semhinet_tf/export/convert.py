@@ -60,7 +60,7 @@ def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: 
 def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str = "uint8", calib_samples: int = 200,
                 source: str = "qat", review_threshold: float | None = None,
                 overwrite: bool = False, progress: bool = True, granularity: str | None = None,
-                float_heads: bool = False, ready_min_frames: int | None = None, ood: bool = False) -> dict:
+                float_heads: bool = False, ready_min_frames: int | None = None, ood: bool = True) -> dict:
     """Convert RUN's QAT (or float, as PTQ) model; write .tflite + contract JSON; run the NPU check.
 
     `float_heads`: int8 backbone for the NPU, heads in float on the CPU (a DEQUANTIZE after the pooled

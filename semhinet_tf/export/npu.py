@@ -12,8 +12,13 @@ from dataclasses import asdict, dataclass, field
 
 from semhinet_tf.export.tflite_meta import Operator, SubGraph, Tensor, TFLiteModel, read_model
 
-__all__ = ["TARGETS", "VX_DELEGATE_OPS", "NpuIssue", "NpuReport", "check_cora_z7", "check_npu", "check_target",
-           "count_macs", "op_macs"]
+__all__ = ["ARM_MIN_FC_DEPTH", "TARGETS", "VX_DELEGATE_OPS", "NpuIssue", "NpuReport", "check_cora_z7", "check_npu",
+           "check_target", "count_macs", "op_macs"]
+
+# tflite-runtime 2.14's optimized int8 FULLY_CONNECTED dies with SIGSEGV on arm64 and armv7 when its input depth
+# (the weights' last axis) is under 8: measured under qemu (cortex-a53, cortex-a9) on one-op models, depths 1-7 crash,
+# 8, 9, 12, 13, 16 run; x86 and the reference kernels run them all. The boards' CPUs run every op the NPU does not.
+ARM_MIN_FC_DEPTH = 8
 
 # `npu-check --target`: the i.MX 8M Plus NPU (the default), or the Cora Z7's Cortex-A9 CPU (see check_cora_z7).
 TARGETS = ("imx8mp", "cora-z7")
@@ -247,7 +252,18 @@ def _op_issues(g: _Graph, op: Operator, npu: set[int]) -> list[NpuIssue]:
         names = ", ".join(f"'{t.name}'" for t in floats[:3]) + (" ..." if len(floats) > 3 else "")
         out.append(_issue("float_op", op, floats[0], f"{op.name} computes in {floats[0].dtype} ({names})"))
     out += _convert_issues(g, op)
-    return out
+    return out + _arm_cpu_issues(g, op)
+
+
+def _arm_cpu_issues(g: _Graph, op: Operator) -> list[NpuIssue]:
+    """An integer FULLY_CONNECTED shallower than ARM_MIN_FC_DEPTH: the ARM boards' tflite-runtime crashes on it."""
+    if op.name != "FULLY_CONNECTED" or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
+        return []
+    w = g.tensor(op.inputs[1])
+    if w.is_float or not w.shape or w.shape[-1] >= ARM_MIN_FC_DEPTH:
+        return []
+    return [_issue("shallow_fully_connected", op, w, f"integer FULLY_CONNECTED with an input depth of {w.shape[-1]} "
+                   f"(under {ARM_MIN_FC_DEPTH}): tflite-runtime 2.14 crashes on it on arm64 and armv7")]
 
 
 def _convert_issues(g: _Graph, op: Operator) -> list[NpuIssue]:
@@ -367,6 +383,8 @@ def check_cora_z7(path_or_bytes) -> NpuReport:
             names = ", ".join(f"'{t.name}'" for t in floats[:3]) + (" ..." if len(floats) > 3 else "")
             issues.append(_issue("float_op", op, floats[0], f"{op.name} computes in {floats[0].dtype} ({names}): "
                                  "float kernels of the armv7 wheel use VFPv4 FMA, which the Cortex-A9 lacks"))
+            continue
+        issues += _arm_cpu_issues(g, op)
     return NpuReport(
         source=model.source,
         n_ops=len(ops),

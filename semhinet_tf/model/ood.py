@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from semhinet_tf import stats
+from semhinet_tf.export.npu import ARM_MIN_FC_DEPTH as MIN_FC_DEPTH
 from semhinet_tf.taxonomy import OOD_OUTPUT
 
 OOD_DIMS = 32  # whitened directions kept; bounded by the training frames (rank) and the feature width
@@ -174,38 +175,48 @@ def ood_graph(outputs: dict, fit: OodFit):
     summing each class's squares (negated), REDUCE_MAX and a sign flip. Residual, a pooled tensor at a time
     (its own scale): the tensor minus its reconstruction from the basis (FULLY_CONNECTED twice, SUB), squared
     and summed (MUL, FULLY_CONNECTED). Each term capped (MINIMUM), then added. Differences are formed before
-    squaring, so no two large int8 numbers are subtracted after it."""
+    squaring, so no two large int8 numbers are subtracted after it. The whitened coordinates and the basis get
+    zero directions up to MIN_FC_DEPTH: a shallower int8 FULLY_CONNECTED crashes the ARM boards' runtime."""
     import tensorflow as tf
 
     classes, dims = fit.means.shape
+    depth = max(dims, MIN_FC_DEPTH)  # zero directions added: exactly 0 in int8, so the score is unchanged
+    project, means, basis = (_zero_columns(a, depth) for a in (fit.project, fit.means, fit.basis))
     const = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
     tensors = [outputs[name] for name in POOL_LAYERS if name in outputs]
     if [int(t.shape[-1]) for t in tensors] != list(fit.widths):
         raise ValueError(f"pooled outputs of widths {[int(t.shape[-1]) for t in tensors]}, fitted on {fit.widths}")
     blocks = list(zip(tensors, fit.blocks(), strict=True))
-    z = -const((fit.center @ fit.project)[None])
-    u = -const((fit.center @ fit.basis)[None])
+    z = -const((fit.center @ project)[None])
+    u = -const((fit.center @ basis)[None])
     for tensor, cols in blocks:
-        z = z + tf.matmul(tensor, const(fit.project[cols]))
-        u = u + tf.matmul(tensor, const(fit.basis[cols]))
-    tile = const(np.tile(np.eye(dims), (1, classes)))  # (dims, classes*dims)
-    diff = tf.matmul(z, tile) - const(fit.means.reshape(1, -1))
-    summer = const(np.kron(np.eye(classes), np.ones((dims, 1))) * (-1.0 / dims))
+        z = z + tf.matmul(tensor, const(project[cols]))
+        u = u + tf.matmul(tensor, const(basis[cols]))
+    tile = const(np.tile(np.eye(depth), (1, classes)))  # (depth, classes*depth)
+    diff = tf.matmul(z, tile) - const(means.reshape(1, -1))
+    summer = const(np.kron(np.eye(classes), np.ones((depth, 1))) * (-1.0 / dims))
     negative = tf.matmul(diff * diff, summer)  # (1, classes): minus each class's distance
     score = _ranged(tf.multiply(tf.reduce_max(negative, axis=1, keepdims=True), -1.0), fit.caps[0])
     total = fit.caps[0]
     for (tensor, cols), scale, cap in zip(blocks, fit.residual_scales, fit.caps[1:], strict=True):
-        r = tensor - (tf.matmul(u, const(fit.basis[cols].T)) + const(fit.center[cols][None]))
+        r = tensor - (tf.matmul(u, const(basis[cols].T)) + const(fit.center[cols][None]))
         energy = tf.matmul(r * r, const(np.full((cols.stop - cols.start, 1), 1.0 / scale)))
         total += cap
         score = _ranged(score + _ranged(energy, cap), total)
     return score
 
 
+def _zero_columns(a: np.ndarray, width: int) -> np.ndarray:
+    """`a` with zero columns appended up to `width` columns."""
+    return np.pad(a, ((0, 0), (0, max(0, width - a.shape[1]))))
+
+
 def _ranged(x, cap: float):
     """min(x, cap), with its int8 range fixed to [0, cap]: otherwise the converter takes the range from the
     calibration frames, and every frame beyond the most unfamiliar of those (an odd normal frame, most bogus
-    frames) ties at that value."""
+    frames) ties at that value. The cap is a (1, 1) tensor, not a scalar: tflite-runtime 2.14's optimized int8
+    MINIMUM against a rank-0 constant crashes (SIGSEGV) on arm64, where the reference kernel and x86 do not."""
     import tensorflow as tf
 
-    return tf.quantization.fake_quant_with_min_max_args(tf.minimum(x, cap), min=0.0, max=float(cap), num_bits=8)
+    capped = tf.minimum(x, tf.constant([[cap]], tf.float32))
+    return tf.quantization.fake_quant_with_min_max_args(capped, min=0.0, max=float(cap), num_bits=8)
