@@ -230,6 +230,7 @@ def test_train_from_a_run_with_reviewed_labels(source_run, tmp_path):
     config = json.loads((run2 / "config.json").read_text())
     assert config["from"]["labels_sha256"] == _sha(log) and config["from"]["run"] == str(s["run"].resolve())
     assert config["train"]["epochs"] == 1 and config["train"]["alpha"] == 0.35  # a third; RUN's architecture
+    assert config["from"]["base"] == {"lr": 1e-3, "epochs": 3, "qat_epochs": 0}  # RUN is the chain's full training
     assert (run2 / "float.keras").exists()
 
 
@@ -288,3 +289,15 @@ def test_fine_tuning_defaults_to_a_third_of_what_the_run_ran(source_run, tmp_pat
     assert cfg.weights.endswith("float.keras") and cfg.bn_momentum == 0.9
     given = fine_tune_config(SourceRun.load(run), TrainConfig(epochs=4, sampler="natural"), given={"epochs", "sampler"})
     assert given.epochs == 4 and given.sampler == "natural"
+
+    # RUN fine-tuned from a full training: a third of that training's, not a third of a third (a review loop's
+    # fourth round trained at 1/81 of the rate and learned nothing)
+    config["train"].update(lr=1e-3 / 3, epochs=10)
+    config["from"] = {"run": "/elsewhere/run0", "base": {"lr": 1e-3, "epochs": 30, "qat_epochs": 6}}
+    (run / "config.json").write_text(json.dumps(config))
+    chained = fine_tune_config(SourceRun.load(run), TrainConfig(), given=set())
+    assert chained.lr == pytest.approx(1e-3 / 3) and (chained.epochs, chained.qat_epochs) == (10, 2)
+    del config["from"]["base"]  # fine-tuned before the base was recorded: its own figures were a third of it
+    (run / "config.json").write_text(json.dumps(config))
+    legacy = fine_tune_config(SourceRun.load(run), TrainConfig(), given=set())
+    assert legacy.lr == pytest.approx(1e-3 / 3) and (legacy.epochs, legacy.qat_epochs) == (17, 6)
