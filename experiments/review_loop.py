@@ -1,7 +1,7 @@
 """Does the review queue pick better frames to label than chance? (issue 24, "Measured")
 
     python experiments/review_loop.py --start START_A,START_B,START_C --pool POOL --test TEST --work DIR \
-        [--seeds 0,1,2] [--rounds 4] [--budget 80] [--img-size 64] [--epochs 30] [--ft-epochs 10] \
+        [--seeds 0,1,2] [--rounds 4] [--budget 80] [--img-size 64] [--epochs 30] [--ft-epochs 10] [--reference] \
         [--out experiments/results/review_loop.md]
 
 Per seed: a round-0 model is trained on that seed's labelled start set (`semhinet train START`); then, for each
@@ -15,6 +15,9 @@ carries, and the labels file holds every answer so far). Strategies:
   review threshold, the default audit share and boundary count and `max_items=--budget` (what `semhinet review
   queue --max BUDGET` chooses, without a contract's class readiness: the runs are not converted);
 * random: the same number of pool frames drawn uniformly (numpy default_rng([seed, round])).
+
+With --reference, each seed also gets one full training (round 0's recipe) on its start set plus the frames the
+random strategy reviewed by the last round: the accuracy fine-tuning could reach with the same labels.
 
 After every round, leaf accuracy and the gatekeeper's (h1's own argmax) recall of bogus / normal / defect on the
 fixed test set. Rows go to DIR/rows.jsonl as they finish (a rerun with the same DIR skips them), and the table
@@ -34,6 +37,7 @@ import numpy as np
 from results_file import write_result
 
 STRATEGIES = ("queue", "random")
+REFERENCE = "retrain"  # --reference: a full training on the random strategy's frames at the last round
 GATE = ("bogus", "normal", "defect")
 
 
@@ -170,6 +174,33 @@ def run_seed(seed: int, start: Path, args, pool, test, rows: dict, rows_file: Pa
                 "chosen_by_class": dict(zip(taxonomy.leaves, chosen_leaves.tolist(), strict=True)),
                 **scores(engine_of(run), test_frames, test_truth), "seconds": time.time() - t})
             prev = run
+    if args.reference and (seed, REFERENCE, args.rounds) not in rows:
+        retrain_reference(seed, start, work, args, (test_frames, test_truth), rows, rows_file, n_start)
+
+
+def retrain_reference(seed: int, start: Path, work: Path, args, test, rows: dict, rows_file: Path,
+                      n_start: int) -> None:
+    """A full training (round 0's recipe, from the SEM-pretrained start) on the start set plus the frames the random
+    strategy reviewed by the last round: what fine-tuning round by round leaves on the table."""
+    from semhinet_tf.review.labels import replay
+
+    t = time.time()
+    labels = replay(work / f"random_labels_r{args.rounds}.jsonl").labels
+    data = work / "retrain_data"
+    if data.exists():
+        shutil.rmtree(data)
+    for p in start.rglob("*"):
+        if p.is_file() and p.parent != start:
+            (data / p.parent.name).mkdir(parents=True, exist_ok=True)
+            (data / p.parent.name / p.name).hardlink_to(p)
+    for path, answer in labels.items():
+        (data / answer.label).mkdir(parents=True, exist_ok=True)
+        (data / answer.label / f"pool_{Path(path).parent.name}_{Path(path).name}").hardlink_to(path)
+    run = work / f"{REFERENCE}{args.rounds}"
+    train_round0(seed, data, run, args)
+    add_row(rows_file, rows, {"seed": seed, "strategy": REFERENCE, "round": args.rounds,
+                              "labelled": n_start + len(labels), "reviewed": len(labels),
+                              **scores(engine_of(run), *test), "seconds": time.time() - t})
 
 
 def report(rows: dict, args, wall: float | None) -> None:
@@ -190,12 +221,15 @@ def report(rows: dict, args, wall: float | None) -> None:
         "Queue = `review.queue.select` (review threshold of the current run, default audit 2% and 10 boundary "
         "frames a head, budget as max; no class-readiness input since the runs are not converted). Random = the "
         "same number drawn uniformly from the frames not yet reviewed. Gatekeeper recall = h1's own argmax "
-        "against the frame's h1 class.", ""]
+        "against the frame's h1 class."
+        + (f" Retrain (reference) = a full training with round 0's recipe ({args.epochs} epochs from the "
+           "SEM-pretrained start) on the start set plus the random strategy's reviewed frames of the last round: "
+           "what fine-tuning round by round leaves on the table." if args.reference else ""), ""]
     lines += ["| seed | round | labelled | strategy | leaf acc | h1 defect recall | h1 bogus recall | "
               "h1 normal recall | queue reasons |", "|---|---|---|---|---|---|---|---|---|"]
     for s in seeds:
         for k in rounds:
-            for st in (("start",) if k == 0 else STRATEGIES):
+            for st in (("start",) if k == 0 else (*STRATEGIES, REFERENCE)):
                 r = rows.get((s, st, k))
                 if r is None:
                     continue
@@ -206,7 +240,7 @@ def report(rows: dict, args, wall: float | None) -> None:
               "| round | strategy | leaf acc | h1 defect recall | h1 bogus recall | h1 normal recall |",
               "|---|---|---|---|---|---|"]
     for k in rounds:
-        for st in (("start",) if k == 0 else STRATEGIES):
+        for st in (("start",) if k == 0 else (*STRATEGIES, REFERENCE)):
             got = [rows[(s, st, k)] for s in seeds if (s, st, k) in rows]
             if len(got) != len(seeds):
                 continue
@@ -264,6 +298,10 @@ def plot(rows: dict, seeds: list, rounds: list, out: Path) -> None:
                 x = [p["labelled"] for p in full[0]]
                 y = np.mean([[p[key] for p in c] for c in full], axis=0)
                 ax.plot(x, y, color=colors[st], lw=2.5, marker="o", label=f"{st} (mean of {len(full)} seeds)")
+        ref = [rows[(s, REFERENCE, k)] for s in seeds for k in rounds if (s, REFERENCE, k) in rows]
+        if ref:
+            ax.scatter([r["labelled"] for r in ref], [r[key] for r in ref], color="tab:green", marker="*", s=90,
+                       zorder=3, label="full retrain on random's frames (one a seed)")
         ax.set_xlabel("labelled frames (start set + reviewed)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -286,6 +324,8 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=30, help="round-0 training epochs")
     ap.add_argument("--ft-epochs", type=int, default=10, help="fine-tune epochs a round")
+    ap.add_argument("--reference", action="store_true",
+                    help="also a full retraining on the random strategy's frames at the last round")
     ap.add_argument("--report-only", action="store_true", help="write the table and plot from rows.jsonl")
     ap.add_argument("--ran", default="", help="with --report-only: how the rows were made, quoted in the table")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "review_loop.md")

@@ -753,7 +753,8 @@ def review() -> None:
 @click.option("--boundary", default=10, show_default=True, type=click.IntRange(min=0),
               help="frames per head nearest its decision boundary (smallest margin between its top two classes)")
 @click.option("--max", "max_items", type=click.IntRange(min=1), default=None,
-              help="budget: at most this many frames (audit first, then those under review, then boundary ones)")
+              help="budget: at most this many frames (audit first, at most a quarter of them, then those under review, "
+                   "then boundary ones)")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="fixes the audit sample: the same seed and verdicts give the same queue")
 @click.option("--suspects", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -777,7 +778,10 @@ def review_queue(model, images, out, audit, boundary, max_items, seed, suspects,
                f"threshold {info['review_threshold']:.3f}, "
                + (f"{info['n_not_ready']} of classes not ready, " if info["n_not_ready"] else "")
                + f"{info['n_audit']} audit of {info['n_confident']} "
-               f"confident verdicts, the rest nearest a head's boundary"
+               f"confident verdicts"
+               + (f" ({info['audit_asked']} asked; a budget gives the audit at most a quarter)"
+                  if info["audit_asked"] > info["n_audit"] else "")
+               + ", the rest nearest a head's boundary"
                + (f"; {info['dropped_by_budget']} left out by --max" if info["dropped_by_budget"] else "")
                + (f"; {info['unreadable']} unreadable" if info["unreadable"] else "")
                + (f"; {info['n_suspects']} suspect labels of {suspects} ({info['suspects_split']} frames)"

@@ -85,6 +85,11 @@ def test_audit_is_the_asked_share_of_confident_verdicts_and_reproducible():
     assert sum(r == ["review"] for r in a.reasons.values()) == 100
     with pytest.raises(ValueError, match="audit"):
         select(leaf, heads, TAX, threshold=0.5, audit=1.5)
+    # a budget gives the audit at most a quarter of itself: the rest goes to frames that teach the model
+    capped = select(leaf, heads, TAX, threshold=0.5, audit=0.02, boundary=0, seed=7, max_items=40)
+    assert capped.audit_asked == 18 and capped.n_audit == 10 and len(capped.order) == 40
+    assert sum(r == ["review"] for r in capped.reasons.values()) == 30
+    assert select(leaf, heads, TAX, threshold=0.5, audit=0.02, boundary=0, seed=7, max_items=2).n_audit == 1
 
 
 def test_selection_follows_any_taxonomy():

@@ -14,9 +14,12 @@ without a model. Four reasons, each recorded with the frame:
   reasons, so the share of them a person corrects estimates the error rate of what is classified automatically.
 * "suspect": (added by the caller) a training frame whose folder label the model disputes.
 
-The budget (`max_items`) keeps, in this order: the audit sample (small, and without it no estimate), the
-frames under review from the least probable up, then the boundary frames from the smallest margin up, one head
-after another in turn. A frame with several reasons is one entry listing them all.
+The budget (`max_items`) keeps, in this order: the audit sample (without it no estimate), the frames under
+review from the least probable up, then the boundary frames from the smallest margin up, one head after another
+in turn. The audit takes at most AUDIT_BUDGET_SHARE of the budget: 2% of a large pool's confident verdicts can be
+the whole budget (measured: 8-45 of 80 frames a round in experiments/review_loop.py on a 4,000-frame pool), and
+audit frames are random ones, which teach the model no more than random selection; audits of successive rounds add
+up to the estimate. A frame with several reasons is one entry listing them all.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from semhinet_tf.review import ReviewInputError
 from semhinet_tf.taxonomy import Taxonomy
 
 DEFAULT_AUDIT = 0.02
+AUDIT_BUDGET_SHARE = 0.25  # at most this share of a budget (--max) goes to the audit sample (at least one frame)
 DEFAULT_BOUNDARY = 10
 REASON_REVIEW, REASON_AUDIT, REASON_SUSPECT, REASON_NOT_READY = "review", "audit", "suspect", "not-ready"
 REASON_UNFAMILIAR = "unfamiliar"
@@ -52,6 +56,7 @@ class Selection:
     n_frames: int = 0
     n_confident: int = 0
     n_audit: int = 0
+    audit_asked: int = 0  # the audit sample the fraction asked for, before the budget's share capped it
     dropped: int = 0  # frames selected but left out by the budget
 
 
@@ -100,6 +105,9 @@ def select(leaf_probs: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonom
     n_audit = 0
     if audit > 0 and conf_idx.size:
         n_audit = min(conf_idx.size, max(1, int(math.floor(audit * conf_idx.size + 0.5))))
+    audit_asked = n_audit
+    if max_items is not None and n_audit:
+        n_audit = min(n_audit, max(1, int(math.floor(AUDIT_BUDGET_SHARE * max_items))))
     rng = np.random.default_rng([seed, 24])
     audit_idx = np.sort(rng.choice(conf_idx, size=n_audit, replace=False)) if n_audit else np.zeros(0, np.int64)
     for i in audit_idx:
@@ -143,7 +151,8 @@ def select(leaf_probs: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonom
                      margins={i: {h: round(float(margins[h][i]), 6) for h in taxonomy.head_names
                                   if np.isfinite(margins[h][i])} for i in order},
                      n_frames=n, n_confident=int(confident.sum()),
-                     n_audit=sum(REASON_AUDIT in reasons[i] for i in order), dropped=dropped)
+                     n_audit=sum(REASON_AUDIT in reasons[i] for i in order), audit_asked=audit_asked,
+                     dropped=dropped)
 
 
 # ---------------------------------------------------------------- rows in, queue out
@@ -338,6 +347,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
             "images": str(images.resolve()), "taxonomy": taxonomy.to_spec(), "review_threshold": float(threshold),
             "views": views, "audit": audit, "boundary": boundary, "max": max_items, "seed": seed,
             "n_frames": sel.n_frames, "n_confident": sel.n_confident, "n_audit": sel.n_audit,
+            "audit_asked": sel.audit_asked,
             "n_review": sum(REASON_REVIEW in e["why"] for e in entries),
             "n_not_ready": sum(REASON_NOT_READY in e["why"] for e in entries),
             "n_unfamiliar": sum(REASON_UNFAMILIAR in e["why"] for e in entries),
