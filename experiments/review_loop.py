@@ -203,7 +203,32 @@ def retrain_reference(seed: int, start: Path, work: Path, args, test, rows: dict
                               **scores(engine_of(run), *test), "seconds": time.time() - t})
 
 
-def report(rows: dict, args, wall: float | None) -> None:
+def paired_last_round(args) -> dict[int, dict]:
+    """Per seed, queue against random at the last round on the same test frames: the frames only one of them gets
+    right (leaf) and the exact two-sided McNemar p, from the runs themselves (the rows keep no per-frame result)."""
+    from semhinet_tf.stats import mcnemar
+
+    out: dict[int, dict] = {}
+    test = None
+    for seed in args.seed_list:
+        runs = {st: args.work / f"seed{seed}" / f"{st}{args.rounds}" for st in STRATEGIES}
+        if not all((r / "float.keras").exists() for r in runs.values()):
+            continue
+        correct = {}
+        for st, run in runs.items():
+            engine = engine_of(run)
+            if test is None:
+                frames, _, truth = decode_folder(args.test, engine.preprocess, engine.taxonomy)
+                test = (frames, truth)
+            leaf = engine.taxonomy.leaf_probabilities(engine.predict(test[0], verbose=0)).argmax(1)
+            correct[st] = leaf == test[1]
+        only_queue = int(np.sum(correct["queue"] & ~correct["random"]))
+        only_random = int(np.sum(~correct["queue"] & correct["random"]))
+        out[seed] = {"only_queue": only_queue, "only_random": only_random, "p": mcnemar(only_random, only_queue)}
+    return out
+
+
+def report(rows: dict, args, wall: float | None, paired: dict[int, dict] | None = None) -> None:
     seeds = sorted({s for s, _, _ in rows})
     rounds = sorted({k for _, _, k in rows})
     lines = ["# Review loop: the queue's selection against random selection (issue 24, Measured)", ""]
@@ -248,19 +273,24 @@ def report(rows: dict, args, wall: float | None) -> None:
                                                                  "recall_normal")}
             lines.append(f"| {k} | {st} | {m['leaf_accuracy']:.3f} | {m['recall_defect']:.3f} | "
                          f"{m['recall_bogus']:.3f} | {m['recall_normal']:.3f} |")
+    paired = paired or {}
     lines += ["", f"Target (issue 24): at round {args.rounds} the queue beats random on leaf accuracy and on h1 "
-              "defect recall on every seed.", "", "| seed | leaf acc queue − random | defect recall queue − random | "
-              "met |", "|---|---|---|---|"]
+              "defect recall on every seed. Paired: of the test frames exactly one of the two gets right (leaf), "
+              "how many each, and the exact two-sided McNemar p.", "",
+              "| seed | leaf acc queue − random | defect recall queue − random | met | only queue right / only "
+              "random right | McNemar p |", "|---|---|---|---|---|---|"]
     verdicts = []
     for s in seeds:
         q, r = rows.get((s, "queue", args.rounds)), rows.get((s, "random", args.rounds))
         if q is None or r is None:
-            lines.append(f"| {s} | not run | not run | – |")
+            lines.append(f"| {s} | not run | not run | – | – | – |")
             continue
         dl, dd = q["leaf_accuracy"] - r["leaf_accuracy"], q["recall_defect"] - r["recall_defect"]
         met = dl > 0 and dd > 0
         verdicts.append(met)
-        lines.append(f"| {s} | {dl:+.3f} | {dd:+.3f} | {'yes' if met else 'no'} |")
+        pr = paired.get(s)
+        pair = f"{pr['only_queue']} / {pr['only_random']} | {pr['p']:.2f}" if pr else "– | –"
+        lines.append(f"| {s} | {dl:+.3f} | {dd:+.3f} | {'yes' if met else 'no'} | {pair} |")
     if verdicts:
         lines += ["", f"Target met on {sum(verdicts)} of {len(verdicts)} finished seeds"
                   + (f" (of {len(args.seed_list)} planned)." if len(verdicts) < len(args.seed_list) else ".")]
@@ -354,7 +384,7 @@ def main() -> None:
         for seed, start in zip(args.seed_list, args.start_list, strict=True):
             run_seed(seed, start, args, pool, (test_frames, test_truth), rows, rows_file)
             report(rows, args, time.time() - t0)
-    report(rows, args, (time.time() - t0) if not args.report_only else None)
+    report(rows, args, (time.time() - t0) if not args.report_only else None, paired_last_round(args))
 
 
 if __name__ == "__main__":
