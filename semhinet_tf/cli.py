@@ -7,6 +7,7 @@ Every failure a user can cause (missing folder, bad model file, empty class ...)
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -448,8 +449,11 @@ def convert(run_dir, out, io_type, calib_samples, source, granularity, review_th
     ready = info.get("readiness")
     unfamiliar = (ready or {}).get("ood")
     if unfamiliar:
+        n, share = unfamiliar["reference_frames"], unfamiliar["false_alarm"]
         click.echo(f"unfamiliar-frame score: frames above {unfamiliar['threshold']:.3g} go to review "
-                   f"({unfamiliar['false_alarm']:.0%} of {unfamiliar['reference_frames']} validation normal frames)")
+                   f"({share:.0%} of {n} validation normal frames"
+                   + (f"; with fewer than {math.ceil(1 / share)} the threshold is their highest score, which about 1 "
+                      f"in {n + 1} new normal frames exceeds" if n * share < 1 else "") + ")")
     if ready is not None:
         not_ready = [leaf for leaf, c in ready["classes"].items() if not c["ready"]]
         click.echo(f"ready for automatic classification: {', '.join(ready['ready']) or 'no class'}"

@@ -606,6 +606,20 @@ def test_convert_exits_non_zero_when_its_model_fails_the_npu_check(workspace, mo
     assert "fails the NPU check" in _fails_in_one_line("convert", str(workspace["run"]), "--overwrite")
 
 
+def test_convert_says_what_a_threshold_on_few_normal_frames_means(workspace, monkeypatch):
+    import semhinet_tf.export.convert as convert_module
+
+    def converted(reference_frames):
+        ood = {"threshold": 5.07, "false_alarm": 0.01, "reference_frames": reference_frames}
+        return {"npu_ok": True, "npu_report": "NPU check: PASS", "path": "m.tflite", "bytes": 2048,
+                "contract_path": "m.json", "readiness": {"ood": ood, "ready": ["normal"], "classes": {}}}
+
+    for frames, said in ((30, "about 1 in 31 new normal frames exceeds"), (400, "1% of 400 validation normal frames)")):
+        monkeypatch.setattr(convert_module, "convert_run", lambda *args, frames=frames, **kwargs: converted(frames))
+        result = CliRunner().invoke(main, ["convert", str(workspace["run"]), "--overwrite"])
+        assert result.exit_code == 0 and said in result.output, result.output
+
+
 def test_outputs_that_exist_are_refused_before_the_work_and_replaced_with_overwrite(workspace, tmp_path):
     """Issue 22 (3): eval --report used to overwrite DIR/README.md, convert --out the user's model.json."""
     report = tmp_path / "report"
