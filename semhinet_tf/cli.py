@@ -774,7 +774,7 @@ def review_queue(model, images, out, audit, boundary, max_items, seed, suspects,
 
     MODEL is any model `predict` takes. Selected: every frame under the review threshold, the frames nearest a
     decision boundary of each head, and a random audit sample of confident verdicts."""
-    from semhinet_tf.review.queue import build_queue
+    from semhinet_tf.review.queue import AUDIT_BUDGET_SHARE, build_queue
 
     info = build_queue(model, images, out, audit=audit, boundary=boundary, max_items=max_items, seed=seed,
                        views=int(views), allow_no_contract=allow_no_contract, overwrite=overwrite, suspects=suspects)
@@ -783,7 +783,7 @@ def review_queue(model, images, out, audit, boundary, max_items, seed, suspects,
                + (f"{info['n_not_ready']} of classes not ready, " if info["n_not_ready"] else "")
                + f"{info['n_audit']} audit of {info['n_confident']} "
                f"confident verdicts"
-               + (f" ({info['audit_asked']} asked; a budget gives the audit at most a quarter)"
+               + (f" ({info['audit_asked']} asked; a budget gives the audit at most {AUDIT_BUDGET_SHARE:.0%} of it)"
                   if info["audit_asked"] > info["n_audit"] else "")
                + ", the rest nearest a head's boundary"
                + (f"; {info['dropped_by_budget']} left out by --max" if info["dropped_by_budget"] else "")

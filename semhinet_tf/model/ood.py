@@ -12,9 +12,9 @@ familiar frame:
 
 It is fitted after training on the training frames of the classes the model should recognise as usable SEM frames
 (every leaf but `bogus` by default: bogus frames vary without end, and a verdict of bogus needs no second
-opinion). `convert --ood` appends the score to the int8 model as one more output, `ood`, computed by plain
-operators on the VX delegate's list (FULLY_CONNECTED, MUL, SUB, ADD, REDUCE_MAX, MINIMUM; see ood_graph); it is
-opt-in because tflite-runtime 2.14's arm64 build crashed on such a model under emulation. The contract carries
+opinion). `convert` appends the score to the int8 model as one more output, `ood`, computed by plain operators
+on the VX delegate's list (FULLY_CONNECTED, MUL, SUB, ADD, REDUCE_MAX, MINIMUM; see ood_graph) that the ARM
+boards' tflite-runtime also runs (`--no-ood` leaves it out). The contract carries
 its threshold (the score that `OOD_FALSE_ALARM` of the validation split's normal frames exceed) and the board
 sends a frame above it to review. This module fits (numpy) and builds the graph (TensorFlow, host only).
 """
@@ -214,8 +214,7 @@ def _zero_columns(a: np.ndarray, width: int) -> np.ndarray:
 def _ranged(x, cap: float):
     """min(x, cap), with its int8 range fixed to [0, cap]: otherwise the converter takes the range from the
     calibration frames, and every frame beyond the most unfamiliar of those (an odd normal frame, most bogus
-    frames) ties at that value. The cap is a (1, 1) tensor, not a scalar: tflite-runtime 2.14's optimized int8
-    MINIMUM against a rank-0 constant crashes (SIGSEGV) on arm64, where the reference kernel and x86 do not."""
+    frames) ties at that value."""
     import tensorflow as tf
 
     capped = tf.minimum(x, tf.constant([[cap]], tf.float32))
