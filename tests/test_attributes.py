@@ -37,7 +37,8 @@ def test_terciles_are_equal_counts_and_keep_ties_in_the_lower_one():
 
 def _hand_made(tmp_path: Path) -> tuple[list[str], np.ndarray, np.ndarray, Path]:
     """12 evaluated images; a CSV naming them absolute, relative to its folder, relative to --data, by bare file name,
-    plus one row of an image that was not evaluated and a text-only column."""
+    plus one row of an image that was not evaluated, a text column (the operator) and an identifier column (a text
+    of more values than MAX_CATEGORIES: skipped)."""
     data = tmp_path / "data"
     paths = [str(data / "bridge" / f"b{i}.png") for i in range(6)]  # sizes 1..6
     paths += [str(data / "open" / f"o{i}.png") for i in range(4)]  # sizes 1, 1, 1, 2 (ties)
@@ -53,9 +54,11 @@ def _hand_made(tmp_path: Path) -> tuple[list[str], np.ndarray, np.ndarray, Path]
              "bridge/b2.png;3;bob;x",  # relative to --data
              "C:\\fab\\export\\b3.png;4;bob;0.1",  # a Windows tool's path: found by its unique file name
              "bridge/b4.png;5;ann;0.2", "bridge/b5.png;6;ann;0.3",
-             "open/o0.png;1;ann;", "open/o1.png;1;ann;", "open/o2.png;1;ann;", "open/o3.png;2;ann;",
+             "open/o0.png;1;ann;", "open/o1.png;1;ann;", "open/o2.png;1;ann;", "open/o3.png;2;;",
              "cmp/c0.png;7.5;ann;", "normal/n0.png;n/a;ann;",
              "train_only/t0.png;9;ann;"]  # not evaluated
+    wafers = [f"W{k:03d}" for k in range(len(lines) - 1)]  # one wafer a row: an identifier, not a group
+    lines = [lines[0] + ";wafer"] + [f"{line};{w}" for line, w in zip(lines[1:], wafers, strict=True)]
     csv_file.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
     return paths, true, pred, csv_file
 
@@ -63,7 +66,8 @@ def _hand_made(tmp_path: Path) -> tuple[list[str], np.ndarray, np.ndarray, Path]
 def test_the_attributes_table_with_a_hand_made_csv(tmp_path):
     paths, true, pred, csv_file = _hand_made(tmp_path)
     table = read_attribute_csv(csv_file)
-    assert table.columns == ["size_um", "contrast"] and table.skipped_columns == ["operator"]
+    assert table.columns == ["size_um", "contrast"] and table.categories == ["operator"]
+    assert table.skipped_columns == ["wafer"]  # a different value in every row
     block, sources = attribute_results(true, pred, LEAVES, [table], paths, tmp_path / "data")
     assert sources[0]["rows"] == 13 and sources[0]["matched"] == 12 and sources[0]["unmatched"] == 1
     assert sources[0]["matched_by_file_name"] == 1 and sources[0]["unmatched_examples"] == ["train_only/t0.png"]
@@ -91,6 +95,21 @@ def test_the_attributes_table_with_a_hand_made_csv(tmp_path):
     text = format_attribute_tables(block)
     assert "recall by size_um tercile" in text and "0.50 n=2 [1..2]" in text and "fewer than 3" in text
 
+    # the text column: recall per value, with the verdicts the misses got
+    operator = block["operator"]
+    assert operator["kind"] == "value" and block["size_um"]["kind"] == "tercile"
+    assert operator["n"] == 11  # open/o3's cell is empty
+    by_value = {g["value"]: g for g in operator["classes"]["bridge"]["groups"]}
+    assert list(by_value) == ["ann", "bob"]
+    assert (by_value["ann"]["n"], by_value["ann"]["correct"]) == (4, 1)  # b0 b1 b4 b5: wrong right wrong wrong
+    assert by_value["ann"]["called"] == {"normal": 2, "cmp": 1}
+    assert (by_value["bob"]["n"], by_value["bob"]["recall"], by_value["bob"]["called"]) == (2, 1.0, {})
+    assert by_value["bob"]["recall_ci"][1] == 1.0
+    opened = operator["classes"]["open"]
+    assert opened["n"] == 3 and opened["without_value"] == 1 and opened["groups"][0]["called"] == {"normal": 1}
+    assert "normal" in operator["classes"] and "recall by operator" in format_attribute_tables(block)
+    assert "0.25 n=4 (normal 2, cmp 1)" in format_attribute_tables(block)
+
 
 def test_a_later_table_overrides_an_earlier_one_cell_by_cell(tmp_path):
     paths, true, pred, csv_file = _hand_made(tmp_path)
@@ -110,7 +129,8 @@ def test_a_later_table_overrides_an_earlier_one_cell_by_cell(tmp_path):
     ("name,size\na.png,1\n", "no column naming the file"),
     ("path,size,size\na.png,1,2\n", "named twice"),
     ("path,size\n", "no row naming a file"),
-    ("path,size,who\na.png,big,ann\n", "no column with a number"),
+    ("path,size,who\na.png,,\nb.png, ,\n", "no column with a number"),
+    ("path,lot\n" + "".join(f"f{k}.png,L{k}\n" for k in range(25)), "no column with a number"),  # an identifier
     (b"path,size\n\xff\xfe,1\n", "not UTF-8"),
 ])
 def test_bad_attribute_files_are_named_in_one_line(tmp_path, content, message):
@@ -149,7 +169,7 @@ def _synth_like(tmp_path: Path) -> Path:
         for k in range(6):
             rel = f"{leaf}/{leaf}_{k:05d}.png"
             Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(data / rel)
-            rec = {"path": rel, "class": leaf, "index": k, "format": "png"}
+            rec = {"path": rel, "class": leaf, "index": k, "format": "png", "pattern": "holes" if k < 2 else "lines"}
             if leaf != "normal":
                 rec.update(severity=round(0.1 * (k + 1), 4), visibility=round(2.0 - 0.2 * k, 4), draw=1, scenes=1)
             frames.append(rec)
@@ -171,7 +191,12 @@ def test_eval_reads_dataset_json_and_a_csv_into_json_report_and_stdout(tiny_run,
     assert "6 of 6 rows matched evaluated images (6 by file name alone)" in res.output
     result = json.loads(out.read_text())
     assert "readiness" in result and "per_class" in result  # the existing keys stay
-    assert set(result["attributes"]) == {"severity", "visibility", "defect_size_nm"}
+    assert set(result["attributes"]) == {"severity", "visibility", "pattern", "defect_size_nm"}
+    pattern = result["attributes"]["pattern"]
+    assert pattern["kind"] == "value" and pattern["n"] == 18 and "recall by pattern" in res.output
+    groups = pattern["classes"]["normal"]["groups"]
+    assert [(g["value"], g["n"]) for g in groups] == [("holes", 2), ("lines", 4)]
+    assert all(g["correct"] + sum(g["called"].values()) == g["n"] for g in groups)
     sev = result["attributes"]["severity"]["classes"]
     assert set(sev) == {"bridge", "open"} and [t["n"] for t in sev["bridge"]["terciles"]] == [2, 2, 2]
     assert sev["open"]["terciles"][0]["range"] == [0.1, 0.2]
@@ -179,6 +204,7 @@ def test_eval_reads_dataset_json_and_a_csv_into_json_report_and_stdout(tiny_run,
     assert (rep / "attributes.png").stat().st_size > 1000
     md = (rep / "README.md").read_text()
     assert "## Recall by attribute" in md and "(attributes.png)" in md and "defect_size_nm" in md
+    assert "By pattern:" in md
     assert 'src="attributes.png"' in (rep / "index.html").read_text()
 
 

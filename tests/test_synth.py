@@ -111,6 +111,12 @@ def test_generate_writes_every_class(tmp_path):
     assert meta["version"] == synth.GENERATOR_VERSION
     assert (meta["seed"], meta["size"], meta["per_class"], meta["mixed_formats"]) == (1, SMALL, 3, False)
     assert not list(out.rglob(".*tmp")), "temporary files left behind"
+    for rec in meta["frames"]:  # the pattern of every SEM frame (eval's recall by pattern), a bogus frame's kind
+        if rec["class"] == "bogus":
+            assert "pattern" not in rec and rec["kind"] in synth.BOGUS_KINDS
+        else:
+            frame = synth.render_frame(rec["class"], 1, rec["index"], SMALL)
+            assert rec["pattern"] == frame.pattern in ("lines", "holes")
 
 
 def test_generate_bytes_do_not_depend_on_workers(tmp_path):

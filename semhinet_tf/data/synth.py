@@ -58,7 +58,8 @@ from scipy import ndimage
 
 from semhinet_tf.artifacts.files import atomic_write, atomic_write_text
 
-GENERATOR_VERSION = "1.1.0"  # 1.1: the `visible` label rule (the `cause` rule is 1.0's frames)
+GENERATOR_VERSION = "1.1.1"  # 1.1: the `visible` label rule (the `cause` rule is 1.0's frames); 1.1.1: dataset.json
+# also records each SEM frame's pattern (the frames are 1.1.0's, byte for byte)
 LEAVES: tuple[str, ...] = ("bogus", "normal", "bridge", "open", "cmp", "crack", "ler", "inc_etch")
 DEFECTS: tuple[str, ...] = LEAVES[2:]
 DEFAULT_DIFFICULTY = 0.5
@@ -1206,6 +1207,7 @@ class Frame:
     scenes: int = 1  # scenes tried (more than one only if no draw was visible in the first)
     rejected: tuple[float, float, int] | None = None  # (severity, visibility, draw) of the last draw turned down
     kind: str | None = None  # a bogus frame's kind (BOGUS_KINDS); None for SEM frames
+    pattern: str | None = None  # an SEM frame's pattern ("lines" or "holes", Scene.kind); None for bogus
 
 
 
@@ -1250,7 +1252,7 @@ def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float, t
         base = _make_pattern(scene, scene_rng)
         if leaf == "normal":
             img = _to_uint8(_image(base.height, base.yield_map, scene, np.random.default_rng(noise_seed)))
-            return Frame(img, img.copy() if twin else None)
+            return Frame(img, img.copy() if twin else None, pattern=scene.kind)
         clean, null, ler_cache = None, None, {}
         if twin or (rule is not None and leaf != "ler"):
             clean = _to_uint8(_image(base.height, base.yield_map, scene, np.random.default_rng(noise_seed)))
@@ -1275,7 +1277,8 @@ def _render(leaf: str, rng: np.random.Generator, size: int, difficulty: float, t
             bbox = None
             if locate:
                 bbox = _changed_bbox(np.abs(pat.height - base.height) + np.abs(pat.yield_map - base.yield_map))
-            frame = Frame(img, clean if twin else None, bbox, severity, visibility, d, scene_try + 1, rejected)
+            frame = Frame(img, clean if twin else None, bbox, severity, visibility, d, scene_try + 1, rejected,
+                          pattern=scene.kind)
             if rule is None or rule.labels == "cause" or draw is not None or visibility >= 1.0:
                 return frame
             if best is None or visibility > best.visibility:
@@ -1439,6 +1442,8 @@ def _make_one(leaf: str, k: int, seed: int, size: int, difficulty: float, mixed:
                               "format": variant.fmt + ("+rgb" if variant.rgb else "")}
     if frame.kind is not None:
         record["kind"] = frame.kind
+    if frame.pattern is not None:
+        record["pattern"] = frame.pattern
     if frame.severity is not None:
         record.update(severity=round(frame.severity, 4), visibility=round(float(frame.visibility), 4),
                       draw=frame.draw, scenes=frame.scenes)
@@ -1500,8 +1505,9 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
 
     `labels` is the label rule: `visible` (a defect draw an expert could not see at the model's input size,
     `visibility_size`, is redrawn) or `cause` (every draw is labelled: the old generator, byte for byte, kept as
-    a stress set). dataset.json records the generator version, the rule and its threshold, and every frame's
-    severity and visibility score (1 = the rule's threshold). Returns stats: counts per class, formats, seconds,
+    a stress set). dataset.json records the generator version, the rule and its threshold, every SEM frame's
+    pattern (lines or holes), every defect frame's severity and visibility score (1 = the rule's threshold) and
+    every bogus frame's kind. Returns stats: counts per class, formats, seconds,
     images_per_s, workers, cpu_ms_per_image (render, score and write time inside the workers: the
     machine-load-independent cost), and per defect class the share of frames that needed a redraw and the
     share below the rule. The files are identical for a given (seed, size, per_class, mixed_formats,
