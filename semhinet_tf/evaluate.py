@@ -235,11 +235,19 @@ def coverage_section(true_leaf: np.ndarray, leaf_probs: np.ndarray, target: floa
 
 
 # ---------------------------------------------------------------- class readiness
+def min_automatic_verdicts(min_frames: int) -> int:
+    """Automatic verdicts a class's precision must rest on before it is believed: a third of the labelled frames
+    it needs (10 at the default 30), at least 1. Without it a class with one automatic verdict that happens to be
+    right would count as 100% pure and be declared ready."""
+    return max(1, math.ceil(int(min_frames) / 3))
+
+
 def class_readiness(true_leaf: np.ndarray, leaf_probs: np.ndarray, leaves: Sequence[str], threshold: float | None,
                     target: float, min_frames: int = DEFAULT_READY_MIN_FRAMES) -> dict[str, Any]:
     """Which classes may be classified automatically (issue 24.5): a class is ready when it has at least
     `min_frames` labelled frames here and, among the verdicts of that class the model makes on its own (top leaf
-    probability >= `threshold`, the review threshold in use), the share that is right reaches `target` purity.
+    probability >= `threshold`, the review threshold in use), at least min_automatic_verdicts(min_frames) of them,
+    and the share that is right reaches `target` purity (its 95% interval is given with it).
 
     Why per class: a good average purity can hide a rare class whose automatic verdicts are mostly wrong; the
     board sends every verdict of a class that is not ready to a person. `threshold` None (no operating point):
@@ -250,23 +258,29 @@ def class_readiness(true_leaf: np.ndarray, leaf_probs: np.ndarray, leaves: Seque
     top = leaf_probs.max(axis=1) if true.size else np.zeros(0)
     auto = top >= threshold if threshold is not None else np.zeros(true.size, dtype=bool)
     classes = {}
+    min_auto = min_automatic_verdicts(min_frames)
     for j, leaf in enumerate(leaves):
         n = int((true == j).sum())
         called = auto & (pred == j)
         n_auto = int(called.sum())
-        precision = _ratio(int((called & (true == j)).sum()), n_auto)
+        right = int((called & (true == j)).sum())
+        precision = _ratio(right, n_auto)
         if n < min_frames:
             why = f"{n} labelled frames, needs {min_frames}"
         elif precision is None:
             why = "no verdict of it at or above the review threshold"
+        elif n_auto < min_auto:
+            why = (f"{n_auto} automatic verdict{'s' if n_auto != 1 else ''} of it, needs {min_auto} before its "
+                   f"precision is believed")
         elif precision < target:
             why = f"precision {precision:.3f} of its automatic verdicts is under the target {target:g}"
         else:
             why = ""
-        classes[leaf] = {"labelled": n, "automatic": n_auto, "precision": precision, "ready": not why,
+        classes[leaf] = {"labelled": n, "automatic": n_auto, "precision": precision,
+                         "precision_ci": interval(right, n_auto) if n_auto else None, "ready": not why,
                          "why_not": why or None}
     return {"threshold": None if threshold is None else float(threshold), "target_purity": float(target),
-            "min_frames": int(min_frames), "classes": classes,
+            "min_frames": int(min_frames), "min_automatic": min_auto, "classes": classes,
             "ready": [leaf for leaf in leaves if classes[leaf]["ready"]]}
 def _with_counts(point: dict[str, Any], n: int) -> dict[str, Any]:
     """An operating point with the number of images it keeps automatic and its purity's 95% interval: a purity

@@ -530,13 +530,17 @@ def _coverage_section(doc: _Doc, cov: Mapping[str, Any], files: dict, n: int | N
 def _readiness_section(doc: _Doc, ready: Mapping[str, Any]) -> None:
     doc.heading("Class readiness")
     threshold = "none" if ready["threshold"] is None else f"{ready['threshold']:.3f}"
+    min_auto = ready.get("min_automatic", 1)
     doc.para(f"A class is ready for automatic classification when it has at least {ready['min_frames']} labelled "
-             f"frames here and at least {ready['target_purity']:g} of its automatic verdicts (top leaf probability "
-             f">= the review threshold in use, {threshold}) are right. The model's contract lists the ready "
-             f"classes (`semhinet convert`), and the board sends every verdict of any other class to review.")
-    rows = [[leaf, c["labelled"], c["automatic"], c["precision"], "yes" if c["ready"] else "no", c["why_not"] or "-"]
-            for leaf, c in ready["classes"].items()]
-    doc.table(["class", "labelled", "automatic verdicts", "precision of those", "ready", "why not"], rows)
+             f"frames here, at least {min_auto} automatic verdicts (top leaf probability >= the review threshold "
+             f"in use, {threshold}), and at least {ready['target_purity']:g} of those are right. The model's "
+             f"contract lists the ready classes (`semhinet convert`), and the board sends every verdict of any "
+             f"other class to review. The interval says how well the precision is known: a point figure above the "
+             f"target on a few dozen verdicts does not show that the target holds.")
+    rows = [[leaf, c["labelled"], c["automatic"], c["precision"],
+             format_interval(c["precision_ci"]) if c.get("precision_ci") else "-",
+             "yes" if c["ready"] else "no", c["why_not"] or "-"] for leaf, c in ready["classes"].items()]
+    doc.table(["class", "labelled", "automatic verdicts", "precision of those", "95% CI", "ready", "why not"], rows)
     doc.note(f"Ready: {', '.join(ready['ready']) or 'none'}.")
 
 

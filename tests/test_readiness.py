@@ -36,7 +36,9 @@ def test_readiness_figures_on_a_hand_made_case():
     r = class_readiness(np.array(true), _onehotish(pred, conf), LEAVES, threshold=0.6, target=0.95, min_frames=30)
     c = r["classes"]
     assert r["ready"] == ["a"]
-    assert c["a"] == {"labelled": 40, "automatic": 40, "precision": 1.0, "ready": True, "why_not": None}
+    assert c["a"] == {"labelled": 40, "automatic": 40, "precision": 1.0,
+                      "precision_ci": [pytest.approx(0.9124, abs=1e-3), 1.0], "ready": True, "why_not": None}
+    assert r["min_automatic"] == 10
     assert c["b"]["labelled"] == 40 and c["b"]["automatic"] == 32 and c["b"]["precision"] == pytest.approx(30 / 32)
     assert "under the target" in c["b"]["why_not"]
     assert c["c"]["precision"] == 1.0 and not c["c"]["ready"] and "10 labelled frames, needs 30" in c["c"]["why_not"]
@@ -49,6 +51,18 @@ def test_readiness_figures_on_a_hand_made_case():
     assert loose["ready"] == ["a", "b", "c"]
     none = class_readiness(np.array(true), _onehotish(pred, conf), LEAVES, threshold=None, target=0.9, min_frames=5)
     assert none["ready"] == []
+
+
+def test_a_class_is_not_ready_on_a_handful_of_automatic_verdicts():
+    """40 labelled frames of a, one confident verdict (right): 100% precision on one frame proves nothing."""
+    true = [0] * 40 + [1] * 40
+    pred = [0] * 40 + [1] * 40
+    conf = [0.9] + [0.3] * 39 + [0.9] * 40
+    r = class_readiness(np.array(true), _onehotish(pred, conf), LEAVES, threshold=0.6, target=0.95, min_frames=30)
+    a = r["classes"]["a"]
+    assert a["automatic"] == 1 and a["precision"] == 1.0 and not a["ready"] and r["ready"] == ["b"]
+    assert "1 automatic verdict of it, needs 10" in a["why_not"]
+    assert a["precision_ci"][0] < 0.25  # the interval says how little one verdict shows
 
 
 def test_eval_results_carry_readiness_at_the_given_threshold():
