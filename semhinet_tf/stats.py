@@ -15,6 +15,7 @@ numpy + scipy only (scipy is a host dependency); no TensorFlow.
 
 from __future__ import annotations
 
+import math
 from statistics import NormalDist
 
 import numpy as np
@@ -53,6 +54,31 @@ def discordant(old_correct: np.ndarray, new_correct: np.ndarray) -> tuple[int, i
     if old_correct.shape != new_correct.shape:
         raise ValueError(f"paired scores need the same images: {old_correct.shape} vs {new_correct.shape}")
     return int(np.sum(old_correct & ~new_correct)), int(np.sum(~old_correct & new_correct))
+
+
+def paired_difference_interval(old_correct: np.ndarray, new_correct: np.ndarray,
+                               confidence: float = CONFIDENCE) -> list[float] | None:
+    """95% interval of new accuracy minus old accuracy on the same images (Newcombe 1998, method 10: each
+    accuracy's Wilson interval, combined with the correlation of the paired outcomes). Why not two independent
+    intervals: the same images make the two accuracies move together, so their difference is known far better
+    than the two intervals suggest. None without images."""
+    old_correct = np.asarray(old_correct, dtype=bool)
+    new_correct = np.asarray(new_correct, dtype=bool)
+    b, c = discordant(old_correct, new_correct)
+    n = old_correct.size
+    if n == 0:
+        return None
+    both = int(np.sum(old_correct & new_correct))
+    neither = n - both - b - c
+    p_new, p_old = (both + c) / n, (both + b) / n
+    l1, u1 = wilson(both + c, n, confidence)
+    l2, u2 = wilson(both + b, n, confidence)
+    margins = float(both + c) * float(neither + b) * float(both + b) * float(neither + c)
+    phi = (both * neither - b * c) / math.sqrt(margins) if margins > 0 else 0.0
+    delta = p_new - p_old
+    low = math.sqrt(max(0.0, (p_new - l1) ** 2 - 2 * phi * (p_new - l1) * (u2 - p_old) + (u2 - p_old) ** 2))
+    high = math.sqrt(max(0.0, (u1 - p_new) ** 2 - 2 * phi * (u1 - p_new) * (p_old - l2) + (p_old - l2) ** 2))
+    return [max(-1.0, delta - low), min(1.0, delta + high)]
 
 
 def mcnemar(b: int, c: int) -> float:

@@ -266,6 +266,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
         leaf_p = taxonomy.leaf_probabilities(probs[name])
         agree = float(np.mean(leaf_p.argmax(1) == ref_leaf.argmax(1)))
         b, c = stats.discordant(ref_right, leaf_p.argmax(1) == truth)
+        delta_ci = stats.paired_difference_interval(ref_right, leaf_p.argmax(1) == truth)
         deviation = max(float(np.abs(probs[name][h] - probs[ref_name][h]).max()) for h in taxonomy.head_names)
         flips = [{"path": paths[i], "truth": taxonomy.leaves[truth[i]],
                   "reference": taxonomy.leaves[int(ref_leaf[i].argmax())],
@@ -278,6 +279,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
         rows.append({"model": name, "format": res["format"], "leaf_accuracy": res["leaf"]["accuracy"],
                      "leaf_accuracy_ci": res["leaf"]["accuracy_ci"],
                      "leaf_delta_points": _delta(res["leaf"]["accuracy"], results[ref_name]["leaf"]["accuracy"], 100),
+                     "leaf_delta_ci_points": None if delta_ci is None else [round(100 * x, 4) for x in delta_ci],
                      "leaf_discordant": [b, c], "leaf_mcnemar_p": stats.mcnemar(b, c),
                      "leaf_p_worse": stats.mcnemar_worse(b, c),
                      "leaf_agreement": agree, "max_probability_deviation": deviation, "heads": heads,
@@ -307,15 +309,21 @@ def _delta(value, reference, scale: float = 1.0):
     return round((value - reference) * scale, 4)
 
 
+def _points_interval(ci: list[float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
 def _compare_table(rows: list[dict]) -> str:
     from semhinet_tf.stats import format_interval
 
-    lines = ["| model | leaf acc [95% CI] | Δ vs float (points) | McNemar p (same images) | leaf agreement | "
+    lines = ["| model | leaf acc [95% CI] | Δ vs float, points [95% CI, paired] | McNemar p (same images) | "
+             "leaf agreement | "
              "max prob deviation | flips |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         b, c = r["leaf_discordant"]
         lines.append(f"| {r['model']} | {r['leaf_accuracy']:.4f} {format_interval(r['leaf_accuracy_ci'])} | "
-                     f"{r['leaf_delta_points']:+.2f} | {r['leaf_mcnemar_p']:.3g} ({b} lost, {c} gained) | "
+                     f"{r['leaf_delta_points']:+.2f} {_points_interval(r.get('leaf_delta_ci_points'))} | "
+                     f"{r['leaf_mcnemar_p']:.3g} ({b} lost, {c} gained) | "
                      f"{r['leaf_agreement']:.4f} | {r['max_probability_deviation']:.4f} | {len(r['flips'])} |")
     return "\n".join(lines)

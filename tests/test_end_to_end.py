@@ -458,6 +458,7 @@ def test_compare_reports_every_format_and_gates_on_max_drop(workspace, tmp_path)
     assert {"float.keras", "qat.h5", "model_int8.tflite"} <= names
     float_row = next(m for m in report["models"] if m["model"] == "float.keras")
     assert float_row["leaf_agreement"] == 1.0 and float_row["leaf_delta_points"] == 0.0
+    assert float_row["leaf_delta_ci_points"][0] <= 0.0 <= float_row["leaf_delta_ci_points"][1]
     for row in report["models"]:
         assert set(row["heads"]) == {"h1", "h2", "h3", "h4", "h5"}
         assert len(row["flips"]) == round((1 - row["leaf_agreement"]) * report["n"])
