@@ -274,6 +274,13 @@ def synth(out_arg, out, per_class, size, seed, workers, mixed_formats, overwrite
         key, what = ("redrawn", "redrawn") if labels == "visible" else ("below_rule", "below the visibility rule")
         click.echo(f"labels {labels}: defect frames {what}: "
                    + ", ".join(f"{leaf} {100 * row[key]:.0f}%" for leaf, row in summary.items()))
+        below = {leaf: row["below_rule"] for leaf, row in summary.items() if row["below_rule"] > 0}
+        if labels == "visible" and below:
+            click.echo("warning: no visible draw was found for some defect frames, written below the rule all the "
+                       "same (dataset.json marks them, visibility < 1): "
+                       + ", ".join(f"{leaf} {100 * share:.0f}%" for leaf, share in below.items())
+                       + f"; at {size} px the defects are too small for the model's input to show them: use a "
+                         "larger --size for a set whose every defect can be seen", err=True)
 
 
 # ---------------------------------------------------------------- train

@@ -386,6 +386,15 @@ def test_synth_command_label_options(tmp_path):
     assert meta["label_rule"]["labels"] == "cause" and meta["label_rule"]["visibility_size"] == 40
     bad = runner.invoke(main, ["synth", str(tmp_path / "b"), "--labels", "seen"])
     assert bad.exit_code == 2 and not (tmp_path / "b").exists()
+    # visible labels in frames too small to show every defect: the frames written below the rule are announced
+    tiny = runner.invoke(main, ["synth", str(tmp_path / "c"), "--per-class", "3", "--size", "40", "--seed", "1",
+                                "--workers", "1"])
+    assert tiny.exit_code == 0, tiny.output
+    frames = json.loads((tmp_path / "c" / "dataset.json").read_text())["frames"]
+    below = sorted({f["class"] for f in frames if f.get("visibility", 1.0) < 1.0})
+    assert below, "the fixture needs a frame below the rule (thin defects at 40 px)"
+    warning = next(line for line in tiny.output.splitlines() if line.startswith("warning: no visible draw"))
+    assert all(f"{leaf} " in warning for leaf in below) and "larger --size" in warning
 
 
 def test_unknown_label_rule_is_refused_before_writing(tmp_path):

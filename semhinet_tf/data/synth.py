@@ -1571,7 +1571,8 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
 
 
 def label_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per defect class: frames, share redrawn, share written below the rule (only `cause` writes those), the
+    """Per defect class: frames, share redrawn, share written below the rule (every faint draw under `cause`; under
+    `visible` only a frame none of whose draws in MAX_SCENES scenes passed, which tiny frames make common), the
     median visibility score and the share that needed a new scene."""
     out = {}
     for leaf in DEFECTS:
