@@ -1,7 +1,8 @@
 """`semhinet promote RUN2 --over RUN --data DATA`: make RUN2 the current model only when it is not worse.
 
 Both runs are scored, float and int8, on RUN's held-out frames (the validation side of RUN's saved split of DATA,
-what `eval` scores by default), the same frames for both, so every figure is a paired comparison. A figure is a
+what `eval` scores by default), the same frames for both, so every figure is a paired comparison; a held-out
+frame whose folder label RUN2's review corrected is scored against the reviewed label, for both. A figure is a
 headline one of `eval` (leaf accuracy, the gatekeeper's recall per class, the router's accuracy, each
 specialist leaf's precision); RUN2 fails on it when it fell by more than `tolerance` points and, with `paired`,
 McNemar's exact one-sided test also finds the fall significant (stats.fails). A precision is counted on each
@@ -152,6 +153,21 @@ def _check_fair(new_run: Path, old_run: Path) -> list[str]:
             f"are scored, and {new_run} may have seen copies of them"]
 
 
+def _with_reviewed_labels(items: list, data: str | Path, new_run: Path, notes: list[str]) -> list:
+    """RUN's held-out (path, leaf) items with the labels RUN2's review corrected: both runs are scored against the
+    reviewed label (a wrong folder label would otherwise count a right answer as a miss, for both)."""
+    from semhinet_tf.data.dataset import reviewed_labels
+
+    root = Path(data).resolve()
+    corrected = {str(root / p): leaf for p, leaf in reviewed_labels(new_run).items()}
+    out = [(path, corrected.get(str(Path(path).resolve()), leaf)) for path, leaf in items]
+    changed = sum(a[1] != b[1] for a, b in zip(items, out, strict=True))
+    if changed:
+        notes.append(f"{changed} held-out frame(s) scored against the label {new_run}'s review gave them, not their "
+                     f"folder's")
+    return out
+
+
 def _what_changed(new_run: Path) -> dict[str, Any]:
     """Frames and labels the new run added (train --from --labels), from its config and manifest."""
     try:
@@ -225,6 +241,7 @@ def promote(new_run: str | Path, old_run: str | Path, data: str | Path, toleranc
         raise RunDirError(f"{new_run}: its taxonomy differs from {old_run}'s; their figures do not compare")
     items, split_used, eval_notes = eval_items(data, taxonomy, old_run, "val")
     notes += eval_notes
+    items = _with_reviewed_labels(items, data, new_run, notes)
     if not items:
         raise ValueError(f"{data}: none of {old_run}'s held-out frames found")
     decoded: dict = {}

@@ -209,7 +209,8 @@ def test_train_from_a_run_with_reviewed_labels(source_run, tmp_path):
     log = tmp_path / "review" / "labels.jsonl"
     log.parent.mkdir()
     append_answer(log, Answer("label", str(s["data"] / corrected), _sha(s["data"] / corrected), label="crack"))
-    append_answer(log, Answer("label", str(s["data"] / held_out), _sha(s["data"] / held_out), label="open"))
+    held_label = "open" if held_out.split("/")[0] != "open" else "crack"  # its folder's label was wrong
+    append_answer(log, Answer("label", str(s["data"] / held_out), _sha(s["data"] / held_out), label=held_label))
     for p in new_frames:
         append_answer(log, Answer("label", str(p), _sha(p), label=p.parent.name))
     changed = sorted(s["new"].rglob("*.png"))[-1]
@@ -227,11 +228,47 @@ def test_train_from_a_run_with_reviewed_labels(source_run, tmp_path):
     assert str(changed.resolve()) not in split2["train"]
     rows = {r.split(",")[0]: r.split(",") for r in (run2 / "manifest.csv").read_text().splitlines()[1:]}
     assert rows[corrected][1] == "crack" and rows[corrected][-1] == corrected.split("/")[0]  # reviewed, folder
+    # the held-out frame's correction is not lost: it stays held out, and is scored against the reviewed label
+    assert "1 held-out label(s) corrected" in out
+    assert rows[held_out][1] == held_label and rows[held_out][-1] == held_out.split("/")[0]
+    from semhinet_tf.data.dataset import eval_items
+
+    items, split_used, notes = eval_items(s["data"], TAX, run2, "val")
+    assert split_used == "val" and dict((str(p), leaf) for p, leaf in items)[str(s["data"] / held_out)] == held_label
+    assert any("1 frame(s) scored against their reviewed label" in n for n in notes)
+    old_items, _, _ = eval_items(s["data"], TAX, s["run"], "val")  # the old run's own manifest has no review
+    assert dict((str(p), leaf) for p, leaf in old_items)[str(s["data"] / held_out)] == held_out.split("/")[0]
     config = json.loads((run2 / "config.json").read_text())
     assert config["from"]["labels_sha256"] == _sha(log) and config["from"]["run"] == str(s["run"].resolve())
     assert config["train"]["epochs"] == 1 and config["train"]["alpha"] == 0.35  # a third; RUN's architecture
     assert config["from"]["base"] == {"lr": 1e-3, "epochs": 3, "qat_epochs": 0}  # RUN is the chain's full training
     assert (run2 / "float.keras").exists()
+
+
+def test_promote_scores_both_runs_against_the_new_runs_reviewed_labels(source_run, tmp_path):
+    """A held-out frame whose folder label RUN2's review corrected counts with the reviewed label for both runs."""
+    from dataclasses import replace
+
+    from semhinet_tf.data.discover import Manifest
+    from semhinet_tf.promote import _with_reviewed_labels
+
+    s = source_run
+    split = json.loads((s["run"] / "split.json").read_text())
+    held_out = split["val"][0]
+    folder = held_out.split("/")[0]
+    reviewed = "open" if folder != "open" else "crack"
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    manifest = Manifest.load(s["run"])
+    manifest.entries = [replace(e, leaf=reviewed, folder_leaf=folder) if e.path == held_out else e
+                        for e in manifest.entries]
+    manifest.save(run2)
+    items = [(s["data"] / p, p.split("/")[0]) for p in split["val"]]
+    notes: list[str] = []
+    out = _with_reviewed_labels(items, s["data"], run2, notes)
+    assert [leaf for _, leaf in out] == [reviewed if p == held_out else p.split("/")[0] for p in split["val"]]
+    assert len(notes) == 1 and notes[0].startswith("1 held-out frame(s) scored against the label")
+    assert _with_reviewed_labels(items, s["data"], s["run"], []) == items  # a run without a review changes nothing
 
 
 def test_train_from_refuses_unknown_labels_and_other_architectures(source_run, tmp_path):

@@ -148,5 +148,23 @@ def eval_items(data_dir: str | Path, taxonomy: Taxonomy, run_dir: Path | None, s
     if saved is None:
         raise DatasetError(f"{data_dir}: no saved split of this folder for this model; use --split all")
     wanted = set(saved[split])
-    items = [(manifest.file(e.path), e.leaf) for e in manifest.entries if e.path in wanted]
+    corrected = reviewed_labels(run_dir)
+    items = [(manifest.file(e.path), corrected.get(e.path, e.leaf)) for e in manifest.entries if e.path in wanted]
+    changed = sum(e.path in wanted and corrected.get(e.path, e.leaf) != e.leaf for e in manifest.entries)
+    if changed:
+        notes.append(f"{changed} frame(s) scored against their reviewed label, not their folder's (the run's "
+                     f"manifest records both)")
     return items, split, notes
+
+
+def reviewed_labels(run_dir: str | Path | None) -> dict[str, str]:
+    """{path in the data folder: reviewed leaf} for the frames of a run's data folder whose folder label a review
+    corrected (`train --from --labels`; the manifest keeps `leaf` and `folder_leaf`). Empty for any other run."""
+    if run_dir is None:
+        return {}
+    try:
+        manifest = Manifest.load(Path(run_dir))
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {e.path: e.leaf for e in manifest.entries
+            if e.folder_leaf and e.leaf != e.folder_leaf and not Path(e.path).is_absolute()}

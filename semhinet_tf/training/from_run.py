@@ -1,9 +1,11 @@
 """`semhinet train DATA --from RUN --labels REVIEW/labels.jsonl`: fine-tune RUN on its data plus the reviewed frames.
 
 What it keeps from RUN, and why:
-* the split: RUN's validation frames stay validation frames (a reviewed frame among them stays there, with its
-  folder's label, and is not trained on), so RUN and the new run are scored on the same held-out frames and
-  `promote` can compare them fairly; a reviewed frame byte-identical to one of them is kept out too;
+* the split: RUN's validation frames stay validation frames (a reviewed frame among them stays there and is not
+  trained on; a corrected label replaces its folder's as the label it is scored against, for both runs: eval,
+  convert and promote read it from the new run's manifest), so RUN and the new run are scored on the same
+  held-out frames and `promote` can compare them fairly; a reviewed frame byte-identical to one of them is kept
+  out too;
 * the architecture and preprocessing (input size, width, heads, info bar, fit) and the taxonomy: the new run
   starts from RUN's float weights, which only fit the same model; asking for another is refused;
 * everything else (sampler, augmentation, loss) unless given again; the float phase and QAT run a third of the
@@ -132,6 +134,7 @@ class Review:
     relabelled: list[list[str]] = field(default_factory=list)  # [path, folder leaf, reviewed leaf]
     confirmed: int = 0  # answers that agree with the frame's label already in training
     kept_held_out: list[str] = field(default_factory=list)  # reviewed frames in RUN's validation split
+    relabelled_held_out: list[list[str]] = field(default_factory=list)  # [path, folder leaf, reviewed leaf]
     not_used: list[list[str]] = field(default_factory=list)  # [path, reason]: changed since review, missing ...
     carried: int = 0  # reviewed frames of RUN itself (a --from of a --from run) kept
     unreadable_lines: list[list[Any]] = field(default_factory=list)  # torn or foreign lines of the log
@@ -139,6 +142,7 @@ class Review:
     def to_dict(self) -> dict:
         return {"labels_file": self.labels_file, "labels_sha256": self.labels_sha256, "added": self.added,
                 "relabelled": self.relabelled, "confirmed": self.confirmed, "kept_held_out": self.kept_held_out,
+                "relabelled_held_out": self.relabelled_held_out,
                 "not_used": self.not_used, "carried_from_run": self.carried,
                 "unreadable_lines": self.unreadable_lines}
 
@@ -151,6 +155,10 @@ class Review:
             out.append(f"  {len(self.kept_held_out)} reviewed frame(s) are held-out frames of the run (or copies of "
                        f"one): kept out of training so the old and new run are scored on the same frames, e.g. "
                        f"{self.kept_held_out[0]}")
+        if self.relabelled_held_out:
+            path, old, new = self.relabelled_held_out[0]
+            out.append(f"  {len(self.relabelled_held_out)} held-out label(s) corrected: both runs are scored against "
+                       f"the reviewed label from now on (e.g. {path}: {old} -> {new})")
         for path, reason in self.not_used[:10]:
             out.append(f"  not used: {path}: {reason}")
         if len(self.not_used) > 10:
@@ -271,6 +279,12 @@ def plan_data(data_dir: str | Path, source: SourceRun, taxonomy: Any, labels: Pa
             rel = None
         if (rel is not None and rel in held_out) or digest in held_out_hashes:
             review.kept_held_out.append(rel or shown)
+            entry = by_path.get(rel) if rel is not None and rel in held_out else None
+            if entry is not None and entry.leaf != leaf:  # a wrong folder label: scored against the answer
+                by_path[rel] = replace(entry, leaf=leaf, labels=taxonomy.leaf_targets(leaf),
+                                       folder_leaf=entry.folder_leaf or entry.leaf)
+                if not carried:
+                    review.relabelled_held_out.append([rel, entry.folder_leaf or entry.leaf, leaf])
             return
         if rel is not None and rel not in by_path:  # inside DATA but not a class frame: train on it by path
             rel = None
