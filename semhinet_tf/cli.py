@@ -770,7 +770,8 @@ def review() -> None:
               help="fixes the audit sample: the same seed and verdicts give the same queue")
 @click.option("--suspects", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="also queue labelled frames of this data set (class folders) whose folder label the model "
-                   "disputes (confident learning, cleanlab), judged on the frames the model did not train on")
+                   "disputes (confident learning, cleanlab); on the run's own folder its training frames are "
+                   "judged out of fold (a linear probe on the model's features)")
 @views_option
 @no_contract_option
 @overwrite_option

@@ -192,6 +192,59 @@ def test_suspects_are_labelled_frames_the_model_disputes(tiny_run, tmp_path):
     assert all(e["path"].startswith(str(new.resolve())) for e in entries if "suspect" not in e["why"])
 
 
+def test_out_of_fold_probe_finds_flipped_training_labels():
+    """Features in four well-separated clusters (one a class), five labels flipped: the probe, never fitted on a
+    frame's own label, disputes exactly those five; the labels as given by the clusters: none."""
+    from semhinet_tf.review.queue import label_issues, out_of_fold_probabilities
+
+    rng = np.random.default_rng(3)
+    true = np.repeat(np.arange(4), 25)
+    features = rng.normal(0, 1, (100, 12)) + 10.0 * np.eye(4, 12)[true]
+    given = true.copy()
+    flipped = np.array([3, 30, 55, 71, 96])
+    given[flipped] = (true[flipped] + 1) % 4
+    oof = out_of_fold_probabilities(features, given, 8, seed=0)
+    assert oof.shape == (100, 8) and np.allclose(oof.sum(1), 1) and np.all(oof[:, 4:] == 0)
+    assert oof[flipped, true[flipped]].min() > 0.5  # out of fold: the flipped frame's own label did not teach it
+    assert sorted(label_issues(given, oof).tolist()) == flipped.tolist()
+    assert label_issues(true, out_of_fold_probabilities(features, true, 8)).size == 0
+    assert out_of_fold_probabilities(features[:5], np.array([0, 0, 1, 1, 2]), 8) is None  # class 2: one frame
+
+
+def test_suspects_on_the_runs_own_folder_judge_training_frames_out_of_fold(tiny_run, tmp_path):
+    """DATA is the folder the run was trained on: held-out frames by the model, training frames by the probe."""
+    from click.testing import CliRunner
+
+    from semhinet_tf.cli import main
+    from semhinet_tf.data.decode import Preprocess
+    from semhinet_tf.data.discover import discover, save_split, stratified_split
+    from semhinet_tf.data.synth import generate
+
+    data = tmp_path / "data"
+    generate(data, per_class=6, size=40, seed=3, workers=1, progress=False)
+    run = tiny_run.copy_to(tmp_path / "run")
+    manifest = discover(data, TAX, pre=Preprocess(size=32), progress=False)
+    manifest.save(run)
+    save_split(stratified_split(manifest, 0.25, seed=1), run)
+    new = tmp_path / "new"
+    generate(new, per_class=1, size=40, seed=4, workers=1, progress=False)
+    out = tmp_path / "R"
+    r = CliRunner().invoke(main, ["review", "queue", str(run / "model_int8.tflite"), str(new), "--out", str(out),
+                                  "--suspects", str(data), "--audit", "0"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "review.json").read_text())
+    assert info["suspects_split"] == "val+train" and "val+train frames" in r.output
+    split = json.loads((run / "split.json").read_text())
+    train = {str((data / p).resolve()) for p in split["train"]}
+    entries = [json.loads(s) for s in (out / "queue.jsonl").read_text().splitlines()]
+    judged = [e for e in entries if "suspect" in e["why"] and e["path"] in train]
+    # an untrained model's features still separate some frames: the probe disputes some training labels
+    assert judged and all(e["judged_by"].startswith("out-of-fold") for e in judged)
+    for e in judged:
+        assert e["folder_label"] == Path(e["path"]).parent.name != e["verdict"]
+        assert e["leaf_probabilities"][e["verdict"]] > e["leaf_probabilities"][e["folder_label"]]
+
+
 def test_bad_review_inputs_are_one_line_refusals(tiny_run, tmp_path):
     from click.testing import CliRunner
 

@@ -12,7 +12,9 @@ without a model. Four reasons, each recorded with the frame:
   nearest that head's decision boundary, where a label teaches the model most.
 * "audit": a uniform random sample of the confident verdicts (default 2%), drawn independently of the other
   reasons, so the share of them a person corrects estimates the error rate of what is classified automatically.
-* "suspect": (added by the caller) a training frame whose folder label the model disputes.
+* "suspect": (added by the caller, `find_suspects`) a labelled frame whose folder label the model disputes: a
+  held-out frame by the model's own verdict, a training frame by out-of-fold predictions (a linear probe on the
+  model's pooled features, one per fold), since the model itself has learnt its training frames' labels.
 
 The budget (`max_items`) keeps, in this order: the audit sample (without it no estimate), the frames under
 review from the least probable up, then the boundary frames from the smallest margin up, one head after another
@@ -245,32 +247,113 @@ def label_issues(labels: np.ndarray, leaf_probs: np.ndarray) -> np.ndarray:
     return np.asarray(found, dtype=np.int64)
 
 
-def find_suspects(engine: Any, data: str | Path, run_dir: Path | None, progress: bool = True
+PROBE_FOLDS = 5  # folds of the out-of-fold probe that judges training frames
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, n_leaves: int, seed: int = 0
+                              ) -> np.ndarray | None:
+    """(N, n_leaves) leaf probabilities of each frame from a linear probe (standardised features, multinomial
+    logistic regression) fitted on the other folds (stratified, PROBE_FOLDS or as many as the rarest class
+    allows). None when a present class has a single frame or only one class is present.
+
+    Why a probe and not the model: the model was trained on these frames and agrees with their labels, wrong or
+    right; confident learning needs predictions made without the frame's own label (Northcutt et al., 2021).
+    Why not a model per fold: five trainings of the network for one queue; the probe reads the network's features,
+    which have seen the labels too, so it finds fewer mislabels than full cross-validation would, never more."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=n_leaves)
+    present = counts[counts > 0]
+    if present.size < 2 or present.min() < 2:
+        return None
+    folds = int(min(PROBE_FOLDS, present.min()))
+    out = np.zeros((len(labels), n_leaves))
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        probe.fit(features[train], labels[train])
+        out[np.ix_(test, probe.classes_)] = probe.predict_proba(features[test])
+    return out
+
+
+def _suspect_entry(path: str, row: Mapping[str, Any], folder_leaf: str, **extra: Any) -> dict:
+    return {"path": path, "sha256": file_sha256(path), "verdict": row["class"], "probability": row["probability"],
+            "review": row["review"], "leaf_probabilities": row["leaf_probabilities"], "heads": row["heads"],
+            "why": [REASON_SUSPECT], "margins": {}, "folder_label": folder_leaf, **extra}
+
+
+def find_suspects(engine: Any, data: str | Path, run_dir: Path | None, progress: bool = True, seed: int = 0
                   ) -> tuple[list[dict], str, list[str]]:
     """Labelled frames of DATA (class folders) whose folder label the model disputes, as queue entries with
-    why ["suspect"] and their `folder_label`. Judged only on frames the model did not train on: the run's saved
-    validation split when DATA is the folder it was trained on (its out-of-fold frames), else every frame of DATA.
-    Returns (entries, split used, notes)."""
+    why ["suspect"] and their `folder_label`, found by confident learning (`label_issues`).
+
+    When DATA is the folder the model's run was trained on: its validation frames are judged by the model's own
+    verdicts, its training frames by out-of-fold predictions (`out_of_fold_probabilities` on the run's float
+    model's pooled features; the entry's verdict and leaf probabilities are then the probe's, `judged_by` says
+    so). On any other folder every frame is judged by the model. Returns (entries, frames judged, notes)."""
     from semhinet_tf.data.dataset import eval_items
     from semhinet_tf.workflow import decode_items
 
     taxonomy = engine.taxonomy
     items, split_used, notes = eval_items(data, taxonomy, run_dir, None)
     frames, paths, leaf_ids = decode_items(items, engine.preprocess, taxonomy, notes, progress)
-    if not len(frames):
-        return [], split_used, notes
-    probs = engine.predict(frames)
-    rows = taxonomy.decode(probs, engine.review_threshold)
-    leaf_p = taxonomy.leaf_probabilities(probs)
     out = []
-    for i in label_issues(leaf_ids, leaf_p):
-        path = str(Path(paths[i]).resolve())
-        row = rows[i]
-        out.append({"path": path, "sha256": file_sha256(path), "verdict": row["class"],
-                    "probability": row["probability"], "review": row["review"],
-                    "leaf_probabilities": row["leaf_probabilities"], "heads": row["heads"], "why": [REASON_SUSPECT],
-                    "margins": {}, "folder_label": taxonomy.leaves[int(leaf_ids[i])]})
-    return out, split_used, notes
+    if len(frames):
+        probs = engine.predict(frames)
+        rows = taxonomy.decode(probs, engine.review_threshold)
+        for i in label_issues(leaf_ids, taxonomy.leaf_probabilities(probs)):
+            out.append(_suspect_entry(str(Path(paths[i]).resolve()), rows[i], taxonomy.leaves[int(leaf_ids[i])]))
+    if split_used != "val":
+        return out, split_used, notes
+    trained = _training_suspects(engine, data, run_dir, progress, seed, notes)
+    if trained is None:
+        return out, split_used, notes
+    return out + trained, "val+train", notes
+
+
+def _training_suspects(engine: Any, data: str | Path, run_dir: Path, progress: bool, seed: int,
+                       notes: list[str]) -> list[dict] | None:
+    """The run's training frames whose label the out-of-fold probe disputes (None, with a note, when they cannot
+    be judged: no float model in the run, too few frames a class)."""
+    from semhinet_tf.artifacts.run import FLOAT_MODEL
+    from semhinet_tf.data.dataset import eval_items
+    from semhinet_tf.model.io import load_model
+    from semhinet_tf.model.ood import feature_tap, pooled_features
+    from semhinet_tf.progress import step
+    from semhinet_tf.workflow import decode_items
+
+    taxonomy = engine.taxonomy
+    if not (run_dir / FLOAT_MODEL).exists():
+        notes.append(f"training frames not judged: {run_dir / FLOAT_MODEL} is missing (its features judge them)")
+        return None
+    items, _, item_notes = eval_items(data, taxonomy, run_dir, "train")
+    notes.extend(n for n in item_notes if n not in notes)
+    frames, paths, leaf_ids = decode_items(items, engine.preprocess, taxonomy, notes, progress)
+    if not len(frames):
+        return None
+    with step(f"judging {len(frames)} training frames out of fold", enabled=progress):
+        tap = feature_tap(load_model(run_dir / FLOAT_MODEL))
+        features, _ = pooled_features(tap.predict(frames[..., None].astype(np.float32), batch_size=32, verbose=0))
+        oof = out_of_fold_probabilities(features, leaf_ids, len(taxonomy.leaves), seed)
+    if oof is None:
+        notes.append("training frames not judged: a class has fewer than 2 of them")
+        return None
+    found = label_issues(leaf_ids, oof)
+    if not len(found):
+        return []
+    rows = taxonomy.decode(engine.predict(frames[found]), engine.review_threshold)
+    out = []
+    for i, row in zip(found, rows, strict=True):
+        leaf_p = {leaf: round(float(p), 6) for leaf, p in zip(taxonomy.leaves, oof[i], strict=True)}
+        best = max(leaf_p, key=leaf_p.get)
+        probe_row = {**row, "class": best, "probability": leaf_p[best], "review": True, "leaf_probabilities": leaf_p}
+        out.append(_suspect_entry(str(Path(paths[i]).resolve()), probe_row, taxonomy.leaves[int(leaf_ids[i])],
+                                  judged_by="out-of-fold linear probe on the model's features (a training frame)",
+                                  model_verdict=row["class"]))
+    return out
 
 
 # ---------------------------------------------------------------- the command's job
@@ -334,7 +417,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
     queued = {e["path"] for e in entries}
     suspect_notes, suspect_split = [], None
     if suspects is not None:
-        found, suspect_split, suspect_notes = find_suspects(engine, suspects, find_run_dir(model), progress)
+        found, suspect_split, suspect_notes = find_suspects(engine, suspects, find_run_dir(model), progress, seed)
         room = len(found) if max_items is None else max(0, max_items - len(entries))
         for row in [r for r in found if r["path"] not in queued][:room]:
             entries.append(row)

@@ -137,7 +137,8 @@ class ReviewSession:
                 "probability": entry.get("probability"), "why": entry.get("why", []),
                 "margins": entry.get("margins", {}), "path_down": down,
                 "leaf_probabilities": [{"leaf": k, "p": v, "key": self.keys.get(k)} for k, v in leaves],
-                "folder_label": entry.get("folder_label"), "answer": self.answers().get(index)}
+                "folder_label": entry.get("folder_label"), "judged_by": entry.get("judged_by"),
+                "answer": self.answers().get(index)}
 
     # ---------------------------------------------------------------- answers
     def answer(self, index: int, action: str, label: str | None = None) -> dict:
