@@ -21,7 +21,6 @@ labels) and `CHANGELOG.md` is rewritten from it, so a person reads the history w
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from semhinet_tf import stats
-from semhinet_tf.artifacts.files import atomic_write_text, write_json
+from semhinet_tf.artifacts.files import append_line, atomic_write_text, to_jsonable, write_json
 from semhinet_tf.artifacts.run import (
     CHANGELOG,
     CHANGELOG_MD,
@@ -228,7 +227,7 @@ def promote(new_run: str | Path, old_run: str | Path, data: str | Path, toleranc
     home = new_run.resolve().parent
     if old_run.resolve().parent != home:
         notes.append(f"the runs live in different folders; the record is kept in {home}")
-    current = _current(home)
+    current = _current(home, overwrite or dry_run)
     if not dry_run and current and current != old_run.resolve() and not overwrite:
         if current == new_run.resolve():
             raise RunDirError(f"{home / PROMOTED}: {new_run} is already the current model")
@@ -276,22 +275,26 @@ def promote(new_run: str | Path, old_run: str | Path, data: str | Path, toleranc
             "record": str(home / PROMOTED), "changelog": str(home / CHANGELOG_MD)}
 
 
-def _current(home: Path) -> Path | None:
-    try:
-        return Path(json.loads((home / PROMOTED).read_text())["run"]).resolve()
-    except (OSError, ValueError, KeyError, TypeError):
+def _current(home: Path, overwrite: bool = False) -> Path | None:
+    """The run promoted.json names as current; None when there is none. A record that exists but cannot be read
+    is refused (RunDirError) unless `overwrite`: it may be the only note of which model the line runs."""
+    record = home / PROMOTED
+    if not record.exists():
         return None
+    try:
+        return Path(json.loads(record.read_text(encoding="utf-8"))["run"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if overwrite:
+            return None
+        reason = " ".join(str(exc).split())[:120]
+        raise RunDirError(f"{record}: not a promotion record this version can read ({type(exc).__name__}: "
+                          f"{reason}); repair it, or pass --overwrite to replace it") from None
 
 
 # ---------------------------------------------------------------------------------------------- the changelog
 def append_changelog(home: Path, entry: Mapping[str, Any]) -> None:
     """Append one decision to CHANGELOG.jsonl (one line, flushed to disk) and rewrite CHANGELOG.md from it."""
-    from semhinet_tf.artifacts.files import to_jsonable
-
-    with open(home / CHANGELOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps(to_jsonable(entry), allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(home / CHANGELOG, json.dumps(to_jsonable(entry), allow_nan=False))
     entries = []
     for line in (home / CHANGELOG).read_text(encoding="utf-8").splitlines():
         try:
@@ -337,8 +340,11 @@ def changelog_markdown(entries: list[Mapping[str, Any]]) -> str:
                          + (f" (labels {labels}, sha256 {str(changes.get('labels_sha256'))[:12]})" if labels else ""))
         elif changes:
             parts.append(f"- {run} is not a fine-tuned run (trained without --from)")
-        parts.append(f"- scored on {e.get('frames')} held-out frames of {over} ({e.get('data')}); tolerance "
-                     f"{e['float']['tolerance']:g} points, paired test {'on' if e['float']['paired'] else 'off'}")
         parts.extend(f"- worse: {line}" for line in e.get("failures", []))
-        parts.append(format_table(e))
+        try:
+            parts.append(f"- scored on {e.get('frames')} held-out frames of {over} ({e.get('data')}); tolerance "
+                         f"{e['float']['tolerance']:g} points, paired test {'on' if e['float']['paired'] else 'off'}")
+            parts.append(format_table(e))
+        except (KeyError, TypeError, ValueError):  # a line written by hand or by another version: shown, not fatal
+            parts.append("- (no figures this version can read in this entry; CHANGELOG.jsonl has it as written)")
     return "\n\n".join(parts) + "\n"

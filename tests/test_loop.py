@@ -338,3 +338,16 @@ def test_fine_tuning_defaults_to_a_third_of_what_the_run_ran(source_run, tmp_pat
     (run / "config.json").write_text(json.dumps(config))
     legacy = fine_tune_config(SourceRun.load(run), TrainConfig(), given=set())
     assert legacy.lr == pytest.approx(1e-3 / 3) and (legacy.epochs, legacy.qat_epochs) == (17, 6)
+
+
+def test_an_unreadable_promotion_record_is_refused_not_replaced(tmp_path):
+    from semhinet_tf.artifacts.run import RunDirError
+    from semhinet_tf.promote import PROMOTED, _current
+
+    assert _current(tmp_path) is None  # no record yet
+    (tmp_path / PROMOTED).write_text("{not json")
+    with pytest.raises(RunDirError, match="not a promotion record.*--overwrite") as err:
+        _current(tmp_path)
+    assert str(tmp_path / PROMOTED) in str(err.value) and "\n" not in str(err.value)
+    assert _current(tmp_path, overwrite=True) is None
+    assert (tmp_path / PROMOTED).read_text() == "{not json"  # reading never changes it

@@ -35,5 +35,30 @@ def test_torn_or_foreign_lines_are_reported_not_fatal(tmp_path):
     assert [n for n, _ in r.bad_lines] == [2, 3, 4]
 
 
+def test_an_answer_after_a_torn_last_line_is_kept(tmp_path):
+    """A power cut tore the last line; the next answers must not be glued to it (and lost with it)."""
+    log = tmp_path / "labels.jsonl"
+    append_answer(log, _label("a.png", "bridge"))
+    with open(log, "a") as f:
+        f.write('{"action": "label", "path": "x.png", "sha')
+    append_answer(log, _label("b.png", "open"))
+    append_answer(log, _label("c.png", "crack"))
+    r = replay(log)
+    assert r.labels == {"a.png": r.labels["a.png"], "b.png": r.labels["b.png"], "c.png": r.labels["c.png"]}
+    assert r.labels["b.png"].label == "open" and [n for n, _ in r.bad_lines] == [2]
+
+
+def test_the_promote_changelog_survives_a_torn_last_line(tmp_path):
+    import json
+
+    from semhinet_tf.promote import CHANGELOG, append_changelog
+
+    (tmp_path / CHANGELOG).write_text('{"time": "torn')
+    append_changelog(tmp_path, {"time": "t1", "decision": "promoted"})
+    lines = (tmp_path / CHANGELOG).read_text().splitlines()
+    assert lines[0] == '{"time": "torn' and json.loads(lines[1])["decision"] == "promoted"
+    assert "t1: ? promoted" in (tmp_path / "CHANGELOG.md").read_text()  # an entry without figures is shown
+
+
 def test_missing_log_is_empty(tmp_path):
     assert not replay(tmp_path / "none.jsonl").labels

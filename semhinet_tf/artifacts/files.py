@@ -107,6 +107,22 @@ def atomic_save(path: str | Path, save: Callable[[Path], None]) -> Path:
     return path
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log and flush it to disk before returning (an acknowledged record is a kept record).
+
+    A log whose last line was torn by a crash or a power cut does not end in a newline: the new line would be
+    glued to the torn one and lost with it when read back, so a newline goes first then."""
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        torn = False
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        f.write((b"\n" if torn else b"") + line.rstrip("\n").encode("utf-8") + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _is_stream(path: Path) -> bool:
     """An existing output that is not a regular file or folder (a device, a pipe): written, not replaced."""
     try:

@@ -14,10 +14,11 @@ An undo line's path names the frame whose answer it withdraws (for the record; r
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from semhinet_tf.artifacts.files import append_line
 
 ACTIONS = ("label", "skip", "undo")
 
@@ -65,10 +66,7 @@ def append_answer(log: str | Path, answer: Answer) -> None:
         raise ValueError(f"unknown action {answer.action!r} (expected one of {', '.join(ACTIONS)})")
     if answer.action == "label" and not answer.label:
         raise ValueError("a 'label' answer needs a label")
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(answer.to_json() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(log, answer.to_json())
 
 
 def _parse(line: str) -> Answer:
