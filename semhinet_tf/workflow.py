@@ -62,7 +62,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     from semhinet_tf.report import REPORT_FILES
 
     check_outputs([json_out, *(Path(report_dir) / name for name in REPORT_FILES)] if report_dir else [json_out],
-                  overwrite)
+                  overwrite, inputs=[model, *attributes])
     attribute_tables = [read_attribute_csv(p) for p in attributes]
     model = Path(model)
     engine = load_model(model, views=views, allow_no_contract=allow_no_contract, progress=progress)
@@ -229,8 +229,9 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     from semhinet_tf.engines import load_model
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
 
-    check_outputs([json_out], overwrite)
     run_dir = Path(run_dir)
+    check_outputs([json_out], overwrite, inputs=[p for p in run_dir.iterdir() if p.is_file()]
+                  if run_dir.is_dir() else [])
     candidates = [run_dir / FLOAT_MODEL, run_dir / QAT_MODEL, *sorted(run_dir.glob("*.tflite")),
                   *sorted(run_dir.glob("*.onnx"))]
     models = [p for p in candidates if p.exists() and not p.name.endswith(".backbone.tflite")]

@@ -209,6 +209,28 @@ def test_check_outputs_names_every_existing_file_at_once(tmp_path):
         check_outputs([tmp_path / "file" / "x.json"])
 
 
+@pytest.mark.parametrize("command", [
+    ["npu-check", "{m}", "--json", "{m}"], ["bench", "{m}", "--json", "{m}"],
+    ["predict", "{m}", "{img}", "--out", "{m}"], ["predict", "{m}", "{img}", "--out", "{img}"],
+    ["export-onnx", "{m}", "--out", "{m}"], ["eval", "{m}", "--data", "{d}", "--json", "{m}"]])
+def test_overwrite_never_lets_an_output_replace_the_commands_own_input(tmp_path, command):
+    """--overwrite replaces an earlier output, never what the command reads (found: predict --out MODEL.tflite
+    --overwrite destroyed the model)."""
+    model, image = tmp_path / "m.tflite", tmp_path / "d" / "normal" / "img.png"
+    model.write_bytes(b"the only copy")
+    image.parent.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    before = image.read_bytes()
+    args = [a.format(m=model, img=image, d=tmp_path / "d") for a in command] + ["--overwrite"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "is an input of this command" in result.output, result.output
+    assert model.read_bytes() == b"the only copy" and image.read_bytes() == before
+    from semhinet_tf.board.__main__ import main as board_main
+
+    assert board_main([str(model), str(image), "--out", str(model), "--overwrite"]) == 2
+    assert model.read_bytes() == b"the only copy"
+
+
 # ---------------------------------------------------------------- point 4: atomic writes, unique names
 def test_concurrent_writers_of_one_file_never_mix_their_lines(tmp_path):
     target = tmp_path / "verdicts.jsonl"

@@ -136,18 +136,30 @@ class OutputError(FileExistsError):
     """An output a command would write is refused before any work starts; str() is one line."""
 
 
-def check_outputs(paths: Iterable[str | Path | None], overwrite: bool = False, option: str = "--overwrite") -> None:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(paths: Iterable[str | Path | None], overwrite: bool = False, option: str = "--overwrite",
+                  inputs: Iterable[str | Path | None] = ()) -> None:
     """Refuse, before any work, outputs that would lose something or fail late.
 
-    Each path must not be a folder, its parent must be a folder or creatable, and it must not exist unless
+    Each path must not be a folder, its parent must be a folder or creatable, it must not be one of the command's
+    `inputs` (not even with `overwrite`: the command would destroy what it reads), and it must not exist unless
     `overwrite`. All existing files are named at once, so the user sees everything a rerun would replace."""
     existing = []
+    sources = [Path(i) for i in inputs if i is not None]
     for p in paths:
         if p is None:
             continue
         p = Path(p)
         if p.is_dir():
             raise OutputError(f"{p}: is a folder; give a file name")
+        if any(_same_file(p, source) for source in sources):
+            raise OutputError(f"{p}: is an input of this command; write the output to another file")
         parent = _first_existing_parent(p)
         if not parent.is_dir():
             raise OutputError(f"{p}: cannot be written ({parent} is not a folder)")

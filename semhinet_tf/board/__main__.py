@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace, err) -> int:
         return EXIT_USAGE
     if args.out:
         try:  # before the model is loaded: a bad --out must not cost a run
-            check_outputs([args.out], args.overwrite)
+            check_outputs([args.out], args.overwrite, inputs=[args.model, *args.paths])
         except OSError as exc:
             print(f"error: {exc}", file=err)
             return EXIT_USAGE

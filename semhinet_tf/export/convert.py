@@ -43,6 +43,16 @@ def conversion_outputs(out: Path) -> list[Path]:
     return [out, out.with_suffix(".json"), out.with_suffix(".npu.json")]
 
 
+def _run_sources(run_dir: Path) -> list[Path]:
+    """The run's own files that a conversion must never replace (models, config, split, manifest, history); its
+    earlier conversions (a .tflite, its contract JSON and NPU report) may be, with --overwrite."""
+    def converted(p: Path) -> bool:
+        return p.suffix == ".tflite" or p.name.endswith(".npu.json") or (
+            p.suffix == ".json" and p.with_suffix(".tflite").exists())
+
+    return [p for p in run_dir.iterdir() if p.is_file() and not converted(p)]
+
+
 def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: int, io_type: str,
                  quantization: dict | None, review_threshold: float, batch: int = 1, digest: bool = True,
                  ready_classes: list[str] | None = None, ood: dict | None = None) -> dict:
@@ -91,7 +101,8 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     if not model_file.exists():
         raise FileNotFoundError(f"{model_file}: not found (train with --qat-epochs > 0, or convert --source float)")
     out = Path(out) if out else run_dir / (INT8_FLOAT_HEADS_MODEL if float_heads else INT8_MODEL)
-    check_outputs(conversion_outputs(out), overwrite)  # the model, its contract and its NPU report, before any work
+    # the model, its contract and its NPU report, before any work; never one of the run's own files
+    check_outputs(conversion_outputs(out), overwrite, inputs=_run_sources(run_dir))
     trained = config["train"].get("granularity", "per-channel")
     granularity = granularity or (trained if source == "qat" else "per-channel")
     if source == "qat" and granularity != trained:

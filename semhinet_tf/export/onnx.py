@@ -44,11 +44,11 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
     whether a contract was embedded, and (from a .tflite) what was tabulated. `progress`: the elapsed time of
     each step on stderr (tf2onnx reports nothing while it converts).
     """
+    from semhinet_tf.artifacts.files import check_outputs
     from semhinet_tf.progress import step
 
     model_path, out = Path(model_path), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists (use overwrite=True / --overwrite)")
+    check_outputs([out], overwrite, inputs=[model_path, model_path / "float.keras", model_path / "qat.h5"])
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path}: model file not found")
     tables = None
