@@ -198,6 +198,22 @@ def test_synth_never_writes_into_a_folder_it_did_not_make(data):
     assert _snapshot(data) == before
 
 
+def test_synth_overwrite_never_deletes_frames_it_did_not_write(tmp_path):
+    from semhinet_tf.data.synth import generate
+
+    out = tmp_path / "s"
+    generate(out, per_class=1, size=40, seed=1, workers=1, progress=False, labels="cause")
+    mine = out / "normal" / "lot5" / "real.png"
+    mine.parent.mkdir()
+    mine.write_bytes(b"a real frame")
+    result = CliRunner().invoke(main, ["synth", str(out), "--per-class", "1", "--size", "40", "--overwrite"])
+    assert result.exit_code != 0 and "1 file(s) synth did not write (e.g. normal/lot5/real.png)" in result.output
+    assert mine.read_bytes() == b"a real frame"
+    mine.unlink()
+    generate(out, per_class=2, size=40, seed=2, workers=1, progress=False, labels="cause", overwrite=True)
+    assert len(list((out / "normal").glob("*.png"))) == 2  # only synth's own frames: replaced
+
+
 def test_check_outputs_names_every_existing_file_at_once(tmp_path):
     (tmp_path / "a").write_text("")
     (tmp_path / "b").write_text("")

@@ -1482,10 +1482,26 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
                                   f"another folder")
         if not overwrite:
             raise FileExistsError(f"{out}: holds a synthetic data set (use overwrite=True / --overwrite to replace it)")
+        foreign = _files_synth_did_not_write(out)
+        if foreign:
+            raise FileExistsError(f"{out}: its class folders hold {len(foreign)} file(s) synth did not write (e.g. "
+                                  f"{foreign[0]}); --overwrite replaces only a data set synth wrote: move them out "
+                                  f"or choose another folder")
         for leaf in LEAVES:  # a previous synth run: drop its class folders so no stale images remain
             if (out / leaf).is_dir():
                 shutil.rmtree(out / leaf)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _files_synth_did_not_write(out: Path) -> list[str]:
+    """Files under `out`'s class folders that its dataset.json does not list (everything, when it cannot be read):
+    what an --overwrite would delete that synth never made, such as real frames a user added."""
+    try:
+        listed = {str(f["path"]) for f in json.loads((out / "dataset.json").read_text(encoding="utf-8"))["frames"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    return sorted(p.relative_to(out).as_posix() for leaf in LEAVES if (out / leaf).is_dir()
+                  for p in (out / leaf).rglob("*") if not p.is_dir() and p.relative_to(out).as_posix() not in listed)
 
 
 def _pool_context():
