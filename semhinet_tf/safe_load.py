@@ -81,8 +81,11 @@ def read_model_config(path: Path) -> dict:
         config = _parse(path, text)
         config.pop("compile_config", None)  # not read: models are loaded with compile=False
         return config
-    with h5py.File(path, "r") as f:
-        text = f.attrs.get("model_config")
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get("model_config")
+    except OSError as exc:  # h5py's own words ("truncated file: eof = ...") without the path
+        raise ValueError(f"{path}: not a readable HDF5 model file ({' '.join(str(exc).split())[:160]})") from None
     if text is None:
         raise ValueError(f"{path}: no model in this HDF5 file (a weights-only file?)")
     return _parse(path, text)

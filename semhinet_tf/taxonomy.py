@@ -128,7 +128,10 @@ class Taxonomy:
         """Load a taxonomy from JSON or YAML (same structure as DEFAULT_SPEC)."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise TaxonomyError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the taxonomy as "
+                                f"UTF-8 YAML or JSON") from None
         except OSError as exc:
             raise TaxonomyError(f"{path}: cannot read taxonomy file ({exc.strerror})") from exc
         try:

@@ -341,3 +341,44 @@ def test_ctrl_c_on_the_board_is_one_line_exit_130_and_out_untouched(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("interrupted") and "Traceback" not in "\n".join(err)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- bad inputs named in one line (the audit's finds)
+def _one_line_error(*args: str) -> str:
+    """Run the CLI; assert it failed (exit 1 or 2) in one `error:` line without a traceback; return that line."""
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code in (1, 2), (result.exit_code, result.output)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_bad_inputs_found_by_the_audit_are_one_line_errors_naming_the_file(tiny_run, tmp_path, data):
+    frame = tmp_path / "good.png"
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(frame)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(flat / "a.png")
+    line = _one_line_error("eval", str(tiny_run.tflite), "--data", str(flat))  # images but no class folders
+    assert str(flat) in line and "no class folders" in line
+    line = _one_line_error("review", "queue", str(tiny_run.tflite), str(frame), "--out", str(tmp_path / "R"))
+    assert str(frame) in line and "not a text file of JSON lines" in line
+    taxonomy = tmp_path / "tax.yaml"
+    taxonomy.write_bytes("name: x\n".encode("utf-16"))
+    line = _one_line_error("train", str(data), "--out", str(tmp_path / "run"), "--taxonomy", str(taxonomy))
+    assert str(taxonomy) in line and "not UTF-8" in line
+    truncated = tmp_path / "half.h5"
+    truncated.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 2000)
+    line = _one_line_error("predict", str(truncated), str(frame))
+    assert str(truncated) in line
+
+
+def test_a_labels_file_without_one_readable_answer_is_refused(tmp_path):
+    from semhinet_tf.taxonomy import Taxonomy
+    from semhinet_tf.training.from_run import LabelsError, read_answers
+
+    log = tmp_path / "labels.jsonl"
+    log.write_bytes(b"\x89PNG\r\n\x1a\n not answers\n{broken\n")
+    with pytest.raises(LabelsError, match="not one readable answer") as err:
+        read_answers(log, Taxonomy.default())
+    assert str(log) in str(err.value) and "\n" not in str(err.value)

@@ -134,6 +134,9 @@ def eval_items(data_dir: str | Path, taxonomy: Taxonomy, run_dir: Path | None, s
             raise DatasetError(f"{data_dir}: no class folders of this model's taxonomy (found "
                                f"{', '.join(manifest.unknown_folders)}; expected folders named {known})")
         notes.append(f"folders that are not classes of this model were left out: {', '.join(manifest.unknown_folders)}")
+    if not manifest.entries and not manifest.skipped:
+        raise DatasetError(f"{data_dir}: no class folders with images in it (expected folders named "
+                           f"{', '.join(taxonomy.leaves)}, one per class)")
     notes.extend(f"skipped {manifest.file(path)}: {reason}" for path, reason in manifest.skipped)
     saved = None
     if run_dir is not None and (run_dir / SPLIT).exists():

@@ -103,6 +103,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     out = Path(out) if out else run_dir / (INT8_FLOAT_HEADS_MODEL if float_heads else INT8_MODEL)
     # the model, its contract and its NPU report, before any work; never one of the run's own files
     check_outputs(conversion_outputs(out), overwrite, inputs=_run_sources(run_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)  # its temporary readiness model is written beside it
     trained = config["train"].get("granularity", "per-channel")
     granularity = granularity or (trained if source == "qat" else "per-channel")
     if source == "qat" and granularity != trained:

@@ -181,18 +181,24 @@ def _read_json_lines(path: str | Path, what: str, required: Sequence[str]) -> li
     """The JSON objects of a JSON-lines file, blank lines skipped; a line that is not JSON, not an object or lacks
     a `required` key is an error naming the file, the line and `what` it should have been."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ReviewInputError(f"{path}: line {number} is not JSON ({exc.msg})") from None
-            missing = [key for key in required if not isinstance(row, dict) or key not in row]
-            if missing or not isinstance(row.get("path"), str):
-                raise ReviewInputError(f"{path}: line {number} is not {what} (no '{(missing or ['path'])[0]}')")
-            rows.append(row)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ReviewInputError(f"{path}: not a text file of JSON lines ({exc.reason} at byte {exc.start}); give "
+                               f"a folder of images, or the JSON lines `semhinet predict` writes") from None
+    except OSError as exc:
+        raise ReviewInputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ReviewInputError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+        missing = [key for key in required if not isinstance(row, dict) or key not in row]
+        if missing or not isinstance(row.get("path"), str):
+            raise ReviewInputError(f"{path}: line {number} is not {what} (no '{(missing or ['path'])[0]}')")
+        rows.append(row)
     return rows
 
 

@@ -188,6 +188,10 @@ def read_answers(log: Path, taxonomy: Any) -> tuple[Replay, dict[str, str]]:
     if not log.is_file():
         raise LabelsError(f"{log}: labels file not found")
     answers = replay(log)
+    if answers.bad_lines and not (answers.labels or answers.skipped):
+        number, reason = answers.bad_lines[0]
+        raise LabelsError(f"{log}: not one readable answer in it ({len(answers.bad_lines)} unreadable line(s), line "
+                          f"{number}: {reason}); give the labels.jsonl that `review serve` writes")
     leaves: dict[str, str] = {}
     lines = None
     for path, answer in answers.labels.items():
