@@ -232,3 +232,24 @@ def test_the_audit_estimates_the_error_rate_of_automatic_verdicts(tmp_path):
     low, high = wilson_interval(0, 20)
     assert low == 0.0 and 0.15 < high < 0.17  # 0 of 20 still allows about 16%
     assert wilson_interval(0, 0) is None
+
+
+def test_a_port_in_use_or_an_unknown_host_is_one_line_naming_the_option():
+    import socket
+
+    from semhinet_tf.review import ReviewInputError
+    from semhinet_tf.review.server import _check_listen
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(ReviewInputError, match=f"--port {port}: cannot listen") as err:
+            _check_listen("127.0.0.1", port)
+        assert "\n" not in str(err.value)
+    finally:
+        taken.close()
+    with pytest.raises(ReviewInputError, match="--host no-such-host.invalid: cannot be resolved"):
+        _check_listen("no-such-host.invalid", 8765)
+    _check_listen("127.0.0.1", 0)  # a free port: no complaint

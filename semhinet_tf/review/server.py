@@ -260,6 +260,26 @@ def check_host(host: str, allow_remote: bool) -> None:
                          f"other machines reach it (anyone with the printed URL can then label)")
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Bind once before werkzeug does: its own failure prints two lines and exits, without naming the option."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ReviewInputError(f"--host {host}: cannot be resolved ({exc.strerror or exc})") from None
+    family, kind, proto, _, address = infos[0]
+    probe = socket.socket(family, kind, proto)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug binds
+        probe.bind(address)
+    except OSError as exc:
+        hint = "; another program (or review page) listens there: pick another --port" if port else ""
+        raise ReviewInputError(f"--host {host} --port {port}: cannot listen ({exc.strerror or exc}){hint}") from None
+    finally:
+        probe.close()
+
+
 def serve(review_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, reviewer: str | None = None,
           allow_remote: bool = False, announce=print, token: str | None = None) -> None:
     """Run the review page until Ctrl-C; `announce(url)` is told the address (with its token) once listening."""
@@ -271,6 +291,7 @@ def serve(review_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, rev
     session = ReviewSession(review_dir, reviewer)
     token = token or secrets.token_urlsafe(24)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # request lines would print the token
+    _check_listen(host, port)
     server = make_server(host, port, create_app(session, token), threaded=True)
     # Ctrl-C must stop at once: every answer is on disk before its reply, so a request still open (a browser's
     # kept-alive connection, a slow client) is not waited for. CI saw a stop wait past 20 s under load.
