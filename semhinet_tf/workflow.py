@@ -26,6 +26,28 @@ def run_views(run_dir: str | Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- eval
+def trained_on(paths: list[str], run_dir: Path | None) -> int:
+    """How many of `paths` are byte for byte (sha256) a frame of the run's training split: a copy of the training
+    folder evaluated as if it were new data."""
+    from semhinet_tf.artifacts.files import file_sha256
+    from semhinet_tf.data.discover import Manifest, load_split
+
+    if run_dir is None:
+        return 0
+    try:
+        train = set(load_split(run_dir)["train"])
+        hashes = {e.sha256 for e in Manifest.load(run_dir).entries if e.path in train and e.sha256}
+    except (OSError, ValueError, KeyError):
+        return 0
+    count = 0
+    for p in paths:
+        try:
+            count += file_sha256(p) in hashes
+        except OSError:
+            continue
+    return count
+
+
 def decode_items(items: list, pre: Preprocess, taxonomy: Taxonomy, notes: list[str], progress: bool = True):
     """Decode (path, leaf) items with the model's preprocessing (an engine's `preprocess`); unreadable files are
     noted and dropped."""
@@ -72,6 +94,13 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     frames, paths, leaf_ids = decode_items(items, engine.preprocess, taxonomy, notes, progress)
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
+    which = "the run's held-out split" if split_used == "val" else f"{split_used} split"
+    notes.insert(0, f"scored {len(frames)} frames of {data} ({which})")
+    seen = trained_on(paths, run_dir) if split_used != "val" else 0
+    if seen:
+        notes.insert(1, f"warning: {seen} of these {len(frames)} frames are byte for byte frames the model trained "
+                        f"on ({run_dir}'s training split): the figures flatter it; score a separate test set, or the "
+                        f"run's own data folder (its held-out split)")
     probs, ood_scores = engine.predict_with_ood(frames)
     from semhinet_tf.evaluate import DEFAULT_READY_MIN_FRAMES, unfamiliar_section
 
@@ -244,6 +273,10 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     frames, paths, truth = decode_items(items, reference.preprocess, taxonomy, notes, progress)
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
+    seen = trained_on(paths, run_dir) if split_used != "val" else 0
+    if seen:
+        notes.insert(0, f"warning: {seen} of these {len(frames)} frames are byte for byte frames the models trained "
+                        f"on ({run_dir}'s training split): the figures flatter them")
     results, probs = {}, {}
     for path in models:
         engine = reference if path == run_dir / FLOAT_MODEL else \

@@ -382,3 +382,30 @@ def test_a_labels_file_without_one_readable_answer_is_refused(tmp_path):
     with pytest.raises(LabelsError, match="not one readable answer") as err:
         read_answers(log, Taxonomy.default())
     assert str(log) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_eval_on_a_copy_of_the_training_folder_says_so(tiny_run, tmp_path):
+    """A copy (or a moved path) of the run's data folder has no saved split: every frame is scored, the training
+    frames among them, and the user is told, with how many were trained on."""
+    import shutil
+
+    from semhinet_tf.data.decode import Preprocess
+    from semhinet_tf.data.discover import discover, save_split, stratified_split
+    from semhinet_tf.data.synth import generate
+    from semhinet_tf.taxonomy import Taxonomy
+
+    data = tmp_path / "data"
+    generate(data, per_class=4, size=40, seed=3, workers=1, progress=False, labels="cause")
+    run = tiny_run.copy_to(tmp_path / "run")
+    manifest = discover(data, Taxonomy.default(), pre=Preprocess(size=32), progress=False)
+    manifest.save(run)
+    split = stratified_split(manifest, 0.25, seed=1)
+    save_split(split, run)
+    copy = Path(shutil.copytree(data, tmp_path / "copy"))
+    result = CliRunner().invoke(main, ["eval", str(run / "model_int8.tflite"), "--data", str(copy)])
+    assert result.exit_code == 0, result.output
+    n_train = len(json.loads((run / "split.json").read_text())["train"])
+    assert f"scored 32 frames of {copy} (all split)" in result.output
+    assert f"warning: {n_train} of these 32 frames are byte for byte frames the model trained on" in result.output
+    own = CliRunner().invoke(main, ["eval", str(run / "model_int8.tflite"), "--data", str(data)])
+    assert "(the run's held-out split)" in own.output and "byte for byte" not in own.output
