@@ -58,7 +58,9 @@ def tree(tmp_path: Path) -> Path:
     (r / "open" / "sub").mkdir()
     (r / "open" / "sub" / "o1_copy.png").write_bytes(dup.read_bytes())  # exact duplicate
     img(r / "open" / "o2.png", 14)
-    (r / "open" / "notes.txt").write_text("ignored silently: not an image name")
+    (r / "open" / "notes.txt").write_text("not an image name: listed, not read")
+    (r / "open" / "o3.webp").write_bytes(b"RIFF")                   # a format the loader does not read
+    (r / "open" / ".DS_Store").write_bytes(b"")                     # hidden: not listed
     (r / ".hidden").mkdir()
     img(r / ".hidden" / "h.png", 15)
     return r
@@ -120,6 +122,12 @@ def test_strict_refuses_unreadable_images(tree):
 
 def test_empty_class_folder_reported(tree):
     assert discover(tree, TAX, progress=False).empty_classes == ["crack"]
+
+
+def test_files_with_other_suffixes_in_class_folders_are_listed(tree):
+    m = discover(tree, TAX, progress=False)
+    assert m.not_images == ["crack/readme.txt", "open/notes.txt", "open/o3.webp"]
+    assert "3 file(s) in class folders not read" in m.summary() and "crack/readme.txt" in m.summary()
 
 
 def test_bad_files_skipped_with_reason(tree):

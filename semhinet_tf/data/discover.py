@@ -56,6 +56,7 @@ class Manifest:
     ignored: list[tuple[str, str]] = field(default_factory=list)  # images outside class folders
     unknown_folders: list[str] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)  # class folders without any image file
+    not_images: list[str] = field(default_factory=list)  # other files in class folders (notes, .webp, .dm3 ...)
     preprocess: dict[str, Any] | None = None  # the rules the images were checked with
     checked: bool = True  # every image fully decoded (False: headers only)
     review: dict[str, Any] | None = None  # what `train --from --labels` took from the reviewer's answers
@@ -105,6 +106,10 @@ class Manifest:
             parts.append(f"{len(conflicts)} duplicated across classes")
         if self.ignored:
             parts.append(f"{len(self.ignored)} images outside class folders ignored")
+        if self.not_images:
+            kinds = "/".join(sorted(x.lstrip(".") for x in IMAGE_SUFFIXES))
+            parts.append(f"{len(self.not_images)} file(s) in class folders not read (not {kinds}; e.g. "
+                         f"{self.not_images[0]})")
         if self.unknown_folders:
             parts.append("unknown folders: " + ", ".join(self.unknown_folders))
         if self.empty_classes:
@@ -125,7 +130,8 @@ class Manifest:
         _write_atomic(run / SKIPPED_CSV, _csv(["path", "reason"], [list(s) for s in self.skipped]))
         meta = {"root": self.root, "checked": self.checked, "preprocess": self.preprocess,
                 "summary": self.summary(), "counts": self.counts(), "unknown_folders": self.unknown_folders,
-                "empty_classes": self.empty_classes, "ignored": [list(i) for i in self.ignored]}
+                "empty_classes": self.empty_classes, "ignored": [list(i) for i in self.ignored],
+                "not_images": self.not_images}
         if self.review is not None:
             meta["review"] = self.review
         _write_atomic(run / MANIFEST_JSON, json.dumps(meta, indent=2) + "\n")
@@ -146,6 +152,7 @@ class Manifest:
                    if skipped_path.exists() else [])
         return cls(root=str(meta.get("root", "")), entries=entries, skipped=skipped,
                    ignored=[(str(p), str(r)) for p, r in meta.get("ignored", [])],
+                   not_images=[str(p) for p in meta.get("not_images", [])],
                    unknown_folders=list(meta.get("unknown_folders", [])),
                    empty_classes=list(meta.get("empty_classes", [])),
                    preprocess=meta.get("preprocess"), checked=bool(meta.get("checked", True)),
@@ -193,6 +200,7 @@ def discover(root: str | os.PathLike, taxonomy: Taxonomy, strict: bool = False, 
                            f"{skipped[0][0]}: {skipped[0][1]}")
     return Manifest(root=str(root_path), entries=entries, skipped=skipped, ignored=found.ignored,
                     unknown_folders=found.unknown_folders, empty_classes=found.empty_classes,
+                    not_images=found.not_images,
                     preprocess=pre.to_dict(), checked=check_images)
 
 
@@ -203,11 +211,12 @@ class _Scan:
     unknown_folders: list[str]
     empty_classes: list[str]
     unreadable: list[tuple[str, str]]  # folders, links and entries the walk could not read: (path, reason)
+    not_images: list[str] = field(default_factory=list)  # files in class folders with no image suffix read here
 
 
 def _scan(root: Path, taxonomy: Taxonomy) -> _Scan:
     """Classify every image file under root by its class folder (no decoding yet)."""
-    candidates, ignored, unreadable = [], [], []
+    candidates, ignored, unreadable, not_images = [], [], [], []
     class_folders: dict[str, int] = {}  # class folder -> number of image files below it
     unknown: set[str] = set()
     for entry in walk(root):
@@ -222,9 +231,11 @@ def _scan(root: Path, taxonomy: Taxonomy) -> _Scan:
             if folder is not None:
                 class_folders.setdefault(folder, 0)
             continue
-        if entry.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
         rel = "/".join((*rel_dir, entry.name))
+        if entry.suffix.lower() not in IMAGE_SUFFIXES:
+            if folder is not None and not entry.name.startswith("."):  # a .webp or .dm3 among the frames
+                not_images.append(rel)
+            continue
         if folder is not None:
             candidates.append((rel, taxonomy.match_folder(rel_dir[cls_at])))
             class_folders[folder] += 1
@@ -236,7 +247,7 @@ def _scan(root: Path, taxonomy: Taxonomy) -> _Scan:
     candidates.sort()
     ignored.sort()
     empty = sorted(f for f, n in class_folders.items() if n == 0)
-    return _Scan(candidates, ignored, _topmost(unknown), empty, unreadable)
+    return _Scan(candidates, ignored, _topmost(unknown), empty, unreadable, sorted(not_images))
 
 
 def _topmost(folders: set[str]) -> list[str]:
