@@ -615,7 +615,7 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity, ready_min_
               help="class folders to score on (the run's saved validation split of them by default)")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default=None,
               help="default: val when the run's split is found, else all")
-@click.option("--max-drop", type=click.FloatRange(0.0), default=None,
+@click.option("--max-drop", type=float, default=None,
               help="exit non-zero when int8 leaf accuracy is more than this many points below float")
 @click.option("--not-worse", is_flag=True,
               help="exit non-zero when int8 leaf accuracy is significantly worse than float (McNemar's exact "
