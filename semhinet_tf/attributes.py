@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from semhinet_tf.data.decode import DATASET_RECORD
 from semhinet_tf.stats import format_interval, interval
 
 PATH_COLUMNS = ("path", "file", "filename", "image")  # header names (any case) accepted for the file column
@@ -154,7 +155,7 @@ def dataset_attributes(data_dir: str | Path) -> tuple[AttributeTable | None, str
     Why never an error: the file is read without being asked for, so a damaged one must not stop an evaluation;
     it gets a note instead. Only synth's own file is read (its `generator` key), and only DATASET_FIELDS and
     DATASET_CATEGORIES."""
-    file = Path(data_dir) / "dataset.json"
+    file = Path(data_dir) / DATASET_RECORD
     if not file.is_file():
         return None, None
     try:
@@ -176,7 +177,7 @@ def dataset_attributes(data_dir: str | Path) -> tuple[AttributeTable | None, str
     texts = [name for name in DATASET_CATEGORIES.values() if any(v[name] for _, v in rows)]
     if not columns and not texts:
         return None, None
-    return AttributeTable(source=str(file), kind="dataset.json", base=Path(data_dir).resolve(), columns=columns,
+    return AttributeTable(source=str(file), kind=DATASET_RECORD, base=Path(data_dir).resolve(), columns=columns,
                           rows=[(p, {f: v[f] for f in columns + texts}) for p, v in rows], categories=texts), None
 
 

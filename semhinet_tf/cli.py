@@ -16,7 +16,7 @@ import click
 from semhinet_tf import __version__
 from semhinet_tf.artifacts.contract import ModelRefusedError
 from semhinet_tf.artifacts.files import check_outputs
-from semhinet_tf.artifacts.run import TRAIN_RESULT
+from semhinet_tf.artifacts.run import TRAIN_RESULT, model_inputs
 from semhinet_tf.data.decode import DEFAULT_IMG_SIZE
 from semhinet_tf.safe_load import UnsafeFileError, set_trust_model_code
 
@@ -487,7 +487,7 @@ def npu_check(model, allow_float_tail, target, json_out, overwrite):
     from semhinet_tf.evaluate import write_json
     from semhinet_tf.export.npu import check_target
 
-    check_outputs([json_out], overwrite, inputs=[model])
+    check_outputs([json_out], overwrite, inputs=model_inputs(model))
     report = check_target(model, target=target, allow_float_tail=allow_float_tail)
     click.echo(report.format())
     if json_out:
@@ -552,7 +552,7 @@ def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwr
                                  param_hint="--threads") from None
     if min(counts) < 1:
         raise click.BadParameter("thread counts must be 1 or more", param_hint="--threads")
-    check_outputs([json_out], overwrite, inputs=[model])
+    check_outputs([json_out], overwrite, inputs=model_inputs(model))
     result = run_bench(model, threads=counts, runs=runs, backbone=not no_backbone,
                        allow_no_contract=allow_no_contract)
     click.echo(format_bench(result))
@@ -722,7 +722,7 @@ def predict(model, paths, threshold, threads, views, fmt, out, overwrite, allow_
     from semhinet_tf.board.output import Writer
     from semhinet_tf.workflow import predict_paths
 
-    check_outputs([out], overwrite, inputs=[model, *paths])
+    check_outputs([out], overwrite, inputs=[*model_inputs(model), *paths])
     n_bad = n_rows = n_review = 0
     with atomic_open(out, "w", newline="") if out else contextlib.nullcontext(sys.stdout) as stream:
         writer = Writer(stream, fmt)

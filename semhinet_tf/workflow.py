@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.artifacts.files import check_outputs
-from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, HISTORY, QAT_MODEL
+from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, HISTORY, QAT_MODEL, model_inputs
 from semhinet_tf.data.decode import Preprocess
 from semhinet_tf.taxonomy import Taxonomy
 
@@ -84,7 +84,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     from semhinet_tf.report import REPORT_FILES
 
     check_outputs([json_out, *(Path(report_dir) / name for name in REPORT_FILES)] if report_dir else [json_out],
-                  overwrite, inputs=[model, *attributes])
+                  overwrite, inputs=[*model_inputs(model), data, *attributes])
     attribute_tables = [read_attribute_csv(p) for p in attributes]
     model = Path(model)
     engine = load_model(model, views=views, allow_no_contract=allow_no_contract, progress=progress)
@@ -259,11 +259,11 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
 
     run_dir = Path(run_dir)
-    check_outputs([json_out], overwrite, inputs=[p for p in run_dir.iterdir() if p.is_file()]
-                  if run_dir.is_dir() else [])
     candidates = [run_dir / FLOAT_MODEL, run_dir / QAT_MODEL, *sorted(run_dir.glob("*.tflite")),
                   *sorted(run_dir.glob("*.onnx"))]
     models = [p for p in candidates if p.exists() and not p.name.endswith(".backbone.tflite")]
+    check_outputs([json_out], overwrite, inputs=[*model_inputs(run_dir), *(f for m in models for f in model_inputs(m)),
+                                                 data])
     if not (run_dir / FLOAT_MODEL).exists():
         raise FileNotFoundError(f"{run_dir}: no {FLOAT_MODEL} to compare against")
     reference = load_model(run_dir / FLOAT_MODEL, progress=progress)

@@ -247,6 +247,100 @@ def test_overwrite_never_lets_an_output_replace_the_commands_own_input(tmp_path,
     assert model.read_bytes() == b"the only copy"
 
 
+def _fake_run(folder: Path) -> Path:
+    """A run folder as `semhinet train` leaves it (every trained file a few bytes: each refusal comes first), plus
+    a conversion and an earlier eval's JSON."""
+    from semhinet_tf.artifacts.run import TRAINED_FILES
+    from semhinet_tf.taxonomy import Taxonomy
+
+    folder.mkdir(parents=True)
+    for name in TRAINED_FILES:
+        (folder / name).write_text(f"the run's {name}")
+    (folder / "config.json").write_text(json.dumps({"train": {}, "model": {"img_size": 32}}))
+    (folder / "taxonomy.json").write_text(json.dumps(Taxonomy.default().to_spec()))
+    for name in ("model_int8.tflite", "model_int8.json", "eval.json"):
+        (folder / name).write_text(f"earlier {name}")
+    return folder
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "{run}", "--data", "{d}", "--json", "{run}/float.keras"],
+    ["eval", "{run}/model_int8.tflite", "--data", "{d}", "--json", "{run}/split.json"],
+    ["eval", "{run}/model_int8.tflite", "--data", "{d}", "--json", "{run}/model_int8.json"],
+    ["compare", "{run}", "--data", "{d}", "--json", "{run}/config.json"],
+    ["compare", "{run}", "--data", "{d}", "--json", "{run}/model_int8.tflite"],
+    ["export-onnx", "{run}", "--out", "{run}/qat.h5"],
+    ["convert", "{run}", "--out", "{run}/config.tflite"],
+    ["predict", "{run}/model_int8.tflite", "{d}", "--out", "{run}/taxonomy.json"],
+    ["npu-check", "{run}/model_int8.tflite", "--json", "{run}/review_threshold.json"],
+    ["bench", "{run}/model_int8.tflite", "--json", "{run}/train_result.json"],
+    ["review", "queue", "{run}/model_int8.tflite", "{d}", "--out", "{run}"],  # its review.json? no: queue.jsonl
+])
+def test_a_model_path_protects_every_file_of_its_run(tmp_path, data, command):
+    """A run folder, or a model inside one, stands for the run's trained files: no output may replace one, even
+    with --overwrite (found: `eval RUN --json RUN/float.keras --overwrite` would have replaced the model, because
+    an input that is a folder protected nothing inside it)."""
+    run = _fake_run(tmp_path / "run")
+    before = _snapshot(run)
+    args = [a.format(run=run, d=data) for a in command] + ["--overwrite"]
+    result = CliRunner().invoke(main, args)
+    if command[0] == "review":  # writes queue.jsonl and review.json, which are not the run's: allowed to start
+        assert "is an input of this command" not in result.output, result.output
+    else:
+        assert result.exit_code == 2 and "is an input of this command" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("command", [
+    ["predict", "{m}", "{d}", "--out", "{d}/normal/0.png"], ["predict", "{m}", "{d}", "--out", "{d}/normal/new.png"],
+    ["predict", "{m}", "{d}/normal", "--out", "{d}/normal/sub/x.TIF"],
+    ["eval", "{m}", "--data", "{d}", "--json", "{d}/bogus/3.png"],
+    ["eval", "{m}", "--data", "{d}", "--json", "{d}/dataset.json"],
+    ["eval", "{m}", "--data", "{d}", "--json", "x.json", "--report", "{d}/report"],
+])
+def test_no_output_is_written_among_the_frames_a_command_reads(tmp_path, data, command):
+    """An image written into a folder of frames the command reads would replace one, or be read as one by the next
+    command given the folder; the refusal comes before any work and the folder is unchanged."""
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"the only copy")
+    (data / "dataset.json").write_text("{}")
+    before = _snapshot(data)
+    args = [a.format(m=model, d=data) for a in command] + ["--overwrite"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code != 0 and "a folder of frames this command reads" in result.output, result.output
+    assert _snapshot(data) == before and model.read_bytes() == b"the only copy"
+    from semhinet_tf.board.__main__ import main as board_main
+
+    assert board_main([str(model), str(data), "--out", str(data / "normal" / "0.png"), "--overwrite"]) == 2
+    assert _snapshot(data) == before
+
+
+def test_review_queue_never_replaces_the_verdicts_it_reads(tmp_path):
+    """`review queue MODEL VERDICTS.jsonl --out FOLDER` writes FOLDER/queue.jsonl: never over its input."""
+    model, verdicts = tmp_path / "m.tflite", tmp_path / "queue.jsonl"
+    model.write_bytes(b"the only copy")
+    verdicts.write_text('{"path": "a.png"}\n')
+    line = _refused("review", "queue", str(model), str(verdicts), "--out", str(tmp_path), "--overwrite")
+    assert "is an input of this command" in line and verdicts.read_text() == '{"path": "a.png"}\n'
+
+
+def test_outputs_beside_what_a_command_reads_stay_allowed(tmp_path, data):
+    """What the protection must not refuse: eval's JSON beside the model in its run (again, with --overwrite), a
+    conversion replaced by convert --overwrite, predict's JSON lines in the image folder, a report beside the data."""
+    from semhinet_tf.artifacts.run import model_inputs
+
+    run = _fake_run(tmp_path / "run")
+    for model in (run, run / "float.keras", run / "model_int8.tflite"):
+        check_outputs([run / "eval.json"], overwrite=True, inputs=[*model_inputs(model), data])
+    check_outputs([run / "model_int8.tflite", run / "model_int8.json"], overwrite=True, inputs=model_inputs(run))
+    check_outputs([data / "verdicts.jsonl", data / "normal" / "notes.json", tmp_path / "report.png"],
+                  inputs=[tmp_path / "m.tflite", data])
+    assert sorted(p.name for p in model_inputs(run / "model_int8.tflite"))[:3] == [
+        ".semhinet-run", "config.json", "float.keras"]
+    assert model_inputs(tmp_path / "elsewhere.onnx") == [tmp_path / "elsewhere.onnx"]
+
+
 # ---------------------------------------------------------------- point 4: atomic writes, unique names
 def test_concurrent_writers_of_one_file_never_mix_their_lines(tmp_path):
     target = tmp_path / "verdicts.jsonl"

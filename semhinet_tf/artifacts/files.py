@@ -3,7 +3,8 @@
 Every write goes to a temporary file with a unique name in the target folder (two processes writing the
 same output never share one) and is renamed over the target when complete, so the target appears whole or
 not at all. `check_outputs` is called by every command before it starts its work: it refuses outputs that
-exist (unless the user said --overwrite), that name a folder, or whose folder cannot be made.
+exist (unless the user said --overwrite), that name a folder, or whose folder cannot be made, and outputs that
+would replace what the command reads (artifacts.run.model_inputs says which files a model path stands for).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from semhinet_tf.data.decode import DATASET_RECORD, IMAGE_SUFFIXES
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -149,9 +152,14 @@ def check_outputs(paths: Iterable[str | Path | None], overwrite: bool = False, o
 
     Each path must not be a folder, its parent must be a folder or creatable, it must not be one of the command's
     `inputs` (not even with `overwrite`: the command would destroy what it reads), and it must not exist unless
-    `overwrite`. All existing files are named at once, so the user sees everything a rerun would replace."""
+    `overwrite`. An input that is a folder is a folder of frames: an output below it may not be an image or the
+    folder's DATASET_RECORD (it would replace a frame, or be read as one by the next command given the folder);
+    other files (predict's JSON lines beside the frames) may. A model path stands for more than itself (its run's
+    files): pass artifacts.run.model_inputs(model). All existing files are named at once, so the user sees
+    everything a rerun would replace."""
     existing = []
     sources = [Path(i) for i in inputs if i is not None]
+    folders = [s for s in sources if s.is_dir()]
     for p in paths:
         if p is None:
             continue
@@ -160,6 +168,11 @@ def check_outputs(paths: Iterable[str | Path | None], overwrite: bool = False, o
             raise OutputError(f"{p}: is a folder; give a file name")
         if any(_same_file(p, source) for source in sources):
             raise OutputError(f"{p}: is an input of this command; write the output to another file")
+        if p.suffix.lower() in IMAGE_SUFFIXES or p.name == DATASET_RECORD:
+            for folder in folders:
+                if is_inside(p, folder):
+                    raise OutputError(f"{p}: lies in {folder}, a folder of frames this command reads (an output "
+                                      f"there would replace or join its frames); write it elsewhere")
         parent = _first_existing_parent(p)
         if not parent.is_dir():
             raise OutputError(f"{p}: cannot be written ({parent} is not a folder)")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from semhinet_tf.artifacts.files import is_inside, write_json
+from semhinet_tf.data.decode import DATASET_RECORD
 
 MARKER = ".semhinet-run"
 QUICKSTART_MARKER = ".semhinet-quickstart"
@@ -42,6 +43,10 @@ PROMOTED = "promoted.json"  # which run is current, and what it was promoted ove
 CHANGELOG = "CHANGELOG.jsonl"  # every promote decision, one line each, append-only
 CHANGELOG_MD = "CHANGELOG.md"  # the same for people, rewritten from CHANGELOG.jsonl
 
+# What `semhinet train` writes into a run: every other command reads these, and no output may replace them.
+TRAINED_FILES = frozenset({MARKER, CONFIG, TAXONOMY, SPLIT, MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, HISTORY, STATE,
+                           FLOAT_MODEL, QAT_MODEL, REVIEW_THRESHOLD, TRAIN_RESULT})
+
 # What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
 DATA_REPORT_FILES = frozenset({MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT})
 # ... and one that failed before its first epoch was saved (bad weights file, out of memory while building):
@@ -51,6 +56,27 @@ UNSTARTED_RUN_FILES = DATA_REPORT_FILES | {CONFIG, TAXONOMY, CHECKPOINT, MARKER}
 
 class RunDirError(FileExistsError):
     """A run directory that may not be created, replaced or resumed as asked; str() is one line."""
+
+
+def conversion_files(model: str | Path) -> list[Path]:
+    """What `convert` writes for the model `model` (.tflite): the model, its contract JSON and its NPU report."""
+    model = Path(model)
+    return [model, model.with_suffix(".json"), model.with_suffix(".npu.json")]
+
+
+def model_inputs(model: str | Path) -> list[Path]:
+    """The files a command reads when it is given `model` (a model file or a run folder), for
+    artifacts.files.check_outputs: the model, with the contract and NPU report beside a .tflite, and the
+    TRAINED_FILES of the run it is or lies in (the engines read its config, taxonomy, split and thresholds).
+    A run's other files are not: its conversions may be replaced by `convert --overwrite`, and an earlier
+    eval's JSON by the next eval."""
+    model = Path(model)
+    found = [] if model.is_dir() else conversion_files(model) if model.suffix == ".tflite" else [model]
+    for folder in (model, model.parent):
+        if folder.is_dir() and is_run_dir(folder):
+            found += [folder / name for name in sorted(TRAINED_FILES) if (folder / name).is_file()]
+            break
+    return found
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -68,7 +94,7 @@ def is_run_dir(path: str | Path) -> bool:
 def is_quickstart_dir(path: str | Path) -> bool:
     """A folder `semhinet quickstart` made: its marker, or (before the marker) its data set next to its run."""
     path = Path(path)
-    return (path / QUICKSTART_MARKER).is_file() or ((path / "data" / "dataset.json").is_file()
+    return (path / QUICKSTART_MARKER).is_file() or ((path / "data" / DATASET_RECORD).is_file()
                                                     and is_run_dir(path / "run"))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from semhinet_tf.artifacts.files import atomic_open, check_outputs
+from semhinet_tf.artifacts.run import model_inputs
 from semhinet_tf.board.output import CSV_FIELDS, Writer  # noqa: F401 - CSV_FIELDS: the board's columns
 from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel
 from semhinet_tf.data.decode import DEFAULT_MAX_PIXELS, set_max_pixels
@@ -117,7 +118,7 @@ def _run(args: argparse.Namespace, err) -> int:
         return EXIT_USAGE
     if args.out:
         try:  # before the model is loaded: a bad --out must not cost a run
-            check_outputs([args.out], args.overwrite, inputs=[args.model, *args.paths])
+            check_outputs([args.out], args.overwrite, inputs=[*model_inputs(args.model), *args.paths])
         except OSError as exc:
             print(f"error: {exc}", file=err)
             return EXIT_USAGE

@@ -48,6 +48,7 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+DATASET_RECORD = "dataset.json"  # synth's record of a data folder's frames (labels, severity, pattern); eval reads it
 MIN_SIDE = 8  # smaller images are refused: nothing to classify, and the resize would invent the pixels
 DEFAULT_IMG_SIZE = 160  # the model's input side unless told otherwise: the one default for train, model, decoder
 DEFAULT_MAX_PIXELS = 100_000_000  # the host's default limit; a 100 Mpx 8-bit frame is 100 MB

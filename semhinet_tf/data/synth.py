@@ -57,6 +57,7 @@ import numpy as np
 from scipy import ndimage
 
 from semhinet_tf.artifacts.files import atomic_write, atomic_write_text
+from semhinet_tf.data.decode import DATASET_RECORD
 
 GENERATOR_VERSION = "1.1.1"  # 1.1: the `visible` label rule (the `cause` rule is 1.0's frames); 1.1.1: dataset.json
 # also records each SEM frame's pattern (the frames are 1.1.0's, byte for byte)
@@ -1477,7 +1478,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
-        if not (out / "dataset.json").is_file():  # not ours: never write into (or clear) a user's folder
+        if not (out / DATASET_RECORD).is_file():  # not ours: never write into (or clear) a user's folder
             raise FileExistsError(f"{out}: folder is not empty and is not a data set written by synth; choose "
                                   f"another folder")
         if not overwrite:
@@ -1497,7 +1498,7 @@ def _files_synth_did_not_write(out: Path) -> list[str]:
     """Files under `out`'s class folders that its dataset.json does not list (everything, when it cannot be read):
     what an --overwrite would delete that synth never made, such as real frames a user added."""
     try:
-        listed = {str(f["path"]) for f in json.loads((out / "dataset.json").read_text(encoding="utf-8"))["frames"]}
+        listed = {str(f["path"]) for f in json.loads((out / DATASET_RECORD).read_text(encoding="utf-8"))["frames"]}
     except (OSError, ValueError, KeyError, TypeError):
         listed = set()
     return sorted(p.relative_to(out).as_posix() for leaf in LEAVES if (out / leaf).is_dir()
@@ -1577,7 +1578,7 @@ def generate(out_dir: str | os.PathLike, per_class: int = 150, size: int = 256, 
             "label_rule": {**rule.to_json(), "judged_at_px": min(rule.size, int(size))},
             "labels_summary": summary,
             "frames": results}
-    _write_json(out / "dataset.json", meta)
+    _write_json(out / DATASET_RECORD, meta)
     return {"out_dir": str(out), "counts": counts, "total": len(results),
             "formats": dict(sorted(Counter(r["format"] for r in results).items())), "seconds": round(seconds, 3),
             "images_per_s": round(len(results) / max(seconds, 1e-9), 1), "workers": workers,

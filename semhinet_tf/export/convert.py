@@ -16,6 +16,8 @@ from semhinet_tf.artifacts.run import (
     INT8_MODEL,
     QAT_MODEL,
     TAXONOMY,
+    conversion_files,
+    model_inputs,
     validation_target_purity,
     validation_threshold,
     validation_thresholds_by_views,
@@ -36,21 +38,6 @@ def calibration_frames(frames: np.ndarray, leaf_ids: np.ndarray, n: int, seed: i
         picked += [int(ix[depth]) for ix in by_class if depth < len(ix)]
         depth += 1
     return frames[np.array(picked[:n], dtype=np.int64)]
-
-
-def conversion_outputs(out: Path) -> list[Path]:
-    """What `convert` writes for the model `out`: the .tflite, its contract JSON and its NPU-check JSON."""
-    return [out, out.with_suffix(".json"), out.with_suffix(".npu.json")]
-
-
-def _run_sources(run_dir: Path) -> list[Path]:
-    """The run's own files that a conversion must never replace (models, config, split, manifest, history); its
-    earlier conversions (a .tflite, its contract JSON and NPU report) may be, with --overwrite."""
-    def converted(p: Path) -> bool:
-        return p.suffix == ".tflite" or p.name.endswith(".npu.json") or (
-            p.suffix == ".json" and p.with_suffix(".tflite").exists())
-
-    return [p for p in run_dir.iterdir() if p.is_file() and not converted(p)]
 
 
 def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: int, io_type: str,
@@ -102,7 +89,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
         raise FileNotFoundError(f"{model_file}: not found (train with --qat-epochs > 0, or convert --source float)")
     out = Path(out) if out else run_dir / (INT8_FLOAT_HEADS_MODEL if float_heads else INT8_MODEL)
     # the model, its contract and its NPU report, before any work; never one of the run's own files
-    check_outputs(conversion_outputs(out), overwrite, inputs=_run_sources(run_dir))
+    check_outputs(conversion_files(out), overwrite, inputs=model_inputs(run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)  # its temporary readiness model is written beside it
     trained = config["train"].get("granularity", "per-channel")
     granularity = granularity or (trained if source == "qat" else "per-channel")
@@ -157,7 +144,7 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     tflite = embed_sealed(tflite, contract)
     contract = read_contract(tflite)  # as embedded: with its digest
     atomic_write_bytes(out, tflite)
-    _, contract_path, npu_path = conversion_outputs(out)
+    _, contract_path, npu_path = conversion_files(out)
     write_json(contract, contract_path)
     with step("checking the operators for the NPU", enabled=progress):
         report = check_npu(out, allow_float_tail=float_heads)

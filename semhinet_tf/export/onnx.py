@@ -21,7 +21,7 @@ from semhinet_tf.artifacts.contract import (
     DIGEST_ALGORITHM,
     load_tflite_contract,
 )
-from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, QAT_MODEL, TAXONOMY
+from semhinet_tf.artifacts.run import CONFIG, TAXONOMY
 from semhinet_tf.export.tflite_meta import CONTRACT_NAME, contract_json, read_model
 
 EXPORT_KEY = "semhinet_export"  # metadata: where the graph came from (the contract stays byte-for-byte the .tflite's)
@@ -45,10 +45,11 @@ def export_onnx(model_path: str | Path, out: str | Path, opset: int = 17, overwr
     each step on stderr (tf2onnx reports nothing while it converts).
     """
     from semhinet_tf.artifacts.files import check_outputs
+    from semhinet_tf.artifacts.run import model_inputs
     from semhinet_tf.progress import step
 
     model_path, out = Path(model_path), Path(out)
-    check_outputs([out], overwrite, inputs=[model_path, model_path / FLOAT_MODEL, model_path / QAT_MODEL])
+    check_outputs([out], overwrite, inputs=model_inputs(model_path))
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path}: model file not found")
     tables = None

@@ -374,7 +374,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
     (`find_suspects`) are queued after the new frames, within what is left of `max_items`.
     Returns the counts written to review.json."""
     from semhinet_tf.artifacts.files import atomic_open, check_outputs, write_json
-    from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_QUEUE
+    from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_QUEUE, model_inputs
     from semhinet_tf.engines import find_run_dir, load_model
     from semhinet_tf.progress import bar
     from semhinet_tf.review.labels import now
@@ -382,7 +382,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
-    check_outputs([out / REVIEW_QUEUE, out / REVIEW_INFO], overwrite)
+    check_outputs([out / REVIEW_QUEUE, out / REVIEW_INFO], overwrite, inputs=[*model_inputs(model), images, suspects])
     engine = load_model(model, views=views, allow_no_contract=allow_no_contract, progress=False)
     taxonomy = engine.taxonomy
     images = Path(images)
