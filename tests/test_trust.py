@@ -247,7 +247,7 @@ def test_overwrite_never_lets_an_output_replace_the_commands_own_input(tmp_path,
     assert model.read_bytes() == b"the only copy"
 
 
-def _fake_run(folder: Path) -> Path:
+def _run_files(folder: Path) -> Path:
     """A run folder as `semhinet train` leaves it (every trained file a few bytes: each refusal comes first), plus
     a conversion and an earlier eval's JSON."""
     from semhinet_tf.artifacts.run import TRAINED_FILES
@@ -280,7 +280,7 @@ def test_a_model_path_protects_every_file_of_its_run(tmp_path, data, command):
     """A run folder, or a model inside one, stands for the run's trained files: no output may replace one, even
     with --overwrite (found: `eval RUN --json RUN/float.keras --overwrite` would have replaced the model, because
     an input that is a folder protected nothing inside it)."""
-    run = _fake_run(tmp_path / "run")
+    run = _run_files(tmp_path / "run")
     before = _snapshot(run)
     args = [a.format(run=run, d=data) for a in command] + ["--overwrite"]
     result = CliRunner().invoke(main, args)
@@ -330,7 +330,7 @@ def test_outputs_beside_what_a_command_reads_stay_allowed(tmp_path, data):
     conversion replaced by convert --overwrite, predict's JSON lines in the image folder, a report beside the data."""
     from semhinet_tf.artifacts.run import model_inputs
 
-    run = _fake_run(tmp_path / "run")
+    run = _run_files(tmp_path / "run")
     for model in (run, run / "float.keras", run / "model_int8.tflite"):
         check_outputs([run / "eval.json"], overwrite=True, inputs=[*model_inputs(model), data])
     check_outputs([run / "model_int8.tflite", run / "model_int8.json"], overwrite=True, inputs=model_inputs(run))
