@@ -200,17 +200,23 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
     """Synthetic data -> float + QAT training -> int8 TFLite -> eval of both on the held-out split (and of
     int8 on every test-time view its training augmentation allows)."""
     from semhinet_tf.artifacts.run import QUICKSTART_MARKER, is_quickstart_dir, prepare_run_dir
+
+    t0 = time.time()
+    out = Path(out)
+    # the quickstart folder is ours only when it carries the quickstart's marker: --overwrite never empties another
+    with prepare_run_dir(out, overwrite=overwrite, kind="quickstart folder", marker=QUICKSTART_MARKER,
+                         recognise=is_quickstart_dir):  # claimed until the summary is written
+        return _quickstart_claimed(out, per_class, img_size, epochs, qat_epochs, seed, weights, t0)
+
+
+def _quickstart_claimed(out: Path, per_class: int, img_size: int, epochs: int, qat_epochs: int, seed: int,
+                        weights: str, t0: float) -> dict:
     from semhinet_tf.data.synth import generate
     from semhinet_tf.data.views import invariant_views, view_counts
     from semhinet_tf.evaluate import format_summary_table, write_json
     from semhinet_tf.export.convert import convert_run
     from semhinet_tf.train import TrainConfig, train
 
-    t0 = time.time()
-    out = Path(out)
-    # the quickstart folder is ours only when it carries the quickstart's marker: --overwrite never empties another
-    prepare_run_dir(out, overwrite=overwrite, kind="quickstart folder", marker=QUICKSTART_MARKER,
-                    recognise=is_quickstart_dir)
     data, run = out / "data", out / "run"
     print(f"[1/5] synthetic SEM data: {per_class} images x 8 classes -> {data}", flush=True)
     generate(data, per_class=per_class, size=256, seed=seed, visibility_size=img_size)  # labels judged as it sees

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from semhinet_tf.artifacts.files import OutputError, atomic_open, check_outputs
-from semhinet_tf.artifacts.run import MARKER, RunDirError, prepare_run_dir
+from semhinet_tf.artifacts.run import LOCK, MARKER, RunDirError, prepare_run_dir
 from semhinet_tf.cli import main
 
 PACKAGE = Path(__file__).resolve().parents[1] / "semhinet_tf"
@@ -86,7 +86,7 @@ def test_overwrite_replaces_a_run_directory_it_recognises(tmp_path):
     with pytest.raises(RunDirError, match="--overwrite"):
         prepare_run_dir(run)
     prepare_run_dir(run, overwrite=True)
-    assert sorted(p.name for p in run.iterdir()) == [MARKER]
+    assert sorted(p.name for p in run.iterdir()) == sorted([LOCK, MARKER])  # emptied; the claim's file stays
     # a run made before the marker existed is recognised by its config and taxonomy
     old = tmp_path / "old_run"
     old.mkdir()
@@ -95,6 +95,49 @@ def test_overwrite_replaces_a_run_directory_it_recognises(tmp_path):
     (old / "float.keras").write_text("model")
     prepare_run_dir(old, overwrite=True)
     assert not (old / "float.keras").exists()
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from semhinet_tf.artifacts.run import prepare_run_dir
+claim = prepare_run_dir(Path(sys.argv[1]), overwrite=True)
+(Path(sys.argv[1]) / "history.csv").write_text("epoch\\n1\\n")
+print("claimed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_being_written_is_never_entered_by_a_second_command(tmp_path, data):
+    """Two trainings into one folder mixed their checkpoints, and --overwrite of a run still training emptied it
+    under the first: the writing process holds the run's lock, so train (new, --resume, --overwrite), quickstart
+    and convert are refused in one line naming the holder; the lock dies with its process (kill -9 included)."""
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        before = _snapshot(run)
+        for args in (["train", str(data), "--out", str(run), "--epochs", "1"],
+                     ["train", str(data), "--out", str(run), "--overwrite", "--epochs", "1"],
+                     ["train", str(data), "--out", str(run), "--resume"]):
+            line = _refused(*args)
+            assert "in use by another semhinet process" in line and f"pid {holder.pid}" in line, line
+        with pytest.raises(RunDirError, match=f"in use by another semhinet process \\(pid {holder.pid}"):
+            prepare_run_dir(run, overwrite=True, kind="quickstart folder")
+        _fake_convertible_run_files(run)
+        line = _refused("convert", str(run), "--out", str(tmp_path / "m.tflite"))
+        assert "in use by another semhinet process" in line and "when that training has ended" in line
+        assert {k: v for k, v in _snapshot(run).items() if k in before} == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with prepare_run_dir(run, overwrite=True):  # the killed holder left no stale lock
+        assert sorted(p.name for p in run.iterdir()) == sorted([LOCK, MARKER])
+    prepare_run_dir(run, overwrite=True).release()  # and a released claim can be taken again
 
 
 def test_resume_only_continues_a_run_directory(tmp_path, data):
@@ -148,9 +191,13 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, data):
 
 # ---------------------------------------------------------------- point 3: outputs checked before the work
 def _fake_convertible_run(run: Path) -> None:
+    prepare_run_dir(run)
+    _fake_convertible_run_files(run)
+
+
+def _fake_convertible_run_files(run: Path) -> None:
     from semhinet_tf.taxonomy import Taxonomy
 
-    prepare_run_dir(run)
     (run / "config.json").write_text(json.dumps({"train": {"granularity": "per-channel", "seed": 0},
                                                  "model": {"img_size": 32}, "preprocess": {}}))
     (run / "taxonomy.json").write_text(json.dumps(Taxonomy.default().to_spec()))

@@ -3,14 +3,18 @@ replacing and resuming one.
 
 A run directory is recognised by its marker file (written first, before anything else) or, for runs made
 before the marker existed, by a config.json with a "train" section next to a taxonomy.json. `--overwrite`
-only ever removes a folder recognised as a run directory, and never one that is, holds or lies inside an
-input of the command.
+only ever empties a folder recognised as a run directory, and never one that is, holds or lies inside an
+input of the command. The process writing a run holds its lock (RunLock), so a second `train` into the same
+folder, a `--resume` or `--overwrite` of a run still training, or a `convert` into it is refused in one line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from semhinet_tf.artifacts.files import is_inside, write_json
 from semhinet_tf.data.decode import DATASET_RECORD
 
 MARKER = ".semhinet-run"
+LOCK = ".semhinet-lock"  # held (flock) by the process writing the folder: a second one is refused, not mixed in
 QUICKSTART_MARKER = ".semhinet-quickstart"
 CONFIG = "config.json"
 TAXONOMY = "taxonomy.json"
@@ -51,7 +56,7 @@ TRAINED_FILES = frozenset({MARKER, CONFIG, TAXONOMY, SPLIT, MANIFEST_CSV, MANIFE
 DATA_REPORT_FILES = frozenset({MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT})
 # ... and one that failed before its first epoch was saved (bad weights file, out of memory while building):
 # nothing in it can be resumed or is worth keeping, so a corrected rerun may reuse the folder too.
-UNSTARTED_RUN_FILES = DATA_REPORT_FILES | {CONFIG, TAXONOMY, CHECKPOINT, MARKER}
+UNSTARTED_RUN_FILES = DATA_REPORT_FILES | {CONFIG, TAXONOMY, CHECKPOINT, MARKER, LOCK}
 
 
 class RunDirError(FileExistsError):
@@ -107,37 +112,112 @@ def refuse_inputs_overlap(out: Path, inputs: Iterable[str | Path | None], what: 
             raise RunDirError(f"{out}: {what} is, holds or lies inside the input {item}; choose another folder")
 
 
+class RunLock:
+    """The exclusive claim of one process on a folder it writes (an flock on its LOCK file, released by `release`,
+    by leaving a `with` block or by the process ending, however it ends: a killed run leaves no stale lock).
+    Without fcntl (Windows) nothing is locked."""
+
+    def __init__(self, folder: Path, kind: str = "run directory") -> None:
+        self.path = Path(folder) / LOCK
+        self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the claim's life
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(self.path)
+            self._file.close()
+            raise RunDirError(f"{folder}: {kind} is in use by another semhinet process{holder}; wait for it to "
+                              f"end or choose another --out") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                     "command": " ".join(sys.argv[:3])}) + "\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()  # closing the descriptor drops the flock
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(lock_file: Path) -> str:
+    try:
+        holder = json.loads(lock_file.read_text(encoding="utf-8"))
+        return f" (pid {int(holder['pid'])}, since {holder['since']}: {holder['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def in_use(folder: str | Path) -> str | None:
+    """Who holds `folder`'s RunLock, as a phrase for a message, or None when no process does: a command that would
+    write into a run (convert) or replace it asks first."""
+    lock_file = Path(folder) / LOCK
+    if not lock_file.is_file():
+        return None
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    with open(lock_file, encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f"in use by another semhinet process{_read_holder(lock_file)}"
+    return None
+
+
 def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
                     resume: bool = False, kind: str = "run directory", marker: str = MARKER,
-                    recognise: Callable[[Path], bool] = is_run_dir) -> None:
-    """Make `run_dir` ready for a new run (or check it for --resume) without ever removing what we did not write.
+                    recognise: Callable[[Path], bool] = is_run_dir) -> RunLock:
+    """Make `run_dir` ready for a new run (or check it for --resume) without ever removing what we did not write,
+    and claim it: the returned RunLock is held while the caller writes (`with prepare_run_dir(...):`), so a second
+    train, --resume or --overwrite of the same folder is refused instead of mixing its files with the first's.
 
     Empty or missing: created. A failed run's leftovers (UNSTARTED_RUN_FILES): reused. A run directory with more:
-    refused unless `overwrite` (removed) or `resume` (kept). Anything else that is not empty is refused even with
-    `overwrite`: it is not ours to delete."""
+    refused unless `overwrite` (emptied) or `resume` (kept). Anything else that is not empty is refused even with
+    `overwrite`: it is not ours to delete (and no lock file is written into it)."""
     run_dir = Path(run_dir)
     refuse_inputs_overlap(run_dir, inputs)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: exists and is not a folder")
-    entries = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
-    # a failed run from before the marker existed left only files of ours
-    ours = run_dir.exists() and ((run_dir / marker).is_file() or recognise(run_dir)
-                                 or bool(entries and entries <= UNSTARTED_RUN_FILES))
-    if resume:
-        if not ours:
-            raise RunDirError(f"{run_dir}: not a {kind} of this project; --resume continues one made by "
-                              f"`semhinet train`")
-        return
-    if entries and not ours:
+    if run_dir.exists() and not _ours(run_dir, marker, recognise) and any(run_dir.iterdir()):
         raise RunDirError(f"{run_dir}: exists, is not empty and is not a {kind} of this project; it is left "
                           f"untouched (choose another --out)")
-    if entries - UNSTARTED_RUN_FILES and not overwrite:
-        raise RunDirError(f"{run_dir}: {kind} exists and is not empty (use --resume to continue it or "
-                          f"--overwrite to replace it)")
-    if overwrite and entries:
-        shutil.rmtree(run_dir)
+    if resume and not _ours(run_dir, marker, recognise):
+        raise RunDirError(f"{run_dir}: not a {kind} of this project; --resume continues one made by "
+                          f"`semhinet train`")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_marker(run_dir, marker)
+    lock = RunLock(run_dir, kind)
+    try:  # decided again under the lock: another process may have written the folder meanwhile
+        entries = {p.name for p in run_dir.iterdir()} - {LOCK}
+        if resume:
+            return lock
+        if entries - UNSTARTED_RUN_FILES and not overwrite:
+            raise RunDirError(f"{run_dir}: {kind} exists and is not empty (use --resume to continue it or "
+                              f"--overwrite to replace it)")
+        for name in entries if overwrite else ():  # emptied, not removed: the lock file (the claim) stays
+            entry = run_dir / name
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        write_marker(run_dir, marker)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _ours(folder: Path, marker: str, recognise: Callable[[Path], bool]) -> bool:
+    """A folder this project wrote: its marker, a recognised run, or only files a failed run leaves."""
+    if not folder.is_dir():
+        return False
+    entries = {p.name for p in folder.iterdir()}
+    return (folder / marker).is_file() or recognise(folder) or bool(entries and entries <= UNSTARTED_RUN_FILES)
 
 
 def write_marker(folder: Path, marker: str = MARKER) -> None:

@@ -16,7 +16,9 @@ from semhinet_tf.artifacts.run import (
     INT8_MODEL,
     QAT_MODEL,
     TAXONOMY,
+    RunDirError,
     conversion_files,
+    in_use,
     model_inputs,
     validation_target_purity,
     validation_threshold,
@@ -90,6 +92,8 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
     out = Path(out) if out else run_dir / (INT8_FLOAT_HEADS_MODEL if float_heads else INT8_MODEL)
     # the model, its contract and its NPU report, before any work; never one of the run's own files
     check_outputs(conversion_files(out), overwrite, inputs=model_inputs(run_dir))
+    if busy := in_use(run_dir):  # a training still writes its models: convert what it leaves, not what it has now
+        raise RunDirError(f"{run_dir}: {busy}; convert it when that training has ended")
     out.parent.mkdir(parents=True, exist_ok=True)  # its temporary readiness model is written beside it
     trained = config["train"].get("granularity", "per-channel")
     granularity = granularity or (trained if source == "qat" else "per-channel")

@@ -103,11 +103,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
 
     run_dir is never an input's folder (`inputs`: more files the run reads, e.g. a taxonomy file); `overwrite`
     replaces only a run directory; `resume` continues one, with the options in `given` checked against it.
-    `progress`: bars on stderr (also off with SEMHINET_QUIET=1); the per-epoch lines go to stdout either way."""
-    from semhinet_tf.data.cache import open_cache
-    from semhinet_tf.data.dataset import prepare_dataset
-    from semhinet_tf.taxonomy import Taxonomy
-
+    `progress`: bars on stderr (also off with SEMHINET_QUIET=1); the per-epoch lines go to stdout either way.
+    The run directory is claimed (artifacts.run.RunLock) from before its first file is written until the end."""
     t0 = time.time()
     progress = progress and os.environ.get("SEMHINET_QUIET") != "1"
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op of the program.
@@ -117,8 +114,21 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
     if run_dir != chief_run_dir:  # a non-chief worker: same work, files kept apart and removed at the end
         overwrite, resume = True, False
     extra_inputs = [source.dir, labels] if source is not None else []
-    run_files.prepare_run_dir(run_dir, inputs=[data_dir, weights_file(cfg.weights), *inputs, *extra_inputs],
-                              overwrite=overwrite, resume=resume)
+    claim = run_files.prepare_run_dir(run_dir, inputs=[data_dir, weights_file(cfg.weights), *inputs,
+                                                       *extra_inputs], overwrite=overwrite, resume=resume)
+    with claim:  # held while this process writes the run; another train, resume or convert of it is refused
+        return _train_claimed(data_dir, run_dir, chief_run_dir, cfg, taxonomy, resume, strict, progress, given,
+                              cache_dir, use_cache, source, labels, strategy, t0)
+
+
+def _train_claimed(data_dir, run_dir: Path, chief_run_dir: Path, cfg: TrainConfig, taxonomy: Any, resume: bool,
+                   strict: bool, progress: bool, given: set[str] | None, cache_dir, use_cache: bool, source: Any,
+                   labels, strategy, t0: float) -> dict:
+    """train() once the run directory is claimed."""
+    from semhinet_tf.data.cache import open_cache
+    from semhinet_tf.data.dataset import prepare_dataset
+    from semhinet_tf.taxonomy import Taxonomy
+
     if resume and _fine_tuned(run_dir):
         raise run_files.RunDirError(f"{run_dir}: was fine-tuned with --from, which --resume cannot continue; "
                                     f"run the same train --from command again with --overwrite")
