@@ -140,6 +140,37 @@ def test_a_run_being_written_is_never_entered_by_a_second_command(tmp_path, data
     prepare_run_dir(run, overwrite=True).release()  # and a released claim can be taken again
 
 
+def test_the_lock_touches_no_finished_run_and_never_stops_work_where_flock_is_missing(tmp_path, data,
+                                                                                      monkeypatch):
+    """A refused train leaves a finished run byte for byte (no lock file written into it); a file system without
+    flock (some network mounts: ENOLCK) trains unlocked instead of calling every run busy; a lock file naming a
+    process that has ended is not quoted as the holder."""
+    import errno
+    import fcntl
+
+    run = tmp_path / "run"
+    prepare_run_dir(run).release()
+    (run / LOCK).unlink()
+    (run / "history.csv").write_text("epoch\n1\n")
+    before = _snapshot(run)
+    _refused("train", str(data), "--out", str(run), "--epochs", "1")
+    assert _snapshot(run) == before and not (run / LOCK).exists()
+
+    (run / LOCK).write_text(json.dumps({"pid": 2 ** 22 + 12345, "since": "yesterday", "command": "semhinet train"}))
+    with open(run / LOCK) as other:
+        fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held by something that wrote no pid of its own
+        with pytest.raises(RunDirError) as refused:
+            prepare_run_dir(run, overwrite=True)
+    assert "in use by another semhinet process;" in str(refused.value) and "yesterday" not in str(refused.value)
+
+    def no_flock(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with prepare_run_dir(run, overwrite=True):
+        assert (run / MARKER).is_file() and not (run / "history.csv").exists()
+
+
 def test_resume_only_continues_a_run_directory(tmp_path, data):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -313,7 +344,6 @@ def _run_files(folder: Path) -> Path:
 @pytest.mark.parametrize("command", [
     ["eval", "{run}", "--data", "{d}", "--json", "{run}/float.keras"],
     ["eval", "{run}/model_int8.tflite", "--data", "{d}", "--json", "{run}/split.json"],
-    ["eval", "{run}/model_int8.tflite", "--data", "{d}", "--json", "{run}/model_int8.json"],
     ["compare", "{run}", "--data", "{d}", "--json", "{run}/config.json"],
     ["compare", "{run}", "--data", "{d}", "--json", "{run}/model_int8.tflite"],
     ["export-onnx", "{run}", "--out", "{run}/qat.h5"],
@@ -336,7 +366,7 @@ def test_a_model_path_protects_every_file_of_its_run(tmp_path, data, command):
     else:
         assert result.exit_code == 2 and "is an input of this command" in result.output, result.output
     assert "Traceback" not in result.output
-    assert _snapshot(run) == before
+    assert {k: v for k, v in _snapshot(run).items() if k != LOCK} == before  # convert may add its empty lock file
 
 
 @pytest.mark.parametrize("command", [
@@ -363,6 +393,16 @@ def test_no_output_is_written_among_the_frames_a_command_reads(tmp_path, data, c
     assert _snapshot(data) == before
 
 
+def test_convert_never_writes_beside_the_frames_it_calibrates_on(tmp_path, data):
+    """convert reads the run's data set (calibration, readiness): its contract JSON may not replace the data
+    set's dataset.json (`--out DATA/dataset.tflite` writes DATA/dataset.json)."""
+    run = _run_files(tmp_path / "run")
+    (run / "config.json").write_text(json.dumps({"train": {}, "model": {"img_size": 32}, "data_dir": str(data)}))
+    (data / "dataset.json").write_text("{}")
+    line = _refused("convert", str(run), "--out", str(data / "dataset.tflite"), "--overwrite")
+    assert "a folder of frames this command reads" in line and (data / "dataset.json").read_text() == "{}"
+
+
 def test_review_queue_never_replaces_the_verdicts_it_reads(tmp_path):
     """`review queue MODEL VERDICTS.jsonl --out FOLDER` writes FOLDER/queue.jsonl: never over its input."""
     model, verdicts = tmp_path / "m.tflite", tmp_path / "queue.jsonl"
@@ -381,10 +421,11 @@ def test_outputs_beside_what_a_command_reads_stay_allowed(tmp_path, data):
     for model in (run, run / "float.keras", run / "model_int8.tflite"):
         check_outputs([run / "eval.json"], overwrite=True, inputs=[*model_inputs(model), data])
     check_outputs([run / "model_int8.tflite", run / "model_int8.json"], overwrite=True, inputs=model_inputs(run))
+    check_outputs([run / "model_int8.npu.json"], overwrite=True, inputs=model_inputs(run / "model_int8.tflite"))
     check_outputs([data / "verdicts.jsonl", data / "normal" / "notes.json", tmp_path / "report.png"],
                   inputs=[tmp_path / "m.tflite", data])
-    assert sorted(p.name for p in model_inputs(run / "model_int8.tflite"))[:3] == [
-        ".semhinet-run", "config.json", "float.keras"]
+    assert sorted(p.name for p in model_inputs(run / "model_int8.tflite"))[:4] == [
+        ".semhinet-run", "config.json", "float.keras", "history.csv"]
     assert model_inputs(tmp_path / "elsewhere.onnx") == [tmp_path / "elsewhere.onnx"]
 
 

@@ -168,7 +168,7 @@ def check_outputs(paths: Iterable[str | Path | None], overwrite: bool = False, o
             raise OutputError(f"{p}: is a folder; give a file name")
         if any(_same_file(p, source) for source in sources):
             raise OutputError(f"{p}: is an input of this command; write the output to another file")
-        if p.suffix.lower() in IMAGE_SUFFIXES or p.name == DATASET_RECORD:
+        if p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower() == DATASET_RECORD:
             for folder in folders:
                 if is_inside(p, folder):
                     raise OutputError(f"{p}: lies in {folder}, a folder of frames this command reads (an output "

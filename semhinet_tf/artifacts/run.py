@@ -5,11 +5,13 @@ A run directory is recognised by its marker file (written first, before anything
 before the marker existed, by a config.json with a "train" section next to a taxonomy.json. `--overwrite`
 only ever empties a folder recognised as a run directory, and never one that is, holds or lies inside an
 input of the command. The process writing a run holds its lock (RunLock), so a second `train` into the same
-folder, a `--resume` or `--overwrite` of a run still training, or a `convert` into it is refused in one line.
+folder, a `--resume` or `--overwrite` of a run still training, or a `convert` of it (which holds the lock shared
+while it reads the models and writes beside them) is refused in one line.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from semhinet_tf.artifacts.files import is_inside, write_json
-from semhinet_tf.data.decode import DATASET_RECORD
+from semhinet_tf.data import decode
 
 MARKER = ".semhinet-run"
 LOCK = ".semhinet-lock"  # held (flock) by the process writing the folder: a second one is refused, not mixed in
@@ -71,12 +73,12 @@ def conversion_files(model: str | Path) -> list[Path]:
 
 def model_inputs(model: str | Path) -> list[Path]:
     """The files a command reads when it is given `model` (a model file or a run folder), for
-    artifacts.files.check_outputs: the model, with the contract and NPU report beside a .tflite, and the
-    TRAINED_FILES of the run it is or lies in (the engines read its config, taxonomy, split and thresholds).
-    A run's other files are not: its conversions may be replaced by `convert --overwrite`, and an earlier
-    eval's JSON by the next eval."""
+    artifacts.files.check_outputs: the model and the TRAINED_FILES of the run it is or lies in (the engines read
+    its config, taxonomy, split and thresholds). A run's other files are not read: its conversions and their
+    contract and NPU report may be replaced by `convert --overwrite` or `npu-check --json`, an earlier eval's
+    JSON by the next eval."""
     model = Path(model)
-    found = [] if model.is_dir() else conversion_files(model) if model.suffix == ".tflite" else [model]
+    found = [] if model.is_dir() else [model]
     for folder in (model, model.parent):
         if folder.is_dir() and is_run_dir(folder):
             found += [folder / name for name in sorted(TRAINED_FILES) if (folder / name).is_file()]
@@ -99,7 +101,7 @@ def is_run_dir(path: str | Path) -> bool:
 def is_quickstart_dir(path: str | Path) -> bool:
     """A folder `semhinet quickstart` made: its marker, or (before the marker) its data set next to its run."""
     path = Path(path)
-    return (path / QUICKSTART_MARKER).is_file() or ((path / "data" / DATASET_RECORD).is_file()
+    return (path / QUICKSTART_MARKER).is_file() or ((path / "data" / decode.DATASET_RECORD).is_file()
                                                     and is_run_dir(path / "run"))
 
 
@@ -113,32 +115,55 @@ def refuse_inputs_overlap(out: Path, inputs: Iterable[str | Path | None], what: 
 
 
 class RunLock:
-    """The exclusive claim of one process on a folder it writes (an flock on its LOCK file, released by `release`,
-    by leaving a `with` block or by the process ending, however it ends: a killed run leaves no stale lock).
-    Without fcntl (Windows) nothing is locked."""
+    """One process's claim on a folder it works in: an flock on the folder's LOCK file, released by `release`, by
+    leaving a `with` block or by the process ending however it ends (a killed run leaves no stale lock).
 
-    def __init__(self, folder: Path, kind: str = "run directory") -> None:
+    `shared=False` (train, quickstart: they write the folder) is exclusive; `shared=True` (convert: it reads the
+    run's models and writes beside them) lets other shared holders in and keeps the exclusive ones out. Where
+    flock is unavailable (Windows, a file system without it) or the lock file cannot be made (a read-only run,
+    which nothing can train into anyway), nothing is locked."""
+
+    def __init__(self, folder: str | Path, kind: str = "run directory", shared: bool = False,
+                 busy: str = "wait for it to end or choose another --out") -> None:
         self.path = Path(folder) / LOCK
-        self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the claim's life
+        self._file = None
         try:
             import fcntl
         except ImportError:
             return
+        if shared and not self.path.exists() and not is_run_dir(folder):
+            return  # not a run (the caller says so in its own words): no lock file is written into it
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the claim's life
         except OSError:
-            holder = _read_holder(self.path)
-            self._file.close()
-            raise RunDirError(f"{folder}: {kind} is in use by another semhinet process{holder}; wait for it to "
-                              f"end or choose another --out") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                     "command": " ".join(sys.argv[:3])}) + "\n")
-        self._file.flush()
+            if not shared:
+                raise
+            return
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunDirError(f"{folder}: {kind} is in use by another semhinet process{_holder(self.path)}; "
+                              f"{busy}") from None
+        except OSError:  # no flock on this file system: work unlocked rather than not at all
+            handle.close()
+            return
+        self._file = handle
+        if not shared:
+            try:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                         "command": " ".join(sys.argv[:3])}) + "\n")
+                handle.flush()
+            except BaseException:
+                self.release()
+                raise
 
     def release(self) -> None:
-        self._file.close()  # closing the descriptor drops the flock
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
 
     def __enter__(self) -> RunLock:
         return self
@@ -147,30 +172,41 @@ class RunLock:
         self.release()
 
 
-def _read_holder(lock_file: Path) -> str:
+def _held(lock_file: Path) -> bool:
+    """True when some process holds `lock_file`'s flock (probed with a shared lock, released at once)."""
+    try:
+        import fcntl
+
+        with open(lock_file, encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except (ImportError, OSError):
+        pass
+    return False
+
+
+def _holder(lock_file: Path) -> str:
+    """' (pid N, since T: command)' of the exclusive holder the lock file names, if that process is alive (a
+    shared holder writes nothing, and the file may name a run that ended long ago)."""
     try:
         holder = json.loads(lock_file.read_text(encoding="utf-8"))
-        return f" (pid {int(holder['pid'])}, since {holder['since']}: {holder['command']})"
-    except (OSError, ValueError, KeyError, TypeError):
+        pid = int(holder["pid"])
+        os.kill(pid, 0)
+        return f" (pid {pid}, since {holder['since']}: {holder['command']})"
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return ""
 
 
-def in_use(folder: str | Path) -> str | None:
-    """Who holds `folder`'s RunLock, as a phrase for a message, or None when no process does: a command that would
-    write into a run (convert) or replace it asks first."""
-    lock_file = Path(folder) / LOCK
-    if not lock_file.is_file():
-        return None
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    with open(lock_file, encoding="utf-8") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return f"in use by another semhinet process{_read_holder(lock_file)}"
-    return None
+def claims_run(shared: bool, busy: str) -> Callable:
+    """Decorator: the function (its first argument a run folder) runs holding that folder's RunLock."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def claimed(run_dir, *args, **kwargs):
+            with RunLock(run_dir, shared=shared, busy=busy):
+                return fn(run_dir, *args, **kwargs)
+        return claimed
+    return wrap
 
 
 def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
@@ -193,6 +229,11 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
     if resume and not _ours(run_dir, marker, recognise):
         raise RunDirError(f"{run_dir}: not a {kind} of this project; --resume continues one made by "
                           f"`semhinet train`")
+    if (run_dir.exists() and not resume and not overwrite
+            and {p.name for p in run_dir.iterdir()} - UNSTARTED_RUN_FILES):  # refused without touching the run
+        raise RunDirError(f"{run_dir}: {kind} " + (f"is in use by another semhinet process{_holder(run_dir / LOCK)}"
+                                                   if _held(run_dir / LOCK) else "exists and is not empty (use "
+                                                   "--resume to continue it or --overwrite to replace it)"))
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir, kind)
     try:  # decided again under the lock: another process may have written the folder meanwhile

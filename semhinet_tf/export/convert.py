@@ -16,9 +16,8 @@ from semhinet_tf.artifacts.run import (
     INT8_MODEL,
     QAT_MODEL,
     TAXONOMY,
-    RunDirError,
+    claims_run,
     conversion_files,
-    in_use,
     model_inputs,
     validation_target_purity,
     validation_threshold,
@@ -56,6 +55,7 @@ def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: 
         version=__version__, batch=batch, digest=digest, ready_classes=ready_classes, ood=ood)
 
 
+@claims_run(shared=True, busy="convert it when that training has ended")
 def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str = "uint8", calib_samples: int = 200,
                 source: str = "qat", review_threshold: float | None = None,
                 overwrite: bool = False, progress: bool = True, granularity: str | None = None,
@@ -91,9 +91,8 @@ def convert_run(run_dir: str | Path, out: str | Path | None = None, io_type: str
         raise FileNotFoundError(f"{model_file}: not found (train with --qat-epochs > 0, or convert --source float)")
     out = Path(out) if out else run_dir / (INT8_FLOAT_HEADS_MODEL if float_heads else INT8_MODEL)
     # the model, its contract and its NPU report, before any work; never one of the run's own files
-    check_outputs(conversion_files(out), overwrite, inputs=model_inputs(run_dir))
-    if busy := in_use(run_dir):  # a training still writes its models: convert what it leaves, not what it has now
-        raise RunDirError(f"{run_dir}: {busy}; convert it when that training has ended")
+    # (and no frame or dataset.json of the data set it calibrates on)
+    check_outputs(conversion_files(out), overwrite, inputs=[*model_inputs(run_dir), config.get("data_dir")])
     out.parent.mkdir(parents=True, exist_ok=True)  # its temporary readiness model is written beside it
     trained = config["train"].get("granularity", "per-channel")
     granularity = granularity or (trained if source == "qat" else "per-channel")
