@@ -41,6 +41,7 @@ from semhinet_tf.artifacts.run import (
     PROMOTED,
     SPLIT,
     RunDirError,
+    being_trained,
     is_run_dir,
 )
 from semhinet_tf.taxonomy import IGNORE, Taxonomy
@@ -127,6 +128,8 @@ def failure_line(row: Mapping[str, Any], tolerance: float) -> str:
 def _check_run(run: Path, what: str) -> None:
     if not is_run_dir(run):
         raise RunDirError(f"{run}: {what} is not a run directory of this project")
+    if busy := being_trained(run):
+        raise RunDirError(f"{run}: {what} is {busy}; promote it when its training has ended")
     missing = [n for n in (FLOAT_MODEL, SPLIT) if not (run / n).exists()]
     if missing:
         raise RunDirError(f"{run}: {what} has no {', '.join(missing)} (train it to the end first)")

@@ -131,6 +131,11 @@ def test_a_run_being_written_is_never_entered_by_a_second_command(tmp_path, data
         _fake_convertible_run_files(run)
         line = _refused("convert", str(run), "--out", str(tmp_path / "m.tflite"))
         assert "in use by another semhinet process" in line and "when that training has ended" in line
+        line = _refused("train", str(data), "--from", str(run), "--out", str(tmp_path / "run2"))
+        assert "--from needs a finished run, and this one is in use" in line and f"pid {holder.pid}" in line
+        prepare_run_dir(tmp_path / "other").release()
+        line = _refused("promote", str(run), "--over", str(tmp_path / "other"), "--data", str(data))
+        assert "is in use by another semhinet process" in line and "when its training has ended" in line
         assert {k: v for k, v in _snapshot(run).items() if k in before} == before
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -172,6 +172,14 @@ class RunLock:
         self.release()
 
 
+def being_trained(run_dir: str | Path) -> str | None:
+    """'in use by another semhinet process (pid N, ...)' when a process holds `run_dir`'s lock exclusively (a
+    training or quickstart writing it), else None: a command that needs a finished run (train --from, promote)
+    refuses one whose models are still being replaced."""
+    lock_file = Path(run_dir) / LOCK
+    return f"in use by another semhinet process{_holder(lock_file)}" if _held(lock_file) else None
+
+
 def _held(lock_file: Path) -> bool:
     """True when some process holds `lock_file`'s flock (probed with a shared lock, released at once)."""
     try:

@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from semhinet_tf.artifacts.files import file_sha256
-from semhinet_tf.artifacts.run import CONFIG, FLOAT_MODEL, SPLIT, STATE, TAXONOMY, TRAIN_RESULT, RunDirError
+from semhinet_tf.artifacts.run import (
+    CONFIG,
+    FLOAT_MODEL,
+    SPLIT,
+    STATE,
+    TAXONOMY,
+    TRAIN_RESULT,
+    RunDirError,
+    being_trained,
+)
 from semhinet_tf.data.discover import DatasetError, Entry, Manifest, discover, load_split, save_split
 from semhinet_tf.review.labels import Replay, replay
 from semhinet_tf.training.config import TrainConfig
@@ -61,6 +70,8 @@ class SourceRun:
         from semhinet_tf.taxonomy import Taxonomy
 
         run_dir = Path(run_dir)
+        if busy := being_trained(run_dir):
+            raise RunDirError(f"{run_dir}: --from needs a finished run, and this one is {busy}")
         missing = [n for n in (CONFIG, TAXONOMY, SPLIT, FLOAT_MODEL) if not (run_dir / n).exists()]
         if missing:
             raise RunDirError(f"{run_dir}: --from needs a finished run directory (missing {', '.join(missing)})")
