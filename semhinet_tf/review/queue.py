@@ -16,12 +16,18 @@ without a model. Four reasons, each recorded with the frame:
   held-out frame by the model's own verdict, a training frame by out-of-fold predictions (a linear probe on the
   model's pooled features, one per fold), since the model itself has learnt its training frames' labels.
 
-The budget (`max_items`) keeps, in this order: the audit sample (without it no estimate), the frames under
-review from the least probable up, then the boundary frames from the smallest margin up, one head after another
-in turn. The audit takes at most AUDIT_BUDGET_SHARE of the budget: 2% of a large pool's confident verdicts can be
-the whole budget (measured: 8-45 of 80 frames a round in experiments/review_loop.py on a 4,000-frame pool), and
-audit frames are random ones, which teach the model no more than random selection; audits of successive rounds add
-up to the estimate. A frame with several reasons is one entry listing them all.
+The budget (`max_items`) keeps, in this order: the audit sample (without it no estimate), the unfamiliar frames,
+the frames under review from the least probable up, then the boundary frames from the smallest margin up, one head
+after another in turn. The audit takes at most AUDIT_BUDGET_SHARE of the budget: 2% of a large pool's confident
+verdicts can be the whole budget (measured: 8-45 of 80 frames a round in experiments/review_loop.py on a 4,000-frame
+pool), and audit frames are random ones, which teach the model no more than random selection; audits of successive
+rounds add up to the estimate. The unfamiliar frames queued first are at most UNFAMILIAR_BUDGET_SHARE of it (the
+least probable first; the others keep their place among the frames under review): the score's threshold allows 1%
+of normal frames, defect and bogus frames exceed it more often, and put first they filled whole budgets with
+verdicts that were mostly right (measured: the quickstart model on 2,000 new frames flagged 82, 10 of them wrong,
+and `--max 80` found fewer errors than 80 random frames; experiments/results/queue_yield.md), while a score that
+finds a new kind of frame needs a person to see some of it, not all. A frame with several reasons is one entry
+listing them all.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from semhinet_tf.taxonomy import Taxonomy
 
 DEFAULT_AUDIT = 0.02
 AUDIT_BUDGET_SHARE = 0.25  # at most this share of a budget (--max) goes to the audit sample (at least one frame)
+UNFAMILIAR_BUDGET_SHARE = 0.25  # ... and this share to the frames queued first for being unfamiliar (the rest follow
+#                                 with the frames under review, by probability)
 DEFAULT_BOUNDARY = 10
 REASON_REVIEW, REASON_AUDIT, REASON_SUSPECT, REASON_NOT_READY = "review", "audit", "suspect", "not-ready"
 REASON_UNFAMILIAR = "unfamiliar"
@@ -115,7 +123,12 @@ def select(leaf_probs: np.ndarray, head_probs: Mapping[str, np.ndarray], taxonom
     for i in audit_idx:
         add(i, REASON_AUDIT)
     review_idx = np.flatnonzero(~confident)
-    review_idx = review_idx[np.lexsort((top[review_idx], ~unfamiliar[review_idx]))]
+    review_idx = review_idx[np.lexsort((top[review_idx], ~unfamiliar[review_idx]))]  # unfamiliar first, then by p
+    if max_items is not None:  # a budget: the first unfamiliar frames, then every other one by its probability
+        n_first = max(1, int(math.floor(UNFAMILIAR_BUDGET_SHARE * max_items)))
+        first = review_idx[unfamiliar[review_idx]][:n_first]
+        rest = review_idx[~np.isin(review_idx, first)]
+        review_idx = np.concatenate([first, rest[np.argsort(top[rest], kind="stable")]])
     for i in review_idx:
         if unfamiliar[i]:
             add(i, REASON_UNFAMILIAR)
