@@ -168,6 +168,16 @@ def test_the_lock_touches_no_finished_run_and_never_stops_work_where_flock_is_mi
             prepare_run_dir(run, overwrite=True)
     assert "in use by another semhinet process;" in str(refused.value) and "yesterday" not in str(refused.value)
 
+    from semhinet_tf.artifacts import run as run_module
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(run_module, "open", read_only, raising=False)  # a read-only run folder (root ignores chmod)
+    with pytest.raises(RunDirError, match=r"run: cannot be written \(Permission denied\); choose another --out"):
+        prepare_run_dir(run, overwrite=True)
+    monkeypatch.undo()
+
     def no_flock(*_):
         raise OSError(errno.ENOLCK, "No locks available")
 

@@ -135,9 +135,10 @@ class RunLock:
             return  # not a run (the caller says so in its own words): no lock file is written into it
         try:
             handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the claim's life
-        except OSError:
+        except OSError as exc:
             if not shared:
-                raise
+                raise RunDirError(f"{folder}: cannot be written ({exc.strerror or exc}); choose another --out"
+                                  ) from None
             return
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
