@@ -205,7 +205,7 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
     out = Path(out)
     # the quickstart folder is ours only when it carries the quickstart's marker: --overwrite never empties another
     with prepare_run_dir(out, overwrite=overwrite, kind="quickstart folder", marker=QUICKSTART_MARKER,
-                         recognise=is_quickstart_dir):  # claimed until the summary is written
+                         recognise=is_quickstart_dir, resumable=False):  # claimed until the summary is written
         return _quickstart_claimed(out, per_class, img_size, epochs, qat_epochs, seed, weights, t0)
 
 

@@ -72,6 +72,17 @@ def test_overwrite_never_empties_a_folder_the_project_did_not_write(tmp_path, da
     assert (mine / "chapter1.tex").read_text() == "months of work"
 
 
+def test_a_finished_quickstart_folder_suggests_only_the_options_quickstart_has(tmp_path):
+    """The refusal said "use --resume to continue it", an option the quickstart does not have."""
+    from semhinet_tf.artifacts.run import QUICKSTART_MARKER
+
+    folder = tmp_path / "semhinet_quickstart"
+    prepare_run_dir(folder, marker=QUICKSTART_MARKER).release()
+    (folder / "quickstart_summary.json").write_text("{}")
+    line = _refused("quickstart", "--out", str(folder))
+    assert "exists and is not empty (use --overwrite to replace it)" in line and "--resume" not in line
+
+
 def test_quickstart_overwrite_refuses_a_data_folder(data):
     before = _snapshot(data)
     _refused("quickstart", "--out", str(data), "--overwrite")

@@ -220,15 +220,18 @@ def claims_run(shared: bool, busy: str) -> Callable:
 
 def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
                     resume: bool = False, kind: str = "run directory", marker: str = MARKER,
-                    recognise: Callable[[Path], bool] = is_run_dir) -> RunLock:
+                    recognise: Callable[[Path], bool] = is_run_dir, resumable: bool = True) -> RunLock:
     """Make `run_dir` ready for a new run (or check it for --resume) without ever removing what we did not write,
     and claim it: the returned RunLock is held while the caller writes (`with prepare_run_dir(...):`), so a second
     train, --resume or --overwrite of the same folder is refused instead of mixing its files with the first's.
 
     Empty or missing: created. A failed run's leftovers (UNSTARTED_RUN_FILES): reused. A run directory with more:
     refused unless `overwrite` (emptied) or `resume` (kept). Anything else that is not empty is refused even with
-    `overwrite`: it is not ours to delete (and no lock file is written into it)."""
+    `overwrite`: it is not ours to delete (and no lock file is written into it). `resumable`: whether the refusal
+    may suggest --resume (the quickstart has none)."""
     run_dir = Path(run_dir)
+    exists = (f"exists and is not empty (use {'--resume to continue it or ' if resumable else ''}--overwrite to "
+              f"replace it)")
     refuse_inputs_overlap(run_dir, inputs)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: exists and is not a folder")
@@ -241,8 +244,7 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
     if (run_dir.exists() and not resume and not overwrite
             and {p.name for p in run_dir.iterdir()} - UNSTARTED_RUN_FILES):  # refused without touching the run
         raise RunDirError(f"{run_dir}: {kind} " + (f"is in use by another semhinet process{_holder(run_dir / LOCK)}"
-                                                   if _held(run_dir / LOCK) else "exists and is not empty (use "
-                                                   "--resume to continue it or --overwrite to replace it)"))
+                                                   if _held(run_dir / LOCK) else exists))
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir, kind)
     try:  # decided again under the lock: another process may have written the folder meanwhile
@@ -250,8 +252,7 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
         if resume:
             return lock
         if entries - UNSTARTED_RUN_FILES and not overwrite:
-            raise RunDirError(f"{run_dir}: {kind} exists and is not empty (use --resume to continue it or "
-                              f"--overwrite to replace it)")
+            raise RunDirError(f"{run_dir}: {kind} {exists}")
         for name in entries if overwrite else ():  # emptied, not removed: the lock file (the claim) stays
             entry = run_dir / name
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
