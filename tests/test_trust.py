@@ -239,6 +239,8 @@ def test_resume_keeps_the_runs_options_and_takes_new_epoch_counts(tmp_path, data
     assert (cfg.img_size, cfg.batch_size, cfg.lr, cfg.epochs, cfg.qat_epochs) == (64, 16, 1e-3, 9, 2)
     same = TrainConfig(img_size=64, batch_size=16, lr=1e-3, epochs=7)  # the whole original command again
     assert resumed_config(run, same, data).epochs == 7
+    bare = resumed_config(run, TrainConfig(), data, given=set())  # `train DATA --out RUN --resume` alone
+    assert (bare.epochs, bare.img_size) == (5, 64), bare  # was 30, the default: a resume that trained 10x longer
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path, data):

@@ -51,7 +51,8 @@ def append_history(path: Path, row: dict) -> None:
 
 def resumed_config(run_dir: Path, cfg: TrainConfig, data_dir: str | Path, given: set[str] | None = None,
                    taxonomy: Any = None) -> TrainConfig:
-    """The configuration a --resume continues with: the run's own, with new epoch counts.
+    """The configuration a --resume continues with: the run's own, with the epoch counts the user typed (an epoch
+    count not typed stays the run's: `train DATA --out RUN --resume` alone finishes the run as it was started).
 
     `given` names the options the user set on purpose (None: every field of `cfg`); any of them that differs
     from the run's, other than the epoch counts, is refused, each named, as are another data folder or taxonomy."""
@@ -78,4 +79,5 @@ def resumed_config(run_dir: Path, cfg: TrainConfig, data_dir: str | Path, given:
     if changed:
         raise run_files.RunDirError(f"{run_dir}: --resume continues the same run; only --epochs and --qat-epochs may "
                                     f"change, but: {'; '.join(changed)}")
-    return replace(saved, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs)
+    typed = set(cfg.to_dict()) if given is None else set(given)  # an epoch count not typed stays the run's
+    return replace(saved, **{name: getattr(cfg, name) for name in ("epochs", "qat_epochs") if name in typed})
