@@ -17,11 +17,15 @@ HOST_HINT = ("pip install 'semhinet-tf[host]' (from a checkout: pip install -r r
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Run the CLI; a host module missing from this install exits 2 with one line saying what to install."""
+    """Run the CLI; a host module missing from this install exits 2 with one line saying what to install, and a
+    Ctrl-C before a command started exits 130 in one line (after that, the command's own handler says more)."""
     try:
         from semhinet_tf.cli import main
 
         main(args=argv, prog_name="semhinet")
+    except KeyboardInterrupt:  # Ctrl-C before the command's own handler is in place (while TensorFlow imports)
+        print("interrupted: nothing was started; run the command again", file=sys.stderr)
+        sys.exit(130)
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing not in HOST_ONLY:

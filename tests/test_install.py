@@ -81,3 +81,19 @@ def test_a_host_command_without_the_host_extra_says_what_to_install(tmp_path, bl
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: this command needs the host install") and "semhinet-tf[host]" in lines[0]
     assert not (tmp_path / "run").exists()  # nothing written before it stopped
+
+
+def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C in the first second of a command (TensorFlow still importing, before the command's own handler)
+    printed a KeyboardInterrupt traceback (found by a walkthrough: `timeout -s INT 0.3 semhinet train ...`)."""
+    import semhinet_tf.cli
+    from semhinet_tf.__main__ import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(semhinet_tf.cli, "main", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        run(["train", "DATA"])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "interrupted: nothing was started; run the command again\n"

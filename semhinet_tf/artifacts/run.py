@@ -155,7 +155,7 @@ class RunLock:
                 handle.seek(0)
                 handle.truncate()
                 handle.write(json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                         "command": " ".join(sys.argv[:3])}) + "\n")
+                                         "command": " ".join(["semhinet", *sys.argv[1:3]])}) + "\n")
                 handle.flush()
             except BaseException:
                 self.release()
