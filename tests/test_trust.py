@@ -297,6 +297,20 @@ def test_json_outputs_of_npu_check_and_bench_are_checked_first(tmp_path, command
     assert (tmp_path / "out.json").read_text() == "kept"
 
 
+def test_a_path_that_is_no_model_and_a_finished_synth_folder_are_refusals_exit_2(tmp_path, data):
+    """README: exit 2 for a bad model or usage, as every refused output. Found by a walkthrough: `predict
+    DATA/dataset.json imgs/` and `predict imgs/ imgs/` exited 1 (the code for unreadable images), as did synth
+    into its own earlier set, whose message also named the Python argument overwrite=True."""
+    (data / "dataset.json").write_text("{}")
+    assert "unknown model format" in _refused("predict", str(data / "dataset.json"), str(data))
+    assert "not a model: a folder without qat.h5 or float.keras" in _refused("predict", str(data / "normal"), str(data))
+    from semhinet_tf.data.synth import generate
+
+    generate(tmp_path / "s", per_class=1, size=40, seed=1, workers=1, progress=False, labels="cause")
+    line = _refused("synth", str(tmp_path / "s"), "--per-class", "1", "--size", "40")
+    assert line.endswith("holds a synthetic data set (use --overwrite to replace it)"), line
+
+
 def test_synth_never_writes_into_a_folder_it_did_not_make(data):
     before = _snapshot(data)
     result = CliRunner().invoke(main, ["synth", str(data), "--overwrite", "--per-class", "1"])

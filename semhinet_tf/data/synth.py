@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from semhinet_tf.artifacts.files import atomic_write, atomic_write_text
+from semhinet_tf.artifacts.files import OutputError, atomic_write, atomic_write_text
 from semhinet_tf.data.decode import DATASET_RECORD
 
 GENERATOR_VERSION = "1.1.1"  # 1.1: the `visible` label rule (the `cause` rule is 1.0's frames); 1.1.1: dataset.json
@@ -1474,20 +1474,21 @@ def _check_classes(classes: Iterable[str] | None) -> list[str]:
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new data set into a non-empty folder; with overwrite, clear a previous synth run."""
+    """Refuse to mix a new data set into a non-empty folder; with overwrite, clear a previous synth run. The
+    refusals are OutputError (a FileExistsError): the CLI exits 2 on them, as on every refused output."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
+        raise OutputError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not (out / DATASET_RECORD).is_file():  # not ours: never write into (or clear) a user's folder
-            raise FileExistsError(f"{out}: folder is not empty and is not a data set written by synth; choose "
-                                  f"another folder")
+            raise OutputError(f"{out}: folder is not empty and is not a data set written by synth; choose "
+                              f"another folder")
         if not overwrite:
-            raise FileExistsError(f"{out}: holds a synthetic data set (use overwrite=True / --overwrite to replace it)")
+            raise OutputError(f"{out}: holds a synthetic data set (use --overwrite to replace it)")
         foreign = _files_synth_did_not_write(out)
         if foreign:
-            raise FileExistsError(f"{out}: its class folders hold {len(foreign)} file(s) synth did not write (e.g. "
-                                  f"{foreign[0]}); --overwrite replaces only a data set synth wrote: move them out "
-                                  f"or choose another folder")
+            raise OutputError(f"{out}: its class folders hold {len(foreign)} file(s) synth did not write (e.g. "
+                              f"{foreign[0]}); --overwrite replaces only a data set synth wrote: move them out "
+                              f"or choose another folder")
         for leaf in LEAVES:  # a previous synth run: drop its class folders so no stale images remain
             if (out / leaf).is_dir():
                 shutil.rmtree(out / leaf)

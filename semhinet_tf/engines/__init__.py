@@ -18,7 +18,8 @@ FORMATS = ("keras", "tflite", "onnx")
 
 
 def model_format(path: str | Path) -> str:
-    """"keras" for a run directory, .keras or .h5; "tflite"; "onnx"; a one-line ValueError for anything else."""
+    """"keras" for a run directory, .keras or .h5; "tflite"; "onnx"; anything else is refused as a bad model
+    (ModelRefusedError, a ValueError: exit 2, as the README's exit codes say)."""
     p = Path(path)
     if p.is_dir() or p.suffix in (".keras", ".h5"):
         return "keras"
@@ -26,7 +27,9 @@ def model_format(path: str | Path) -> str:
         return "tflite"
     if p.suffix == ".onnx":
         return "onnx"
-    raise ValueError(f"{p}: unknown model format (expected a run directory, .keras, .h5, .tflite or .onnx)")
+    from semhinet_tf.artifacts.contract import ModelRefusedError
+
+    raise ModelRefusedError(f"{p}: unknown model format (expected a run directory, .keras, .h5, .tflite or .onnx)")
 
 
 def load_model(path: str | Path, *, threads: int | None = None, views: int = 1,

@@ -40,7 +40,10 @@ def resolve_model_file(path: str | Path) -> Path:
         for name in (QAT_MODEL, FLOAT_MODEL):
             if (path / name).exists():
                 return path / name
-        raise FileNotFoundError(f"{path}: no qat.h5 or float.keras in this run directory")
+        from semhinet_tf.artifacts.contract import ModelRefusedError
+
+        raise ModelRefusedError(f"{path}: not a model: a folder without qat.h5 or float.keras (give a run directory "
+                                f"or a model file)")
     if not path.exists():
         raise FileNotFoundError(f"{path}: model file not found")
     return path
