@@ -339,6 +339,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
            "gate": gate, "results": results}
     if json_out:
         write_json(out, json_out)
+        notes.append(f"comparison written to {json_out}")
     return {"compare": out, "table": format_summary_table(results, intervals=True) + "\n\n" + _compare_table(rows),
             "notes": notes}
 
