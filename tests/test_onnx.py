@@ -47,7 +47,7 @@ def exported(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
     d = run["dir"]
     return {
-        "tflite": export_onnx(d / "model_int8.tflite", out / "int8.onnx"),
+        "tflite": export_onnx(d / "model_int8.tflite", out / "int8.onnx", tflite_tables=True),
         "qat": export_onnx(d, out / "qat.onnx"),  # a run directory resolves to its QAT model
         "float": export_onnx(d / "float.keras", out / "float.onnx"),
     }
@@ -268,12 +268,12 @@ def test_tables_are_the_tflite_operators(run, exported, tmp_path, only_where_nee
     assert binary_seen or only_where_needed  # a two-input add table (residual / pooled-feature sums) checked
 
 
-def test_default_export_gives_tflite_outputs(run, exported, tmp_path):
-    """The default export (uint8 activations, TFLite's tables) gives the .tflite's outputs bit for bit on these
+def test_tables_export_gives_tflite_outputs_and_the_default_is_plain(run, exported, tmp_path):
+    """The tables export (uint8 activations, TFLite's tables) gives the .tflite's outputs bit for bit on these
     frames (measured so on 2,000 benchmark frames too); tf2onnx's plain graph does not have to."""
     from semhinet_tf.board.runtime import BoardModel
 
-    plain = export_onnx(run["dir"] / "model_int8.tflite", tmp_path / "plain.onnx", tflite_tables=False)
+    plain = export_onnx(run["dir"] / "model_int8.tflite", tmp_path / "plain.onnx")  # the default since 2026-12-07
     assert plain["tables"] is None
     assert "HardSwish" in {n.op_type for n in __import__("onnx").load(plain["path"]).graph.node}
     frames = run["frames"]
