@@ -144,7 +144,7 @@ class RunLock:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise RunDirError(f"{folder}: {kind} is in use by another semhinet process{_holder(self.path)}; "
+            raise RunDirError(f"{folder}: {kind} is {_in_use(self.path)}; "
                               f"{busy}") from None
         except OSError:  # no flock on this file system: work unlocked rather than not at all
             handle.close()
@@ -178,7 +178,11 @@ def being_trained(run_dir: str | Path) -> str | None:
     training or quickstart writing it), else None: a command that needs a finished run (train --from, promote)
     refuses one whose models are still being replaced."""
     lock_file = Path(run_dir) / LOCK
-    return f"in use by another semhinet process{_holder(lock_file)}" if _held(lock_file) else None
+    return _in_use(lock_file) if _held(lock_file) else None
+
+
+def _in_use(lock_file: Path) -> str:
+    return f"in use by another semhinet process{_holder(lock_file)}"
 
 
 def _held(lock_file: Path) -> bool:
@@ -243,8 +247,8 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
                           f"`semhinet train`")
     if (run_dir.exists() and not resume and not overwrite
             and {p.name for p in run_dir.iterdir()} - UNSTARTED_RUN_FILES):  # refused without touching the run
-        raise RunDirError(f"{run_dir}: {kind} " + (f"is in use by another semhinet process{_holder(run_dir / LOCK)}"
-                                                   if _held(run_dir / LOCK) else exists))
+        busy = being_trained(run_dir)
+        raise RunDirError(f"{run_dir}: {kind} " + (f"is {busy}" if busy else exists))
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir, kind)
     try:  # decided again under the lock: another process may have written the folder meanwhile
