@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 KERAS_ARCHIVE_CONFIG = "config.json"  # the model config inside a .keras zip: Keras' name, not a run-directory file
+KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # the weights inside a .keras zip (Keras' name)
 TRUST_HINT = "load it with --trust-model-code (Python: trust_code=True) only if you wrote it"
 
 # Every class found in the configs of our float and QAT models as save_model writes them (.keras and .h5;

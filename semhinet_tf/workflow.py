@@ -268,8 +268,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     candidates = [run_dir / FLOAT_MODEL, run_dir / QAT_MODEL, *sorted(run_dir.glob("*.tflite")),
                   *sorted(run_dir.glob("*.onnx"))]
     models = [p for p in candidates if p.exists() and not p.name.endswith(".backbone.tflite")]
-    check_outputs([json_out], overwrite, inputs=[*model_inputs(run_dir), *(f for m in models for f in model_inputs(m)),
-                                                 data])
+    check_outputs([json_out], overwrite, inputs=[*model_inputs(run_dir), *models, data])
     if not (run_dir / FLOAT_MODEL).exists():
         raise FileNotFoundError(f"{run_dir}: no {FLOAT_MODEL} to compare against")
     reference = load_model(run_dir / FLOAT_MODEL, progress=progress)
