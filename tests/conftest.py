@@ -7,13 +7,22 @@ ONNX tests all need such a model, and before this fixture each module converted 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+# The suite's tiny runs (a handful of steps) train eagerly: tracing MobileNetV3's training step costs more than the
+# steps (semhinet_tf/training/compile.py). Commands run "as a user" (child processes through `as_user_env`) and the
+# shared trained run below keep the traced graph that users get.
+os.environ["SEMHINET_RUN_EAGERLY"] = "1"
+REPO = Path(__file__).resolve().parents[1]
 
 SIZE = 32
 ALPHA = 0.35
@@ -109,7 +118,7 @@ def _frame_cache_in_a_temporary_folder(tmp_path_factory):
 # Modules that take minutes, slowest first. The suite runs on two pytest-xdist workers, one module per worker at a
 # time (--dist loadfile, so a module's fixtures are built once); starting the long ones first keeps one worker
 # from ending with an end-to-end module while the other sits idle.
-LONG_MODULES = ("test_end_to_end.py", "test_review_loop.py", "test_model.py", "test_onnx.py", "test_loop.py",
+LONG_MODULES = ("test_end_to_end.py", "test_model.py", "test_review_loop.py", "test_onnx.py", "test_loop.py",
                 "test_distributed.py")
 
 
@@ -119,3 +128,90 @@ def pytest_collection_modifyitems(config, items) -> None:
         return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
 
     items.sort(key=rank)  # stable: the order within a module and among the others is kept
+
+
+def as_user_env() -> dict[str, str]:
+    """The environment of a command a user types: this checkout importable, TensorFlow's C++ log level and the
+    eager switch not set (the package must quiet TensorFlow itself and trains traced graphs)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "SEMHINET_RUN_EAGERLY"):
+        env.pop(name, None)
+    return env
+
+
+def run_as_user(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """A command in a child process with stderr a pipe, as a user runs it: TensorFlow's C++ logging goes to the
+    process's own file descriptor 2, which CliRunner cannot see, so the log-line check needs a real process."""
+    return subprocess.run([sys.executable, "-m", "semhinet_tf", *args], capture_output=True, env=as_user_env(),
+                          timeout=timeout)
+
+
+# synth's cause labels: at 32-48 px most faint defects cannot be made visible (the default rule redraws them, seconds
+# a call), and the subject of the tests using them is the pipeline, not the label rule (tests/test_synth.py's).
+CAUSE = ("--workers", "1", "--labels", "cause")
+TRAINED_COMMANDS = ("train", "convert", "convert --float-heads")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """semhinet_quickstart/{data,run} at test scale: 6 cause-labelled 48 px frames a class, a 32 px run trained
+    one epoch a phase by `semhinet train` as a user runs it and converted (plain and --float-heads).
+
+    Shared by the whole session, so read it only (copy it to write next to it). `stderr` holds what each of the
+    three commands printed on its stderr."""
+
+    root: Path
+    stderr: dict
+
+    @property
+    def data(self) -> Path:
+        return self.root / "semhinet_quickstart" / "data"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "semhinet_quickstart" / "run"
+
+
+def _build_trained_run(root: Path) -> None:
+    from click.testing import CliRunner
+
+    from semhinet_tf.cli import main
+
+    data, run = root / "semhinet_quickstart" / "data", root / "semhinet_quickstart" / "run"
+    synth = CliRunner().invoke(main, ["synth", str(data), "--per-class", "6", "--size", "48", "--seed", "3", *CAUSE],
+                               catch_exceptions=False)
+    assert synth.exit_code == 0, synth.output
+    steps = {
+        "train": ["train", str(data), "--out", str(run), "--img-size", "32", "--epochs", "1", "--qat-epochs", "1",
+                  "--batch-size", "8", "--weights", "none", "--seed", "1", "--val-split", "0.34", "--patience", "3",
+                  # 4 training steps: BatchNorm's moving statistics must catch up, or the untrained model's outputs
+                  # do not depend on the input and Keras vs int8 comparisons become coin flips on ties
+                  "--bn-momentum", "0.5"],
+        "convert": ["convert", str(run), "--calib-samples", "16"],
+        "convert --float-heads": ["convert", str(run), "--calib-samples", "16", "--float-heads"],
+    }
+    for name, args in steps.items():
+        out = run_as_user(*args)
+        assert out.returncode == 0, f"{name}: exit {out.returncode}: {out.stderr.decode(errors='replace')[-1500:]}"
+        (root / f"stderr-{name.replace(' ', '_')}.txt").write_bytes(out.stderr)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """Built once for the whole test session: the first pytest-xdist worker to ask builds it under a file lock in
+    the folder the workers share, the others wait for it and read it (a failed build is retried by the next)."""
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "trained_run"
+    with open(shared / "trained_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "built").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            _build_trained_run(root)
+            (root / "built").touch()
+    stderr = {name: (root / f"stderr-{name.replace(' ', '_')}.txt").read_bytes() for name in TRAINED_COMMANDS}
+    return TrainedRun(root=root, stderr=stderr)

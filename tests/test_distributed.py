@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import pytest
+from conftest import as_user_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,9 @@ def test_two_workers_on_loopback_train_together(tmp_path):
            "none", "--seed", "2", "--val-split", "0.25", "--strategy", "multiworker"]
     procs = []
     for index in range(2):
-        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-               "SEMHINET_QUIET": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = {**as_user_env(), "TF_CONFIG": json.dumps(task), "SEMHINET_QUIET": "1",  # traced, as users train
+               "TF_CPP_MIN_LOG_LEVEL": "2"}
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     for proc in procs:

@@ -16,15 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import CAUSE, run_as_user
 
 from semhinet_tf.cli import main
 from semhinet_tf.taxonomy import Taxonomy
 
 pytestmark = pytest.mark.slow
-# CAUSE_NOTE: the data here are synth's cause-labelled frames: at 32-48 px most faint defects cannot be made
-# visible (the default rule redraws them, seconds a call), and the subject here is the pipeline, not the label rule
-# (tests/test_synth.py tests that).
-CAUSE = ("--workers", "1", "--labels", "cause")
 SIZE = 32
 EVAL_KEYS = {"model", "format", "n", "leaf", "heads", "summary"}
 HEAD_KEYS = {"labels", "n", "accuracy", "recall", "precision", "confusion"}
@@ -46,38 +43,13 @@ def run_cli(*args: str) -> str:
     return result.output
 
 
-def run_as_user(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """A command in a child process with stderr a pipe, as a user runs it: TensorFlow's C++ logging goes to the
-    process's own file descriptor 2, which CliRunner cannot see, so the log-line check needs a real process."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as on a user's shell: the package must quiet TensorFlow itself
-    return subprocess.run([sys.executable, "-m", "semhinet_tf", *args], capture_output=True, env=env, timeout=timeout)
-
-
-def _ran(name: str, out: subprocess.CompletedProcess) -> bytes:
-    assert out.returncode == 0, f"{name}: exit {out.returncode}: {out.stderr.decode(errors='replace')[-1500:]}"
-    return out.stderr
-
-
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """synth, then train and convert (plain and --float-heads) in child processes: the run every test here reads,
-    and the stderr of three TensorFlow commands for the C++-log check, at the price of one training."""
-    root = tmp_path_factory.mktemp("e2e")
-    data, run = root / "data", root / "run"
-    run_cli("synth", str(data), "--per-class", "6", "--size", "48", "--seed", "3", *CAUSE)
-    stderr = {
-        "train": _ran("train", run_as_user(
-            "train", str(data), "--out", str(run), "--img-size", str(SIZE), "--epochs", "1", "--qat-epochs", "1",
-            "--batch-size", "8", "--weights", "none", "--seed", "1", "--val-split", "0.34", "--patience", "3",
-            "--bn-momentum", "0.5")),  # 4 training steps: BatchNorm's moving statistics must catch up, or the
-        # untrained model's outputs do not depend on the input and Keras vs int8 comparisons become coin flips on ties
-        "convert": _ran("convert", run_as_user("convert", str(run), "--calib-samples", "16")),
-        "convert --float-heads": _ran("convert --float-heads", run_as_user(
-            "convert", str(run), "--calib-samples", "16", "--float-heads")),
-    }
-    _export_for_board_ci(run / "model_int8.tflite", data)
-    return {"root": root, "data": data, "run": run, "tflite": run / "model_int8.tflite", "stderr": stderr}
+def workspace(trained_run):
+    """The session's trained run (conftest.trained_run: synth, then train and convert, plain and --float-heads, in
+    child processes as a user runs them), and the stderr of those three TensorFlow commands for the C++-log check."""
+    _export_for_board_ci(trained_run.run / "model_int8.tflite", trained_run.data)
+    return {"root": trained_run.root, "data": trained_run.data, "run": trained_run.run,
+            "tflite": trained_run.run / "model_int8.tflite", "stderr": trained_run.stderr}
 
 
 def _export_for_board_ci(tflite: Path, data: Path) -> None:
@@ -167,18 +139,16 @@ def test_test_time_views_reach_every_format_with_their_own_review_threshold(work
     assert len(rows) == 6 and all("class" in r for r in rows)
 
 
-def test_board_refuses_views_the_model_was_not_trained_on_in_one_line(workspace, capsys):
+def test_board_refuses_views_the_model_was_not_trained_on_in_one_line(workspace, capsys, tmp_path):
+    from semhinet_tf.artifacts.contract import embed_sealed
     from semhinet_tf.board.__main__ import EXIT_USAGE
     from semhinet_tf.board.__main__ import main as board_main
+    from semhinet_tf.export.tflite_meta import read_contract
 
-    stripped = workspace["root"] / "no_views.tflite"
-    if not stripped.exists():
-        from semhinet_tf.artifacts.contract import embed_sealed
-        from semhinet_tf.export.tflite_meta import read_contract
-
-        content = workspace["tflite"].read_bytes()
-        contract = {k: v for k, v in read_contract(content).items() if k != "views"}  # as converted before views
-        stripped.write_bytes(embed_sealed(content, contract))
+    stripped = tmp_path / "no_views.tflite"
+    content = workspace["tflite"].read_bytes()
+    contract = {k: v for k, v in read_contract(content).items() if k != "views"}  # as converted before views
+    stripped.write_bytes(embed_sealed(content, contract))
     assert board_main([str(stripped), str(workspace["data"] / "open"), "--views", "2"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_views.tflite" in err[0] and "convert the run again" in err[0]

@@ -9,7 +9,6 @@ stopped with Ctrl-C): synth, review queue, review serve, train --from, convert, 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import as_user_env
 
 from semhinet_tf.artifacts.files import file_sha256
 from semhinet_tf.cli import main
@@ -37,17 +37,15 @@ def _ok(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory) -> Path:
-    """semhinet_quickstart/{data,run} as the quickstart lays them out, at test scale: 6 cause-labelled frames a
-    class, a 32 px run trained one epoch a phase and converted."""
-    root = tmp_path_factory.mktemp("loop")
-    qs = root / "semhinet_quickstart"
-    _ok("synth", str(qs / "data"), "--per-class", "6", "--size", "48", "--seed", "3", "--workers", "1",
-        "--labels", "cause")
-    _ok("train", str(qs / "data"), "--out", str(qs / "run"), "--img-size", "32", "--epochs", "1", "--qat-epochs", "1",
-        "--batch-size", "8", "--weights", "none", "--seed", "1", "--val-split", "0.34", "--bn-momentum", "0.5")
-    _ok("convert", str(qs / "run"), "--calib-samples", "16")
-    return root
+def quickstart(trained_run) -> Path:
+    """semhinet_quickstart/{data,run} as the quickstart lays them out, at test scale: the session's trained run
+    (conftest.trained_run: 6 cause-labelled frames a class, a 32 px run trained one epoch a phase, converted). The
+    loop adds new/, review/, run2/ and the changelog beside them and must change nothing in them (checked)."""
+    return trained_run.root
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def loop_commands() -> list[str]:
@@ -73,8 +71,7 @@ def _call(base: str, token: str, path: str, body: dict | None = None) -> dict:
 def label_everything(argv: list[str], cwd: Path) -> dict[str, str]:
     """Start the README's serve line, answer every queued frame as a reviewer would (the model's verdict on most,
     another leaf on every third, one answer undone and given again), stop it with Ctrl-C; the answers given."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "semhinet_tf", *argv, "--port", "0"], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "semhinet_tf", *argv, "--port", "0"], cwd=cwd, env=as_user_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -111,6 +108,7 @@ def test_the_readmes_review_loop_runs_as_written(quickstart, monkeypatch):
                       ["promote", "semhinet_quickstart/run2"]], firsts  # the whole loop, in its order
     monkeypatch.chdir(quickstart)
     qs = quickstart / "semhinet_quickstart"
+    before = {name: _contents(qs / name) for name in ("data", "run")}
     runner = CliRunner()
     given: dict[str, str] = {}
     review = None
@@ -151,3 +149,8 @@ def test_the_readmes_review_loop_runs_as_written(quickstart, monkeypatch):
     assert entries[0]["decision"] == ("promoted" if promoted else "refused")
     assert (qs / "promoted.json").exists() == promoted
     assert (qs / "CHANGELOG.md").exists()
+    # the old run and its data are read, never written (the run lock's file aside)
+    after = {name: _contents(qs / name) for name in ("data", "run")}
+    for contents in (before, after):
+        contents["run"].pop(".semhinet-lock", None)
+    assert after == before
