@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from semhinet_tf.artifacts.run import RunDirError
 from semhinet_tf.review.labels import replay
 from semhinet_tf.review.server import FrameRefusedError, ReviewSession, check_host, create_app, leaf_keys
 from semhinet_tf.taxonomy import Taxonomy
@@ -232,6 +233,33 @@ def test_the_audit_estimates_the_error_rate_of_automatic_verdicts(tmp_path):
     low, high = wilson_interval(0, 20)
     assert low == 0.0 and 0.15 < high < 0.17  # 0 of 20 still allows about 16%
     assert wilson_interval(0, 0) is None
+
+
+def test_a_second_page_on_a_served_folder_is_refused_in_one_line(tmp_path):
+    """Two pages on one folder would each resume from labels.jsonl and undo without the other's answers; a queue
+    rebuilt with --overwrite would replace queue.jsonl under the page. Both are refused while a page serves it,
+    naming the server's pid; once it stops (even killed), a page starts again."""
+    from semhinet_tf.review.queue import build_queue
+
+    review = make_review(tmp_path, n=4)
+    proc, base, token = _start_server(review)
+    try:
+        second = subprocess.run([sys.executable, "-m", "semhinet_tf", "review", "serve", str(review), "--port", "0"],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert second.returncode == 2, second.stdout + second.stderr
+        line = (second.stdout + second.stderr).strip()
+        assert "\n" not in line and "review folder is in use" in line and f"pid {proc.pid}" in line, line
+        assert "already serves it" in line
+        with pytest.raises(RunDirError, match="already serves it"):
+            build_queue(tmp_path / "model.tflite", tmp_path / "images", review, overwrite=True)
+        _post(base, token, "/api/answer", {"index": 0, "action": "label", "label": "bridge"})  # still serving
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    proc, base, token = _start_server(review)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert replay(review / "labels.jsonl").labels
 
 
 def test_a_port_in_use_or_an_unknown_host_is_one_line_naming_the_option():

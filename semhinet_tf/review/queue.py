@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from semhinet_tf.artifacts.files import file_sha256
-from semhinet_tf.review import ReviewInputError
+from semhinet_tf.review import SERVED_ELSEWHERE, ReviewInputError
 from semhinet_tf.taxonomy import Taxonomy
 
 DEFAULT_AUDIT = 0.02
@@ -387,7 +387,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
     (`find_suspects`) are queued after the new frames, within what is left of `max_items`.
     Returns the counts written to review.json."""
     from semhinet_tf.artifacts.files import atomic_open, check_outputs, write_json
-    from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_QUEUE, model_inputs
+    from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_QUEUE, RunLock, model_inputs
     from semhinet_tf.engines import find_run_dir, load_model
     from semhinet_tf.progress import bar
     from semhinet_tf.review.labels import now
@@ -396,6 +396,8 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     check_outputs([out / REVIEW_QUEUE, out / REVIEW_INFO], overwrite, inputs=[*model_inputs(model), images, suspects])
+    if out.is_dir():  # a page serving this folder is refused now, before the work (and held off while writing)
+        RunLock(out, kind="review folder", busy=SERVED_ELSEWHERE).release()
     engine = load_model(model, views=views, allow_no_contract=allow_no_contract, progress=False)
     taxonomy = engine.taxonomy
     images = Path(images)
@@ -442,7 +444,7 @@ def build_queue(model: str | Path, images: str | Path, out: str | Path, *, audit
             entries.append(row)
             queued.add(row["path"])
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out / REVIEW_QUEUE, "w") as f:
+    with RunLock(out, kind="review folder", busy=SERVED_ELSEWHERE), atomic_open(out / REVIEW_QUEUE, "w") as f:
         for entry in entries:
             f.write(json.dumps(entry) + "\n")
     info = {"made_by": "semhinet review queue", "created": now(), "model": str(Path(model).resolve()),

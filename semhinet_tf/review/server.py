@@ -24,7 +24,7 @@ from typing import Any
 
 from semhinet_tf.artifacts.files import file_sha256
 from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_LABELS, REVIEW_QUEUE
-from semhinet_tf.review import ReviewInputError
+from semhinet_tf.review import SERVED_ELSEWHERE, ReviewInputError
 from semhinet_tf.review.labels import Answer, append_answer, now, replay
 from semhinet_tf.review.queue import read_queue
 from semhinet_tf.taxonomy import Taxonomy
@@ -283,12 +283,19 @@ def _check_listen(host: str, port: int) -> None:
 def serve(review_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, reviewer: str | None = None,
           allow_remote: bool = False, announce=print, token: str | None = None) -> None:
     """Run the review page until Ctrl-C; `announce(url)` is told the address (with its token) once listening."""
+    from semhinet_tf.artifacts.run import RunLock
+
+    check_host(host, allow_remote)
+    session = ReviewSession(review_dir, reviewer)
+    with RunLock(review_dir, kind="review folder", busy=SERVED_ELSEWHERE):
+        _serve(session, host, port, announce, token)
+
+
+def _serve(session: ReviewSession, host: str, port: int, announce, token: str | None) -> None:
     import logging
 
     from werkzeug.serving import make_server
 
-    check_host(host, allow_remote)
-    session = ReviewSession(review_dir, reviewer)
     token = token or secrets.token_urlsafe(24)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # request lines would print the token
     _check_listen(host, port)
@@ -298,13 +305,14 @@ def serve(review_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, rev
     server.daemon_threads, server.block_on_close = True, False
     shown = f"[{host}]" if ":" in host else host
     state = session.state()
-    announce(f"http://{shown}:{server.server_port}/?token={token}",
-             f"{state['answered']} of {state['total']} frames answered; answers go to {session.labels_file}")
     # Ctrl-C (and a polite kill) stop it even when started with SIGINT ignored (a background job, a test
-    # runner's worker): Python only turns SIGINT into KeyboardInterrupt if it was not ignored at start-up.
+    # runner's worker): Python only turns SIGINT into KeyboardInterrupt if it was not ignored at start-up. Set
+    # before the address is announced, so a Ctrl-C the moment it shows is a clean stop too.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        announce(f"http://{shown}:{server.server_port}/?token={token}",
+                 f"{state['answered']} of {state['total']} frames answered; answers go to {session.labels_file}")
         server.serve_forever()
     except KeyboardInterrupt:
         pass
