@@ -243,6 +243,21 @@ def test_resume_keeps_the_runs_options_and_takes_new_epoch_counts(tmp_path, data
     assert (bare.epochs, bare.img_size) == (5, 64), bare  # was 30, the default: a resume that trained 10x longer
 
 
+def test_resume_says_where_each_phase_starts():
+    """A run interrupted before its first epoch ended has nothing saved: --resume says so instead of silently
+    training from the start; a missing checkpoint is named; a finished phase is skipped."""
+    from semhinet_tf.training.loop import resume_point
+
+    assert resume_point("float", {}, False, 5, resume=False) == (0, "")
+    start, said = resume_point("float", {}, False, 5, resume=True)
+    assert start == 0 and "no epoch of this phase had finished" in said
+    assert resume_point("float", {"epoch": 2}, True, 5, resume=True) == (2, "resuming after epoch 2")
+    start, said = resume_point("float", {"epoch": 2}, False, 5, resume=True)
+    assert start == 0 and "checkpoint of epoch 2 is missing" in said
+    assert resume_point("qat", {"epoch": 5}, True, 5, resume=True)[0] is None
+    assert resume_point("qat", {"epoch": 3, "stopped": True}, True, 5, resume=True)[0] is None
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, data):
     result = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r"), "--resume", "--overwrite"])
     assert result.exit_code == 2 and "give one of them" in result.output

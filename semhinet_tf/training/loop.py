@@ -30,6 +30,24 @@ from semhinet_tf.training.validation import hierarchical_scores, write_review_th
 from semhinet_tf.training.weights import build_for_config, initial_weights
 
 
+def resume_point(phase: str, state: dict, has_backup: bool, epochs: int, resume: bool) -> tuple[int | None, str]:
+    """Where a phase starts: (first epoch, or None when it is already done; what to tell the user).
+
+    A resumed run says which case it is in, so a run interrupted before its first epoch ended (nothing saved)
+    is not silently trained again from the start."""
+    if not resume:
+        return 0, ""
+    if not state:
+        return 0, "no epoch of this phase had finished: training it from its first epoch"
+    if state.get("stopped") or state.get("epoch", 0) >= epochs:
+        return None, f"already finished ({state.get('epoch')} epochs); skipping"
+    if not has_backup:
+        return 0, (f"its checkpoint of epoch {state.get('epoch')} is missing ({CHECKPOINT}/{phase}): "
+                   f"training it again from its first epoch")
+    # BackupAndRestore restores the weights and the optimizer from the backup as fit starts
+    return int(state["epoch"]), f"resuming after epoch {int(state['epoch'])}"
+
+
 def fit_phase(phase: str, model: Any, taxonomy: Any, train: tuple, val: tuple, cfg: TrainConfig, run_dir: Path,
               epochs: int, peak_lr: float, warmup_epochs: float, model_path: Path, resume: bool, strategy: Any,
               progress: bool = True) -> float:
@@ -42,17 +60,13 @@ def fit_phase(phase: str, model: Any, taxonomy: Any, train: tuple, val: tuple, c
     with strategy.scope():
         compile_phase(model, taxonomy, cfg, peak_lr, steps * epochs, int(warmup_epochs * steps), train[1],
                       average=phase == "float")
-    initial_epoch = 0
-    state = read_state(run_dir).get(phase, {})
     backup = run_dir / CHECKPOINT / phase
-    if resume and state:
-        if state.get("stopped") or state.get("epoch", 0) >= epochs:
-            print(f"  [{phase}] already finished ({state.get('epoch')} epochs); skipping", flush=True)
-            return 0.0
-        if backup.is_dir():  # BackupAndRestore restores the weights and optimizer from it as fit starts
-            initial_epoch = int(state["epoch"])
-            print(f"  [{phase}] resuming after epoch {initial_epoch}", flush=True)
-    else:  # a backup without saved progress belongs to no run this one continues
+    initial_epoch, said = resume_point(phase, read_state(run_dir).get(phase, {}), backup.is_dir(), epochs, resume)
+    if said:
+        print(f"  [{phase}] {said}", flush=True)
+    if initial_epoch is None:
+        return 0.0
+    if initial_epoch == 0:  # a backup without saved progress belongs to no run this one continues
         shutil.rmtree(backup, ignore_errors=True)
     seed = cfg.seed if phase == "float" else cfg.seed + 1
     # the data loading call stays here, where a decoded-frame cache may be added
