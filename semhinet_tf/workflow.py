@@ -96,6 +96,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
         raise ValueError(f"{data}: no readable images in the {split_used} split")
     which = "the run's held-out split" if split_used == "val" else f"{split_used} split"
     notes.insert(0, f"scored {len(frames)} frames of {data} ({which})")
+    notes.extend(still_training_warning(run_dir))
     seen = trained_on(paths, run_dir) if split_used != "val" else 0
     if seen:
         notes.insert(1, f"warning: {seen} of these {len(frames)} frames are byte for byte frames the model trained "
@@ -276,6 +277,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     reference.use_views(views)  # a one-line error before decoding when the run cannot offer them
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
     frames, paths, truth = decode_items(items, reference.preprocess, taxonomy, notes, progress)
+    notes.extend(still_training_warning(run_dir))
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
     seen = trained_on(paths, run_dir) if split_used != "val" else 0
@@ -341,6 +343,16 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
         notes.append(f"comparison written to {json_out}")
     return {"compare": out, "table": format_summary_table(results, intervals=True) + "\n\n" + _compare_table(rows),
             "notes": notes}
+
+
+def still_training_warning(run_dir: Path | None) -> list[str]:
+    """A warning when the run is being trained right now: its models are scored as they are, and the training
+    replaces them (atomically) as it goes, so these figures may not be those of the run's final models."""
+    from semhinet_tf.artifacts.run import being_trained
+
+    holder = being_trained(run_dir) if run_dir is not None else None
+    return [f"warning: {run_dir} is {holder}: its models were scored as they are now; training may still replace "
+            f"them"] if holder else []
 
 
 def _delta(value, reference, scale: float = 1.0):

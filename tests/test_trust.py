@@ -148,9 +148,14 @@ def test_a_run_being_written_is_never_entered_by_a_second_command(tmp_path, data
         line = _refused("promote", str(run), "--over", str(tmp_path / "other"), "--data", str(data))
         assert "is in use by another semhinet process" in line and "when its training has ended" in line
         assert {k: v for k, v in _snapshot(run).items() if k in before} == before
+        from semhinet_tf.workflow import still_training_warning  # what eval and compare add to their notes
+
+        (warning,) = still_training_warning(run)
+        assert f"pid {holder.pid}" in warning and "training may still replace them" in warning
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    assert still_training_warning(run) == []
     with prepare_run_dir(run, overwrite=True):  # the killed holder left no stale lock
         assert sorted(p.name for p in run.iterdir()) == sorted([LOCK, MARKER])
     prepare_run_dir(run, overwrite=True).release()  # and a released claim can be taken again
