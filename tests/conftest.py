@@ -117,9 +117,10 @@ def _frame_cache_in_a_temporary_folder(tmp_path_factory):
 
 # Modules that take minutes, slowest first. The suite runs on two pytest-xdist workers, one module per worker at a
 # time (--dist loadfile, so a module's fixtures are built once); starting the long ones first keeps one worker
-# from ending with an end-to-end module while the other sits idle.
-LONG_MODULES = ("test_end_to_end.py", "test_model.py", "test_review_loop.py", "test_onnx.py", "test_loop.py",
-                "test_distributed.py")
+# from ending with an end-to-end module while the other sits idle. test_end_to_end builds the shared trained run
+# (about 4 minutes); test_review_loop, which needs it too, comes after enough other work not to wait for it.
+LONG_MODULES = ("test_end_to_end.py", "test_model.py", "test_onnx.py", "test_review_loop.py", "test_train_cli.py",
+                "test_distributed.py", "test_loop.py", "test_pretrain_patches.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
