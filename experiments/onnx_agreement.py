@@ -61,7 +61,7 @@ def main() -> None:
     from semhinet_tf.workflow import decode_items
 
     int8 = args.run / "model_int8.tflite"
-    pairs = [("int8 .tflite -> ONNX (default: uint8 activations, TFLite's tables)", int8, True),
+    pairs = [("int8 .tflite -> ONNX (default: uint8 activations and weights, TFLite's tables)", int8, True),
              ("int8 .tflite -> ONNX (--plain-qdq)", int8, False),
              ("float Keras -> ONNX", args.run / "float.keras", True)]
     lines = [f"Run `{args.run}`, data `{args.data}` (split: {args.split}); onnxruntime on the CPU.", "",

@@ -268,12 +268,15 @@ def test_tables_are_the_tflite_operators(run, exported, tmp_path, only_where_nee
     assert binary_seen or only_where_needed  # a two-input add table (residual / pooled-feature sums) checked
 
 
-def test_tables_export_gives_tflite_outputs_and_the_default_is_plain(run, exported, tmp_path):
-    """The tables export (uint8 activations, TFLite's tables) gives the .tflite's outputs bit for bit on these
-    frames (measured so on 2,000 benchmark frames too); tf2onnx's plain graph does not have to."""
+def test_the_default_tables_export_gives_tflite_outputs(run, exported, tmp_path):
+    """The tables export (the default: uint8 activations and weights, TFLite's tables) gives the .tflite's outputs
+    bit for bit on these frames (measured so on 1,200-2,000 benchmark frames too); tf2onnx's plain graph does not
+    have to."""
     from semhinet_tf.board.runtime import BoardModel
 
-    plain = export_onnx(run["dir"] / "model_int8.tflite", tmp_path / "plain.onnx")  # the default since 2026-12-07
+    default = export_onnx(run["dir"] / "model_int8.tflite", tmp_path / "default.onnx")
+    assert default["tables"] and default["tables"]["uint8_weights"]
+    plain = export_onnx(run["dir"] / "model_int8.tflite", tmp_path / "plain.onnx", tflite_tables=False)
     assert plain["tables"] is None
     assert "HardSwish" in {n.op_type for n in __import__("onnx").load(plain["path"]).graph.node}
     frames = run["frames"]
@@ -283,3 +286,36 @@ def test_tables_export_gives_tflite_outputs_and_the_default_is_plain(run, export
     off_tabled = sum(int(np.sum(np.abs(tabled[h] - ref[h]) > 1e-6)) for h in HEADS)
     off_plain = sum(int(np.sum(np.abs(qdq[h] - ref[h]) > 1e-6)) for h in HEADS)
     assert off_tabled == 0 and off_tabled <= off_plain, (off_tabled, off_plain)
+
+
+def test_tables_export_is_exact_where_u8s8_kernels_would_saturate(exported, tmp_path):
+    """On x86 CPUs without VNNI, onnxruntime's fused U8S8 kernels sum pairs of uint8 x int8 products in int16 and
+    saturate (export/onnx_tables.py); the tables export holds the weights as uint8 so that they do not. Here the
+    export's stem convolution gets every weight at the top code and bright frames (pairs of 2 x 215 x 127 > 32767
+    with int8 weights): its fused codes must be exactly those of onnxruntime's unfused QDQ path, as they are
+    not (every element off) when the weights are int8. On a CPU with VNNI nothing saturates either way."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(exported["tflite"]["path"])
+    graph = proto.graph
+    init = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    stem = next(n for n in graph.node if n.op_type == "Conv")
+    weights = init[producer[stem.input[1]].input[0]]
+    codes = numpy_helper.to_array(weights)
+    assert codes.dtype == np.uint8  # held as uint8 (an int8 weight would be a U8S8 kernel)
+    weights.CopyFrom(numpy_helper.from_array(np.full_like(codes, 255), weights.name))  # real value: the top code
+    stem_codes = next(n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == stem.output[0])
+    graph.output.append(onnx.helper.make_empty_tensor_value_info(stem_codes))
+    path = tmp_path / "bright_stem.onnx"
+    onnx.save(proto, path)
+    fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    unfused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=["QDQSelectorActionTransformer"])
+    feed = fused.get_inputs()[0].name
+    bright = np.clip(235 + np.random.default_rng(7).normal(0, 12, (3, 1, SIZE, SIZE, 1)), 0, 255).astype(np.uint8)
+    for frame in bright:
+        a, b = fused.run([stem_codes], {feed: frame})[0], unfused.run([stem_codes], {feed: frame})[0]
+        assert a.max() > a.min()  # the stem's codes are not all clipped to one value
+        np.testing.assert_array_equal(a, b)

@@ -11,7 +11,14 @@ two ways on our models:
   uint8 activations; with int8 ones most convolutions run in float, which breaks float32 ties the other way
   from XNNPACK (about 1 output in 3 million). Storing every int8 activation as uint8 (zero point + 128, exact)
   lets it fuse them, which also makes it faster.
-Together (`match_tflite`) the ONNX graph gave the .tflite's outputs bit for bit on 2,000 test frames.
+- Those fused kernels multiply uint8 activations by int8 weights (U8S8); on an x86 CPU without VNNI (AVX2 or
+  AVX-512 alone, e.g. the AMD EPYC the project measures on) MLAS sums pairs of those products in int16 and
+  saturates (onnxruntime PR #12088 describes it): on 2026-12-07's quickstart model the first convolution's outputs
+  were up to 33 codes off on 8% of its elements, and verdicts differed on 1 frame in 25. Its
+  `session.x64quantprecision` option, made for this, fails to initialise our graphs in onnxruntime 1.32.
+  Holding the weights as uint8 too (zero point + 128, exact) makes it use U8U8 kernels, which do not saturate.
+Together (`match_tflite`) the ONNX graph gave the .tflite's outputs bit for bit on 2,000 test frames (2026-11-30,
+an Intel Xeon, before the weights were retyped) and on 800 new frames (2026-12-07, an AMD EPYC without VNNI, with).
 """
 
 from __future__ import annotations
@@ -42,21 +49,55 @@ class TableReport:
     """What was tabulated, what was left as tf2onnx wrote it (with why), and the bytes the tables take."""
 
     uint8_tensors: int  # int8 activation tensors now held as uint8
+    uint8_weights: int  # int8 constant tensors (weights) now held as uint8
     tabulated: dict[str, int]
     exact: dict[str, int]  # operators onnxruntime already computes as TFLite on every input code: kept as QDQ
     left: dict[str, str]
     table_bytes: int
 
     def as_dict(self) -> dict:
-        return {"uint8_tensors": self.uint8_tensors, "tabulated": dict(self.tabulated), "exact": dict(self.exact),
-                "left": dict(self.left), "table_bytes": self.table_bytes}
+        return {"uint8_tensors": self.uint8_tensors, "uint8_weights": self.uint8_weights,
+                "tabulated": dict(self.tabulated), "exact": dict(self.exact), "left": dict(self.left),
+                "table_bytes": self.table_bytes}
 
 
 def match_tflite(proto, tflite_path: str | Path, only_where_needed: bool = True) -> TableReport:
-    """uint8 activations, then tables (see the module's docstring); `proto` is changed in place."""
+    """uint8 activations and weights, then tables (see the module's docstring); `proto` is changed in place."""
     retyped = uint8_activations(proto)
+    weights = uint8_weights(proto) if retyped else 0  # int8 activations are not fused: no U8S8 kernel to avoid
     report = tabulate_elementwise(proto, tflite_path, only_where_needed)
-    return TableReport(retyped, report.tabulated, report.exact, report.left, report.table_bytes)
+    return TableReport(retyped, weights, report.tabulated, report.exact, report.left, report.table_bytes)
+
+
+def uint8_weights(proto) -> int:
+    """Hold every int8 constant that a DequantizeLinear reads (the weights) as uint8 with its zero point + 128: the
+    same real values, code for code, and onnxruntime's fused kernels become U8U8, which do not saturate on x86
+    CPUs without VNNI as its U8S8 ones do (the module's docstring). Returns how many constants changed."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    init = {t.name: t for t in graph.initializer}
+
+    def as_uint8(name: str) -> str:
+        new = name + _U8_SUFFIX
+        if new not in init:  # (uint8_activations may have made it already for a zero point they share)
+            codes = numpy_helper.to_array(init[name]).astype(np.int16) + 128
+            init[new] = numpy_helper.from_array(codes.astype(np.uint8), new)
+            graph.initializer.append(init[new])
+        return new
+
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        value, zero_point = node.input[0], node.input[2]
+        if all(name in init and init[name].data_type == 3 for name in (value, zero_point)):  # INT8 constants
+            node.input[0], node.input[2] = as_uint8(value), as_uint8(zero_point)
+            changed += 1
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+    return changed
 
 
 def uint8_activations(proto, graph_io: bool = False) -> int:
@@ -172,7 +213,7 @@ def tabulate_elementwise(proto, tflite_path: str | Path, only_where_needed: bool
         tabulated[op_name] = tabulated.get(op_name, 0) + 1
     _splice(graph, replacements, removed)
     table_bytes = sum(len(t.raw_data) for t in graph.initializer if t.name.startswith(_TABLE_PREFIX))
-    return TableReport(0, tabulated, exact, left, table_bytes)
+    return TableReport(0, 0, tabulated, exact, left, table_bytes)
 
 
 def operator_names(model) -> list[str]:
