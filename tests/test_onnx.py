@@ -319,3 +319,37 @@ def test_tables_export_is_exact_where_u8s8_kernels_would_saturate(exported, tmp_
         a, b = fused.run([stem_codes], {feed: frame})[0], unfused.run([stem_codes], {feed: frame})[0]
         assert a.max() > a.min()  # the stem's codes are not all clipped to one value
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_tables_export_from_before_uint8_weights_is_mended_in_memory(run, exported, tmp_path, monkeypatch):
+    """Exports written before 2026-12-07 hold int8 weights beside uint8 activations (saturating U8S8 kernels on x86
+    CPUs without VNNI): the engine holds their weights as uint8 in memory, says so once and leaves the file as it
+    is; a current export is loaded as written, without a note."""
+    import onnx
+
+    import semhinet_tf.export.onnx_tables as onnx_tables
+    from semhinet_tf.board.runtime import BoardModel
+
+    tflite = run["dir"] / "model_int8.tflite"
+    monkeypatch.setattr(onnx_tables, "uint8_weights", lambda proto: 0)
+    old = export_onnx(tflite, tmp_path / "old.onnx", tflite_tables=True)["path"]
+    monkeypatch.undo()
+    proto = onnx.load(old)
+    for prop in proto.metadata_props:
+        if prop.key == EXPORT_KEY:  # as such exports were written: no uint8_weights entry
+            export = json.loads(prop.value)
+            del export["match_tflite"]["uint8_weights"]
+            prop.value = json.dumps(export)
+    onnx.save(proto, old)
+    before = open(old, "rb").read()
+    notes: list[str] = []
+    engine = OnnxEngine(old, threads=1, warn=notes.append)
+    assert len(notes) == 1 and "exported before its weights were held as uint8" in notes[0], notes
+    assert open(old, "rb").read() == before
+    ref = BoardModel(tflite, threads=1).predict(run["frames"])
+    got = engine.predict(run["frames"])
+    for head in HEADS:
+        np.testing.assert_array_equal(got[head], ref[head], err_msg=head)
+    current: list[str] = []
+    OnnxEngine(exported["tflite"]["path"], threads=1, warn=current.append)
+    assert current == []

@@ -55,12 +55,37 @@ class OnnxEngine(Engine):
         self.batch_size = batch_size if self.dynamic_batch else self.input_shape[0]
         self._warn = warn or warn_stderr
         self._verify_digest()
+        self._retype_old_weights(opts)
         self.run_dir = None
         if not spec.present:  # a contract-less export (from a bare .keras) that sits in its run
             self.run_dir = find_run_dir(self.path)
             spec = run_settings(self.run_dir) if self.run_dir is not None else spec
         spec.taxonomy().check_outputs(self.output_names, str(self.path))
         self._use_contract(spec, review_threshold, views, warn)
+
+    def _retype_old_weights(self, opts) -> None:
+        """A tables export written before 2026-12-07 holds uint8 activations but int8 weights: onnxruntime's fused
+        U8S8 kernels saturate on x86 CPUs without VNNI (export/onnx_tables.py) and its answers drift from the
+        .tflite's. Its weights are held as uint8 in memory (the same values; the file is left as it is, its
+        digest was checked first) and the user is told to export again."""
+        import onnx
+        import onnxruntime as ort
+
+        from semhinet_tf.export.onnx import EXPORT_KEY
+        from semhinet_tf.export.onnx_tables import uint8_weights
+
+        try:
+            match = json.loads(self._meta.get(EXPORT_KEY, "{}")).get("match_tflite")
+        except (json.JSONDecodeError, AttributeError):
+            return
+        if not isinstance(match, dict) or not match.get("uint8_tensors") or "uint8_weights" in match:
+            return
+        proto = onnx.load(str(self.path))
+        if uint8_weights(proto):
+            self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            self._warn(f"note: {self.path}: exported before its weights were held as uint8, which on x86 CPUs "
+                       f"without VNNI made onnxruntime's answers differ from the .tflite's; its weights are held as "
+                       f"uint8 in memory (the same values): export it again to skip this")
 
     def _read_contract(self) -> Contract:
         """The validated contract (ContractError naming the field otherwise); defaults for a contract-less
