@@ -73,31 +73,36 @@ def uint8_weights(proto) -> int:
     """Hold every int8 constant that a DequantizeLinear reads (the weights) as uint8 with its zero point + 128: the
     same real values, code for code, and onnxruntime's fused kernels become U8U8, which do not saturate on x86
     CPUs without VNNI as its U8S8 ones do (the module's docstring). Returns how many constants changed."""
-    from onnx import numpy_helper
-
     graph = proto.graph
     init = {t.name: t for t in graph.initializer}
-
-    def as_uint8(name: str) -> str:
-        new = name + _U8_SUFFIX
-        if new not in init:  # (uint8_activations may have made it already for a zero point they share)
-            codes = numpy_helper.to_array(init[name]).astype(np.int16) + 128
-            init[new] = numpy_helper.from_array(codes.astype(np.uint8), new)
-            graph.initializer.append(init[new])
-        return new
-
     changed = 0
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 3:
             continue
         value, zero_point = node.input[0], node.input[2]
         if all(name in init and init[name].data_type == 3 for name in (value, zero_point)):  # INT8 constants
-            node.input[0], node.input[2] = as_uint8(value), as_uint8(zero_point)
+            node.input[0], node.input[2] = _as_uint8(graph, init, value), _as_uint8(graph, init, zero_point)
             changed += 1
+    _drop_unused_initializers(graph)
+    return changed
+
+
+def _as_uint8(graph, init: dict, name: str) -> str:
+    """The name of an int8 initializer's uint8 twin (codes + 128: the same real values), made once and shared."""
+    from onnx import numpy_helper
+
+    new = name + _U8_SUFFIX
+    if new not in init:
+        codes = numpy_helper.to_array(init[name]).astype(np.int16) + 128
+        init[new] = numpy_helper.from_array(codes.astype(np.uint8), new)
+        graph.initializer.append(init[new])
+    return new
+
+
+def _drop_unused_initializers(graph) -> None:
     used = {name for node in graph.node for name in node.input}
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
-    return changed
 
 
 def uint8_activations(proto, graph_io: bool = False) -> int:
@@ -105,7 +110,6 @@ def uint8_activations(proto, graph_io: bool = False) -> int:
     many tensors changed, 0 (graph untouched) when an operator other than DequantizeLinear or a layout operator
     reads one, since its arithmetic would see other codes. With `graph_io`, int8 graph inputs and outputs
     change too (their users then feed and read codes + 128); without, a graph with int8 outputs is left alone."""
-    from onnx import numpy_helper
 
     graph = proto.graph
     init = {t.name: t for t in graph.initializer}
@@ -137,24 +141,14 @@ def uint8_activations(proto, graph_io: bool = False) -> int:
     if not tensors or (not graph_io and any(o.name in tensors for o in graph.output)):
         return 0
 
-    def as_uint8(name: str) -> str:
-        new = name + _U8_SUFFIX
-        if new not in init:
-            codes = numpy_helper.to_array(init[name]).astype(np.int16) + 128
-            init[new] = numpy_helper.from_array(codes.astype(np.uint8), new)
-            graph.initializer.append(init[new])
-        return new
-
     for node in graph.node:
         if (node.op_type == "QuantizeLinear" and node.output[0] in tensors) or (
                 node.op_type == "DequantizeLinear" and node.input[0] in tensors):
-            node.input[2] = as_uint8(node.input[2])
+            node.input[2] = _as_uint8(graph, init, node.input[2])
     for info in [*graph.value_info, *graph.input, *graph.output]:
         if info.name in tensors:
             info.type.tensor_type.elem_type = 2  # UINT8
-    used = {name for node in graph.node for name in node.input}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
+    _drop_unused_initializers(graph)
     return len(tensors)
 
 
@@ -419,7 +413,4 @@ def _splice(graph, replacements: dict[int, list], removed: set[int]) -> None:
             kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
-    used = {name for node in graph.node for name in node.input}
-    dead = [t for t in graph.initializer if t.name not in used]
-    for tensor in dead:
-        graph.initializer.remove(tensor)
+    _drop_unused_initializers(graph)

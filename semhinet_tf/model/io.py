@@ -60,6 +60,12 @@ def allowed_classes(objects: dict, quantized: bool) -> set[str]:
     return set(every) | {keras.utils.get_registered_name(obj) for obj in every.values()}
 
 
+def _load(path: Path, safe_mode: bool) -> keras.Model:
+    if path.suffix == ".keras":
+        return _load_keras_archive(path, safe_mode)
+    return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+
+
 def _load_keras_archive(path: Path, safe_mode: bool) -> keras.Model:
     """What keras.models.load_model does with a .keras archive (the config, then the weights file), with the
     weights read from a real file instead of through the zip.
@@ -112,13 +118,9 @@ def load_model(path: str | Path, trust_code: bool = False) -> keras.Model:
             from semhinet_tf.model.quant import quant_scope
 
             with quant_scope(), keras.utils.custom_object_scope(objects):
-                if path.suffix == ".keras":
-                    return _load_keras_archive(path, safe_mode=not trusted)
-                return keras.models.load_model(path, compile=False, safe_mode=not trusted)
+                return _load(path, safe_mode=not trusted)
         with keras.utils.custom_object_scope(objects):
-            if path.suffix == ".keras":
-                return _load_keras_archive(path, safe_mode=not trusted)
-            return keras.models.load_model(path, compile=False, safe_mode=not trusted)
+            return _load(path, safe_mode=not trusted)
     except Exception as exc:  # noqa: BLE001 - h5py, zipfile and Keras deserialization each raise their own types
         # Keras' messages quote the whole model config: keep the first sentence
         reason = " ".join(str(exc).split()).split(". ")[0][:200]
