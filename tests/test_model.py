@@ -71,6 +71,22 @@ def test_backbone_weights_round_trip_and_skip_heads(tmp_path):
     assert not np.array_equal(a.get_layer("h1").get_weights()[0], b.get_layer("h1").get_weights()[0])
 
 
+def test_a_width_without_shipped_sem_weights_says_it_trains_from_random_weights(capsys):
+    from semhinet_tf.training.config import TrainConfig
+    from semhinet_tf.training.weights import initial_weights
+
+    shipped = ModelConfig(img_size=32)
+    assert initial_weights(build_model(Taxonomy.default(), shipped), TrainConfig(img_size=32), shipped).startswith(
+        "SEM-pretrained backbone")
+    assert "warning" not in capsys.readouterr().out
+    narrow = ModelConfig(img_size=32, backbone=BackboneConfig(alpha=0.75))
+    start = initial_weights(build_model(Taxonomy.default(), narrow), TrainConfig(img_size=32, alpha=0.75), narrow)
+    assert start.startswith("random initialisation")
+    out = capsys.readouterr().out
+    assert "warning: no SEM-pretrained backbone is shipped for alpha=0.75" in out
+    assert "tools/pretrain_sem.py" in out
+
+
 def test_heads_follow_the_taxonomy():
     spec = {"heads": [{"name": "gate", "classes": ["junk", "good", "bad"]},
                       {"name": "kind", "parent": "gate.bad", "classes": ["scratch", "particle"]}]}

@@ -157,3 +157,18 @@ def test_the_review_queue_takes_every_verdict_of_a_class_not_ready(tiny_run, tmp
     entries = [json.loads(s) for s in (tmp_path / "R" / "queue.jsonl").read_text().splitlines()]
     assert info["n_confident"] == 0 and info["n_audit"] == 0 and info["n_not_ready"] == 10  # threshold 0
     assert len(entries) == 10 and all(e["why"] == ["not-ready"] for e in entries)
+
+
+def test_verdicts_on_frames_a_user_decoded_apply_readiness_as_the_board_does(tiny_run, tmp_path):
+    import semhinet_tf
+
+    frames = np.stack(tiny_run.frames(6, 22))
+    everything = semhinet_tf.load_model(_model_with_ready(tiny_run, tmp_path, list(Taxonomy.default().leaves)))
+    rows = everything.verdicts(frames)
+    assert len(rows) == 6 and not any(r["review"] for r in rows) and all(r["ready"] for r in rows)
+    nothing = semhinet_tf.load_model(_model_with_ready(tiny_run, tmp_path, []))
+    gated = nothing.verdicts(frames)
+    assert [r["class"] for r in gated] == [r["class"] for r in rows]
+    assert all(r["review"] and not r["ready"] for r in gated)
+    plain = semhinet_tf.decode_predictions(nothing.predict(frames), nothing.taxonomy, nothing.review_threshold)
+    assert not any(r["review"] for r in plain)  # the bare decoding knows the threshold only (README says so)

@@ -165,22 +165,30 @@ class Engine:
                 frames = 0
         yield from self._verdicts(pending)
 
+    def verdicts(self, frames: np.ndarray) -> list[dict]:
+        """One verdict row per frame for frames the caller decoded ((N, S, S) uint8, as `predict` takes them):
+        the rows `classify` gives without path and timings. `review` is set as the board sets it: under the
+        review threshold, a class the contract does not list as ready, or a frame the unfamiliar-frame score
+        flags (`ready`, `unfamiliar` and `ood` say which)."""
+        probs, ood = self.predict_with_ood(frames, verbose=0)
+        rows = self.taxonomy.decode(probs, self.review_threshold)
+        if ood is not None:
+            for row, score in zip(rows, ood):  # noqa: B905 (one score a frame, from the same batch)
+                # the contract's threshold has 6 decimals: the row shows the number it was compared with
+                row["ood"] = round(float(score), 6)
+        if len(rows) != len(frames):  # zip(strict=True) is Python 3.10+; the armv7 board runs 3.9
+            raise RuntimeError(f"{self.path}: {len(rows)} verdicts for {len(frames)} frames")
+        return [self._readiness(row) for row in rows]
+
     def _verdicts(self, pending: list[dict | tuple[Path, np.ndarray, float]]) -> Iterator[dict]:
         """The rows of `pending` in order (emptying it): error rows as they are, frames run as one batch."""
         batch = [item for item in pending if not isinstance(item, dict)]
         rows: list[dict] = []
         if batch:
             t = time.perf_counter()
-            probs, ood = self.predict_with_ood(np.stack([frame for _, frame, _ in batch]), verbose=0)
+            rows = self.verdicts(np.stack([frame for _, frame, _ in batch]))
             infer_ms = (time.perf_counter() - t) * 1000 / len(batch)
-            rows = self.taxonomy.decode(probs, self.review_threshold)
-            if ood is not None:
-                for row, score in zip(rows, ood):  # noqa: B905 (one score a frame, from the same batch)
-                    # the contract's threshold has 6 decimals: the row shows the number it was compared with
-                    row["ood"] = round(float(score), 6)
-        if len(rows) != len(batch):  # zip(strict=True) is Python 3.10+; the armv7 board runs 3.9
-            raise RuntimeError(f"{self.path}: {len(rows)} verdicts for {len(batch)} frames")
-        verdicts = iter(zip(batch, rows))  # noqa: B905 (lengths checked above)
+        verdicts = iter(zip(batch, rows))  # noqa: B905 (one row a frame, checked in verdicts)
         items = list(pending)
         pending.clear()
         for item in items:
@@ -188,8 +196,7 @@ class Engine:
                 yield item
                 continue
             (path, _, decode_ms), row = next(verdicts)
-            yield {"path": str(path), **self._readiness(row), "decode_ms": round(decode_ms, 2),
-                   "infer_ms": round(infer_ms, 2)}
+            yield {"path": str(path), **row, "decode_ms": round(decode_ms, 2), "infer_ms": round(infer_ms, 2)}
 
     def _readiness(self, row: dict) -> dict:
         """A verdict of a class the contract does not list as ready goes to review whatever its probability

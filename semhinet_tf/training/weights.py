@@ -31,6 +31,14 @@ def initial_weights(model: Any, cfg: TrainConfig, mcfg: Any) -> str:
     if w == "sem":
         path = sem_weights_path(mcfg)
         if path is None:
+            from semhinet_tf.model.pretrained import sem_weights_name
+
+            b = mcfg.backbone
+            print(f"warning: no SEM-pretrained backbone is shipped for alpha={b.alpha:g}"
+                  f"{' minimalistic' if b.minimalistic else ''} ({sem_weights_name(b.alpha, b.minimalistic)}): "
+                  "training from random weights, which on the synthetic benchmark reached about 0.2 leaf accuracy "
+                  "(experiments/results/learning_curve.md). Pretrain one first (tools/pretrain_sem.py --alpha ...) "
+                  "or pass --weights imagenet or --weights FILE", flush=True)
             return "random initialisation (no SEM-pretrained weights shipped for this configuration)"
         n = mb.load_backbone_weights(model, path)
         return f"SEM-pretrained backbone ({n} layers from {path.name})"
