@@ -200,18 +200,21 @@ def quickstart(out: str | Path, per_class: int = 150, img_size: int = 128, epoch
                seed: int = 0, weights: str = "sem", overwrite: bool = False) -> dict:
     """Synthetic data -> float + QAT training -> int8 TFLite -> eval of both on the held-out split (and of
     int8 on every test-time view its training augmentation allows)."""
-    from semhinet_tf.artifacts.run import QUICKSTART_MARKER, is_quickstart_dir, prepare_run_dir
+    from semhinet_tf.artifacts.run import QUICKSTART_FILES, QUICKSTART_MARKER, is_quickstart_dir, prepare_run_dir
 
     t0 = time.time()
     out = Path(out)
-    # the quickstart folder is ours only when it carries the quickstart's marker: --overwrite never empties another
+    # the quickstart folder is ours only when it carries the quickstart's marker: --overwrite never empties another,
+    # and in ours replaces only what the quickstart wrote (the README's review loop keeps its answers beside it)
     with prepare_run_dir(out, overwrite=overwrite, kind="quickstart folder", marker=QUICKSTART_MARKER,
-                         recognise=is_quickstart_dir, resumable=False):  # claimed until the summary is written
+                         recognise=is_quickstart_dir, resumable=False,
+                         replaces=QUICKSTART_FILES):  # claimed until the summary is written
         return _quickstart_claimed(out, per_class, img_size, epochs, qat_epochs, seed, weights, t0)
 
 
 def _quickstart_claimed(out: Path, per_class: int, img_size: int, epochs: int, qat_epochs: int, seed: int,
                         weights: str, t0: float) -> dict:
+    from semhinet_tf.artifacts.run import QUICKSTART_SUMMARY
     from semhinet_tf.data.synth import generate
     from semhinet_tf.data.views import invariant_views, view_counts
     from semhinet_tf.evaluate import format_summary_table, write_json
@@ -242,7 +245,7 @@ def _quickstart_claimed(out: Path, per_class: int, img_size: int, epochs: int, q
     summary = {"seconds": round(seconds, 1), "train": train_result, "tflite": conv["path"],
                "tflite_bytes": conv["bytes"], "npu_ok": conv["npu_ok"],
                "leaf_accuracy": {k: v["leaf"]["accuracy"] for k, v in results.items()}}
-    write_json(summary, out / "quickstart_summary.json")
+    write_json(summary, out / QUICKSTART_SUMMARY)
     return {"table": table, "seconds": seconds, "report": str(run / "report" / "index.html"), "summary": summary}
 
 

@@ -72,6 +72,49 @@ def test_overwrite_never_empties_a_folder_the_project_did_not_write(tmp_path, da
     assert (mine / "chapter1.tex").read_text() == "months of work"
 
 
+def test_files_with_our_names_do_not_make_a_users_folder_a_run_directory(tmp_path, data):
+    """A folder holding only a user's config.json and checkpoint/ notes was taken for a failed run's leftovers:
+    reused without --overwrite (training replaced the config and removed checkpoint/float) or emptied with it."""
+    mine = tmp_path / "experiment"
+    (mine / "checkpoint" / "float").mkdir(parents=True)
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "checkpoint" / "float" / "notes.txt").write_text("what I tried")
+    before = _snapshot(mine)
+    for extra in ([], ["--overwrite"]):
+        line = _refused("train", str(data), "--out", str(mine), "--epochs", "1", *extra)
+        assert "not a run directory" in line
+    assert _snapshot(mine) == before and sorted(p.name for p in mine.iterdir()) == ["checkpoint", "config.json"]
+
+
+def test_quickstart_overwrite_keeps_the_review_loop_beside_it(tmp_path):
+    """The README's review loop writes review/, run2/ and promote's changelog into the quickstart folder;
+    quickstart --overwrite emptied the whole folder, a person's answers with it."""
+    from semhinet_tf.artifacts.run import QUICKSTART_FILES, QUICKSTART_MARKER, QUICKSTART_SUMMARY, RunLock
+
+    folder = tmp_path / "semhinet_quickstart"
+    prepare_run_dir(folder, marker=QUICKSTART_MARKER).release()
+    for name in ("data", "run"):
+        (folder / name).mkdir()
+    (folder / QUICKSTART_SUMMARY).write_text("{}")
+    (folder / "review").mkdir()
+    (folder / "review" / "labels.jsonl").write_text('{"label": "open"}\n')
+    (folder / "CHANGELOG.jsonl").write_text("{}\n")
+    before = _snapshot(folder)
+    line = _refused("quickstart", "--out", str(folder), "--overwrite")
+    assert "CHANGELOG.jsonl, review" in line and "removed nothing" in line
+    assert _snapshot(folder) == before
+    # only its own files: replaced, unless its run is being written by another process
+    (folder / "review" / "labels.jsonl").unlink()
+    (folder / "review").rmdir()
+    (folder / "CHANGELOG.jsonl").unlink()
+    with RunLock(folder / "run"):
+        with pytest.raises(RunDirError, match="in use by another semhinet process"):
+            prepare_run_dir(folder, overwrite=True, marker=QUICKSTART_MARKER, replaces=QUICKSTART_FILES)
+    assert (folder / "run").is_dir()
+    prepare_run_dir(folder, overwrite=True, marker=QUICKSTART_MARKER, replaces=QUICKSTART_FILES).release()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([LOCK, QUICKSTART_MARKER])
+
+
 def test_a_finished_quickstart_folder_suggests_only_the_options_quickstart_has(tmp_path):
     """The refusal said "use --resume to continue it", an option the quickstart does not have."""
     from semhinet_tf.artifacts.run import QUICKSTART_MARKER

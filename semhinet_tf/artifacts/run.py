@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from semhinet_tf.artifacts.files import is_inside, write_json
@@ -26,6 +26,10 @@ from semhinet_tf.data import decode
 MARKER = ".semhinet-run"
 LOCK = ".semhinet-lock"  # held (flock) by the process writing the folder: a second one is refused, not mixed in
 QUICKSTART_MARKER = ".semhinet-quickstart"
+QUICKSTART_SUMMARY = "quickstart_summary.json"
+# What `quickstart --overwrite` may replace: what the quickstart itself writes. Anything else a user put in the
+# folder (the README's review/ answers, a run2/ trained from them, promote's CHANGELOG.jsonl) is theirs.
+QUICKSTART_FILES = frozenset({"data", "run", QUICKSTART_SUMMARY, QUICKSTART_MARKER})
 CONFIG = "config.json"
 TAXONOMY = "taxonomy.json"
 SPLIT = "split.json"
@@ -224,15 +228,19 @@ def claims_run(shared: bool, busy: str) -> Callable:
 
 def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
                     resume: bool = False, kind: str = "run directory", marker: str = MARKER,
-                    recognise: Callable[[Path], bool] = is_run_dir, resumable: bool = True) -> RunLock:
+                    recognise: Callable[[Path], bool] = is_run_dir, resumable: bool = True,
+                    replaces: Collection[str] | None = None) -> RunLock:
     """Make `run_dir` ready for a new run (or check it for --resume) without ever removing what we did not write,
     and claim it: the returned RunLock is held while the caller writes (`with prepare_run_dir(...):`), so a second
     train, --resume or --overwrite of the same folder is refused instead of mixing its files with the first's.
 
     Empty or missing: created. A failed run's leftovers (UNSTARTED_RUN_FILES): reused. A run directory with more:
     refused unless `overwrite` (emptied) or `resume` (kept). Anything else that is not empty is refused even with
-    `overwrite`: it is not ours to delete (and no lock file is written into it). `resumable`: whether the refusal
-    may suggest --resume (the quickstart has none)."""
+    `overwrite`: it is not ours to delete (and no lock file is written into it). A folder is ours by its marker
+    (written before anything else) or by `recognise`. `resumable`: whether the refusal may suggest --resume (the
+    quickstart has none). `replaces`: the names `overwrite` may remove (None: every entry); with other entries
+    present, or a sub-folder among them being written by another process, `overwrite` is refused and nothing is
+    removed."""
     run_dir = Path(run_dir)
     exists = (f"exists and is not empty (use {'--resume to continue it or ' if resumable else ''}--overwrite to "
               f"replace it)")
@@ -257,6 +265,8 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
             return lock
         if entries - UNSTARTED_RUN_FILES and not overwrite:
             raise RunDirError(f"{run_dir}: {kind} {exists}")
+        if overwrite:
+            _refuse_what_overwrite_may_not_remove(run_dir, entries, replaces, kind)
         for name in entries if overwrite else ():  # emptied, not removed: the lock file (the claim) stays
             entry = run_dir / name
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -267,12 +277,25 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
     return lock
 
 
+def _refuse_what_overwrite_may_not_remove(run_dir: Path, entries: set[str], replaces: Collection[str] | None,
+                                          kind: str) -> None:
+    """Refuse --overwrite of a folder that holds what it may not remove: entries outside `replaces`, or a
+    sub-folder another process is writing (a training's run/)."""
+    foreign = sorted(entries - set(replaces) - {LOCK}) if replaces is not None else []
+    if foreign:
+        raise RunDirError(f"{run_dir}: also holds {', '.join(foreign)}, which the {kind} did not write; --overwrite "
+                          f"replaces only {', '.join(sorted(set(replaces) & entries)) or 'its own files'} and "
+                          f"removed nothing (move those elsewhere first, or choose another --out)")
+    for name in sorted(entries):
+        busy = being_trained(run_dir / name) if (run_dir / name).is_dir() else None
+        if busy:
+            raise RunDirError(f"{run_dir / name}: {busy}; --overwrite removed nothing")
+
+
 def _ours(folder: Path, marker: str, recognise: Callable[[Path], bool]) -> bool:
-    """A folder this project wrote: its marker, a recognised run, or only files a failed run leaves."""
-    if not folder.is_dir():
-        return False
-    entries = {p.name for p in folder.iterdir()}
-    return (folder / marker).is_file() or recognise(folder) or bool(entries and entries <= UNSTARTED_RUN_FILES)
+    """A folder this project wrote: its marker (the first thing a run writes, so a failed run has it too) or a
+    recognised pre-marker run. Files with our names alone (a user's config.json) do not make a folder ours."""
+    return folder.is_dir() and ((folder / marker).is_file() or recognise(folder))
 
 
 def write_marker(folder: Path, marker: str = MARKER) -> None:
