@@ -147,6 +147,16 @@ def test_bad_contracts_and_files_are_refused(tflite, tmp_path):
     broken = not_json[:start] + b"\xff" * size + not_json[start + size :]
     with pytest.raises(ValueError, match="is not UTF-8 JSON"):
         read_contract(broken)
+    # a metadata entry pointing past the buffers (a flipped byte): an IndexError reached the board as a traceback
+    import struct
+
+    from semhinet_tf.export.tflite_meta import _Table
+
+    root = _Table(not_json, struct.unpack_from("<I", not_json, 0)[0])
+    field = next(m for m in root.tables(6) if m.string(0) == CONTRACT_NAME)._field(1)
+    past = not_json[:field] + struct.pack("<I", 0x0F000111) + not_json[field + 4:]
+    with pytest.raises(ValueError, match="corrupt TFLite flatbuffer .metadata 'semhinet_contract' points at buffer"):
+        read_contract(past)
 
 
 def test_reader_and_npu_check_need_no_tensorflow(tflite):

@@ -403,13 +403,17 @@ def _parse(raw: bytes, source: str) -> TFLiteModel:
     if not subgraphs:
         raise ValueError("no subgraph")
     signatures = [_signature(x) for x in root.tables(7)]
+    metadata = {(x.string(0) or ""): x.scalar(1, _U32, 0) for x in root.tables(6)}
+    for name, index in metadata.items():
+        if index >= len(buffer_spans):  # checked here, so a reader of the metadata never meets a bare IndexError
+            raise ValueError(f"metadata '{name}' points at buffer {index} of {len(buffer_spans)}")
     return TFLiteModel(
         source=source,
         version=root.scalar(0, _U32, 0),
         description=root.string(3) or "",
         subgraphs=subgraphs,
         signatures={s.key: s for s in signatures},
-        metadata={(x.string(0) or ""): x.scalar(1, _U32, 0) for x in root.tables(6)},
+        metadata=metadata,
         buffer_spans=buffer_spans,
         external_buffers=any(ext for _, ext in spans),
         raw=raw,
