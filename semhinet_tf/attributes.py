@@ -115,7 +115,14 @@ def read_attribute_csv(path: str | Path) -> AttributeTable:
     if not lines or not lines[0].strip():
         raise AttributeFileError(f"{path}: empty, or no header row on the first line (expected e.g. path,size)")
     delimiter = max(",;\t", key=lines[0].count)
-    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        return _parse_rows(path, csv.reader(lines, delimiter=delimiter))
+    except csv.Error as exc:  # e.g. "field larger than field limit (131072)": not a ValueError
+        raise AttributeFileError(f"{path}: not a readable CSV ({exc})") from exc
+
+
+def _parse_rows(path: Path, reader) -> AttributeTable:
+    """The table from the CSV rows after its header row (read first)."""
     header = [h.strip() for h in next(reader)]
     lowered = [h.lower() for h in header]
     file_col = next((lowered.index(name) for name in PATH_COLUMNS if name in lowered), None)

@@ -132,6 +132,7 @@ def test_a_later_table_overrides_an_earlier_one_cell_by_cell(tmp_path):
     ("path,size,who\na.png,,\nb.png, ,\n", "no column with a number"),
     ("path,lot\n" + "".join(f"f{k}.png,L{k}\n" for k in range(25)), "no column with a number"),  # an identifier
     (b"path,size\n\xff\xfe,1\n", "not UTF-8"),
+    ("path,size\na.png,1\n\"" + "x" * 200_000 + "\",2\n", "not a readable CSV .field larger than field limit"),
 ])
 def test_bad_attribute_files_are_named_in_one_line(tmp_path, content, message):
     f = tmp_path / "attrs.csv"

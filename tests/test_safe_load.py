@@ -137,6 +137,31 @@ def test_our_float_and_qat_models_pass_the_check_and_load(tmp_path, marker):
         assert load_model(tmp_path / name).inputs[0].shape[1] == SIZE
 
 
+def test_a_damaged_keras_archive_is_refused_in_one_line(tiny_run, tmp_path, marker):
+    """One flipped byte in a .keras archive's config.json: zipfile's BadZipFile ("Bad CRC-32") reached the user
+    as a traceback from the quantization probe, before the safety check."""
+    import zipfile
+
+    from semhinet_tf.model.io import load_model
+
+    damaged = tmp_path / "float.keras"
+    raw = bytearray((tiny_run.dir / "float.keras").read_bytes())
+    with zipfile.ZipFile(tiny_run.dir / "float.keras") as z:
+        info = z.getinfo("config.json")
+    at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.compress_size // 2
+    raw[at] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="float.keras: damaged .keras archive"):
+        load_model(damaged)
+    from PIL import Image
+
+    Image.fromarray(tiny_run.frames(1, 0)[0]).save(tmp_path / "frame.png")
+    result = CliRunner().invoke(main, ["predict", str(damaged), str(tmp_path / "frame.png")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {damaged}: damaged .keras archive")
+
+
 def test_a_yaml_taxonomy_with_a_python_tag_is_refused(tmp_path, marker):
     path = tmp_path / "evil.yaml"
     path.write_text(f"name: evil\nheads: !!python/object/apply:os.system ['touch {marker}']\n")

@@ -26,11 +26,15 @@ def save_model(model: keras.Model, path: str | Path, quantized: bool = False) ->
 
 def _is_quantized_file(path: Path) -> bool:
     import zipfile
+    import zlib
 
     if path.suffix != ".keras" or not zipfile.is_zipfile(path):
         return True  # unknown: load in the quantization scope, which also covers float models
-    with zipfile.ZipFile(path) as z:
-        return KERAS_ARCHIVE_CONFIG in z.namelist() and b"QuantizeWrapper" in z.read(KERAS_ARCHIVE_CONFIG)
+    try:
+        with zipfile.ZipFile(path) as z:
+            return KERAS_ARCHIVE_CONFIG in z.namelist() and b"QuantizeWrapper" in z.read(KERAS_ARCHIVE_CONFIG)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError):
+        return True  # a damaged archive: the safety check (or the load) names the file and what is wrong
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -124,4 +128,7 @@ def load_model(path: str | Path, trust_code: bool = False) -> keras.Model:
     except Exception as exc:  # noqa: BLE001 - h5py, zipfile and Keras deserialization each raise their own types
         # Keras' messages quote the whole model config: keep the first sentence
         reason = " ".join(str(exc).split()).split(". ")[0][:200]
-        raise ValueError(f"{path}: cannot load it as a model of this package ({type(exc).__name__}: {reason})") from exc
+        from semhinet_tf.artifacts.contract import ModelRefusedError
+
+        raise ModelRefusedError(f"{path}: cannot load it as a model of this package ({type(exc).__name__}: "
+                                f"{reason})") from exc
