@@ -12,6 +12,7 @@ gates no head is a *leaf*: the eight folder names of the default taxonomy.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,48 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
+def _head_from_spec(h: Any, i: int) -> Head:
+    if not isinstance(h, Mapping):
+        raise TaxonomyError(f"heads[{i}] is a {type(h).__name__}: each head is a mapping with 'name' and 'classes'")
+    name = h.get("name")
+    if not isinstance(name, str) or not name:
+        raise TaxonomyError(f"heads[{i}] has no 'name' (a text)")
+    parent = h.get("parent")
+    if parent not in (None, ""):
+        if not isinstance(parent, str) or "." not in parent:
+            raise TaxonomyError(f"head {name!r}: 'parent' must be written 'head.class' (e.g. h2.line), got {parent!r}")
+        head_name, _, class_name = parent.partition(".")
+        parent = (head_name, class_name)
+    else:
+        parent = None
+    role = h.get("role", "")
+    if not isinstance(role, str):
+        raise TaxonomyError(f"head {name!r}: 'role' must be a text, got {role!r}")
+    return Head(name, _names(h.get("classes"), f"head {name!r}: 'classes'"), parent, role)
+
+
+def _names(value: Any, what: str, one_allowed: bool = False) -> tuple[str, ...]:
+    """A list of names (texts or numbers); with `one_allowed` a single text is a list of one (an alias)."""
+    if one_allowed and isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        raise TaxonomyError(f"{what} must be a list of names, got {value!r:.80}")
+    return tuple(str(v) for v in value)
+
+
+def _mapping(spec: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = spec.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise TaxonomyError(f"'{key}' must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _weight(value: Any, head: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise TaxonomyError(f"loss_weights.{head} must be a number >= 0, got {value!r:.40}")
+    return float(value)
+
+
 @dataclass
 class Taxonomy:
     heads: tuple[Head, ...]
@@ -104,20 +147,17 @@ class Taxonomy:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> Taxonomy:
-        try:
-            heads = []
-            for h in spec["heads"]:
-                parent = None
-                if h.get("parent"):
-                    head_name, _, class_name = str(h["parent"]).partition(".")
-                    parent = (head_name, class_name)
-                heads.append(Head(str(h["name"]), tuple(str(c) for c in h["classes"]), parent,
-                                  str(h.get("role", ""))))
-        except (KeyError, TypeError) as exc:
-            raise TaxonomyError(f"taxonomy spec is missing or has a malformed field: {exc}") from exc
-        aliases = {k: tuple(v) for k, v in (spec.get("aliases") or {}).items()}
-        weights = {k: float(v) for k, v in (spec.get("loss_weights") or {}).items()}
-        return cls(tuple(heads), aliases, weights, str(spec.get("name", "custom")))
+        """A taxonomy from its spec (DEFAULT_SPEC's structure); a malformed one raises TaxonomyError in one line
+        naming the field, never a bare AttributeError from a list where a mapping belongs."""
+        if not isinstance(spec, Mapping):
+            raise TaxonomyError(f"expected a mapping with a 'heads' list, got {type(spec).__name__}")
+        heads_spec = spec.get("heads")
+        if not isinstance(heads_spec, list):
+            raise TaxonomyError("'heads' must be a list of heads, each a mapping with 'name' and 'classes'")
+        heads = tuple(_head_from_spec(h, i) for i, h in enumerate(heads_spec))
+        aliases = {k: _names(v, f"aliases.{k}", one_allowed=True) for k, v in _mapping(spec, "aliases").items()}
+        weights = {k: _weight(v, k) for k, v in _mapping(spec, "loss_weights").items()}
+        return cls(heads, aliases, weights, str(spec.get("name", "custom")))
 
     @classmethod
     def default(cls) -> Taxonomy:

@@ -56,6 +56,19 @@ def test_custom_taxonomy_from_yaml(tmp_path):
      "does not exist"),
     ({"heads": [{"name": "a", "classes": ["x"]}]}, "at least two"),
     ({"heads": [{"name": "ood", "classes": ["x", "y"]}]}, "reserved for the unfamiliar-frame score"),
+    # malformed fields: each was an AttributeError or TypeError traceback, or (classes as one text) six
+    # one-letter classes
+    ({"heads": ["h1"]}, r"heads\[0\] is a str"),
+    ({"heads": {"name": "a"}}, "'heads' must be a list"),
+    ({"heads": [{"name": "a", "classes": "bridge"}]}, "'classes' must be a list of names"),
+    ({"heads": [{"classes": ["x", "y"]}]}, r"heads\[0\] has no 'name'"),
+    ({"heads": [{"name": "a", "classes": ["x", "y"]}, {"name": "b", "parent": 3, "classes": ["p", "q"]}]},
+     "'parent' must be written 'head.class'"),
+    ({"heads": [{"name": "a", "classes": ["x", "y"]}], "aliases": ["x"]}, "'aliases' must be a mapping"),
+    ({"heads": [{"name": "a", "classes": ["x", "y"]}], "aliases": {"x": 5}}, "aliases.x must be a list"),
+    ({"heads": [{"name": "a", "classes": ["x", "y"]}], "loss_weights": [1]}, "'loss_weights' must be a mapping"),
+    ({"heads": [{"name": "a", "classes": ["x", "y"]}], "loss_weights": {"a": "x"}}, "loss_weights.a must be a"),
+    (["heads"], "expected a mapping"),
 ])
 def test_invalid_taxonomies_are_refused_with_a_reason(spec, message):
     with pytest.raises(TaxonomyError, match=message):
@@ -67,6 +80,14 @@ def test_bad_taxonomy_file_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(TaxonomyError, match="broken.json"):
         Taxonomy.from_file(path)
+    path.write_text('{"heads": ["h1"]}')
+    with pytest.raises(TaxonomyError, match=r"broken.json: heads\[0\] is a str"):
+        Taxonomy.from_file(path)
+
+
+def test_an_alias_written_as_one_name_is_one_alias():
+    tax = Taxonomy.from_spec({**Taxonomy.default().to_spec(), "aliases": {"inc_etch": "incomplete etch"}})
+    assert tax.match_folder("Incomplete-Etch") == "inc_etch"
 
 
 def test_flat_leaf_softmax_becomes_head_probabilities_that_multiply_back():
