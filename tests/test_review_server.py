@@ -135,6 +135,58 @@ def test_answers_undo_and_resume(app_client):
     assert [d["head"] for d in client.get("/api/item/2", headers=h).json["path_down"]] == ["h1", "h2", "h3"]
 
 
+def test_an_answer_counts_only_for_the_bytes_it_was_given_on(app_client):
+    """A frame queued again after its file changed was shown as answered (matched by path) and skipped; train
+    --from then dropped the old answer as changed since reviewed, so the frame was never labelled."""
+    client, session, review = app_client
+    h = {"X-Review-Token": "secret-token"}
+    client.post("/api/answer", json={"index": 0, "action": "label", "label": "crack"}, headers=h)
+    client.post("/api/answer", json={"index": 1, "action": "skip"}, headers=h)
+    assert session.answers() == {0: "crack", 1: "skip"}
+    lines = (review / "queue.jsonl").read_text().splitlines()
+    for k in (0, 1):  # the files changed and were queued again (labels.jsonl kept)
+        entry = json.loads(lines[k])
+        lines[k] = json.dumps({**entry, "sha256": "0" * 64})
+    (review / "queue.jsonl").write_text("\n".join(lines) + "\n")
+    again = ReviewSession(review)
+    assert again.answers() == {} and again.state()["position"] == 0
+
+
+def test_the_app_has_no_static_route(tmp_path, monkeypatch):
+    """Flask's default /static/<path> served the working directory's static/ folder (with the token)."""
+    session = ReviewSession(make_review(tmp_path))
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "x.txt").write_text("not a queued frame")
+    monkeypatch.chdir(tmp_path)
+    client = create_app(session, "secret-token").test_client()
+    assert client.get("/static/x.txt", query_string={"token": "secret-token"}).status_code == 404
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "review.json").write_text("[1, 2]"), "review.json: not a JSON object"),
+    (lambda r: (r / "review.json").write_text("{not json"), "review.json: not readable JSON"),
+    (lambda r: (r / "review.json").write_text('{"taxonomy": {"heads": ["h1"]}}'), "its taxonomy is malformed"),
+    (lambda r: _edit_first_entry(r, verdict=["bogus"]), "entry 1 is not a queue entry"),
+    (lambda r: _edit_first_entry(r, heads=[1, 2]), "entry 1 is not a queue entry"),
+    (lambda r: _edit_first_entry(r, leaf_probabilities={"bogus": "high"}), "entry 1 is not a queue entry"),
+])
+def test_a_damaged_review_folder_is_named_in_one_line(tmp_path, damage, message):
+    """Each of these was an AttributeError/TypeError traceback, or an HTTP 500 on the page."""
+    from semhinet_tf.review import ReviewInputError
+
+    review = make_review(tmp_path)
+    damage(review)
+    with pytest.raises(ReviewInputError, match=message) as err:
+        ReviewSession(review)
+    assert str(review) in str(err.value) and "\n" not in str(err.value)
+
+
+def _edit_first_entry(review: Path, **fields) -> None:
+    lines = (review / "queue.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), **fields})
+    (review / "queue.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def test_keys_for_any_taxonomy():
     keys = leaf_keys(TAX.leaves)
     assert list(keys.values()) == list("12345678")

@@ -236,7 +236,21 @@ def queue_entries(rows: Sequence[Mapping[str, Any]], selection: Selection, hashe
 
 def read_queue(path: str | Path) -> list[dict]:
     """queue.jsonl as written by `review queue`; a damaged line is an error naming the file and line."""
-    return _read_json_lines(path, "a queue entry", ("path", "sha256", "verdict", "leaf_probabilities", "heads"))
+    rows = _read_json_lines(path, "a queue entry", ("path", "sha256", "verdict", "leaf_probabilities", "heads"))
+    for number, row in enumerate(rows, start=1):
+        heads = row["heads"]
+        if not (isinstance(row["sha256"], str) and isinstance(row["verdict"], str)
+                and _numbers_by_name(row["leaf_probabilities"]) and isinstance(heads, dict)
+                and all(isinstance(k, str) and _numbers_by_name(v) for k, v in heads.items())):
+            raise ReviewInputError(f"{path}: entry {number} is not a queue entry as `semhinet review queue` writes "
+                                   f"it (sha256 and verdict texts, leaf_probabilities and heads mappings of "
+                                   f"numbers)")
+    return rows
+
+
+def _numbers_by_name(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (int, float))
+                                           and not isinstance(v, bool) for k, v in value.items())
 
 
 # ---------------------------------------------------------------- suspects: labels the model disputes

@@ -27,7 +27,7 @@ from semhinet_tf.artifacts.run import REVIEW_INFO, REVIEW_LABELS, REVIEW_QUEUE
 from semhinet_tf.review import SERVED_ELSEWHERE, ReviewInputError
 from semhinet_tf.review.labels import Answer, append_answer, now, replay
 from semhinet_tf.review.queue import read_queue
-from semhinet_tf.taxonomy import Taxonomy
+from semhinet_tf.taxonomy import Taxonomy, TaxonomyError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOKEN_HEADER = "X-Review-Token"
@@ -62,6 +62,19 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float] | No
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def _read_info(info_file: Path) -> dict[str, Any]:
+    """review.json (the model, its taxonomy and threshold, the counts) or {} without one; one line if damaged."""
+    if not info_file.is_file():
+        return {}
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ReviewInputError(f"{info_file}: not readable JSON ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(info, dict):
+        raise ReviewInputError(f"{info_file}: not a JSON object as `semhinet review queue` writes it")
+    return info
+
+
 class ReviewSession:
     """The queue of a review folder and its answers log; what the web app calls (and tests call directly)."""
 
@@ -73,9 +86,12 @@ class ReviewSession:
         self.queue = read_queue(queue_file)
         if not self.queue:
             raise ReviewInputError(f"{queue_file}: the queue is empty: nothing to review")
-        info_file = self.dir / REVIEW_INFO
-        self.info: dict[str, Any] = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        self.taxonomy = Taxonomy.from_spec(self.info["taxonomy"]) if "taxonomy" in self.info else Taxonomy.default()
+        self.info = _read_info(self.dir / REVIEW_INFO)
+        try:
+            self.taxonomy = (Taxonomy.from_spec(self.info["taxonomy"]) if "taxonomy" in self.info
+                             else Taxonomy.default())
+        except TaxonomyError as exc:
+            raise ReviewInputError(f"{self.dir / REVIEW_INFO}: its taxonomy is malformed ({exc})") from None
         unknown = sorted({e["verdict"] for e in self.queue} - set(self.taxonomy.leaves))
         if unknown:
             raise ReviewInputError(f"{queue_file}: verdicts {', '.join(unknown)} are not leaves of the queue's "
@@ -88,10 +104,16 @@ class ReviewSession:
 
     # ---------------------------------------------------------------- state
     def answers(self) -> dict[int, str]:
-        """Queue index -> standing answer (a leaf name, or "skip"), from the log as it is on disk now."""
+        """Queue index -> standing answer (a leaf name, or "skip"), from the log as it is on disk now. An answer
+        counts only for the bytes it was given on: a frame re-queued after its file changed is asked again (train
+        --from would drop the old answer as "changed since reviewed", so the frame would never be labelled)."""
         r = replay(self.labels_file)
-        out = {self.index_of[p]: a.label for p, a in r.labels.items() if p in self.index_of}
-        out.update({self.index_of[p]: "skip" for p in r.skipped if p in self.index_of})
+        skips = {a.path: a for a in r.history if a.action == "skip" and a.path in r.skipped}
+        out = {}
+        for answer, label in [(a, a.label) for a in r.labels.values()] + [(a, "skip") for a in skips.values()]:
+            i = self.index_of.get(answer.path)
+            if i is not None and answer.sha256 == self.queue[i]["sha256"]:
+                out[i] = label
         return out
 
     def next_open(self, after: int = -1, answers: dict[int, str] | None = None) -> int:
@@ -204,7 +226,7 @@ def create_app(session: ReviewSession, token: str):
     """The Flask app for one review session; every route requires `token`."""
     from flask import Flask, Response, abort, jsonify, request
 
-    app = Flask("semhinet_review")
+    app = Flask("semhinet_review", static_folder=None)  # no /static route: only the page and queued frames
 
     @app.before_request
     def check_token():
