@@ -268,12 +268,13 @@ def promote(new_run: str | Path, old_run: str | Path, data: str | Path, toleranc
              "over": str(old_run.resolve()), "data": str(Path(data).resolve()), "held_out": split_used,
              "frames": len(scores[old_run]["float"][1]), "changes": _what_changed(new_run), "failures": failures,
              "float": decisions["float"], "int8": decisions["int8"], "notes": notes}
-    if not dry_run:
-        append_changelog(home, entry)
+    if not dry_run:  # the decision's line first, then the record it names, then the Markdown made from both
+        append_line(home / CHANGELOG, json.dumps(to_jsonable(entry), allow_nan=False))
         if passed:
             write_json({"current": new_run.resolve().name, "run": str(new_run.resolve()),
                         "model": str((new_run / INT8_MODEL).resolve()), "previous": str(old_run.resolve()),
                         "time": entry["time"], "tolerance": tolerance, "paired": paired}, home / PROMOTED)
+        write_changelog_markdown(home)
     return {"passed": passed, "entry": entry, "failures": failures, "notes": notes, "table": format_table(entry),
             "record": str(home / PROMOTED), "changelog": str(home / CHANGELOG_MD)}
 
@@ -298,12 +299,20 @@ def _current(home: Path, overwrite: bool = False) -> Path | None:
 def append_changelog(home: Path, entry: Mapping[str, Any]) -> None:
     """Append one decision to CHANGELOG.jsonl (one line, flushed to disk) and rewrite CHANGELOG.md from it."""
     append_line(home / CHANGELOG, json.dumps(to_jsonable(entry), allow_nan=False))
+    write_changelog_markdown(home)
+
+
+def write_changelog_markdown(home: Path) -> None:
+    """CHANGELOG.md from every decision in CHANGELOG.jsonl that is a JSON object (a torn line of an interrupted
+    append, or a line someone wrote by hand that is not an object, is left out of the Markdown, never fatal)."""
     entries = []
     for line in (home / CHANGELOG).read_text(encoding="utf-8").splitlines():
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
-            continue  # a torn line of an interrupted append: the Markdown shows the others
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
     atomic_write_text(home / CHANGELOG_MD, changelog_markdown(entries))
 
 
@@ -332,22 +341,33 @@ def changelog_markdown(entries: list[Mapping[str, Any]]) -> str:
     """The changelog for people, newest first: decision, what the new run added, figures before and after."""
     parts = ["# Model changelog", "Written by `semhinet promote` from CHANGELOG.jsonl beside it; newest first."]
     for e in reversed(entries):
-        run, over = Path(e.get("run", "?")).name, Path(e.get("over", "?")).name
-        parts.append(f"## {e.get('time', '?')}: {run} {e.get('decision', '?')} over {over}")
-        changes = e.get("changes") or {}
-        if changes.get("fine_tuned"):
-            labels = changes.get("labels")
-            added = (f"{changes.get('added', 0)} reviewed frame(s) added to training, "
-                     f"{changes.get('relabelled', 0)} training label(s) corrected")
-            parts.append(f"- {run} fine-tuned from {Path(changes.get('run', '?')).name}: {added}"
-                         + (f" (labels {labels}, sha256 {str(changes.get('labels_sha256'))[:12]})" if labels else ""))
-        elif changes:
-            parts.append(f"- {run} is not a fine-tuned run (trained without --from)")
-        parts.extend(f"- worse: {line}" for line in e.get("failures", []))
         try:
-            parts.append(f"- scored on {e.get('frames')} held-out frames of {over} ({e.get('data')}); tolerance "
-                         f"{e['float']['tolerance']:g} points, paired test {'on' if e['float']['paired'] else 'off'}")
-            parts.append(format_table(e))
-        except (KeyError, TypeError, ValueError):  # a line written by hand or by another version: shown, not fatal
-            parts.append("- (no figures this version can read in this entry; CHANGELOG.jsonl has it as written)")
+            parts.extend(_entry_markdown(e))
+        except (AttributeError, KeyError, TypeError, ValueError):  # a line written by hand or by another version
+            parts.append(f"## {str(e.get('time', '?'))[:40]}: an entry this version cannot show (CHANGELOG.jsonl "
+                         f"has it as written)")
     return "\n\n".join(parts) + "\n"
+
+
+def _entry_markdown(e: Mapping[str, Any]) -> list[str]:
+    """One decision's section of CHANGELOG.md."""
+    parts = []
+    run, over = Path(e.get("run", "?")).name, Path(e.get("over", "?")).name
+    parts.append(f"## {e.get('time', '?')}: {run} {e.get('decision', '?')} over {over}")
+    changes = e.get("changes") or {}
+    if changes.get("fine_tuned"):
+        labels = changes.get("labels")
+        added = (f"{changes.get('added', 0)} reviewed frame(s) added to training, "
+                 f"{changes.get('relabelled', 0)} training label(s) corrected")
+        parts.append(f"- {run} fine-tuned from {Path(changes.get('run', '?')).name}: {added}"
+                     + (f" (labels {labels}, sha256 {str(changes.get('labels_sha256'))[:12]})" if labels else ""))
+    elif changes:
+        parts.append(f"- {run} is not a fine-tuned run (trained without --from)")
+    parts.extend(f"- worse: {line}" for line in e.get("failures", []))
+    try:
+        parts.append(f"- scored on {e.get('frames')} held-out frames of {over} ({e.get('data')}); tolerance "
+                     f"{e['float']['tolerance']:g} points, paired test {'on' if e['float']['paired'] else 'off'}")
+        parts.append(format_table(e))
+    except (KeyError, TypeError, ValueError):  # a line written by hand or by another version: shown, not fatal
+        parts.append("- (no figures this version can read in this entry; CHANGELOG.jsonl has it as written)")
+    return parts

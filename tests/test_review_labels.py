@@ -60,5 +60,22 @@ def test_the_promote_changelog_survives_a_torn_last_line(tmp_path):
     assert "t1: ? promoted" in (tmp_path / "CHANGELOG.md").read_text()  # an entry without figures is shown
 
 
+def test_the_promote_changelog_survives_lines_it_cannot_show(tmp_path):
+    """JSON lines that are not decisions this version can show (not an object; changes a list; failures a
+    number) raised AttributeError/TypeError after the decision's line was appended, so promoted.json was never
+    written though the changelog said promoted."""
+    import json
+
+    from semhinet_tf.promote import CHANGELOG, append_changelog
+
+    (tmp_path / CHANGELOG).write_text('[1, 2]\n"text"\n{"time": "t0", "changes": [1]}\n'
+                                      '{"time": "t00", "failures": 3}\n')
+    append_changelog(tmp_path, {"time": "t1", "decision": "promoted"})
+    assert json.loads((tmp_path / CHANGELOG).read_text().splitlines()[-1])["decision"] == "promoted"
+    md = (tmp_path / "CHANGELOG.md").read_text()
+    assert "t1: ? promoted" in md
+    assert "t0: an entry this version cannot show" in md and "t00: an entry this version cannot show" in md
+
+
 def test_missing_log_is_empty(tmp_path):
     assert not replay(tmp_path / "none.jsonl").labels
