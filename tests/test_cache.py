@@ -179,6 +179,26 @@ def test_racing_writers_leave_one_valid_entry(tmp_path, files, monkeypatch):
     assert np.array_equal(cache_mod._open_entry(entry, None, PRE.size).frames, results[0][0])
 
 
+def test_what_killed_runs_left_is_swept_once_a_day_old(tmp_path, files):
+    """A SIGKILLed build leaves its .tmp folder (possibly the size of a dataset) that nothing removed."""
+    import os
+    import time
+
+    cache = FrameCache(tmp_path / "cache")
+    _load(cache, files)
+    folder = _entries(tmp_path / "cache")[0].parent
+    old, fresh, trash = folder / ".abc.x1.tmp", folder / ".abc.x2.tmp", folder / ".abc.x3.trash"
+    for leftover in (old, fresh, trash):
+        leftover.mkdir()
+        (leftover / "frames.npy").write_bytes(b"\0" * 64)
+    day_ago = time.time() - cache_mod.LEFTOVER_AGE_S - 60
+    for leftover in (old, trash):
+        os.utime(leftover, (day_ago, day_ago))
+    _load(cache, files[:2])  # another data set: a build in the same folder
+    assert not old.exists() and not trash.exists()
+    assert fresh.exists()  # may be a run building right now
+
+
 def test_frame_rows_index_like_the_rows_they_stand_for(tmp_path):
     base = np.random.default_rng(0).integers(0, 256, (10, 5, 5), dtype=np.uint8)
     np.save(tmp_path / "f.npy", base)

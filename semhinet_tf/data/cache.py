@@ -143,6 +143,7 @@ class FrameCache:
     def _build(self, folder: Path, key: str, paths: list[str], digests: list[str], pre: Preprocess,
                progress: bool, desc: str) -> _Entry:
         folder.mkdir(parents=True, exist_ok=True)
+        _sweep_leftovers(folder)
         known = self._known_rows(folder, set(digests), pre.size)
         tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{key}.", suffix=".tmp"))
         try:
@@ -259,6 +260,24 @@ def _remove(path: Path) -> None:
     except OSError:
         aside = path
     shutil.rmtree(aside, ignore_errors=True)
+
+
+LEFTOVER_AGE_S = 24 * 3600  # a build's temporary folder older than this belongs to no live run
+
+
+def _sweep_leftovers(folder: Path, now: float | None = None) -> None:
+    """Remove what killed runs left (a half-written `.tmp` entry, a `.trash` one not yet deleted), once a day old:
+    an exception removes its own, but SIGKILL or a power cut cannot, and each can be the size of a dataset."""
+    import time
+
+    now = time.time() if now is None else now
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith((".tmp", ".trash")):
+            try:
+                if now - entry.stat().st_mtime > LEFTOVER_AGE_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                continue  # another run removed it first
 
 
 def _one_line(exc: BaseException) -> str:

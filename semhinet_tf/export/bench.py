@@ -117,7 +117,12 @@ def _cached_backbone(model_path: Path, img_size: int, alpha: float, minimalistic
         _write_atomic(path, content)
         return path, "built"
     except OSError:
-        tmp = Path(tempfile.mkdtemp(prefix="semhinet-bench-")) / path.name
+        import atexit
+        import shutil
+
+        folder = tempfile.mkdtemp(prefix="semhinet-bench-")
+        atexit.register(shutil.rmtree, folder, True)  # the process's own copy: gone when the bench ends
+        tmp = Path(folder) / path.name
         tmp.write_bytes(content)
         return tmp, "built-uncached"
 
