@@ -764,7 +764,8 @@ def review() -> None:
 @click.option("--boundary", default=10, show_default=True, type=click.IntRange(min=0),
               help="frames per head nearest its decision boundary (smallest margin between its top two classes)")
 @click.option("--max", "max_items", type=click.IntRange(min=1), default=None,
-              help="budget: at most this many frames (audit first, at most a quarter of them, then those under review, "
+              help="budget: at most this many frames (the audit sample first, at most a quarter of them; then "
+                   "unfamiliar frames, at most another quarter; then those under review, least probable first; "
                    "then boundary ones)")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="fixes the audit sample: the same seed and verdicts give the same queue")
