@@ -717,25 +717,29 @@ def predict(model, paths, threshold, threads, views, fmt, out, overwrite, allow_
     Exit codes: 0 all classified; 1 some files could not be read (listed); 2 refused (bad model, options or
     --out); 3 some verdicts flagged for review and --fail-on-review given; 130 interrupted."""
     import contextlib
+    from collections import Counter
 
     from semhinet_tf.artifacts.files import atomic_open
-    from semhinet_tf.board.output import Writer
+    from semhinet_tf.board.output import Writer, review_reason, review_summary
     from semhinet_tf.workflow import predict_paths
 
     check_outputs([out], overwrite, inputs=[*model_inputs(model), *paths])
-    n_bad = n_rows = n_review = 0
+    n_bad = n_rows = 0
+    reasons: Counter = Counter()
     with atomic_open(out, "w", newline="") if out else contextlib.nullcontext(sys.stdout) as stream:
         writer = Writer(stream, fmt)
         for row in predict_paths(model, paths, threshold=threshold, threads=threads, views=int(views),
                                  allow_no_contract=allow_no_contract):
             n_bad += "error" in row
-            n_review += bool(row.get("review"))
+            reasons[review_reason(row)] += 1
             n_rows += 1
             writer.write(row)
         if not n_rows:
             raise UserError("no images found in " + ", ".join(map(str, paths)))
+    reasons.pop(None, None)
+    n_review = sum(reasons.values())
     if out:
-        click.echo(f"{n_rows} verdicts written to {out}: {n_rows - n_bad} classified, {n_review} for review, "
+        click.echo(f"{n_rows} verdicts written to {out}: {n_rows - n_bad} classified, {review_summary(reasons)}, "
                    f"{n_bad} unreadable", err=True)
     if n_bad:
         click.echo(f"{n_bad} file(s) could not be read (see the 'error' {'lines' if fmt == 'jsonl' else 'column'})",

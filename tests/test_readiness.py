@@ -126,6 +126,24 @@ def test_the_board_sends_a_class_that_is_not_ready_to_review(tiny_run, tmp_path,
     mixed = board(_model_with_ready(tiny_run, tmp_path, ready))
     for row in mixed:
         assert row["review"] == (row["class"] not in ready) == (not row["ready"])
+    # the summary line says why verdicts went to review: with few classes ready, most of them for that reason
+    model = _model_with_ready(tiny_run, tmp_path, [])
+    assert board_main([str(model), str(images), "--out", str(tmp_path / "why.jsonl")]) == 0
+    assert "16 for review (16 of a class not ready for automatic classification)" in capsys.readouterr().err
+
+
+def test_the_review_summary_counts_each_verdict_once_by_its_first_reason():
+    from semhinet_tf.board.output import review_reason, review_summary
+
+    rows = [{"review": False, "ready": True}, {"review": True, "ready": True},
+            {"review": True, "ready": False, "unfamiliar": True}, {"review": True, "ready": False},
+            {"review": True, "ready": False, "unfamiliar": False}]
+    reasons = [review_reason(r) for r in rows]
+    assert reasons == [None, "threshold", "unfamiliar", "not-ready", "not-ready"]
+    counts = {k: reasons.count(k) for k in set(reasons) - {None}}
+    assert review_summary(counts) == ("4 for review (1 unfamiliar, 2 of a class not ready for automatic "
+                                      "classification, 1 under the review threshold)")
+    assert review_summary({}) == "0 for review"
 
 
 def test_the_report_has_a_readiness_section(tmp_path):

@@ -17,7 +17,12 @@ import numpy as np
 
 from semhinet_tf.artifacts.files import atomic_open, check_outputs
 from semhinet_tf.artifacts.run import model_inputs
-from semhinet_tf.board.output import CSV_FIELDS, Writer  # noqa: F401 - CSV_FIELDS: the board's columns
+from semhinet_tf.board.output import (  # noqa: F401 - CSV_FIELDS: the board's columns
+    CSV_FIELDS,
+    Writer,
+    review_reason,
+    review_summary,
+)
 from semhinet_tf.board.runtime import KERNELS, VIEWS_BUDGET_SHARE, BoardModel
 from semhinet_tf.data.decode import DEFAULT_MAX_PIXELS, set_max_pixels
 
@@ -140,7 +145,8 @@ def _run(args: argparse.Namespace, err) -> int:
     # --out is written under a unique temporary name in its folder and renamed when done: a file of that name
     # from before is replaced only by a complete result, and two runs never write into the same temporary file.
     missing: list[Path] = []
-    n = bad = review = 0
+    n = bad = 0
+    reasons: dict[str, int] = {}
     latencies = []
     t0 = time.perf_counter()
     try:
@@ -152,7 +158,9 @@ def _run(args: argparse.Namespace, err) -> int:
                     bad += 1
                     print(f"skipped {row['path']}: {row['error']}", file=err)
                 else:
-                    review += bool(row["review"])
+                    reason = review_reason(row)
+                    if reason:
+                        reasons[reason] = reasons.get(reason, 0) + 1
                     latencies.append(row["infer_ms"])
                 writer.write(row)
             if not n and args.out:
@@ -166,14 +174,14 @@ def _run(args: argparse.Namespace, err) -> int:
         print(f"skipped {p}: no such file or folder", file=err)
     wall = time.perf_counter() - t0
     p50 = f"{np.percentile(latencies, 50):.2f}" if latencies else "-"
-    print(f"{n} images in {wall:.1f} s: {n - bad} classified, {review} for review, {bad + len(missing)} unreadable; "
-          f"steady inference p50 {p50} ms", file=err)
+    print(f"{n} images in {wall:.1f} s: {n - bad} classified, {review_summary(reasons)}, {bad + len(missing)} "
+          f"unreadable; steady inference p50 {p50} ms", file=err)
     if n == 0:
         print("error: no images found in " + ", ".join(args.paths), file=err)
         return EXIT_USAGE
     if bad or missing:
         return EXIT_BAD_IMAGES
-    if args.fail_on_review and review:
+    if args.fail_on_review and reasons:
         return EXIT_REVIEW
     return EXIT_OK
 
