@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from semhinet_tf.artifacts.files import OutputError, atomic_open, check_outputs
-from semhinet_tf.artifacts.run import LOCK, MARKER, RunDirError, prepare_run_dir
+from semhinet_tf.artifacts.run import LOCK, MARKER, RunDirError, is_run_output, prepare_run_dir
 from semhinet_tf.cli import main
 
 PACKAGE = Path(__file__).resolve().parents[1] / "semhinet_tf"
@@ -113,6 +113,29 @@ def test_quickstart_overwrite_keeps_the_review_loop_beside_it(tmp_path):
     assert (folder / "run").is_dir()
     prepare_run_dir(folder, overwrite=True, marker=QUICKSTART_MARKER, replaces=QUICKSTART_FILES).release()
     assert sorted(p.name for p in folder.iterdir()) == sorted([LOCK, QUICKSTART_MARKER])
+
+
+def test_train_overwrite_refuses_a_run_directory_holding_a_users_notes(tmp_path, data):
+    """train --overwrite removed a my_notes.txt the user had put beside the models, without naming it."""
+    run = tmp_path / "runs" / "x"
+    prepare_run_dir(run).release()
+    for name in ("config.json", "float.keras", "model_int8.tflite", "model_int8.onnx", "eval_val.json"):
+        (run / name).write_text("ours")
+    (run / "report").mkdir()
+    (run / "report" / "index.html").write_text("<html>")
+    (run / "checkpoint").mkdir()
+    (run / "my_notes.txt").write_text("keep me")
+    (run / "signoff").mkdir()
+    (run / "signoff" / "ok.md").write_text("signed")
+    before = _snapshot(run)
+    line = _refused("train", str(data), "--out", str(run), "--overwrite", "--epochs", "1")
+    assert "also holds my_notes.txt, signoff, not outputs of the run directory" in line
+    assert "removed nothing" in line and _snapshot(run) == before
+    (run / "my_notes.txt").unlink()
+    (run / "signoff" / "ok.md").unlink()
+    (run / "signoff").rmdir()
+    prepare_run_dir(run, overwrite=True, replaces=is_run_output).release()
+    assert sorted(p.name for p in run.iterdir()) == sorted([LOCK, MARKER])
 
 
 def test_a_finished_quickstart_folder_suggests_only_the_options_quickstart_has(tmp_path):

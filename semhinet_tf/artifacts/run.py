@@ -58,6 +58,10 @@ CHANGELOG_MD = "CHANGELOG.md"  # the same for people, rewritten from CHANGELOG.j
 TRAINED_FILES = frozenset({MARKER, CONFIG, TAXONOMY, SPLIT, MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, HISTORY, STATE,
                            FLOAT_MODEL, QAT_MODEL, REVIEW_THRESHOLD, TRAIN_RESULT})
 
+# What the commands write into a run besides TRAINED_FILES, by kind: evaluations and contracts (.json), tables
+# (.csv), models and exports (.keras, .h5, .tflite, .onnx), weights (.npz); a report folder holds index.html.
+RUN_OUTPUT_SUFFIXES = frozenset({".json", ".csv", ".keras", ".h5", ".tflite", ".onnx", ".npz"})
+
 # What a run that failed while reading its data leaves behind; such a folder may be reused without --overwrite.
 DATA_REPORT_FILES = frozenset({MANIFEST_CSV, MANIFEST_JSON, SKIPPED_CSV, SPLIT})
 # ... and one that failed before its first epoch was saved (bad weights file, out of memory while building):
@@ -229,7 +233,7 @@ def claims_run(shared: bool, busy: str) -> Callable:
 def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
                     resume: bool = False, kind: str = "run directory", marker: str = MARKER,
                     recognise: Callable[[Path], bool] = is_run_dir, resumable: bool = True,
-                    replaces: Collection[str] | None = None) -> RunLock:
+                    replaces: Collection[str] | Callable[[Path], bool] | None = None) -> RunLock:
     """Make `run_dir` ready for a new run (or check it for --resume) without ever removing what we did not write,
     and claim it: the returned RunLock is held while the caller writes (`with prepare_run_dir(...):`), so a second
     train, --resume or --overwrite of the same folder is refused instead of mixing its files with the first's.
@@ -238,9 +242,9 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
     refused unless `overwrite` (emptied) or `resume` (kept). Anything else that is not empty is refused even with
     `overwrite`: it is not ours to delete (and no lock file is written into it). A folder is ours by its marker
     (written before anything else) or by `recognise`. `resumable`: whether the refusal may suggest --resume (the
-    quickstart has none). `replaces`: the names `overwrite` may remove (None: every entry); with other entries
-    present, or a sub-folder among them being written by another process, `overwrite` is refused and nothing is
-    removed."""
+    quickstart has none). `replaces`: the names `overwrite` may remove, or a test of each entry (None: every
+    entry); with other entries present, or a sub-folder among them being written by another process, `overwrite`
+    is refused and nothing is removed."""
     run_dir = Path(run_dir)
     exists = (f"exists and is not empty (use {'--resume to continue it or ' if resumable else ''}--overwrite to "
               f"replace it)")
@@ -277,19 +281,38 @@ def prepare_run_dir(run_dir: Path, inputs: Iterable[str | Path | None] = (), ove
     return lock
 
 
-def _refuse_what_overwrite_may_not_remove(run_dir: Path, entries: set[str], replaces: Collection[str] | None,
+def _refuse_what_overwrite_may_not_remove(run_dir: Path, entries: set[str],
+                                          replaces: Collection[str] | Callable[[Path], bool] | None,
                                           kind: str) -> None:
-    """Refuse --overwrite of a folder that holds what it may not remove: entries outside `replaces`, or a
+    """Refuse --overwrite of a folder that holds what it may not remove: entries `replaces` does not cover, or a
     sub-folder another process is writing (a training's run/)."""
-    foreign = sorted(entries - set(replaces) - {LOCK}) if replaces is not None else []
+    if replaces is None:
+        foreign = []
+    elif callable(replaces):
+        foreign = sorted(name for name in entries - {LOCK} if not replaces(run_dir / name))
+    else:
+        foreign = sorted(entries - set(replaces) - {LOCK})
     if foreign:
-        raise RunDirError(f"{run_dir}: also holds {', '.join(foreign)}, which the {kind} did not write; --overwrite "
-                          f"replaces only {', '.join(sorted(set(replaces) & entries)) or 'its own files'} and "
-                          f"removed nothing (move those elsewhere first, or choose another --out)")
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunDirError(f"{run_dir}: also holds {shown}, not outputs of the {kind}; --overwrite removed "
+                          f"nothing (move those elsewhere first, or choose another --out)")
     for name in sorted(entries):
         busy = being_trained(run_dir / name) if (run_dir / name).is_dir() else None
         if busy:
             raise RunDirError(f"{run_dir / name}: {busy}; --overwrite removed nothing")
+
+
+def is_run_output(entry: Path) -> bool:
+    """Whether `train --overwrite` may remove this entry of a run directory: what training, convert, eval, compare,
+    export-onnx and bench write there (by name or kind), a report folder, an interrupted atomic write. A user's
+    notes (my_notes.txt, signoff.md) are not, and `--overwrite` is refused while they are there."""
+    name = entry.name
+    if name in TRAINED_FILES or name in (LOCK, CHECKPOINT):
+        return True
+    if entry.is_symlink() or not entry.is_dir():
+        return entry.suffix in RUN_OUTPUT_SUFFIXES or (name.startswith(".") and ".tmp" in name)
+    inside = list(entry.iterdir())
+    return not inside or (entry / "index.html").is_file()
 
 
 def _ours(folder: Path, marker: str, recognise: Callable[[Path], bool]) -> bool:

@@ -129,7 +129,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, taxonomy:
         overwrite, resume = True, False
     extra_inputs = [source.dir, labels] if source is not None else []
     claim = run_files.prepare_run_dir(run_dir, inputs=[data_dir, weights_file(cfg.weights), *inputs,
-                                                       *extra_inputs], overwrite=overwrite, resume=resume)
+                                                       *extra_inputs], overwrite=overwrite, resume=resume,
+                                      replaces=run_files.is_run_output)
     with claim:  # held while this process writes the run; another train, resume or convert of it is refused
         return _train_claimed(data_dir, run_dir, chief_run_dir, cfg, taxonomy, resume, strict, progress, given,
                               cache_dir, use_cache, source, labels, strategy, t0)
