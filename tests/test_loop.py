@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -197,6 +198,31 @@ def source_run(tiny_run, tmp_path_factory):
     manifest.save(run)
     save_split(stratified_split(manifest, 0.25, seed=1), run)
     return {"home": home, "run": run, "data": data, "new": new}
+
+
+def test_a_file_the_run_could_not_read_is_not_called_a_new_frame(source_run, tmp_path):
+    """train --from warned "1 frame(s) ... are in neither side of the run's split (added since)" for a truncated
+    JPEG the run had skipped: its scan does not decode, so the file looked new."""
+    import shutil
+
+    from semhinet_tf.data.decode import Preprocess
+    from semhinet_tf.training.from_run import SourceRun, plan_data
+
+    data = Path(shutil.copytree(source_run["data"], tmp_path / "data"))
+    run = Path(shutil.copytree(source_run["run"], tmp_path / "run"))
+    split = json.loads((run / "split.json").read_text())
+    (run / "split.json").write_text(json.dumps({**split, "root": str(data.resolve())}))
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp_path / "t.jpg")
+    whole = (tmp_path / "t.jpg").read_bytes()
+    (data / "crack" / "trunc.jpg").write_bytes(whole[: len(whole) // 2])  # its header (size) still reads
+    (run / "skipped.csv").write_text("path,reason\ncrack/trunc.jpg,truncated image file\n")
+    _, plan, _ = plan_data(data, SourceRun.load(run), TAX, None, Preprocess(size=32), progress=False)
+    assert not any("neither side" in w for w in plan["warnings"]), plan["warnings"]
+    (data / "crack" / "new.png").write_bytes((data / "crack" / sorted(os.listdir(data / "crack"))[0]).read_bytes())
+    _, plan, _ = plan_data(data, SourceRun.load(run), TAX, None, Preprocess(size=32), progress=False)
+    assert any("1 frame(s)" in w and "neither side" in w for w in plan["warnings"]), plan["warnings"]
 
 
 @pytest.mark.slow

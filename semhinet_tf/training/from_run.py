@@ -250,7 +250,10 @@ def plan_data(data_dir: str | Path, source: SourceRun, taxonomy: Any, labels: Pa
     gone = [p for p in source.split["train"] if p not in by_path and not Path(p).is_absolute()]
     if gone:
         notes.append(f"{len(gone)} training frame(s) of the run are no longer in {root}, e.g. {gone[0]}")
-    outside = [p for p in by_path if p not in in_train and p not in held_out]
+    # a file RUN could not read (skipped.csv) is no new frame: this scan does not decode, so it is listed here
+    # and the decoding below skips it again
+    skipped_by_run = {path for path, _ in source.manifest.skipped}
+    outside = [p for p in by_path if p not in in_train and p not in held_out and p not in skipped_by_run]
     if outside:
         notes.append(f"{len(outside)} frame(s) of {root} are in neither side of the run's split (added since); left "
                      f"out: label them through review, or train a new run to use them")
