@@ -58,6 +58,7 @@ def friendly(fn):
     from semhinet_tf.artifacts.files import OutputError
     from semhinet_tf.artifacts.run import RunDirError
     from semhinet_tf.review import ReviewInputError
+    from semhinet_tf.taxonomy import TaxonomyError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -65,7 +66,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (OutputError, RunDirError, ModelRefusedError, UnsafeFileError, ReviewInputError) as exc:
+        except (OutputError, RunDirError, ModelRefusedError, UnsafeFileError, ReviewInputError, TaxonomyError) as exc:
             raise RefusedError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc
@@ -488,7 +489,10 @@ def npu_check(model, allow_float_tail, target, json_out, overwrite):
     from semhinet_tf.export.npu import check_target
 
     check_outputs([json_out], overwrite, inputs=model_inputs(model))
-    report = check_target(model, target=target, allow_float_tail=allow_float_tail)
+    try:
+        report = check_target(model, target=target, allow_float_tail=allow_float_tail)
+    except ValueError as exc:  # not a .tflite, or a damaged one: exit 2, apart from a model that fails the check
+        raise RefusedError(_one_line(exc)) from exc
     click.echo(report.format())
     if json_out:
         write_json(report.to_dict(), json_out)
@@ -567,6 +571,9 @@ def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwr
               help="class folders to score on (the run's saved validation split of them by default)")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default=None,
               help="default: val when the run's split is found, else all")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="the run directory MODEL was trained in, when the file lives elsewhere (a deployed copy): its "
+                   "saved split decides which frames are held out")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the metrics as JSON to this file (the same keys for every model format)")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -584,7 +591,7 @@ def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwr
 @no_contract_option
 @overwrite_option
 @friendly
-def eval_cmd(model, data, split, json_out, report_dir, target_purity, ready_min_frames, attributes, views,
+def eval_cmd(model, data, split, run_dir, json_out, report_dir, target_purity, ready_min_frames, attributes, views,
              allow_no_contract, overwrite):
     """Evaluate MODEL (run directory, .keras, .tflite or .onnx) on DATA.
 
@@ -595,7 +602,7 @@ def eval_cmd(model, data, split, json_out, report_dir, target_purity, ready_min_
     from semhinet_tf.workflow import eval_model
 
     try:
-        res = eval_model(model, data, split=split, json_out=json_out, report_dir=report_dir,
+        res = eval_model(model, data, split=split, run_dir=run_dir, json_out=json_out, report_dir=report_dir,
                          target_purity=target_purity, views=int(views), allow_no_contract=allow_no_contract,
                          overwrite=overwrite, ready_min_frames=ready_min_frames, attributes=attributes)
     except AttributeFileError as exc:  # a wrong file is refused before any inference, like a wrong model
@@ -734,8 +741,8 @@ def predict(model, paths, threshold, threads, views, fmt, out, overwrite, allow_
             reasons[review_reason(row)] += 1
             n_rows += 1
             writer.write(row)
-        if not n_rows:
-            raise UserError("no images found in " + ", ".join(map(str, paths)))
+        if not n_rows:  # as the board: a usage error (exit 2), not files that could not be read (exit 1)
+            raise RefusedError("no images found in " + ", ".join(map(str, paths)))
     reasons.pop(None, None)
     n_review = sum(reasons.values())
     if out:

@@ -98,6 +98,10 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     notes.insert(0, f"scored {len(frames)} frames of {data} ({which})")
     notes.extend(still_training_warning(run_dir))
     seen = trained_on(paths, run_dir) if split_used != "val" else 0
+    if run_dir is None:  # a model copied out of its run ("the file alone is the deployment")
+        notes.insert(1, f"warning: no run directory found for {model} (beside it, or --run RUN), so nothing tells "
+                        f"its training frames from new ones: if {data} holds frames it was trained on, these "
+                        f"figures flatter it (give --run RUN to score only that run's held-out split)")
     if seen:
         notes.insert(1, f"warning: {seen} of these {len(frames)} frames are byte for byte frames the model trained "
                         f"on ({run_dir}'s training split): the figures flatter it; score a separate test set, or the "

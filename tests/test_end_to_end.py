@@ -111,6 +111,22 @@ def test_eval_json_has_the_same_keys_for_every_format(workspace, model, tmp_path
         assert "unfamiliar" not in result
 
 
+def test_a_deployed_copy_of_the_model_warns_or_is_given_its_run(workspace, tmp_path):
+    """A .tflite copied out of its run ("the file alone is the deployment") was scored on all of DATA, its own
+    training frames included, with only "(all split)" to say so."""
+    deployed = tmp_path / "deploy" / "model_int8.tflite"
+    deployed.parent.mkdir()
+    deployed.write_bytes(workspace["tflite"].read_bytes())
+    data = str(workspace["data"])
+    alone = run_cli("eval", str(deployed), "--data", data, "--json", str(tmp_path / "alone.json"))
+    assert "(all split)" in alone and f"warning: no run directory found for {deployed}" in alone
+    given = run_cli("eval", str(deployed), "--data", data, "--run", str(workspace["run"]),
+                    "--json", str(tmp_path / "given.json"))
+    assert "the run's held-out split" in given and "no run directory found" not in given
+    held_out = json.loads((workspace["run"] / "split.json").read_text())["val"]
+    assert json.loads((tmp_path / "given.json").read_text())["n"] == len(held_out)
+
+
 def test_test_time_views_reach_every_format_with_their_own_review_threshold(workspace, tmp_path):
     from semhinet_tf.board.runtime import BoardModel
     from semhinet_tf.data.views import VIEW_TABLE, apply_view
@@ -439,6 +455,7 @@ def test_foreign_models_and_folders_get_one_line_errors(workspace, tmp_path):
     assert "left out: alpha" in run_cli("eval", tflite, "--data", str(unknown))
     (tmp_path / "empty").mkdir()
     assert "no images found" in _fails_in_one_line("predict", tflite, str(tmp_path / "empty"))
+    assert CliRunner().invoke(main, ["predict", tflite, str(tmp_path / "empty")]).exit_code == 2  # usage, as the board
 
 
 def test_convert_exits_non_zero_when_its_model_fails_the_npu_check(workspace, monkeypatch):

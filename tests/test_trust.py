@@ -719,3 +719,34 @@ def test_eval_on_a_copy_of_the_training_folder_says_so(tiny_run, tmp_path):
     assert f"warning: {n_train} of these 32 frames are byte for byte frames the model trained on" in result.output
     own = CliRunner().invoke(main, ["eval", str(run / "model_int8.tflite"), "--data", str(data)])
     assert "(the run's held-out split)" in own.output and "byte for byte" not in own.output
+
+
+# ---------------------------------------------------------------- exit codes: 2 for a bad model, file or usage
+def test_bad_models_files_and_usage_exit_2_in_one_line(tmp_path, data):
+    """Each exited 1, the code for "some images could not be read" (or, for npu-check, for a model that fails
+    the check), so a script could not tell them apart; a damaged .keras also waited ~10 s for TensorFlow."""
+    (tmp_path / "model.keras").write_bytes(b"PK\x03\x04 not really a zip")
+    (tmp_path / "model.tflite").write_text("not a model")
+    (tmp_path / "tax.yaml").write_text("heads: [unclosed\n")
+    image = str(data / "normal" / "0.png")
+    for args, words in [
+        (["predict", str(tmp_path / "model.keras"), image], "model.keras: not a .keras (zip) or .h5"),
+        (["npu-check", str(tmp_path / "model.tflite")], "model.tflite: not a TFLite model"),
+        (["train", str(data), "--out", str(tmp_path / "run"), "--taxonomy", str(tmp_path / "tax.yaml")],
+         "tax.yaml: not valid YAML"),
+    ]:
+        assert words in _refused(*args)
+
+
+def test_a_damaged_keras_file_is_refused_before_tensorflow_loads(tmp_path, data):
+    import subprocess
+    import sys
+
+    (tmp_path / "model.keras").write_bytes(b"PK\x03\x04 not really a zip")
+    code = ("import sys; from semhinet_tf.cli import main\n"
+            "try:\n    main(sys.argv[1:], standalone_mode=False)\n"
+            "except Exception as exc:\n    print(type(exc).__name__)\n"
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, "predict", str(tmp_path / "model.keras"),
+                          str(data / "normal" / "0.png")], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["RefusedError", "False"], (out.stdout, out.stderr)

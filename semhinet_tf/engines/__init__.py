@@ -21,6 +21,8 @@ def model_format(path: str | Path) -> str:
     """"keras" for a run directory, .keras or .h5; "tflite"; "onnx"; anything else is refused as a bad model
     (ModelRefusedError, a ValueError: exit 2, as the README's exit codes say)."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such model file or run directory")
     if p.is_dir() or p.suffix in (".keras", ".h5"):
         return "keras"
     if p.suffix == ".tflite":
@@ -30,6 +32,20 @@ def model_format(path: str | Path) -> str:
     from semhinet_tf.artifacts.contract import ModelRefusedError
 
     raise ModelRefusedError(f"{p}: unknown model format (expected a run directory, .keras, .h5, .tflite or .onnx)")
+
+
+def _readable_keras_file(path: Path) -> None:
+    """Read the model configuration of a .keras/.h5 file (or a run directory's best model) as plain JSON, without
+    TensorFlow: ModelRefusedError naming the file when it is not a readable model (the full safety check of its
+    classes comes with the load)."""
+    from semhinet_tf.artifacts.run import FLOAT_MODEL, QAT_MODEL
+    from semhinet_tf.safe_load import read_model_config
+
+    if path.is_dir():
+        path = next((path / name for name in (QAT_MODEL, FLOAT_MODEL) if (path / name).exists()), None)
+        if path is None:
+            return  # the loader names the folder and what it lacks
+    read_model_config(path)
 
 
 def load_model(path: str | Path, *, threads: int | None = None, views: int = 1,
@@ -44,6 +60,7 @@ def load_model(path: str | Path, *, threads: int | None = None, views: int = 1,
     bar on stderr for long inference."""
     kind = model_format(path)
     if kind == "keras":
+        _readable_keras_file(Path(path))  # a damaged or foreign file is refused before TensorFlow loads (~10 s)
         from semhinet_tf.engines.keras import KerasEngine
 
         return KerasEngine(path, review_threshold=review_threshold, views=views, trust_code=trust_code,
