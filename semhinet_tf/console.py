@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 # absl/glog line prefix: severity letter, MMDD, time, thread id, file:line]. Before absl's logging is set up
 # the time is "00:00:<seconds since the epoch>" ("I0000 00:00:1796581451.262283   10638 cudart_stub.cc:31] ").
@@ -52,16 +53,19 @@ class _Filter:
         os.dup2(write_end, 2)
         os.close(write_end)
         self.read_end = read_end
+        self.busy = False
         self.thread = threading.Thread(target=self._pump, name="semhinet-stderr-filter", daemon=True)
         self.thread.start()
 
     def _pump(self) -> None:
         pending = b""
         while True:
+            self.busy = False
             try:
                 chunk = os.read(self.read_end, 65536)
             except OSError:
                 break
+            self.busy = True
             if not chunk:
                 break
             pending += chunk
@@ -73,6 +77,19 @@ class _Filter:
                 os.write(self.saved, out)
         if pending and (rest := without_native_log(pending)):
             os.write(self.saved, rest)
+
+    def settle(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) until what was written to descriptor 2 so far has been forwarded."""
+        import fcntl
+        import struct
+        import termios
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            waiting = struct.unpack("i", fcntl.ioctl(self.read_end, termios.FIONREAD, b"\0\0\0\0"))[0]
+            if not waiting and not self.busy:
+                return
+            time.sleep(0.002)
 
     def close(self) -> None:
         try:
@@ -107,6 +124,28 @@ def quiet_native_logs() -> None:
     import atexit
 
     atexit.register(restore_native_logs)
+
+
+def settle_stderr(timeout: float = 0.2) -> None:
+    """Let the filter forward what stderr holds before a line goes to stdout: a progress bar's last redraw (or its
+    erasing) passes through the filter's thread and could otherwise land after the line, on the same row."""
+    try:
+        sys.stderr.flush()
+        if _active is not None:
+            _active.settle(timeout)
+    except (OSError, ValueError):
+        pass
+
+
+def stderr_is_terminal() -> bool:
+    """Whether a person watches stderr: under the filter descriptor 2 is a pipe, so ask of the stderr it
+    forwards to (bars that asked sys.stderr.isatty() hid themselves on every terminal)."""
+    try:
+        if _active is not None:
+            return os.isatty(_active.saved)
+        return sys.stderr.isatty()
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def restore_native_logs() -> None:

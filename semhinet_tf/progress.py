@@ -73,7 +73,6 @@ def step(desc: str, enabled: bool = True) -> Iterator[Step]:
 
 
 def _is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
+    from semhinet_tf.console import stderr_is_terminal
+
+    return stderr_is_terminal()

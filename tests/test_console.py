@@ -74,3 +74,24 @@ def test_importing_tensorflow_under_the_filter_prints_only_our_lines():
     assert "ours before" in lines and "ours after" in lines
     leaked = [line for line in lines if is_native_log(line.encode() + b"\n")]
     assert not leaked, leaked
+
+
+def test_a_terminal_behind_the_filter_is_still_a_terminal_for_progress_bars():
+    """Under the filter descriptor 2 is a pipe: the training's step bar and `step`'s ticking clock asked
+    sys.stderr.isatty(), got False, and hid themselves on every terminal (a 30-50 s epoch showed nothing)."""
+    import os
+    import pty
+
+    code = ("import sys\nfrom semhinet_tf.console import quiet_native_logs, stderr_is_terminal\n"
+            "from semhinet_tf.progress import _is_terminal\n"
+            "quiet_native_logs()\nprint(sys.stderr.isatty(), stderr_is_terminal(), _is_terminal())")
+    controller, terminal = pty.openpty()
+    try:
+        out = subprocess.run([sys.executable, "-c", code], stderr=terminal, capture_output=False,
+                             stdout=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert out.stdout.split() == ["False", "True", "True"], out.stdout
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert piped.stdout.split() == ["False", "False", "False"], piped.stdout

@@ -158,9 +158,13 @@ class EpochProgress(keras.callbacks.Callback):
         from tqdm import tqdm
 
         self._t = time.perf_counter()
-        # disable=None: tqdm hides itself when stderr is not a terminal
+        from semhinet_tf.console import stderr_is_terminal
+
+        # only on a terminal (into a log file, the epoch's summary line is enough); asked of the terminal itself,
+        # since descriptor 2 is the native-log filter's pipe
         self._bar = tqdm(total=self.steps, desc=f"{self.phase} {epoch + 1}/{self.epochs}", unit="step",
-                         leave=False, file=sys.stderr, dynamic_ncols=True, disable=None if self.progress else True)
+                         leave=False, file=sys.stderr, dynamic_ncols=True,
+                         disable=not (self.progress and stderr_is_terminal()))
 
     def on_train_batch_end(self, batch, logs=None):
         if self._bar is not None:
@@ -170,8 +174,11 @@ class EpochProgress(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self._bar is not None:
+            from semhinet_tf.console import settle_stderr
+
             self._bar.close()
             self._bar = None
+            settle_stderr()  # the bar's erasing reaches the terminal before the summary line
         logs = logs or {}
         parts = [f"loss {float(logs['loss']):.4f}"] if "loss" in logs else []
         if MONITOR in logs:
