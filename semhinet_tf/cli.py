@@ -798,9 +798,11 @@ def review_queue(model, images, out, audit, boundary, max_items, seed, suspects,
 
     info = build_queue(model, images, out, audit=audit, boundary=boundary, max_items=max_items, seed=seed,
                        views=int(views), allow_no_contract=allow_no_contract, overwrite=overwrite, suspects=suspects)
-    click.echo(f"{info['n_queued']} of {info['n_frames']} frames queued in {out}: {info['n_review']} under the review "
-               f"threshold {info['review_threshold']:.3f}, "
+    new_queued = info["n_queued"] - info["n_suspects"]  # suspects are frames of --suspects DATA, not of IMAGES
+    click.echo(f"{info['n_queued']} frames queued in {out}: {new_queued} of {info['n_frames']} new frames, "
+               f"{info['n_review']} under the review threshold {info['review_threshold']:.3f}, "
                + (f"{info['n_not_ready']} of classes not ready, " if info["n_not_ready"] else "")
+               + (f"{info['n_unfamiliar']} unfamiliar, " if info.get("n_unfamiliar") else "")
                + f"{info['n_audit']} audit of {info['n_confident']} "
                f"confident verdicts"
                + (f" ({info['audit_asked']} asked; a budget gives the audit at most {AUDIT_BUDGET_SHARE:.0%} of it)"
@@ -808,7 +810,7 @@ def review_queue(model, images, out, audit, boundary, max_items, seed, suspects,
                + ", the rest nearest a head's boundary"
                + (f"; {info['dropped_by_budget']} left out by --max" if info["dropped_by_budget"] else "")
                + (f"; {info['unreadable']} unreadable" if info["unreadable"] else "")
-               + (f"; {info['n_suspects']} suspect labels of {suspects} ({info['suspects_split']} frames)"
+               + (f"; and {info['n_suspects']} suspect labels of {suspects} ({info['suspects_split']} frames)"
                   if suspects else ""))
     for line in info["notes"]:
         click.echo(line, err=True)

@@ -127,7 +127,30 @@ def test_state_records_each_phase_and_an_early_stop(tmp_path):
                                                        cb.PhaseState(tmp_path, "qat", stopper)])
     state = json.loads((tmp_path / "train_state.json").read_text())
     assert state["float"] == {"epoch": 30, "stopped": False}
-    assert state["qat"] == {"epoch": 2, "best": 0.3, "best_epoch": 0, "stopped": True}
+    qat = state["qat"]
+    assert {k: qat[k] for k in ("epoch", "best", "best_epoch", "stopped")} == {"epoch": 2, "best": 0.3,
+                                                                               "best_epoch": 0, "stopped": True}
+    assert 0 <= qat["seconds"] < 60 and qat["images_per_second"] is None  # no step timer given
+
+
+def test_a_resumed_phase_adds_its_seconds_to_those_before_and_keeps_the_step_rate(tmp_path):
+    """After Ctrl-C and --resume the run printed 'float phase 0.0 min' and 'training step 0 images/s': the
+    figures covered only what the resuming process ran."""
+    (tmp_path / "train_state.json").write_text(json.dumps(
+        {"float": {"epoch": 3, "best": 0.3, "best_epoch": 0, "stopped": False, "seconds": 100.0,
+                   "images_per_second": 250.0}}))
+    x, y = _regression()
+    stopper = cb.ResumableEarlyStopping(patience=5, best=0.3, best_epoch=0)
+    timer = cb.StepTimer()
+    _dense().fit(x, y, epochs=5, initial_epoch=3, batch_size=8, verbose=0,
+                 callbacks=[timer, _Scores([0, 0, 0, 0.1, 0.1]), stopper,
+                            cb.PhaseState(tmp_path, "float", stopper, timer, batch_size=8)])
+    state = json.loads((tmp_path / "train_state.json").read_text())["float"]
+    assert state["epoch"] == 5 and 100.0 <= state["seconds"] < 160
+    assert state["images_per_second"] > 0 and state["images_per_second"] != 250.0  # this process measured it
+    from semhinet_tf.training.loop import _seconds_before
+
+    assert _seconds_before({"float": state}, "float") == state["seconds"] and _seconds_before({}, "qat") == 0.0
 
 
 def test_one_summary_line_per_epoch_on_stdout_and_no_bar_when_not_wanted(capsys):

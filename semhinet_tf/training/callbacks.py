@@ -130,16 +130,27 @@ class PhaseHistory(keras.callbacks.Callback):
 
 class PhaseState(keras.callbacks.Callback):
     """train_state.json after every epoch: how far the phase got, its best score, whether it stopped early
-    (BackupAndRestore keeps the weights but cannot tell a finished phase from an interrupted one)."""
+    (BackupAndRestore keeps the weights but cannot tell a finished phase from an interrupted one), and its
+    training time and step throughput summed over every process that ran it, so a --resume reports the whole
+    phase rather than its own few seconds."""
 
-    def __init__(self, run_dir: Path, phase: str, stopper: ResumableEarlyStopping) -> None:
+    def __init__(self, run_dir: Path, phase: str, stopper: ResumableEarlyStopping, timer: StepTimer | None = None,
+                 batch_size: int = 0) -> None:
         super().__init__()
         self.run_dir, self.phase, self.stopper = run_dir, phase, stopper
+        self.timer, self.batch_size = timer, batch_size
+        saved = read_state(run_dir).get(phase, {})
+        self.before = float(saved.get("seconds", 0.0))
+        self.before_ips = saved.get("images_per_second")
+        self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        ips = self.timer.images_per_second(self.batch_size) if self.timer is not None else 0.0
         write_phase_state(self.run_dir, self.phase, {
             "epoch": epoch + 1, "best": float(self.stopper.best), "best_epoch": int(self.stopper.best_epoch),
-            "stopped": bool(self.model.stop_training)})
+            "stopped": bool(self.model.stop_training),
+            "seconds": round(self.before + time.perf_counter() - self.started, 1),
+            "images_per_second": ips or self.before_ips})
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -194,7 +205,8 @@ class EpochProgress(keras.callbacks.Callback):
 
 
 def phase_callbacks(run_dir: Path, phase: str, taxonomy: Any, val: tuple, cfg: Any, model_path: Path,
-                    epochs: int, steps: int, progress: bool = True) -> list[keras.callbacks.Callback]:
+                    epochs: int, steps: int, progress: bool = True, timer: StepTimer | None = None
+                    ) -> list[keras.callbacks.Callback]:
     """A phase's callbacks in the order they must run at an epoch's end: average in, validate, stop/keep the
     best, raw weights back, history, backup, state, then the summary line."""
     saved = read_state(run_dir).get(phase, {})
@@ -204,5 +216,5 @@ def phase_callbacks(run_dir: Path, phase: str, taxonomy: Any, val: tuple, cfg: A
             SaveBest(stopper, model_path, quantized=phase == "qat"), average.restorer(),
             PhaseHistory(run_dir, phase),
             keras.callbacks.BackupAndRestore(str(run_dir / CHECKPOINT / phase), delete_checkpoint=False),
-            PhaseState(run_dir, phase, stopper),
+            PhaseState(run_dir, phase, stopper, timer, cfg.batch_size),
             EpochProgress(phase, epochs, steps, stopper, progress)]

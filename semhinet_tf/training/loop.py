@@ -73,7 +73,7 @@ def fit_phase(phase: str, model: Any, taxonomy: Any, train: tuple, val: tuple, c
     ds = make_dataset(train[0], train[1], taxonomy, cfg.batch_size, steps * epochs, seed, cfg.sampler,
                       Augment(**cfg.augment), start_step=initial_epoch * steps, flat=cfg.flat)
     timer = StepTimer()
-    callbacks = phase_callbacks(run_dir, phase, taxonomy, val, cfg, model_path, epochs, steps, progress)
+    callbacks = phase_callbacks(run_dir, phase, taxonomy, val, cfg, model_path, epochs, steps, progress, timer)
     model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=[timer, *callbacks],
               verbose=0)
     return timer.images_per_second(cfg.batch_size)
@@ -187,6 +187,7 @@ def _train_claimed(data_dir, run_dir: Path, chief_run_dir: Path, cfg: TrainConfi
     pipe_ips = pipeline_throughput(train_set, taxonomy, cfg)
     where = f"memory-mapped from {cache.root}" if cache else "held in memory"
     print(f"input pipeline: {pipe_ips:.0f} images/s (decoded frames {where})", flush=True)
+    earlier = read_state(run_dir) if resume else {}  # what processes before this --resume ran of each phase
     t_float = time.time()
     step_ips = fit_phase("float", model, taxonomy, train_set, val_set, cfg, run_dir, cfg.epochs, cfg.lr,
                          cfg.warmup_epochs, run_dir / FLOAT_MODEL, resume, strategy, progress)
@@ -194,7 +195,7 @@ def _train_claimed(data_dir, run_dir: Path, chief_run_dir: Path, cfg: TrainConfi
     from semhinet_tf.model.io import load_model
 
     best_float = load_model(run_dir / FLOAT_MODEL)
-    result = {"run_dir": str(run_dir), "float_seconds": round(t_float, 1),
+    result = {"run_dir": str(run_dir), "float_seconds": round(_seconds_before(earlier, "float") + t_float, 1),
               "float_val": hierarchical_scores(best_float, *val_set, taxonomy)}
     if cfg.qat_epochs > 0:
         from semhinet_tf.model.quant import calibrate_ranges, freeze_batchnorm, qat_base, quantize_model
@@ -212,7 +213,7 @@ def _train_claimed(data_dir, run_dir: Path, chief_run_dir: Path, cfg: TrainConfi
             print(f"  [qat] {freeze_batchnorm(qat)} BatchNorm layers keep the float model's statistics", flush=True)
         fit_phase("qat", qat, taxonomy, train_set, val_set, cfg, run_dir, cfg.qat_epochs, cfg.qat_lr, 0.0,
                   run_dir / QAT_MODEL, resume, strategy, progress)
-        result["qat_seconds"] = round(time.time() - t_qat, 1)
+        result["qat_seconds"] = round(_seconds_before(earlier, "qat") + time.time() - t_qat, 1)
         final = load_model(run_dir / QAT_MODEL)  # the best QAT epoch, as saved (rebuilding one costs seconds)
         result["qat_val"] = hierarchical_scores(final, *val_set, taxonomy)
     else:
@@ -223,13 +224,23 @@ def _train_claimed(data_dir, run_dir: Path, chief_run_dir: Path, cfg: TrainConfi
     if source is not None:
         result["from_run_seconds"] = source.seconds
     result["pipeline_images_per_second"] = pipe_ips
+    if not step_ips:  # every float step ran before this --resume: the figure that process measured
+        step_ips = read_state(run_dir).get("float", {}).get("images_per_second")
     result["train_step_images_per_second"] = step_ips
-    print(f"throughput: input pipeline {pipe_ips:.0f} images/s vs training step {step_ips:.0f} images/s",
-          flush=True)
+    step_text = f"{step_ips:.0f} images/s" if step_ips else "not measured (its steps ran before this --resume)"
+    print(f"throughput: input pipeline {pipe_ips:.0f} images/s vs training step {step_text}", flush=True)
     write_json(result, run_dir / TRAIN_RESULT)
     if run_dir != chief_run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _seconds_before(state: dict, phase: str) -> float:
+    """The phase's training seconds run by processes before this one (0 for a new run or an older state file)."""
+    try:
+        return float(state.get(phase, {}).get("seconds", 0.0))
+    except (TypeError, ValueError, AttributeError):
+        return 0.0
 
 
 def _fine_tuned(run_dir: Path) -> bool:
