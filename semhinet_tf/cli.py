@@ -516,7 +516,7 @@ def export_onnx_cmd(model, out, opset, overwrite, tables):
     from semhinet_tf.export.onnx import export_onnx
 
     info = export_onnx(model, out, opset=opset, overwrite=overwrite, tflite_tables=tables)
-    click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) from {info['source']}: "
+    click.echo(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KiB) from {info['source']} ({info['model']}): "
                f"input {info['input']['name']} {info['input']['dtype']}, outputs {', '.join(info['outputs'])}")
     tables = info.get("tables")
     if tables:

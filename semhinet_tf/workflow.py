@@ -109,7 +109,9 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     probs, ood_scores = engine.predict_with_ood(frames)
     from semhinet_tf.evaluate import DEFAULT_READY_MIN_FRAMES, unfamiliar_section
 
-    result = evaluate(leaf_ids, probs, taxonomy, model_name=str(model), fmt=engine.format,
+    # a run directory stands for its best model: name the file that was scored (qat.h5, else float.keras)
+    scored = getattr(engine, "model_file", model)
+    result = evaluate(leaf_ids, probs, taxonomy, model_name=str(scored), fmt=engine.format,
                       purity_target=target_purity, review_threshold=engine.review_threshold,
                       ready_min_frames=DEFAULT_READY_MIN_FRAMES if ready_min_frames is None else ready_min_frames)
     result["split"] = split_used

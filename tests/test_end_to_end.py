@@ -96,6 +96,7 @@ def test_eval_json_has_the_same_keys_for_every_format(workspace, model, tmp_path
     result = json.loads(out.read_text())
     assert EVAL_KEYS <= set(result)
     assert result["format"] == ("tflite" if model.endswith(".tflite") else "keras")
+    assert result["model"].endswith("qat.h5" if model == "run" else model)  # the file a run directory stands for
     assert result["split"] == "val"
     assert result["n"] == len(json.loads((workspace["run"] / "split.json").read_text())["val"])
     assert set(result["heads"]) == {"h1", "h2", "h3", "h4", "h5"}
