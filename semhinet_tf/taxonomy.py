@@ -183,7 +183,8 @@ class Taxonomy:
                 spec = json.loads(text)
         except Exception as exc:  # noqa: BLE001 - any parser error becomes one clear line
             _refuse_tags(path, exc)
-            raise TaxonomyError(f"{path}: not valid {path.suffix[1:].upper() or 'JSON'}: {exc}") from exc
+            kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"  # other suffixes are read as JSON
+            raise TaxonomyError(f"{path}: not valid {kind} (a taxonomy is a .yaml, .yml or .json file): {exc}") from exc
         if not isinstance(spec, dict):
             raise TaxonomyError(f"{path}: expected a mapping with a 'heads' list")
         try:
