@@ -48,6 +48,16 @@ def trained_on(paths: list[str], run_dir: Path | None) -> int:
     return count
 
 
+def _recorded_training_frames(paths: list[str], record: dict | None) -> np.ndarray:
+    """For each path, whether the contract's record of training frames (artifacts.trained_frames) holds it."""
+    from semhinet_tf.artifacts.files import file_sha256
+    from semhinet_tf.artifacts.trained_frames import contains
+
+    if record is None:
+        return np.zeros(len(paths), dtype=bool)
+    return np.array([contains(record, file_sha256(p)) for p in paths], dtype=bool)
+
+
 def decode_items(items: list, pre: Preprocess, taxonomy: Taxonomy, notes: list[str], progress: bool = True):
     """Decode (path, leaf) items with the model's preprocessing (an engine's `preprocess`); unreadable files are
     noted and dropped."""
@@ -92,13 +102,30 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     run_dir = Path(run_dir) if run_dir is not None else find_run_dir(model)
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
     frames, paths, leaf_ids = decode_items(items, engine.preprocess, taxonomy, notes, progress)
+    record = getattr(getattr(engine, "spec", None), "trained_frames", None) if run_dir is None else None
+    recorded = _recorded_training_frames(paths, record)
+    if recorded.any() and split is None:  # a deployed copy: what its run's split would have held out
+        keep = ~recorded
+        if not keep.any():
+            raise ValueError(f"{data}: every frame of it is one {model} was trained on (the record in its contract); "
+                             f"score frames it has not seen, or pass --split all")
+        frames, leaf_ids = frames[keep], np.asarray(leaf_ids)[keep]
+        paths = [p for p, k in zip(paths, keep) if k]  # noqa: B905 (one flag a path)
+        split_used = "unseen"
+        notes.append(f"left out {int(recorded.sum())} frames {model} was trained on (by the record of its training "
+                     f"frames in its contract, which takes a new frame for one with probability "
+                     f"{record['false_match']:.1g}); --split all scores them too")
     if not len(frames):
         raise ValueError(f"{data}: no readable images in the {split_used} split")
-    which = "the run's held-out split" if split_used == "val" else f"{split_used} split"
+    which = {"val": "the run's held-out split", "unseen": "those the model was not trained on"}.get(
+        split_used, f"{split_used} split")
     notes.insert(0, f"scored {len(frames)} frames of {data} ({which})")
     notes.extend(still_training_warning(run_dir))
     seen = trained_on(paths, run_dir) if split_used != "val" else 0
-    if run_dir is None:  # a model copied out of its run ("the file alone is the deployment")
+    if recorded.any() and split_used != "unseen":  # --split all on a deployed copy (no run: `seen` is 0)
+        notes.insert(1, f"warning: {int(recorded.sum())} of these {len(frames)} frames are frames the model trained "
+                        f"on (the record in its contract): the figures flatter it")
+    elif run_dir is None and record is None:  # a model copied out of its run ("the file alone is the deployment")
         notes.insert(1, f"warning: no run directory found for {model} (beside it, or --run RUN), so nothing tells "
                         f"its training frames from new ones: if {data} holds frames it was trained on, these "
                         f"figures flatter it (give --run RUN to score only that run's held-out split)")

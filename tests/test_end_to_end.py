@@ -112,20 +112,27 @@ def test_eval_json_has_the_same_keys_for_every_format(workspace, model, tmp_path
         assert "unfamiliar" not in result
 
 
-def test_a_deployed_copy_of_the_model_warns_or_is_given_its_run(workspace, tmp_path):
+def test_a_deployed_copy_of_the_model_leaves_out_its_training_frames(workspace, tmp_path):
     """A .tflite copied out of its run ("the file alone is the deployment") was scored on all of DATA, its own
-    training frames included, with only "(all split)" to say so."""
+    training frames included, with only "(all split)" to say so. Its contract now records its training frames."""
     deployed = tmp_path / "deploy" / "model_int8.tflite"
     deployed.parent.mkdir()
     deployed.write_bytes(workspace["tflite"].read_bytes())
     data = str(workspace["data"])
+    split = json.loads((workspace["run"] / "split.json").read_text())
+    contract = json.loads((workspace["run"] / "model_int8.json").read_text())
+    assert contract["trained_frames"]["count"] == len(split["train"])
     alone = run_cli("eval", str(deployed), "--data", data, "--json", str(tmp_path / "alone.json"))
-    assert "(all split)" in alone and f"warning: no run directory found for {deployed}" in alone
+    assert "(those the model was not trained on)" in alone and "no run directory found" not in alone
+    assert f"left out {len(split['train'])} frames {deployed} was trained on" in alone
+    result = json.loads((tmp_path / "alone.json").read_text())
+    assert result["split"] == "unseen" and result["n"] == len(split["val"])
+    everything = run_cli("eval", str(deployed), "--data", data, "--split", "all", "--json", str(tmp_path / "all.json"))
+    assert f"warning: {len(split['train'])} of these" in everything and "the model trained on" in everything
     given = run_cli("eval", str(deployed), "--data", data, "--run", str(workspace["run"]),
                     "--json", str(tmp_path / "given.json"))
-    assert "the run's held-out split" in given and "no run directory found" not in given
-    held_out = json.loads((workspace["run"] / "split.json").read_text())["val"]
-    assert json.loads((tmp_path / "given.json").read_text())["n"] == len(held_out)
+    assert "the run's held-out split" in given and "left out" not in given
+    assert json.loads((tmp_path / "given.json").read_text())["n"] == len(split["val"])
 
 
 def test_test_time_views_reach_every_format_with_their_own_review_threshold(workspace, tmp_path):

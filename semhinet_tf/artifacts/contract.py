@@ -38,7 +38,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TEXT_FIELDS = ("version", "run_id", "created", "leaf_probability")
 KNOWN_FIELDS = frozenset({"format", "taxonomy", "input", "outputs", "preprocess", "views", "review_threshold",
                           "review_threshold_by_views", "quantization", "digest", "ready_classes", "ood",
-                          *_TEXT_FIELDS})
+                          "trained_frames", *_TEXT_FIELDS})
 _OOD_KEYS = {"output", "threshold", "false_alarm", "leaves", "dims", "frames", "reference_frames", "method"}
 # Image-size limits are a host option, not the model's to decide: accepted in old contracts and dropped.
 _IGNORED_PREPROCESS = ("max_pixels",)
@@ -188,6 +188,15 @@ def _check_ready(where: str, value: Any, taxonomy) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _check_trained_frames(where: str, value: Any) -> dict:
+    from semhinet_tf.artifacts.trained_frames import check
+
+    wrong = check(value)
+    if wrong:
+        raise ContractError(where, "trained_frames", wrong)
+    return value
+
+
 def _check_ood(where: str, value: Any, taxonomy) -> dict:
     """The unfamiliar-frame score: which output holds it, the threshold above which a frame goes to review, and
     the leaves it was fitted on (a verdict of another leaf, such as bogus, is never sent to review by it)."""
@@ -264,6 +273,7 @@ class Contract:
     digest: str | None = None
     ready_classes: tuple[str, ...] | None = None
     ood: dict | None = None
+    trained_frames: dict | None = None  # artifacts.trained_frames: which files the model was trained on
     present: bool = True
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -325,6 +335,7 @@ def validate_contract(d: Any, where: str) -> Contract:
         digest=_check_digest(where, d["digest"]) if "digest" in d else None,
         ready_classes=_check_ready(where, d["ready_classes"], taxonomy) if "ready_classes" in d else None,
         ood=_check_ood(where, d["ood"], taxonomy) if d.get("ood") is not None else None,
+        trained_frames=_check_trained_frames(where, d["trained_frames"]) if "trained_frames" in d else None,
         raw=dict(d),
     )
 
@@ -354,10 +365,13 @@ def threshold_for_views(contract: Contract | Mapping, views: int = 1, where: str
 def build_contract(*, run_id: str, taxonomy_spec: dict, img_size: int, io_type: str, preprocess: Mapping,
                    views: Sequence[str], review_threshold: float, review_threshold_by_views: Mapping[str, float],
                    quantization: dict | None, version: str, batch: int = 1, digest: bool = True,
-                   ready_classes: Sequence[str] | None = None, ood: Mapping | None = None) -> dict:
+                   ready_classes: Sequence[str] | None = None, ood: Mapping | None = None,
+                   trained_frames: Mapping | None = None) -> dict:
     """The contract `semhinet convert` embeds (and export-onnx carries). With `digest`, the digest value is the
     placeholder `seal_tflite` fills once the contract sits in the file. `ready_classes`: the leaves whose verdicts
-    may stand without review (None: not judged, every class). Validated before it is returned."""
+    may stand without review (None: not judged, every class). `trained_frames`: the record of the training
+    frames (artifacts.trained_frames), so `eval` of a copy of the model outside its run still leaves them out.
+    Validated before it is returned."""
     contract = {
         "format": CONTRACT_FORMAT,
         "version": version,
@@ -378,6 +392,8 @@ def build_contract(*, run_id: str, taxonomy_spec: dict, img_size: int, io_type: 
         contract["ready_classes"] = list(ready_classes)
     if ood is not None:
         contract["ood"] = dict(ood)
+    if trained_frames is not None:
+        contract["trained_frames"] = dict(trained_frames)
     if digest:
         contract["digest"] = {"algorithm": DIGEST_ALGORITHM, "value": DIGEST_PLACEHOLDER}
     validate_contract(json.loads(json.dumps(contract)), "new contract")

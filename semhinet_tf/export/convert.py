@@ -46,13 +46,26 @@ def run_contract(run_dir: Path, config: dict, taxonomy_spec: dict, *, img_size: 
                  ready_classes: list[str] | None = None, ood: dict | None = None) -> dict:
     """The contract of a model converted from RUN (artifacts.contract.build_contract with the run's facts)."""
     from semhinet_tf import __version__
+    from semhinet_tf.artifacts.trained_frames import build as record_trained_frames
 
     return build_contract(
         run_id=f"{run_dir.resolve().name}@{config.get('created', '')}".rstrip("@"), taxonomy_spec=taxonomy_spec,
         img_size=img_size, io_type=io_type, preprocess=config["preprocess"],
         views=invariant_views(config.get("train", {}).get("augment")), review_threshold=review_threshold,
         review_threshold_by_views=validation_thresholds_by_views(run_dir), quantization=quantization,
-        version=__version__, batch=batch, digest=digest, ready_classes=ready_classes, ood=ood)
+        version=__version__, batch=batch, digest=digest, ready_classes=ready_classes, ood=ood,
+        trained_frames=record_trained_frames(d) if (d := _training_digests(run_dir)) else None)
+
+
+def _training_digests(run_dir: Path) -> list[str]:
+    """sha256 of every frame of RUN's training split (none when its manifest or split cannot be read)."""
+    from semhinet_tf.data.discover import Manifest, load_split
+
+    try:
+        train = set(load_split(run_dir)["train"])
+        return [e.sha256 for e in Manifest.load(run_dir).entries if e.path in train and e.sha256]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 @claims_run(shared=True, busy="convert it when that training has ended")
