@@ -203,10 +203,16 @@ def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: flo
 
     `views` > 1 averages that many test-time flips/rotations, with the review threshold chosen for them;
     `allow_no_contract` runs a .tflite without a contract (see BoardModel)."""
-    from semhinet_tf.engines import load_model
+    import contextlib
 
-    engine = load_model(model, threads=threads, views=views, review_threshold=threshold,
-                        allow_no_contract=allow_no_contract, progress=False)
+    from semhinet_tf.engines import load_model, model_format
+    from semhinet_tf.progress import step
+
+    # a Keras model takes 10-20 s to load (TensorFlow, then the model): a clock, so it does not look hung
+    slow = model_format(model) == "keras"
+    with step(f"loading {model} with TensorFlow") if slow else contextlib.nullcontext():
+        engine = load_model(model, threads=threads, views=views, review_threshold=threshold,
+                            allow_no_contract=allow_no_contract, progress=False)
     missing: list[Path] = []
     yield from engine.classify(paths, batch_size=batch_size, on_missing=missing.append)
     for p in missing:
