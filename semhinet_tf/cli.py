@@ -570,7 +570,8 @@ def bench(model, threads, runs, no_backbone, json_out, allow_no_contract, overwr
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="class folders to score on (the run's saved validation split of them by default)")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default=None,
-              help="default: val when the run's split is found, else all")
+              help="default: val when the run's split is found, else all less the frames the model's contract "
+                   "records as its training frames")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="the run directory MODEL was trained in, when the file lives elsewhere (a deployed copy): its "
                    "saved split decides which frames are held out")
