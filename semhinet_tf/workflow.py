@@ -48,6 +48,19 @@ def trained_on(paths: list[str], run_dir: Path | None) -> int:
     return count
 
 
+def load_engine(model: str | Path, progress: bool = True, clock: bool | None = None, **options):
+    """engines.load_model for a command: a Keras model takes 10-35 s to load (TensorFlow, then the model), so a
+    clock shows while it does (with `progress`, or `clock`), and a command does not look hung."""
+    import contextlib
+
+    from semhinet_tf.engines import load_model, model_format
+    from semhinet_tf.progress import step
+
+    slow = model_format(model) == "keras" and (progress if clock is None else clock)
+    with step(f"loading {model} with TensorFlow") if slow else contextlib.nullcontext():
+        return load_model(model, progress=progress, **options)
+
+
 def _recorded_training_frames(paths: list[str], record: dict | None) -> np.ndarray:
     """For each path, whether the contract's record of training frames (artifacts.trained_frames) holds it."""
     from semhinet_tf.artifacts.files import file_sha256
@@ -89,7 +102,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
     (semhinet_tf.attributes) under "attributes" in the result."""
     from semhinet_tf.attributes import read_attribute_csv
     from semhinet_tf.data.dataset import eval_items
-    from semhinet_tf.engines import find_run_dir, load_model
+    from semhinet_tf.engines import find_run_dir
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
     from semhinet_tf.report import REPORT_FILES
 
@@ -97,7 +110,7 @@ def eval_model(model: str | Path, data: str | Path, split: str | None = None, js
                   overwrite, inputs=[*model_inputs(model), data, *attributes])
     attribute_tables = [read_attribute_csv(p) for p in attributes]
     model = Path(model)
-    engine = load_model(model, views=views, allow_no_contract=allow_no_contract, progress=progress)
+    engine = load_engine(model, views=views, allow_no_contract=allow_no_contract, progress=progress)
     taxonomy = engine.taxonomy
     run_dir = Path(run_dir) if run_dir is not None else find_run_dir(model)
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
@@ -203,16 +216,8 @@ def predict_paths(model: str | Path, paths: Iterable[str | Path], threshold: flo
 
     `views` > 1 averages that many test-time flips/rotations, with the review threshold chosen for them;
     `allow_no_contract` runs a .tflite without a contract (see BoardModel)."""
-    import contextlib
-
-    from semhinet_tf.engines import load_model, model_format
-    from semhinet_tf.progress import step
-
-    # a Keras model takes 10-20 s to load (TensorFlow, then the model): a clock, so it does not look hung
-    slow = model_format(model) == "keras"
-    with step(f"loading {model} with TensorFlow") if slow else contextlib.nullcontext():
-        engine = load_model(model, threads=threads, views=views, review_threshold=threshold,
-                            allow_no_contract=allow_no_contract, progress=False)
+    engine = load_engine(model, threads=threads, views=views, review_threshold=threshold,
+                         allow_no_contract=allow_no_contract, progress=False, clock=True)
     missing: list[Path] = []
     yield from engine.classify(paths, batch_size=batch_size, on_missing=missing.append)
     for p in missing:
@@ -304,7 +309,6 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     """
     from semhinet_tf import stats
     from semhinet_tf.data.dataset import eval_items
-    from semhinet_tf.engines import load_model
     from semhinet_tf.evaluate import evaluate, format_summary_table, write_json
 
     run_dir = Path(run_dir)
@@ -314,7 +318,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     check_outputs([json_out], overwrite, inputs=[*model_inputs(run_dir), *models, data])
     if not (run_dir / FLOAT_MODEL).exists():
         raise FileNotFoundError(f"{run_dir}: no {FLOAT_MODEL} to compare against")
-    reference = load_model(run_dir / FLOAT_MODEL, progress=progress)
+    reference = load_engine(run_dir / FLOAT_MODEL, progress=progress)
     taxonomy = reference.taxonomy
     reference.use_views(views)  # a one-line error before decoding when the run cannot offer them
     items, split_used, notes = eval_items(data, taxonomy, run_dir, split)
@@ -329,7 +333,7 @@ def compare_run(run_dir: str | Path, data: str | Path, split: str | None = None,
     results, probs = {}, {}
     for path in models:
         engine = reference if path == run_dir / FLOAT_MODEL else \
-            load_model(path, allow_no_contract=allow_no_contract, progress=progress)
+            load_engine(path, allow_no_contract=allow_no_contract, progress=progress)
         if engine.input_size != reference.input_size:
             notes.append(f"{path.name}: input {engine.input_size}px differs from the float model; skipped")
             continue
