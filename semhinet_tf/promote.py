@@ -365,8 +365,10 @@ def _entry_markdown(e: Mapping[str, Any]) -> list[str]:
         parts.append(f"- {run} is not a fine-tuned run (trained without --from)")
     parts.extend(f"- worse: {line}" for line in e.get("failures", []))
     try:
+        tolerance = e["float"]["tolerance"]
         parts.append(f"- scored on {e.get('frames')} held-out frames of {over} ({e.get('data')}); tolerance "
-                     f"{e['float']['tolerance']:g} points, paired test {'on' if e['float']['paired'] else 'off'}")
+                     f"{tolerance:g} point{'' if tolerance == 1 else 's'}, paired test "
+                     f"{'on' if e['float']['paired'] else 'off'}")
         parts.append(format_table(e))
     except (KeyError, TypeError, ValueError):  # a line written by hand or by another version: shown, not fatal
         parts.append("- (no figures this version can read in this entry; CHANGELOG.jsonl has it as written)")
