@@ -18,7 +18,7 @@ from semhinet_tf.artifacts.contract import ModelRefusedError
 from semhinet_tf.artifacts.files import check_outputs
 from semhinet_tf.artifacts.run import TRAIN_RESULT, model_inputs
 from semhinet_tf.data.decode import DEFAULT_IMG_SIZE
-from semhinet_tf.safe_load import UnsafeFileError, set_trust_model_code
+from semhinet_tf.safe_load import ModelFileError, UnsafeFileError, set_trust_model_code
 
 # Exit codes, as the board's: 1 the work failed (or some images could not be read); 2 refused before any work
 # (usage, an output that would be clobbered, a model that may not be loaded: damaged, modified, malformed or
@@ -66,7 +66,8 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (OutputError, RunDirError, ModelRefusedError, UnsafeFileError, ReviewInputError, TaxonomyError) as exc:
+        except (OutputError, RunDirError, ModelRefusedError, ModelFileError, UnsafeFileError, ReviewInputError,
+                TaxonomyError) as exc:
             raise RefusedError(_one_line(exc)) from exc
         except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, KeyError, OSError) as exc:
             raise UserError(_one_line(exc)) from exc

@@ -14,8 +14,6 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from semhinet_tf.artifacts.contract import ModelRefusedError  # not a model, or a damaged one: exit 2 like the rest
-
 KERAS_ARCHIVE_CONFIG = "config.json"  # the model config inside a .keras zip: Keras' name, not a run-directory file
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # the weights inside a .keras zip (Keras' name)
 TRUST_HINT = "load it with --trust-model-code (Python: trust_code=True) only if you wrote it"
@@ -43,6 +41,11 @@ class UnsafeFileError(ValueError):
     """A file that would run code when loaded; the CLI refuses it with exit code 2."""
 
 
+class ModelFileError(ValueError):
+    """A file that is not a readable model (not a zip or HDF5 file, damaged, no model configuration); the CLI
+    refuses it with exit code 2, as it does a bad .tflite (artifacts.contract.ModelRefusedError)."""
+
+
 class UnsafeModelError(UnsafeFileError):
     """A model file whose configuration holds classes that could run code on load."""
 
@@ -67,7 +70,7 @@ def model_file_format(path: Path) -> str:
         return "keras"
     if path.is_file() and h5py.is_hdf5(path):
         return "h5"
-    raise ModelRefusedError(f"{path}: not a .keras (zip) or .h5 (HDF5) model file")
+    raise ModelFileError(f"{path}: not a .keras (zip) or .h5 (HDF5) model file")
 
 
 def read_model_config(path: Path) -> dict:
@@ -82,10 +85,10 @@ def read_model_config(path: Path) -> dict:
         try:
             with zipfile.ZipFile(path) as z:
                 if KERAS_ARCHIVE_CONFIG not in z.namelist():
-                    raise ModelRefusedError(f"{path}: no config.json in this .keras archive")
+                    raise ModelFileError(f"{path}: no config.json in this .keras archive")
                 text = z.read(KERAS_ARCHIVE_CONFIG)
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:  # a flipped byte: "Bad CRC-32 ..."
-            raise ModelRefusedError(f"{path}: damaged .keras archive ({' '.join(str(exc).split())[:160]})") from None
+            raise ModelFileError(f"{path}: damaged .keras archive ({' '.join(str(exc).split())[:160]})") from None
         config = _parse(path, text)
         config.pop("compile_config", None)  # not read: models are loaded with compile=False
         return config
@@ -94,9 +97,9 @@ def read_model_config(path: Path) -> dict:
             text = f.attrs.get("model_config")
     except OSError as exc:  # h5py's own words ("truncated file: eof = ...") without the path
         reason = " ".join(str(exc).split())[:160]
-        raise ModelRefusedError(f"{path}: not a readable HDF5 model file ({reason})") from None
+        raise ModelFileError(f"{path}: not a readable HDF5 model file ({reason})") from None
     if text is None:
-        raise ModelRefusedError(f"{path}: no model in this HDF5 file (a weights-only file?)")
+        raise ModelFileError(f"{path}: no model in this HDF5 file (a weights-only file?)")
     return _parse(path, text)
 
 
@@ -104,9 +107,9 @@ def _parse(path: Path, text: str | bytes) -> dict:
     try:
         config = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise ModelRefusedError(f"{path}: its model configuration is not valid JSON") from exc
+        raise ModelFileError(f"{path}: its model configuration is not valid JSON") from exc
     if not isinstance(config, dict):
-        raise ModelRefusedError(f"{path}: its model configuration is not a mapping")
+        raise ModelFileError(f"{path}: its model configuration is not a mapping")
     return config
 
 
